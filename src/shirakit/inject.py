@@ -1,0 +1,253 @@
+"""Finding target layers (PEFT's matching rules) and putting adapters in and out of a model.
+
+The model is changed in place and keeps its class: targeted layers become
+:class:`~shirakit.layer.AdapterLinear`, ``modules_to_save`` become
+:class:`~shirakit.layer.ModulesToSave`; a small record of configs rides on the model as
+``model.shirakit`` (a plain attribute, not a submodule, so the state dict is unchanged).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .config import AdapterConfig
+from .layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
+from .masks import layer_generator
+from .registry import method_for_config
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class ModelAdapters:
+    """What shirakit knows about a model: each adapter's config, which are active, seeds used."""
+
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    trainable: dict[str, bool] = field(default_factory=dict)
+
+
+def state_of(model: nn.Module) -> ModelAdapters:
+    state = getattr(model, "shirakit", None)
+    if not isinstance(state, ModelAdapters):
+        raise ValueError("this model has no shirakit adapters; call shirakit.inject(model, config) first")
+    return state
+
+
+def check_adapter_names(model: nn.Module, names: list[str]) -> None:
+    known = state_of(model).configs
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(f"unknown adapter(s) {unknown}; this model has {sorted(known)}")
+
+
+# ---- walking the model ------------------------------------------------------------------------
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
+
+
+def hosts(model: nn.Module) -> list[tuple[str, AdapterLinear | ModulesToSave]]:
+    """Every module holding per-adapter state under ``.adapters`` (the checkpoint key rule)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (AdapterLinear, ModulesToSave))]
+
+
+def _user_modules(model: nn.Module):
+    """(name, module) for the model as the user sees it: shirakit's internals are skipped and an
+    AdapterLinear stands for the layer it wraps."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, AdapterLinear):
+            skip.append(name)
+        elif isinstance(module, ModulesToSave):
+            skip.append(name)
+            continue
+        yield name, module
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (AdapterLinear, *SUPPORTED_LAYERS))
+
+
+def _layer_index(name: str, layers_pattern) -> int | None:
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+            if match:
+                break
+    return int(match.group(1)) if match else None
+
+
+def _matches(spec, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return name in spec or any(name.endswith("." + s) for s in spec)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Module names to adapt, by PEFT's rules; a target that matches nothing is an error."""
+    spec = config.target_modules
+    if spec is None:
+        raise ValueError("target_modules is required (a list of names, a regex string, or 'all-linear')")
+    modules = dict(_user_modules(model))
+    saved = config.modules_to_save or []
+    in_saved = lambda n: any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in saved)  # noqa: E731
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+        heads = _output_head_names(model)
+        names = [n for n, m in modules.items() if _is_linear(m) and n not in heads]
+    else:
+        names = [n for n in modules if n and _matches(spec, n)]
+        if not isinstance(spec, str) and getattr(config, "layers_to_transform", None) is not None:
+            wanted = config.layers_to_transform
+            wanted = [wanted] if isinstance(wanted, int) else list(wanted)
+            pattern = getattr(config, "layers_pattern", None)
+            names = [n for n in names if _layer_index(n, pattern) in wanted]
+    if config.exclude_modules:
+        names = [n for n in names if not _matches(config.exclude_modules, n)]
+    names = [n for n in names if not in_saved(n)]
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_linear(m)})
+        raise ValueError(
+            f"target_modules={spec!r} matched no module; the model's linear layers are named {linear}"
+        )
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not _is_linear(modules[n])]
+    if wrong:
+        raise TypeError(f"targets must be nn.Linear or transformers Conv1D; found {wrong}")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+# ---- inject ---------------------------------------------------------------------------------
+def inject(
+    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, _from_checkpoint: bool = False
+) -> nn.Module:
+    """Add adapter ``adapter_name`` to every layer ``config`` targets; returns the same model.
+
+    The base model is frozen; the new adapter becomes the active one and is trainable (unless
+    ``config.inference_mode``). Random draws (masks, LoRA's A) come from one seed, split per
+    layer, so the result is reproducible and identical on every rank that shares the seed.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', found {adapter_name!r}")
+    state = getattr(model, "shirakit", None)
+    if state is None:
+        state = ModelAdapters()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if adapter_name in state.configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or use another name")
+    method = method_for_config(config)
+    targets = find_targets(model, config)
+    seed = _seed_of(config)
+    layers: list[tuple[str, AdapterLinear]] = []
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, AdapterLinear):
+            module = AdapterLinear(module)
+            _set_submodule(model, name, module)
+        layers.append((name, module))
+    _check_fan_in_fan_out(config, layers)
+    new_adapters = [
+        _build_adapter(method, config, layer, None if _from_checkpoint else layer_generator(seed, adapter_name, name), name)
+        for name, layer in layers
+    ]
+    for (_, layer), adapter in zip(layers, new_adapters):
+        layer.add_adapter(adapter_name, adapter)
+    for module_name in config.modules_to_save or []:
+        _wrap_module_to_save(model, module_name, adapter_name)
+    state.configs[adapter_name] = config
+    state.trainable[adapter_name] = not config.inference_mode
+    model.shirakit = state
+    from .control import set_adapter
+
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _seed_of(config: AdapterConfig) -> int:
+    seed = getattr(config, "random_seed", None)
+    if seed is not None:
+        return int(seed)
+    # No seed given: take one from torch's global RNG, so torch.manual_seed makes runs repeatable.
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _build_adapter(method, config, layer: AdapterLinear, generator, name: str) -> Adapter:
+    return method(layer.geometry, config, layer.base_layer, generator, source=name)
+
+
+def _check_fan_in_fan_out(config: AdapterConfig, layers) -> None:
+    if not hasattr(config, "fan_in_fan_out"):
+        return
+    stored_transposed = {layer.geometry.fan_in_fan_out for _, layer in layers}
+    if stored_transposed == {True} and not config.fan_in_fan_out:
+        config.fan_in_fan_out = True  # Conv1D: the layout is known from the layer type; record it for PEFT
+
+
+def _wrap_module_to_save(model: nn.Module, module_name: str, adapter_name: str) -> None:
+    matches = [n for n, m in _user_modules(model) if n and (n == module_name or n.endswith("." + module_name))]
+    matches += [n for n, m in model.named_modules() if isinstance(m, ModulesToSave) and _matches([module_name], n)]
+    if not matches:
+        return  # PEFT lists heads a model may not have (e.g. 'classifier' and 'score' for SEQ_CLS)
+    for name in dict.fromkeys(matches):
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _set_submodule(model, name, module)
+        module.add_adapter(adapter_name)
+
+
+# ---- taking adapters out --------------------------------------------------------------------
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter everywhere; refused while it is merged."""
+    state = state_of(model)
+    check_adapter_names(model, [adapter_name])
+    merged_in = [n for n, layer in adapter_layers(model) if adapter_name in layer.merged]
+    if merged_in:
+        raise RuntimeError(f"adapter {adapter_name!r} is merged in {len(merged_in)} layer(s); unmerge first")
+    for _, host in hosts(model):
+        if adapter_name in host.adapters:
+            host.remove_adapter(adapter_name)
+    del state.configs[adapter_name]
+    state.trainable.pop(adapter_name, None)
+    state.active = [n for n in state.active if n != adapter_name]
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Put the original layers back. ``merge=True`` first merges the active adapters (and keeps
+    their copies of modules_to_save); otherwise merged adapters are unmerged first."""
+    state = state_of(model)
+    for name, host in hosts(model):
+        if isinstance(host, AdapterLinear):
+            if merge:
+                host.merge([n for n in state.active if n in host.adapters])
+            else:
+                host.unmerge()
+            host.withdraw_live()
+            _set_submodule(model, name, host.base_layer)
+        else:
+            keep = host.current() if merge else host.original_module
+            _set_submodule(model, name, keep)
+    del model.shirakit
+    return model

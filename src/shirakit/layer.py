@@ -1,0 +1,194 @@
+"""The one wrapper: a linear layer plus a dict of named adapters.
+
+``AdapterLinear`` replaces a targeted ``nn.Linear`` (or transformers ``Conv1D``) in place. Its
+forward is ``y = base_layer(x) + sum_{a in active, unmerged} a(x)``. Adapters whose values live in
+the weight (SHiRA) are instead scattered into the base weight while active, so their unmerged
+forward costs nothing beyond the base product; they are withdrawn (originals restored exactly)
+before anything else touches the weight: merge, unmerge, disable, delete, unload, ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from .adapter import Adapter, LayerGeometry
+
+try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a runtime dependency, but stay importable
+    Conv1D = ()  # type: ignore[assignment]
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+
+def geometry_of(layer: nn.Module) -> LayerGeometry:
+    if isinstance(layer, nn.Linear):
+        return LayerGeometry(layer.in_features, layer.out_features, fan_in_fan_out=False)
+    if Conv1D and isinstance(layer, Conv1D):
+        in_f, out_f = layer.weight.shape
+        return LayerGeometry(in_f, out_f, fan_in_fan_out=True)
+    raise TypeError(
+        f"expected nn.Linear or transformers Conv1D, found {type(layer).__name__}; "
+        "shirakit adapts linear layers only"
+    )
+
+
+class AdapterLinear(nn.Module):
+    """A linear layer with named adapters. See the module docstring for the forward rule."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.geometry = geometry_of(base_layer)
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []  # LIFO: unmerge pops in reverse order, so overlaps restore exactly
+        self.disabled = False
+        self._live: list[str] = []  # lives_in_weight adapters currently scattered into the weight
+        # model.state_dict() must show the clean base weight, never adapter values riding in it.
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.withdraw_live())
+
+    # ---- what HF code may read off a linear layer ------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.geometry.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.geometry.out_features
+
+    # ---- adapters ----------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.withdraw_live()
+        self.adapters[name] = adapter.to(self.weight.device)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge it before deleting")
+        self.withdraw_live()
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
+    def set_active(self, names: list[str]) -> None:
+        self.withdraw_live()
+        self.active = [n for n in names if n in self.adapters]
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.withdraw_live()
+        self.disabled = disabled
+
+    # ---- live (scattered-in) adapters --------------------------------------------------
+    def _wanted_live(self) -> list[str]:
+        if self.disabled:
+            return []
+        return [n for n in self.active if n not in self.merged and self.adapters[n].lives_in_weight]
+
+    def withdraw_live(self) -> None:
+        """Restore the base values under every live adapter (reverse order: exact under overlap)."""
+        for name in reversed(self._live):
+            self.adapters[name].unmerge_from(self.weight)
+        self._live = []
+
+    def sync_live(self) -> None:
+        """Make the weight hold exactly the wanted live adapters with their current values."""
+        wanted = self._wanted_live()
+        if wanted == self._live and all(self.adapters[n].applied_is_current() for n in wanted):
+            return
+        self.withdraw_live()
+        for name in wanted:
+            self.adapters[name].merge_into(self.weight)
+        self._live = wanted
+
+    # ---- merging ------------------------------------------------------------------------
+    def merge_is_finite(self, names: list[str]) -> bool:
+        self.withdraw_live()
+        return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
+
+    def merge(self, names: list[str]) -> None:
+        self.withdraw_live()
+        for name in names:
+            if name in self.merged:
+                warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
+                continue
+            self.adapters[name].merge_into(self.weight)
+            self.merged.append(name)
+
+    def unmerge(self) -> None:
+        self.withdraw_live()
+        while self.merged:
+            self.adapters[self.merged.pop()].unmerge_from(self.weight)
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.sync_live()
+        pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        live = [n for n in pending if self.adapters[n].lives_in_weight]
+        if live and torch.is_grad_enabled():
+            y = self.adapters[live[0]].trainable_base_forward(self.base_layer, x, self.geometry)
+            for name in live[1:]:
+                y = self.adapters[name].tap_value_grad(y, x)
+        else:
+            y = self.base_layer(x, *args, **kwargs)
+        for name in pending:
+            adapter = self.adapters[name]
+            if not adapter.lives_in_weight:
+                y = y + adapter(x, self.weight).to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained and saved whole, one copy per adapter (e.g. a classification head).
+
+    The copies live under ``adapters.<name>`` so checkpoint keys follow the same rule as
+    adapter layers: ``P.adapters.<name>.<k>`` <-> ``base_model.model.P.<k>``.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.adapters[name] = copy_
+
+    def remove_adapter(self, name: str) -> None:
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
+    def set_active(self, names: list[str]) -> None:
+        self.active = [n for n in names if n in self.adapters]
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+
+    def current(self) -> nn.Module:
+        if self.disabled or not self.active:
+            return self.original_module
+        return self.adapters[self.active[0]]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)

@@ -1,0 +1,99 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., arXiv 2106.09685), the baseline.
+
+    delta_y = s * B A dropout(x),  A: (r, in), B: (out, r),  s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+A starts kaiming-uniform (a = sqrt(5), as ``nn.Linear``), B at zero, so the adapter starts as
+the identity on the model. ``init_lora_weights="gaussian"`` draws A ~ N(0, 1/r);
+``False`` randomizes B too (tests only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter, LayerGeometry, adapter_dtype
+from ..config import AdapterConfig
+from ..registry import register
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """PEFT's LoraConfig fields (the subset shirakit implements) with PEFT's defaults."""
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive int, found {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), found {self.lora_dropout}")
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r} is not supported yet; expected 'none'")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r}: expected True, False or 'gaussian'"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@register
+class LoraAdapter(Adapter):
+    config_class = LoraConfig
+
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        config: LoraConfig,
+        base_layer: nn.Module,
+        generator: torch.Generator | None,
+        source: str = "",
+    ) -> None:
+        super().__init__(geometry, config)
+        weight = base_layer.weight
+        kwargs = {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
+        self.lora_A = nn.Linear(geometry.in_features, config.r, bias=False, **kwargs)
+        self.lora_B = nn.Linear(config.r, geometry.out_features, bias=False, **kwargs)
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.scaling = config.scaling
+        if generator is not None:  # None: the values come from a checkpoint
+            self._init_weights(config.init_lora_weights, generator)
+
+    @torch.no_grad()
+    def _init_weights(self, how: bool | str, generator: torch.Generator) -> None:
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if how == "gaussian":
+            a.copy_(torch.randn(a.shape, generator=generator) / self.config.r)
+        else:  # kaiming_uniform(a=sqrt(5)): bound = 1/sqrt(fan_in)
+            bound = 1.0 / math.sqrt(a.shape[1])
+            a.copy_(torch.rand(a.shape, generator=generator) * 2 * bound - bound)
+        if how is False:
+            b.copy_(torch.randn(b.shape, generator=generator) * 0.1)
+        else:
+            b.zero_()
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        return self.lora_B(self.lora_A(self.dropout(x))) * (self.scaling * self.scale)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        b, a = self.lora_B.weight.detach().float(), self.lora_A.weight.detach().float()
+        return (b @ a) * (self.scaling * self.scale)

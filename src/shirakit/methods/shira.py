@@ -1,0 +1,188 @@
+"""SHiRA: Sparse High-Rank Adapters (Bhardwaj et al., arXiv 2406.13175).
+
+Train K = r*(m+n) entries of the base weight itself, chosen by a mask (§3.1):
+
+    W' = W + s * S,   S sparse with S[i_k, j_k] = v_k,  k = 1..K
+
+S is high rank though it has as many values as a rank-r LoRA. Because only K entries change,
+an adapter is merged by a scatter of K values and unmerged by a scatter of the K saved
+originals (bit-exact); switching adapters in fused mode is two scatters and no matmul (§3.2).
+
+Training here keeps the values scattered into W while the adapter is active (originals saved),
+so the forward is the base product and the backward adds only an SDDMM for the K value
+gradients (see :mod:`shirakit.sparse`); no dense m x n delta or gradient is ever formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter, LayerGeometry, adapter_dtype
+from ..config import AdapterConfig, no_serialize
+from ..masks import MASKS, shira_budget, validate_indices
+from ..registry import register
+from ..sparse import csr_pattern, scattered_linear, value_grad_tap
+
+
+@dataclass
+class ShiraConfig(AdapterConfig):
+    """PEFT's ShiraConfig fields and defaults. ``mask_fn(base_layer, r, generator) -> indices``
+    overrides ``mask_type`` (the name is still written to adapter_config.json)."""
+
+    peft_type: ClassVar[str] = "SHIRA"
+
+    r: int = 32
+    mask_type: str = "random"
+    random_seed: int | None = None
+    fan_in_fan_out: bool = False
+    init_weights: bool = True
+    mask_fn: Callable | None = no_serialize()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive int, found {self.r!r}")
+        if self.mask_fn is None and self.mask_type not in MASKS:
+            raise ValueError(
+                f"unknown mask_type {self.mask_type!r}: expected one of {sorted(MASKS)} or a mask_fn"
+            )
+
+
+@register
+class ShiraAdapter(Adapter):
+    config_class = ShiraConfig
+    lives_in_weight = True
+
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        config: ShiraConfig,
+        base_layer: nn.Module,
+        generator: torch.Generator | None,
+        source: str = "mask",
+    ) -> None:
+        super().__init__(geometry, config)
+        k = shira_budget(config.r, geometry)
+        weight = base_layer.weight
+        if generator is None:  # loading: the indices come from the file, never recomputed
+            raw = torch.arange(k)
+        else:
+            mask_fn = config.mask_fn or MASKS[config.mask_type]
+            raw = mask_fn(base_layer, config.r, generator)
+        indices, _ = validate_indices(raw, geometry, k, source)
+        dtype = adapter_dtype(weight.dtype)
+        init = torch.zeros(k, dtype=dtype) if config.init_weights else torch.randn(k, generator=generator, dtype=dtype)
+        self.shira_weight = nn.Parameter(init.to(weight.device))
+        self.register_buffer("shira_indices", indices.to(device=weight.device, dtype=torch.int32))
+        self._set_derived(indices.to(weight.device))
+        self._saved: torch.Tensor | None = None  # base values under the adapter while applied
+        self._applied_state: tuple[int, float] | None = None
+
+    def _set_derived(self, indices: torch.Tensor) -> None:
+        """Everything the kernels need, derived once from the (sorted) indices."""
+        rows, cols = indices[0].long(), indices[1].long()
+        self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
+        self._pattern: torch.Tensor | None = None  # CSR, built on first training forward
+
+    def pattern(self) -> torch.Tensor:
+        idx = self.shira_indices
+        if self._pattern is None or self._pattern.device != idx.device:
+            g = self.geometry
+            self._pattern = csr_pattern(idx[0], idx[1], g.out_features, g.in_features)
+        return self._pattern
+
+    # ---- the maths ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """delta_y = s * x S^T by a sparse product (used where the weight cannot carry the values)."""
+        sparse = self.pattern().to(self.shira_weight.dtype)
+        sparse = torch.sparse_csr_tensor(
+            sparse.crow_indices(), sparse.col_indices(), self.shira_weight * self.scale, sparse.shape
+        )
+        x2 = x.reshape(-1, x.shape[-1]).to(self.shira_weight.dtype)
+        return (sparse @ x2.T).T.reshape(*x.shape[:-1], -1)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        delta = torch.zeros(g.out_features * g.in_features, dtype=torch.float32, device=weight.device)
+        idx = self.shira_indices.long()
+        delta[idx[0] * g.in_features + idx[1]] = self.shira_weight.detach().float() * self.scale
+        return delta.view(g.out_features, g.in_features)
+
+    def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor, geometry: LayerGeometry):
+        """The base product on the scattered weight, with value gradients when they are wanted."""
+        if not self.shira_weight.requires_grad:
+            return base_layer(x)
+        hooked = base_layer._forward_hooks or base_layer._forward_pre_hooks
+        if hooked:  # respect the hooks: call the layer, add the gradient through a copying tap
+            return self.tap_value_grad(base_layer(x), x)
+        return scattered_linear(
+            x, self.shira_weight, base_layer.weight, base_layer.bias, self.pattern(),
+            self.scale, geometry.fan_in_fan_out,
+        )
+
+    def tap_value_grad(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.shira_weight.requires_grad:
+            return y
+        return value_grad_tap(y, x, self.shira_weight, self.pattern(), self.scale)
+
+    # ---- scatter merge ----------------------------------------------------------------------
+    def _flat(self, weight: torch.Tensor) -> torch.Tensor:
+        if not weight.is_contiguous():
+            raise RuntimeError("SHiRA merges by scatter into a contiguous weight; this weight is not")
+        return weight.view(-1)
+
+    @torch.no_grad()
+    def merged_values(self, weight: torch.Tensor, base_values: torch.Tensor) -> torch.Tensor:
+        """W0[idx] + s*v, computed in fp32, in the weight's dtype."""
+        return (base_values.float() + self.scale * self.shira_weight.float()).to(weight.dtype)
+
+    @torch.no_grad()
+    def merged_is_finite(self, weight: torch.Tensor) -> bool:
+        base = self._flat(weight).index_select(0, self._storage_index)
+        return bool(torch.isfinite(self.merged_values(weight, base)).all())
+
+    @torch.no_grad()
+    def merge_into(self, weight: torch.Tensor) -> None:
+        """Save the K base values, scatter W0 + s*v in their place."""
+        flat = self._flat(weight)
+        self._saved = flat.index_select(0, self._storage_index)
+        flat.index_copy_(0, self._storage_index, self.merged_values(weight, self._saved))
+        self._applied_state = (self.shira_weight._version, self.scale)
+
+    @torch.no_grad()
+    def unmerge_from(self, weight: torch.Tensor) -> None:
+        """Scatter the saved originals back: the base is restored bit-exactly."""
+        if self._saved is None:
+            raise RuntimeError("SHiRA unmerge without a prior merge: no saved base values")
+        self._flat(weight).index_copy_(0, self._storage_index, self._saved)
+        self._saved = None
+        self._applied_state = None
+
+    def applied_is_current(self) -> bool:
+        """Have the values or the scale changed since they were scattered in?"""
+        return self._applied_state == (self.shira_weight._version, self.scale)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Validate the indices (range, count, uniqueness), sort them and the values together."""
+        k = self.shira_weight.numel()
+        indices, order = validate_indices(tensors["shira_indices"], self.geometry, k, f"{source}: shira_indices")
+        self.shira_weight.copy_(tensors["shira_weight"].to(self.shira_weight.dtype)[order.to(self.shira_weight.device)])
+        self.shira_indices.copy_(indices.to(torch.int32))
+        self._set_derived(indices.to(self.shira_indices.device))
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda() move parameters and buffers; keep the saved originals and pattern with them.
+        super()._apply(fn, *args, **kwargs)
+        if self._saved is not None:
+            self._saved = fn(self._saved)
+        self._pattern = None
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, K={self.shira_weight.numel()}, mask={self.config.mask_type}"

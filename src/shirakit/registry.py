@@ -1,0 +1,33 @@
+"""The table of adapter methods: ``peft_type`` -> Adapter class. Methods add themselves with @register."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .config import AdapterConfig
+
+METHODS: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make ``cls`` the implementation of ``cls.config_class.peft_type``."""
+    peft_type = cls.config_class.peft_type
+    if peft_type in METHODS and METHODS[peft_type] is not cls:
+        raise ValueError(f"peft_type {peft_type!r} is already registered to {METHODS[peft_type].__name__}")
+    METHODS[peft_type] = cls
+    return cls
+
+
+def method_for_peft_type(peft_type: str, source: str = "config") -> type[Adapter]:
+    try:
+        return METHODS[peft_type]
+    except KeyError:
+        raise ValueError(
+            f"{source}: unknown peft_type {peft_type!r}; shirakit implements {sorted(METHODS)}"
+        ) from None
+
+
+def method_for_config(config: AdapterConfig) -> type[Adapter]:
+    return method_for_peft_type(config.peft_type, source=type(config).__name__)

@@ -1,0 +1,93 @@
+"""Sparse kernels for SHiRA training: the value gradient at K positions, never a dense m x n one.
+
+While a SHiRA adapter trains, its values are scattered into the base weight ``W`` (with the
+originals kept aside), so the forward is the plain product ``y = x W^T + b``. The backward needs
+
+    dL/dx = g W            (a dense product, as for the frozen base alone)
+    dL/dv_k = s * sum_t g[t, i_k] x[t, j_k]   for the K positions (i_k, j_k)
+
+The second is a sampled dense-dense product (SDDMM): ``torch.sparse.sampled_addmm`` on a fixed
+CSR pattern computes exactly these K dots. Measured here (2816x1024 layer, 1024 tokens, fp32,
+2 threads): 16-20 ms, about the cost of one dense product, against ~800 ms for a gather-based
+SDDMM. Known limits of torch 2.13 on CPU that shaped this file:
+- ``sampled_addmm`` with int32 CSR indices returns wrong values on CPU: the pattern uses int64.
+- it rejects bf16/fp16 on CPU: half-precision inputs are upcast to fp32 for the value gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def csr_pattern(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """A CSR tensor with ones at (rows, cols); ``rows`` must be sorted (row-major order)."""
+    rows, cols = rows.long(), cols.long()
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    values = torch.ones(rows.numel(), dtype=torch.float32, device=rows.device)
+    return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
+
+
+def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """dL/dv at the pattern's positions: (g^T x) sampled, as a (K,) fp32 tensor in pattern order."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    if g2.dtype not in (torch.float32, torch.float64):
+        g2, x2 = g2.float(), x2.float()
+    if pattern.dtype != g2.dtype:
+        pattern = pattern.to(g2.dtype)
+    out = torch.sparse.sampled_addmm(pattern, g2.T, x2, beta=0.0)
+    return out.values()
+
+
+class _ScatteredLinear(torch.autograd.Function):
+    """y = linear(x, W) where W already holds the adapter values; grads for x and the values."""
+
+    @staticmethod
+    def forward(ctx, x, values, weight, bias, pattern, scale, fan_in_fan_out):
+        ctx.save_for_backward(x, weight)
+        ctx.pattern, ctx.scale, ctx.fan_in_fan_out = pattern, scale, fan_in_fan_out
+        ctx.values_dtype = values.dtype
+        w_out_in = weight.T if fan_in_fan_out else weight
+        return torch.nn.functional.linear(x, w_out_in, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        w_out_in = weight.T if ctx.fan_in_fan_out else weight
+        grad_x = grad_w = grad_b = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ w_out_in
+        if ctx.needs_input_grad[1]:
+            grad_v = sampled_value_grad(grad_out, x, ctx.pattern).mul_(ctx.scale).to(ctx.values_dtype)
+        if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient
+            g = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            grad_w = g.T if ctx.fan_in_fan_out else g
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_v, grad_w, grad_b, None, None, None
+
+
+class _ValueGradTap(torch.autograd.Function):
+    """Identity on y (returned as a copy) that adds the value gradient; for hooked base layers."""
+
+    @staticmethod
+    def forward(ctx, y, x, values, pattern, scale):
+        ctx.save_for_backward(x)
+        ctx.pattern, ctx.scale, ctx.values_dtype = pattern, scale, values.dtype
+        # A custom Function may not return an input as-is (in-place ops on it would be refused).
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        grad_v = sampled_value_grad(grad_out, x, ctx.pattern).mul_(ctx.scale).to(ctx.values_dtype)
+        return grad_out, None, grad_v, None, None
+
+
+def scattered_linear(x, values, weight, bias, pattern, scale: float, fan_in_fan_out: bool):
+    return _ScatteredLinear.apply(x, values, weight, bias, pattern, scale, fan_in_fan_out)
+
+
+def value_grad_tap(y, x, values, pattern, scale: float):
+    return _ValueGradTap.apply(y, x, values, pattern, scale)
