@@ -124,7 +124,7 @@ def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
 
 def _check_tensor(value: torch.Tensor, own: torch.Tensor, where: str) -> None:
     if own.dtype.is_floating_point != value.dtype.is_floating_point:
-        raise ValueError(f"{where}: expected a {'float' if own.dtype.is_floating_point else 'integer'} tensor, found {value.dtype}")
+        raise ValueError(f"{where}: expected {'a float' if own.dtype.is_floating_point else 'an integer'} tensor, found {value.dtype}")
     if own.dtype.is_floating_point:
         if tuple(value.shape) != tuple(own.shape):
             raise ValueError(f"{where}: expected shape {tuple(own.shape)}, found {tuple(value.shape)}")

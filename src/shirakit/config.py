@@ -55,6 +55,9 @@ class AdapterConfig:
     """Fields every method shares; subclasses add their own with PEFT's names and defaults."""
 
     peft_type: ClassVar[str] = ""
+    #: Shared fields that PEFT's config for this method lacks: written only when set, so PEFT
+    #: reads our files without "unexpected keyword" warnings.
+    absent_in_peft: ClassVar[frozenset[str]] = frozenset()
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -81,8 +84,9 @@ class AdapterConfig:
         """The JSON-able dict PEFT expects: our fields plus ``peft_type``; no callables."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.metadata.get("serialize", True):
-                out[f.name] = getattr(self, f.name)
+            value = getattr(self, f.name)
+            if f.metadata.get("serialize", True) and not (f.name in self.absent_in_peft and value is None):
+                out[f.name] = value
         out["peft_type"] = self.peft_type
         return out
 

@@ -34,6 +34,7 @@ class ShiraConfig(AdapterConfig):
     overrides ``mask_type`` (the name is still written to adapter_config.json)."""
 
     peft_type: ClassVar[str] = "SHIRA"
+    absent_in_peft: ClassVar[frozenset[str]] = frozenset({"exclude_modules"})
 
     r: int = 32
     mask_type: str = "random"

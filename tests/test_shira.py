@@ -1,0 +1,161 @@
+"""SHiRA specifics: the sparse value gradient, live values in the weight, masks, exact restores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shirakit
+from shirakit.inject import adapter_layers
+from shirakit.masks import MASKS
+from tests.models import MODELS, TARGETS, inputs, output
+
+
+def _shira(model_name, **kw):
+    model = MODELS[model_name]()
+    shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=TARGETS[model_name], init_weights=False,
+                                                random_seed=5, **kw))
+    return model
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2", "bert"])
+def test_value_gradient_equals_dense_gradient_at_indices(model_name):
+    ids = inputs()
+    model = _shira(model_name)
+    model.train()
+    loss = output(model, ids).float().pow(2).mean()
+    loss.backward()
+    # the reference: a plain model with W + delta as a trainable dense weight
+    ref = MODELS[model_name]()
+    ref.train()
+    deltas = shirakit.delta_weights(model, "default")
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            layer = ref.get_submodule(name)
+            view = layer.weight.T if type(layer).__name__ == "Conv1D" else layer.weight
+            view.add_(delta)
+    output(ref, ids).float().pow(2).mean().backward()
+    for name, layer in adapter_layers(model):
+        adapter = layer.adapters["default"]
+        ref_layer = ref.get_submodule(name)
+        dense = ref_layer.weight.grad.T if type(ref_layer).__name__ == "Conv1D" else ref_layer.weight.grad
+        rows, cols = adapter.shira_indices.long()
+        torch.testing.assert_close(adapter.shira_weight.grad, dense[rows, cols], atol=1e-6, rtol=1e-4)
+
+
+def test_hooked_base_layer_gets_same_gradient():
+    ids = inputs()
+    grads = []
+    for hooked in (False, True):
+        model = _shira("llama")
+        model.train()
+        calls = []
+        if hooked:
+            for _, layer in adapter_layers(model):
+                layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(1))
+        output(model, ids).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad for p in model.parameters() if p.requires_grad]))
+        assert bool(calls) == hooked
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_values_resync_after_in_place_update():
+    ids = inputs()
+    model = _shira("llama")
+    output(model, ids)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(3.0)
+    live = output(model, ids)
+    shirakit.merge(model)
+    torch.testing.assert_close(output(model, ids), live, atol=0, rtol=0)
+
+
+def test_state_dict_shows_clean_base_while_live():
+    base = MODELS["llama"]().state_dict()
+    model = _shira("llama")
+    output(model, inputs())  # values are now scattered into the weights
+    sd = model.state_dict()
+    for key, value in base.items():
+        prefix, _, leaf = key.rpartition(".")
+        mine = sd[key] if key in sd else sd[f"{prefix}.base_layer.{leaf}"]
+        assert torch.equal(mine, value), key
+
+
+def test_set_scale():
+    ids = inputs()
+    model = _shira("llama")
+    one = output(model, ids)
+    shirakit.set_scale(model, "default", 0.0)
+    torch.testing.assert_close(output(model, ids), output(MODELS["llama"](), ids), atol=0, rtol=0)
+    shirakit.set_scale(model, "default", 2.0)
+    two = output(model, ids)
+    ref = MODELS["llama"]()
+    with torch.no_grad():
+        for name, delta in shirakit.delta_weights(model, "default").items():
+            ref.get_submodule(name).weight.add_(delta)
+    torch.testing.assert_close(two, output(ref, ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(one, two)
+
+
+def test_masks_differ_per_layer_and_adapter_and_repeat_per_seed():
+    model = _shira("llama")
+    shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=TARGETS["llama"], random_seed=5), "b")
+    layers = adapter_layers(model)
+    q0 = dict(layers)["model.layers.0.self_attn.q_proj"]
+    q1 = dict(layers)["model.layers.1.self_attn.q_proj"]
+    assert not torch.equal(q0.adapters["default"].shira_indices, q1.adapters["default"].shira_indices)
+    assert not torch.equal(q0.adapters["default"].shira_indices, q0.adapters["b"].shira_indices)
+    again = _shira("llama")
+    for (_, a), (_, b) in zip(layers, adapter_layers(again)):
+        assert torch.equal(a.adapters["default"].shira_indices, b.adapters["default"].shira_indices)
+
+
+def test_loading_never_computes_a_mask(tmp_path, monkeypatch):
+    ids = inputs()
+    model = _shira("llama")
+    expected = output(model, ids)
+    shirakit.save_adapter(model, tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("mask recomputed at load time")
+
+    monkeypatch.setitem(MASKS, "random", forbidden)
+    fresh = MODELS["llama"]()
+    shirakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(output(fresh, ids), expected, atol=0, rtol=0)
+
+
+def test_unsorted_indices_in_file_load_with_their_values(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ids = inputs()
+    model = _shira("llama")
+    expected = output(model, ids)
+    shirakit.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    g = torch.Generator().manual_seed(0)
+    for key in [k for k in tensors if k.endswith("shira_indices")]:
+        perm = torch.randperm(tensors[key].shape[1], generator=g)
+        tensors[key] = tensors[key][:, perm].contiguous()
+        wkey = key.replace("shira_indices", "shira_weight")
+        tensors[wkey] = tensors[wkey][perm].contiguous()
+    save_file(tensors, str(path))
+    fresh = MODELS["llama"]()
+    shirakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(output(fresh, ids), expected, atol=0, rtol=0)
+
+
+def test_merge_is_a_scatter_and_unmerge_bit_exact_in_bf16():
+    model = MODELS["llama"](dtype=torch.bfloat16)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules="all-linear", init_weights=False))
+    for _ in range(3):
+        shirakit.merge(model)
+        shirakit.unmerge(model)
+    sd = model.state_dict()
+    for key, value in base.items():
+        prefix, _, leaf = key.rpartition(".")
+        assert torch.equal(sd[key] if key in sd else sd[f"{prefix}.base_layer.{leaf}"], value), key
