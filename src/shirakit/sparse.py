@@ -16,6 +16,8 @@ SDDMM. Known limits of torch 2.13 on CPU that shaped this file:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -25,7 +27,9 @@ def csr_pattern(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
     values = torch.ones(rows.numel(), dtype=torch.float32, device=rows.device)
-    return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
+    with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
 
 
 def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
