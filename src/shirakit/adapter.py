@@ -52,6 +52,8 @@ class Adapter(nn.Module):
     #: True when the adapter's values live scattered in the base weight while it is active
     #: (SHiRA): the layer then applies it with ``merge_into`` instead of adding ``forward``.
     lives_in_weight: ClassVar[bool] = False
+    #: True when ``unmerge_from`` restores the weight bit-exactly (saved originals, not subtraction).
+    exact_unmerge: ClassVar[bool] = False
 
     def __init__(self, geometry: LayerGeometry, config: AdapterConfig) -> None:
         super().__init__()
@@ -68,6 +70,12 @@ class Adapter(nn.Module):
     def bind_shared(self, shared: nn.Module) -> None:
         """Receive the model-level holder of :meth:`make_shared`'s tensors (kept as a reference)."""
 
+    @classmethod
+    def shared_in_checkpoint(cls, config: AdapterConfig) -> bool:
+        """Does the checkpoint carry the shared tensors? (VeRA: ``save_projection``; when False they
+        are rebuilt by :meth:`make_shared` from the config on load.)"""
+        return True
+
     # ---- the maths ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -83,6 +91,10 @@ class Adapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---- merging --------------------------------------------------------------------------
+    def prepare_merge(self, weight: torch.Tensor) -> None:
+        """Called on every adapter of one merge call before any of them merges, so an adapter whose
+        delta reads the weight (MiSS "bat") takes it from the weight its unmerged forward saw."""
+
     @torch.no_grad()
     def merged_is_finite(self, weight: torch.Tensor) -> bool:
         """Would merging into ``weight`` leave it finite? (checked before a safe merge commits)"""
@@ -90,8 +102,12 @@ class Adapter(nn.Module):
         return bool(torch.isfinite(merged).all())
 
     @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor) -> None:
-        """W <- W + delta, computed in fp32 so half-precision weights round once."""
+    def merge_into(self, weight: torch.Tensor, base_key: object = None) -> None:
+        """W <- W + delta, computed in fp32 so half-precision weights round once.
+
+        ``base_key``, when not None, names the exact state of ``weight`` (the layer guarantees
+        equal keys mean bit-identical weights); methods may use it to cache work across merges.
+        """
         view = self.geometry.as_out_in(weight)
         view.copy_((view.float() + self.delta_weight(weight)).to(weight.dtype))
 

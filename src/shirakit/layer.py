@@ -49,6 +49,10 @@ class AdapterLinear(nn.Module):
         self.merged: list[str] = []  # LIFO: unmerge pops in reverse order, so overlaps restore exactly
         self.disabled = False
         self._live: list[str] = []  # lives_in_weight adapters currently scattered into the weight
+        # Bookkeeping that lets a SHiRA merge skip re-reading base values it read before: the
+        # generation changes whenever the clean base weight may differ from what it was.
+        self._base_generation = 0
+        self._seen_version = self.weight._version
         # model.state_dict() must show the clean base weight, never adapter values riding in it.
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.withdraw_live())
 
@@ -91,6 +95,27 @@ class AdapterLinear(nn.Module):
         self.withdraw_live()
         self.disabled = disabled
 
+    # ---- weight bookkeeping ---------------------------------------------------------------
+    def _check_external_writes(self) -> None:
+        """A write we did not make (load_state_dict, a user's copy_) starts a new base generation."""
+        if self.weight._version != self._seen_version:
+            self._base_generation += 1
+
+    def _apply_adapter(self, name: str) -> None:
+        self._check_external_writes()
+        clean_below = not self.merged and not self._live
+        key = (id(self.weight), self._base_generation) if clean_below else None
+        self.adapters[name].merge_into(self.weight, base_key=key)
+        self._seen_version = self.weight._version
+
+    def _remove_adapter(self, name: str) -> None:
+        self._check_external_writes()
+        adapter = self.adapters[name]
+        adapter.unmerge_from(self.weight)
+        if not adapter.exact_unmerge:  # subtraction leaves rounding behind: the base changed
+            self._base_generation += 1
+        self._seen_version = self.weight._version
+
     # ---- live (scattered-in) adapters --------------------------------------------------
     def _wanted_live(self) -> list[str]:
         if self.disabled:
@@ -99,9 +124,8 @@ class AdapterLinear(nn.Module):
 
     def withdraw_live(self) -> None:
         """Restore the base values under every live adapter (reverse order: exact under overlap)."""
-        for name in reversed(self._live):
-            self.adapters[name].unmerge_from(self.weight)
-        self._live = []
+        while self._live:
+            self._remove_adapter(self._live.pop())
 
     def sync_live(self) -> None:
         """Make the weight hold exactly the wanted live adapters with their current values."""
@@ -110,8 +134,8 @@ class AdapterLinear(nn.Module):
             return
         self.withdraw_live()
         for name in wanted:
-            self.adapters[name].merge_into(self.weight)
-        self._live = wanted
+            self._apply_adapter(name)
+            self._live.append(name)
 
     # ---- merging ------------------------------------------------------------------------
     def merge_is_finite(self, names: list[str]) -> bool:
@@ -120,17 +144,25 @@ class AdapterLinear(nn.Module):
 
     def merge(self, names: list[str]) -> None:
         self.withdraw_live()
+        for name in names:  # weight-reading deltas (MiSS bat) see the weight before this merge, as in forward
+            if name not in self.merged:
+                self.adapters[name].prepare_merge(self.weight)
         for name in names:
             if name in self.merged:
                 warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
                 continue
-            self.adapters[name].merge_into(self.weight)
+            self._apply_adapter(name)
             self.merged.append(name)
 
     def unmerge(self) -> None:
         self.withdraw_live()
         while self.merged:
-            self.adapters[self.merged.pop()].unmerge_from(self.weight)
+            self._remove_adapter(self.merged.pop())
+
+    def switch(self, names: list[str]) -> None:
+        """Fused mode: unmerge whatever is merged, merge ``names`` (SHiRA: scatters only)."""
+        self.unmerge()
+        self.merge([n for n in names if n in self.adapters])
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -57,6 +57,7 @@ class ShiraConfig(AdapterConfig):
 class ShiraAdapter(Adapter):
     config_class = ShiraConfig
     lives_in_weight = True
+    exact_unmerge = True
 
     def __init__(
         self,
@@ -74,13 +75,15 @@ class ShiraAdapter(Adapter):
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
+            source = f"{source}: mask {getattr(mask_fn, '__name__', type(mask_fn).__name__)!r}"
         indices, _ = validate_indices(raw, geometry, k, source)
         dtype = adapter_dtype(weight.dtype)
         init = torch.zeros(k, dtype=dtype) if config.init_weights else torch.randn(k, generator=generator, dtype=dtype)
         self.shira_weight = nn.Parameter(init.to(weight.device))
         self.register_buffer("shira_indices", indices.to(device=weight.device, dtype=torch.int32))
         self._set_derived(indices.to(weight.device))
-        self._saved: torch.Tensor | None = None  # base values under the adapter while applied
+        self._saved: torch.Tensor | None = None  # base values under the adapter (kept after unmerge)
+        self._saved_key: object = None  # the layer's name for the weight state _saved was read from
         self._applied_state: tuple[int, float] | None = None
 
     def _set_derived(self, indices: torch.Tensor) -> None:
@@ -147,20 +150,25 @@ class ShiraAdapter(Adapter):
         return bool(torch.isfinite(self.merged_values(weight, base)).all())
 
     @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor) -> None:
-        """Save the K base values, scatter W0 + s*v in their place."""
+    def merge_into(self, weight: torch.Tensor, base_key: object = None) -> None:
+        """Save the K base values, scatter W0 + s*v in their place.
+
+        When the layer vouches (same ``base_key``) that the weight is the one the saved values
+        were read from, the read is skipped: a warm switch is then two scatters.
+        """
         flat = self._flat(weight)
-        self._saved = flat.index_select(0, self._storage_index)
+        if base_key is None or base_key != self._saved_key or self._saved is None:
+            self._saved = flat.index_select(0, self._storage_index)
+        self._saved_key = base_key
         flat.index_copy_(0, self._storage_index, self.merged_values(weight, self._saved))
         self._applied_state = (self.shira_weight._version, self.scale)
 
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
         """Scatter the saved originals back: the base is restored bit-exactly."""
-        if self._saved is None:
+        if self._applied_state is None:
             raise RuntimeError("SHiRA unmerge without a prior merge: no saved base values")
         self._flat(weight).index_copy_(0, self._storage_index, self._saved)
-        self._saved = None
         self._applied_state = None
 
     def applied_is_current(self) -> bool:
@@ -176,6 +184,7 @@ class ShiraAdapter(Adapter):
         self.shira_weight.copy_(tensors["shira_weight"].to(self.shira_weight.dtype)[order.to(self.shira_weight.device)])
         self.shira_indices.copy_(indices.to(torch.int32))
         self._set_derived(indices.to(self.shira_indices.device))
+        self._saved, self._saved_key = None, None
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda() move parameters and buffers; keep the saved originals and pattern with them.
