@@ -76,6 +76,15 @@ class Adapter(nn.Module):
         are rebuilt by :meth:`make_shared` from the config on load.)"""
         return True
 
+    @classmethod
+    def combine(cls, layers: dict, configs: list[AdapterConfig], weights: list[float]):
+        """Exact weighted sum of adapters, for :func:`shirakit.fusion.combine_adapters`.
+
+        ``layers``: layer path -> (geometry, [adapter or None per input]). Returns the new
+        adapter's config and, per layer path, its tensors (as in its ``state_dict``).
+        """
+        raise NotImplementedError(f"{cls.__name__} cannot combine adapters exactly")
+
     # ---- the maths ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

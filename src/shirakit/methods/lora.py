@@ -90,6 +90,30 @@ class LoraAdapter(Adapter):
         else:
             b.zero_()
 
+    @classmethod
+    def combine(cls, layers: dict, configs: list[LoraConfig], weights: list[float]):
+        """Concatenate ranks: sum_i w_i s_i B_i A_i = [w_1 s_1 B_1 | ...] [A_1; ...], exact.
+
+        The result has r = sum r_i and alpha = r (scaling 1); each input's scaling, strength and
+        weight are folded into its block of B. A layer an input does not adapt gets zero blocks.
+        """
+        rank = sum(c.r for c in configs)
+        tensors = {}
+        for path, (geometry, adapters) in layers.items():
+            blocks_a, blocks_b = [], []
+            for adapter, config, w in zip(adapters, configs, weights):
+                if adapter is None:
+                    blocks_a.append(torch.zeros(config.r, geometry.in_features))
+                    blocks_b.append(torch.zeros(geometry.out_features, config.r))
+                else:
+                    blocks_a.append(adapter.lora_A.weight.detach().float().cpu())
+                    factor = w * adapter.scaling * adapter.scale
+                    blocks_b.append(adapter.lora_B.weight.detach().float().cpu() * factor)
+            tensors[path] = {"lora_A.weight": torch.cat(blocks_a), "lora_B.weight": torch.cat(blocks_b, dim=1)}
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers),
+                            fan_in_fan_out=configs[0].fan_in_fan_out)
+        return config, tensors
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
         return self.lora_B(self.lora_A(self.dropout(x))) * (self.scaling * self.scale)

@@ -15,6 +15,7 @@ gradients (see :mod:`shirakit.sparse`); no dense m x n delta or gradient is ever
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -116,6 +117,14 @@ class ShiraAdapter(Adapter):
         delta[idx[0] * g.in_features + idx[1]] = self.shira_weight.detach().float() * self.scale
         return delta.view(g.out_features, g.in_features)
 
+    def sparse_delta(self):
+        """The delta by its non-zeros (for orthogonality metrics without a dense m x n)."""
+        from ..metrics import SparseDelta
+
+        g = self.geometry
+        values = self.shira_weight.detach().float() * self.scale
+        return SparseDelta(self.shira_indices.long(), values, (g.out_features, g.in_features))
+
     def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor, geometry: LayerGeometry):
         """The base product on the scattered weight, with value gradients when they are wanted."""
         if not self.shira_weight.requires_grad:
@@ -175,6 +184,44 @@ class ShiraAdapter(Adapter):
         """Have the values or the scale changed since they were scattered in?"""
         return self._applied_state == (self.shira_weight._version, self.scale)
 
+    # ---- fusion ------------------------------------------------------------------------------
+    @classmethod
+    def combine(cls, layers: dict, configs: list[ShiraConfig], weights: list[float]):
+        """Sparse union: positions of all inputs, values sum_i w_i s_i v_i where they overlap.
+
+        The union of K_i positions generally has more than r*(m+n) of them; to stay a file PEFT can
+        read (it insists on K = r*(m+n)), r becomes the smallest that fits every layer's union and
+        each layer is padded with zero-valued positions (they change nothing).
+        """
+        unions = {}
+        for path, (geometry, adapters) in layers.items():
+            n = geometry.in_features
+            flats, values = [], []
+            for adapter, w in zip(adapters, weights):
+                if adapter is not None:
+                    idx = adapter.shira_indices.long().cpu()
+                    flats.append(idx[0] * n + idx[1])
+                    values.append(adapter.shira_weight.detach().float().cpu() * (adapter.scale * w))
+            flat, inverse = torch.unique(torch.cat(flats), sorted=True, return_inverse=True)
+            summed = torch.zeros(flat.numel()).index_add_(0, inverse, torch.cat(values))
+            dtype = next(a for a in adapters if a is not None).shira_weight.dtype
+            unions[path] = (geometry, flat, summed, dtype)
+        r = max(math.ceil(u[1].numel() / (u[0].in_features + u[0].out_features)) for u in unions.values())
+        tensors = {}
+        for path, (geometry, flat, summed, dtype) in unions.items():
+            n = geometry.in_features
+            k = shira_budget(r, geometry)  # raises if the union does not fit this layer
+            window = torch.arange(k)
+            pad = window[~torch.isin(window, flat)][: k - flat.numel()]
+            all_flat, order = torch.sort(torch.cat([flat, pad]))
+            values = torch.cat([summed, torch.zeros(pad.numel())])[order]
+            tensors[path] = {
+                "shira_weight": values.to(dtype),
+                "shira_indices": torch.stack([all_flat // n, all_flat % n]).to(torch.int32),
+            }
+        config = ShiraConfig(r=r, target_modules=sorted(layers), fan_in_fan_out=configs[0].fan_in_fan_out)
+        return config, tensors
+
     # ---- checkpoints ------------------------------------------------------------------------
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -196,3 +243,4 @@ class ShiraAdapter(Adapter):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, K={self.shira_weight.numel()}, mask={self.config.mask_type}"
+
