@@ -128,3 +128,59 @@ def test_orthogonality_matches_dense_brute_force(make):
         assert min(r.awor for r in rows) > 0.0
     else:
         assert max(r.awor for r in rows) < 0.01
+
+
+def test_compact_file_is_small_lossless_and_detected(tmp_path):
+    model = _with_adapters(["a"], _shira)
+    ids = inputs()
+    expected = output(model, ids)
+    shirakit.save_adapter(model, tmp_path / "peft", "a")
+    shirakit.save_adapter(model, tmp_path / "compact", "a", compact=True)
+    values = shirakit.trainable_parameters(model)[0]
+    compact_bytes = (tmp_path / "compact" / "adapter_model.safetensors").stat().st_size
+    peft_bytes = (tmp_path / "peft" / "adapter_model.safetensors").stat().st_size
+    header = 8 + int.from_bytes((tmp_path / "compact" / "adapter_model.safetensors").read_bytes()[:8], "little")
+    assert (compact_bytes - header) <= 6 * values + 16 * 14  # 14 layers may each hold an empty far table
+    assert compact_bytes < peft_bytes
+    for layout in ("peft", "compact"):
+        fresh = MODELS["llama"]()
+        shirakit.load_adapter(fresh, tmp_path / layout)
+        torch.testing.assert_close(output(fresh, ids), expected, atol=0, rtol=0)
+
+
+def test_compact_codec_handles_far_gaps():
+    from shirakit.compact import decode, encode
+
+    rows = torch.tensor([0, 0, 3, 70000 // 10, 99999 // 10])
+    cols = torch.tensor([1, 5, 2, 0, 9])
+    indices = torch.stack([rows, cols])
+    values = torch.randn(5)
+    packed = encode(indices, values, in_features=10)
+    assert packed["shira_index_far"].shape[1] == 1
+    back = decode(packed, in_features=10, source="test")
+    assert torch.equal(back["shira_indices"], indices) and torch.equal(back["shira_weight"], values)
+
+
+def test_compact_corrupt_far_table_is_rejected(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _with_adapters(["a"], _shira)
+    shirakit.save_adapter(model, tmp_path, "a", compact=True)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("shira_index_far"))
+    tensors[key] = torch.tensor([[10**6], [3]])
+    save_file(tensors, str(path), metadata={"format": "pt", "shirakit_format": "compact-v1"})
+    with pytest.raises(ValueError, match="points outside"):
+        shirakit.load_adapter(MODELS["llama"](), tmp_path)
+
+
+def test_load_straight_into_fused_mode(tmp_path):
+    model = _with_adapters(["a"], _shira)
+    ids = inputs()
+    expected = output(model, ids)
+    shirakit.save_adapter(model, tmp_path, "a", compact=True)
+    fresh = MODELS["llama"]()
+    shirakit.load_adapter(fresh, tmp_path, "a", merge=True)
+    assert all(layer.merged == ["a"] for _, layer in adapter_layers(fresh))
+    torch.testing.assert_close(output(fresh, ids), expected, atol=0, rtol=0)

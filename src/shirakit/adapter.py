@@ -135,6 +135,14 @@ class Adapter(nn.Module):
             for key, value in tensors.items():
                 own[key].copy_(value)
 
+    def compact_tensors(self) -> dict[str, torch.Tensor] | None:
+        """This adapter in a smaller file layout (see shirakit.compact), or None if it has none."""
+        return None
+
+    def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`compact_tensors`: the standard (PEFT) tensors."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         g = self.geometry
         return f"in={g.in_features}, out={g.out_features}, scale={self.scale}"

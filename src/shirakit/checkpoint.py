@@ -2,25 +2,30 @@
 
 One key rule, no per-method branches: the tensor ``k`` of adapter ``name`` held by the module at
 path ``P`` (an AdapterLinear or a ModulesToSave) is ``P.adapters.<name>.<k>`` in the model and
-``base_model.model.P.<k>`` in the file. Files are read with safetensors only (no pickle) and
-written atomically. Loading validates everything before the model is changed for good: on any
-error the half-built adapter is removed again and the error names the file and the key.
+``base_model.model.P.<k>`` in the file; a tensor ``k`` the adapter shares across layers
+(:meth:`Adapter.make_shared`, e.g. VeRA's ``vera_A``) is ``base_model.<k>`` in the file, written
+when the method's :meth:`Adapter.shared_in_checkpoint` says so. Files are read with safetensors
+only (no pickle) and written atomically. Loading validates everything before the model is changed
+for good: on any error the half-built adapter is removed again and the error names the file and the key.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import nn
 
 from .adapter import Adapter
+from .compact import COMPACT_V1, FORMAT_KEY
 from .config import read_config
 from .control import set_adapter
-from .inject import check_adapter_names, delete_adapter, hosts, inject, state_of, unload
+from .inject import SharedTensors, check_adapter_names, delete_adapter, hosts, inject, shared_of, state_of, unload
 from .io_utils import atomic_write_bytes
+from .registry import method_for_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -28,6 +33,19 @@ PREFIX = "base_model.model."
 
 def _file_key(module_path: str, key: str) -> str:
     return f"{PREFIX}{module_path}.{key}"
+
+
+def _shared_file_key(key: str) -> str:
+    return f"base_model.{key}"
+
+
+def _shared_saved(model: nn.Module, adapter_name: str) -> tuple[SharedTensors | None, bool]:
+    """The adapter's shared-tensor holder (or None) and whether its checkpoint carries them."""
+    holder = shared_of(model, adapter_name)
+    if holder is None:
+        return None, False
+    config = state_of(model).configs[adapter_name]
+    return holder, method_for_config(config).shared_in_checkpoint(config)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -38,16 +56,36 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in host.adapters:
             for key, tensor in host.adapters[adapter_name].state_dict().items():
                 out[_file_key(path, key)] = tensor.detach().to("cpu").contiguous()
+    holder, saved = _shared_saved(model, adapter_name)
+    if saved:
+        for key, tensor in holder.tensors().items():
+            out[_shared_file_key(key)] = tensor.detach().to("cpu").contiguous()
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically)."""
+def save_adapter(
+    model: nn.Module, directory: str | Path, adapter_name: str = "default", compact: bool = False
+) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically).
+
+    ``compact=True`` writes methods that have a compact layout (SHiRA: <= 6 bytes per value, see
+    :mod:`shirakit.compact`) in it; such a file is for shirakit only, PEFT cannot read it.
+    """
     state = state_of(model)
     check_adapter_names(model, [adapter_name])
     directory = Path(directory)
     tensors = adapter_state_dict(model, adapter_name)
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    metadata = {"format": "pt"}
+    if compact:
+        metadata[FORMAT_KEY] = COMPACT_V1
+        for path, host in hosts(model):
+            owner = host.adapters[adapter_name] if adapter_name in host.adapters else None
+            packed = owner.compact_tensors() if isinstance(owner, Adapter) else None
+            if packed is not None:
+                prefix = _file_key(path, "")
+                tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+                tensors.update({prefix + k: v.detach().to("cpu").contiguous() for k, v in packed.items()})
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata=metadata))
     config = state.configs[adapter_name]
     saved_config = type(config).from_dict(config.to_dict())
     saved_config.mask_fn = getattr(config, "mask_fn", None) if hasattr(saved_config, "mask_fn") else None
@@ -59,30 +97,43 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     return directory
 
 
-def read_weights(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+def read_weights(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """(path, tensors, metadata) of ``adapter_model.safetensors``; safetensors only, no pickle."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter weights here (expected {WEIGHTS_NAME})")
     try:
-        return path, load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{path}: not a readable safetensors file: {exc}") from exc
+    layout = metadata.get(FORMAT_KEY)
+    if layout not in (None, COMPACT_V1):
+        raise ValueError(f"{path}: unknown {FORMAT_KEY} {layout!r}; expected none (PEFT's layout) or {COMPACT_V1!r}")
+    return path, tensors, metadata
 
 
 def load_adapter(
-    model: nn.Module, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    merge: bool = False,
 ) -> nn.Module:
-    """Add the adapter saved in ``directory`` (by shirakit or by PEFT) under ``adapter_name``.
-
-    It becomes the active adapter; its parameters train only with ``is_trainable=True``.
+    """Add the adapter saved in ``directory`` (by shirakit or by PEFT, either layout) under
+    ``adapter_name``. It becomes the active adapter; its parameters train only with
+    ``is_trainable=True``; ``merge=True`` also merges it (fused mode).
     """
     config = read_config(directory)
     config.inference_mode = not is_trainable
-    path, tensors = read_weights(directory)
+    path, tensors, metadata = read_weights(directory)
     had_adapters = getattr(model, "shirakit", None) is not None
     previous_active = list(model.shirakit.active) if had_adapters else []
     inject(model, config, adapter_name, _from_checkpoint=True)
     try:
+        if metadata.get(FORMAT_KEY) == COMPACT_V1:
+            tensors = _expand_compact(model, adapter_name, tensors, path)
         _fill(model, adapter_name, tensors, path)
     except BaseException:
         delete_adapter(model, adapter_name)
@@ -91,7 +142,25 @@ def load_adapter(
         else:
             unload(model)
         raise
+    if merge:
+        from .control import merge as merge_adapters
+
+        merge_adapters(model, [adapter_name])
     return model
+
+
+def _expand_compact(model: nn.Module, adapter_name: str, tensors: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Turn each compact-layout layer back into the standard tensors, for the usual checks."""
+    tensors = dict(tensors)
+    for module_path, host in hosts(model):
+        owner = host.adapters[adapter_name] if adapter_name in host.adapters else None
+        if not isinstance(owner, Adapter) or owner.compact_tensors() is None:
+            continue
+        prefix = _file_key(module_path, "")
+        packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        expanded = owner.expand_compact(packed, f"{path}: {prefix[:-1]}")
+        tensors.update({prefix + k: v for k, v in expanded.items()})
+    return tensors
 
 
 def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -102,6 +171,15 @@ def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
             owner = host.adapters[adapter_name]
             for key, tensor in owner.state_dict().items():
                 expected[_file_key(module_path, key)] = (owner, key, tensor)
+    holder, saved = _shared_saved(model, adapter_name)
+    for key, tensor in (holder.tensors() if holder is not None else {}).items():
+        file_key = _shared_file_key(key)
+        if saved:
+            expected[file_key] = (holder, key, tensor)
+        elif file_key in tensors:  # as PEFT does: the config says they are rebuilt, so they are
+            warnings.warn(f"{path}: {file_key!r} is in the file but the config says it is not saved; "
+                          "using the tensor rebuilt from the config", stacklevel=3)
+            tensors = {k: v for k, v in tensors.items() if k != file_key}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -116,7 +194,7 @@ def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
         entry[1][key] = value
     for owner, owner_tensors, where in per_owner.values():
         source = f"{path}: {where}"
-        if isinstance(owner, Adapter):
+        if isinstance(owner, (Adapter, SharedTensors)):
             owner.load_tensors(owner_tensors, source)
         else:
             _copy_in(owner, owner_tensors)
@@ -124,7 +202,8 @@ def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
 
 def _check_tensor(value: torch.Tensor, own: torch.Tensor, where: str) -> None:
     if own.dtype.is_floating_point != value.dtype.is_floating_point:
-        raise ValueError(f"{where}: expected {'a float' if own.dtype.is_floating_point else 'an integer'} tensor, found {value.dtype}")
+        kind = "a float" if own.dtype.is_floating_point else "an integer"
+        raise ValueError(f"{where}: expected {kind} tensor, found {value.dtype}")
     if own.dtype.is_floating_point:
         if tuple(value.shape) != tuple(own.shape):
             raise ValueError(f"{where}: expected shape {tuple(own.shape)}, found {tuple(value.shape)}")

@@ -4,6 +4,12 @@ The model is changed in place and keeps its class: targeted layers become
 :class:`~shirakit.layer.AdapterLinear`, ``modules_to_save`` become
 :class:`~shirakit.layer.ModulesToSave`; a small record of configs rides on the model as
 ``model.shirakit`` (a plain attribute, not a submodule, so the state dict is unchanged).
+
+Tensors an adapter shares across all its layers (VeRA's projections, :meth:`Adapter.make_shared`)
+are kept once per model and adapter in a :class:`SharedTensors` under ``model.shirakit_shared``:
+a registered submodule, so ``model.to()`` moves them once, holding them as *non-persistent*
+buffers, so ``model.state_dict()`` keeps exactly the base model's keys. Layers hold a plain
+reference to the holder (not a submodule of theirs), so nothing is stored or moved per layer.
 """
 
 from __future__ import annotations
@@ -46,6 +52,61 @@ def check_adapter_names(model: nn.Module, names: list[str]) -> None:
         raise KeyError(f"unknown adapter(s) {unknown}; this model has {sorted(known)}")
 
 
+# ---- tensors shared across layers ------------------------------------------------------------
+SHARED_ATTR = "shirakit_shared"
+
+
+class SharedTensors(nn.Module):
+    """One adapter's shared tensors, as non-persistent buffers (moved by ``.to()``, never in the
+    model's state dict; checkpoints write them as ``base_model.<key>``, see checkpoint.py)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for key, tensor in tensors.items():
+            self.register_buffer(key, tensor, persistent=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_buffers())
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Copy validated file tensors in (shapes and finiteness are checked by the caller)."""
+        own = self.tensors()
+        for key, value in tensors.items():
+            own[key].copy_(value.to(own[key].dtype))
+
+
+class SharedStore(nn.ModuleDict):
+    """adapter name -> :class:`SharedTensors`; lives on the model as ``model.shirakit_shared``."""
+
+
+def shared_of(model: nn.Module, adapter_name: str) -> SharedTensors | None:
+    store = getattr(model, SHARED_ATTR, None)
+    if isinstance(store, SharedStore) and adapter_name in store:
+        return store[adapter_name]
+    return None
+
+
+def _add_shared(model: nn.Module, adapter_name: str, tensors: dict, device: torch.device) -> SharedTensors:
+    store = getattr(model, SHARED_ATTR, None)
+    if not isinstance(store, SharedStore):
+        store = SharedStore()
+        setattr(model, SHARED_ATTR, store)
+    store[adapter_name] = SharedTensors(tensors).to(device)
+    return store[adapter_name]
+
+
+def _remove_shared(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Drop one adapter's shared tensors (all of them when ``adapter_name`` is None)."""
+    store = getattr(model, SHARED_ATTR, None)
+    if not isinstance(store, SharedStore):
+        return
+    if adapter_name is not None and adapter_name in store:
+        del store[adapter_name]
+    if adapter_name is None or len(store) == 0:
+        delattr(model, SHARED_ATTR)
+
+
 # ---- walking the model ------------------------------------------------------------------------
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
@@ -65,7 +126,7 @@ def _user_modules(model: nn.Module):
             continue
         if isinstance(module, AdapterLinear):
             skip.append(name)
-        elif isinstance(module, ModulesToSave):
+        elif isinstance(module, (ModulesToSave, SharedStore)):
             skip.append(name)
             continue
         yield name, module
@@ -151,27 +212,42 @@ def inject(
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', found {adapter_name!r}")
     state = getattr(model, "shirakit", None)
-    if state is None:
+    fresh = state is None
+    if fresh:
         state = ModelAdapters()
-        for p in model.parameters():
-            p.requires_grad_(False)
     if adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or use another name")
     method = method_for_config(config)
     targets = find_targets(model, config)
     seed = _seed_of(config)
     layers: list[tuple[str, AdapterLinear]] = []
+    wrapped: list[str] = []  # wrappers this call made: taken out again if building the adapters fails
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, AdapterLinear):
             module = AdapterLinear(module)
             _set_submodule(model, name, module)
+            wrapped.append(name)
         layers.append((name, module))
-    _check_fan_in_fan_out(config, layers)
-    new_adapters = [
-        _build_adapter(method, config, layer, None if _from_checkpoint else layer_generator(seed, adapter_name, name), name)
-        for name, layer in layers
-    ]
+    try:
+        _check_fan_in_fan_out(config, layers)
+        shared = method.make_shared(config, [layer.geometry for _, layer in layers])
+        generators = [None if _from_checkpoint else layer_generator(seed, adapter_name, name) for name, _ in layers]
+        new_adapters = [
+            _build_adapter(method, config, layer, generator, name)
+            for (name, layer), generator in zip(layers, generators)
+        ]
+    except BaseException:  # e.g. a shape the method cannot take: leave the model as it was
+        for name in wrapped:
+            _set_submodule(model, name, model.get_submodule(name).base_layer)
+        raise
+    if fresh:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if shared:
+        holder = _add_shared(model, adapter_name, shared, layers[0][1].weight.device)
+        for adapter in new_adapters:
+            adapter.bind_shared(holder)
     for (_, layer), adapter in zip(layers, new_adapters):
         layer.add_adapter(adapter_name, adapter)
     for module_name in config.modules_to_save or []:
@@ -194,6 +270,7 @@ def _seed_of(config: AdapterConfig) -> int:
 
 
 def _build_adapter(method, config, layer: AdapterLinear, generator, name: str) -> Adapter:
+    layer.withdraw_live()  # masks (e.g. SHiRA-WM) must see the base weight, not live adapter values
     return method(layer.geometry, config, layer.base_layer, generator, source=name)
 
 
@@ -229,6 +306,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for _, host in hosts(model):
         if adapter_name in host.adapters:
             host.remove_adapter(adapter_name)
+    _remove_shared(model, adapter_name)
     del state.configs[adapter_name]
     state.trainable.pop(adapter_name, None)
     state.active = [n for n in state.active if n != adapter_name]
@@ -249,5 +327,6 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         else:
             keep = host.current() if merge else host.original_module
             _set_submodule(model, name, keep)
+    _remove_shared(model)
     del model.shirakit
     return model

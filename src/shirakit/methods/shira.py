@@ -22,6 +22,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from .. import compact
 from ..adapter import Adapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
@@ -232,6 +233,12 @@ class ShiraAdapter(Adapter):
         self.shira_indices.copy_(indices.to(torch.int32))
         self._set_derived(indices.to(self.shira_indices.device))
         self._saved, self._saved_key = None, None
+
+    def compact_tensors(self) -> dict[str, torch.Tensor]:
+        return compact.encode(self.shira_indices, self.shira_weight.detach(), self.geometry.in_features)
+
+    def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        return compact.decode(tensors, self.geometry.in_features, source)
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda() move parameters and buffers; keep the saved originals and pattern with them.
