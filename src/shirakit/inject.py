@@ -255,6 +255,9 @@ def inject(
     state.configs[adapter_name] = config
     state.trainable[adapter_name] = not config.inference_mode
     model.shirakit = state
+    from .routing import install_keyword_routing
+
+    install_keyword_routing(model)
     from .control import set_adapter
 
     set_adapter(model, adapter_name)
@@ -328,5 +331,8 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             keep = host.current() if merge else host.original_module
             _set_submodule(model, name, keep)
     _remove_shared(model)
+    from .routing import uninstall_keyword_routing
+
+    uninstall_keyword_routing(model)
     del model.shirakit
     return model

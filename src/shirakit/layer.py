@@ -24,6 +24,11 @@ except ImportError:  # pragma: no cover - transformers is a runtime dependency, 
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
+# In a mixed batch, a SHiRA group with at least this many tokens runs on the scattered weight
+# instead of the sparse product (measured crossover on CPU: the sparse product's cost grows with
+# tokens, the two scatters' does not).
+SCATTER_MIN_TOKENS = 64
+
 
 def geometry_of(layer: nn.Module) -> LayerGeometry:
     if isinstance(layer, nn.Linear):
@@ -53,6 +58,7 @@ class AdapterLinear(nn.Module):
         # generation changes whenever the clean base weight may differ from what it was.
         self._base_generation = 0
         self._seen_version = self.weight._version
+        self.routing = None  # a shirakit.routing.Routing while a mixed-adapter batch runs
         # model.state_dict() must show the clean base weight, never adapter values riding in it.
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.withdraw_live())
 
@@ -166,6 +172,8 @@ class AdapterLinear(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None:
+            return self.routed_forward(x, self.routing.groups(x.shape[0], x.device))
         self.sync_live()
         pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
         live = [n for n in pending if self.adapters[n].lives_in_weight]
@@ -179,6 +187,51 @@ class AdapterLinear(nn.Module):
             adapter = self.adapters[name]
             if not adapter.lives_in_weight:
                 y = y + adapter(x, self.weight).to(y.dtype)
+        return y
+
+    def routed_forward(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Row group g gets adapter g: the base product once, each delta added to its rows only.
+
+        An adapter that lives in the weight (SHiRA) and has many tokens in its group instead runs
+        the base product on its rows with its values scattered in: two K-scatters beat a sparse
+        product over that many tokens; small groups (decoding) use the sparse product.
+        """
+        self.withdraw_live()
+        if self.disabled:
+            return self.base_layer(x)
+        tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+        in_weight = [
+            (name, rows) for name, rows in groups
+            if name in self.adapters and self.adapters[name].lives_in_weight
+            and rows.numel() * tokens_per_row >= SCATTER_MIN_TOKENS
+        ]
+        done = {name for name, _ in in_weight}
+        if in_weight:
+            rest = [rows for name, rows in groups if name not in done]
+            chunks = ([(torch.cat(rest), None)] if rest else []) + [(rows, name) for name, rows in in_weight]
+            y = self._run_chunks(x, chunks)
+        else:
+            y = self.base_layer(x)
+        for name, rows in groups:
+            if name in self.adapters and name not in done:
+                delta = self.adapters[name](x.index_select(0, rows), self.weight)
+                y.index_add_(0, rows, delta.to(y.dtype))
+        return y
+
+    def _run_chunks(self, x: torch.Tensor, chunks: list[tuple[torch.Tensor, str | None]]) -> torch.Tensor:
+        """The base product per row chunk, with the chunk's weight-resident adapter applied."""
+        y = None
+        for rows, name in chunks:
+            if name is not None:
+                self._apply_adapter(name)
+            try:
+                out = self.base_layer(x.index_select(0, rows))
+            finally:
+                if name is not None:
+                    self._remove_adapter(name)
+            if y is None:
+                y = out.new_empty((x.shape[0], *out.shape[1:]))
+            y.index_copy_(0, rows, out)
         return y
 
     def extra_repr(self) -> str:
@@ -198,6 +251,7 @@ class ModulesToSave(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.disabled = False
+        self.routing = None  # a shirakit.routing.Routing while a mixed-adapter batch runs
 
     def add_adapter(self, name: str) -> None:
         if name in self.adapters:
@@ -223,4 +277,16 @@ class ModulesToSave(nn.Module):
         return self.adapters[self.active[0]]
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        if self.routing is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        y = None
+        for name, rows in self.routing.groups(x.shape[0], x.device):
+            module = self.adapters[name] if name in self.adapters else self.original_module
+            out = module(x.index_select(0, rows), *rest, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"mixed-adapter batches need a tensor output from {type(module).__name__}")
+            if y is None:
+                y = out.new_empty((x.shape[0], *out.shape[1:]))
+            y.index_copy_(0, rows, out)
+        return y

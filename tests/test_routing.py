@@ -1,0 +1,143 @@
+"""Mixed-adapter batches: row i of a routed batch equals running row i alone with its adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shirakit
+import shirakit.layer
+from shirakit.routing import route
+from tests.cases import CASES
+from tests.models import MODELS, TARGETS, inputs, output
+
+
+def _model_with(makers):
+    model = MODELS["llama"]()
+    for i, (name, make) in enumerate(makers.items()):
+        torch.manual_seed(10 + i)
+        shirakit.inject(model, make(), name)
+    return model
+
+
+def _alone(model, ids, names):
+    rows = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with shirakit.disable_adapters(model):
+                rows.append(output(model, ids[i : i + 1]))
+        else:
+            shirakit.set_adapter(model, name)
+            rows.append(output(model, ids[i : i + 1]))
+    return torch.cat(rows)
+
+
+def _case_makers(case):
+    return {"a": lambda: case.make(TARGETS["llama"], False), "b": lambda: case.make(TARGETS["llama"], False)}
+
+
+NAMES = ["a", "b", "__base__", "a", "b"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("scatter_path", [False, True], ids=["sparse", "scatter"])
+def test_routed_rows_equal_rows_alone(case, scatter_path, monkeypatch):
+    monkeypatch.setattr(shirakit.layer, "SCATTER_MIN_TOKENS", 1 if scatter_path else 10**9)
+    model = _model_with(_case_makers(case))
+    ids = inputs(batch=len(NAMES))
+    expected = _alone(model, ids, NAMES)
+    with route(model, NAMES):
+        routed = output(model, ids)
+    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
+    # the keyword form gives the same, and routing leaves no trace afterwards
+    torch.testing.assert_close(model(input_ids=ids, adapter_names=NAMES).logits, expected, atol=1e-5, rtol=1e-5)
+    shirakit.set_adapter(model, "b")
+    torch.testing.assert_close(output(model, ids[1:2]), expected[1:2], atol=1e-5, rtol=1e-5)
+
+
+def test_mix_of_methods():
+    makers = {f"m{i}": (lambda c=c: c.make(TARGETS["llama"], False)) for i, c in enumerate(CASES)}
+    model = _model_with(makers)
+    names = list(makers) + ["__base__"] + list(makers)[::-1]
+    ids = inputs(batch=len(names))
+    expected = _alone(model, ids, names)
+    with route(model, names):
+        torch.testing.assert_close(output(model, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_beams_and_return_sequences():
+    shira = next(c for c in CASES if c.id.startswith("shira"))
+    lora = next(c for c in CASES if c.id.startswith("lora"))
+    model = _model_with({"s": lambda: shira.make(TARGETS["llama"], False),
+                         "l": lambda: lora.make(TARGETS["llama"], False)})
+    ids = inputs(batch=3, length=6)
+    names = ["s", "l", "__base__"]
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=3, num_return_sequences=2, pad_token_id=0)
+    expected = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with shirakit.disable_adapters(model):
+                expected.append(model.generate(ids[i : i + 1], **kwargs))
+        else:
+            shirakit.set_adapter(model, name)
+            expected.append(model.generate(ids[i : i + 1], **kwargs))
+    expected = torch.cat(expected)
+    with route(model, names):
+        routed = model.generate(ids, **kwargs)
+    assert torch.equal(routed, expected)
+    assert torch.equal(model.generate(ids, adapter_names=names, **kwargs), expected)
+
+
+def test_greedy_generate_rows_equal_alone():
+    case = next(c for c in CASES if c.id.startswith("shira"))
+    model = _model_with(_case_makers(case))
+    ids = inputs(batch=3, length=6)
+    names = ["b", "a", "__base__"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with shirakit.disable_adapters(model):
+                expected.append(model.generate(ids[i : i + 1], **kwargs))
+        else:
+            shirakit.set_adapter(model, name)
+            expected.append(model.generate(ids[i : i + 1], **kwargs))
+    assert torch.equal(model.generate(ids, adapter_names=names, **kwargs), torch.cat(expected))
+
+
+def test_modules_to_save_are_routed_per_row():
+    model = MODELS["bert"]()
+    for i, name in enumerate(["a", "b"]):
+        torch.manual_seed(i)
+        shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"],
+                                                   init_lora_weights=False), name)
+        with torch.no_grad():
+            model.classifier.adapters[name].weight.add_(torch.randn_like(model.classifier.adapters[name].weight))
+    names = ["a", "__base__", "b"]
+    ids = inputs(batch=3)
+    expected = _alone(model, ids, names)
+    with route(model, names):
+        torch.testing.assert_close(output(model, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_errors_are_clear_and_early():
+    case = CASES[0]
+    model = _model_with(_case_makers(case))
+    ids = inputs(batch=2)
+    with pytest.raises(KeyError, match=r"unknown adapter\(s\) \['zz'\] in adapter_names"):
+        with route(model, ["a", "zz"]):
+            pass
+    with pytest.raises(ValueError, match="adapter_names has 3 entries but the batch has 2 rows"):
+        with route(model, ["a", "b", "a"]):
+            output(model, ids)
+    with pytest.raises(ValueError, match="adapter_names has 1 entries but the batch has 2 rows"):
+        model(input_ids=ids, adapter_names=["a"])
+    shirakit.merge(model, ["a"])
+    with pytest.raises(RuntimeError, match="merged"):
+        with route(model, ["a", "b"]):
+            pass
+    shirakit.unmerge(model)
+    model.train()
+    with pytest.raises(RuntimeError, match="model.eval"):
+        with route(model, ["a", "b"]):
+            pass
