@@ -89,3 +89,86 @@ def adapter_orthogonality(model, name1: str, name2: str) -> list[Orthogonality]:
 
     check_adapter_names(model, [name1, name2])
     return pairwise(model_deltas(model, name1), model_deltas(model, name2))
+
+
+def deltas_from_dir(directory) -> tuple[dict[str, Delta], str]:
+    """Each layer's delta read straight from a saved adapter, with no base model.
+
+    SHiRA gives sparse deltas; their shape is inferred from the largest index (a lower bound
+    when the last rows/columns are untouched, which a 1-5% random mask practically never leaves).
+    LoRA gives dense ``s * B A``. Methods whose delta depends on the base weight need a model:
+    load both adapters into it and use :func:`adapter_orthogonality`.
+    Returns the deltas and a note on how shapes were found.
+    """
+    from .checkpoint import PREFIX, read_weights
+    from .compact import COMPACT_V1, FORMAT_KEY
+    from .config import read_config
+
+    config = read_config(directory)
+    path, tensors, metadata = read_weights(directory)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        for leaf in ("shira_weight", "shira_indices", "shira_index_gaps", "shira_index_far",
+                     "lora_A.weight", "lora_B.weight"):
+            if key.startswith(PREFIX) and key.endswith("." + leaf):
+                layers.setdefault(key[len(PREFIX) : -len(leaf) - 1], {})[leaf] = tensor
+    if not layers:
+        raise ValueError(f"{path}: orthogonality from files needs a SHiRA or LoRA adapter, found {config.peft_type}")
+    out: dict[str, Delta] = {}
+    for name, parts in layers.items():
+        if "lora_A.weight" in parts:
+            scaling = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
+            out[name] = parts["lora_B.weight"].float() @ parts["lora_A.weight"].float() * scaling
+            continue
+        if metadata.get(FORMAT_KEY) == COMPACT_V1:
+            raise ValueError(f"{path}: a compact file stores flat positions; its shapes need the base model")
+        idx = parts["shira_indices"].long()
+        shape = (int(idx[0].max()) + 1, int(idx[1].max()) + 1)
+        out[name] = SparseDelta(idx, parts["shira_weight"].float(), shape)
+    note = "shapes inferred from the largest index" if any(isinstance(d, SparseDelta) for d in out.values()) else ""
+    return out, note
+
+
+def align_shapes(d1: dict[str, Delta], d2: dict[str, Delta]) -> None:
+    """Give two adapters' inferred sparse deltas the larger of the two inferred shapes, per layer."""
+    for name in set(d1) & set(d2):
+        a, b = d1[name], d2[name]
+        if isinstance(a, SparseDelta) or isinstance(b, SparseDelta):
+            shape_a = a.shape if isinstance(a, SparseDelta) else tuple(a.shape)
+            shape_b = b.shape if isinstance(b, SparseDelta) else tuple(b.shape)
+            shape = (max(shape_a[0], shape_b[0]), max(shape_a[1], shape_b[1]))
+            if isinstance(a, SparseDelta):
+                d1[name] = SparseDelta(a.indices, a.values, shape)
+            if isinstance(b, SparseDelta):
+                d2[name] = SparseDelta(b.indices, b.values, shape)
+
+
+def heatmap(rows: list[Orthogonality], path, title: str = "AWOR per layer") -> None:
+    """A PNG: one cell per layer (blocks x projection when names allow), colour = AWOR."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks, kinds, cells = [], [], {}
+    for row in rows:
+        match = re.match(r"(.*?\.)(\d+)\.(.*)", row.layer)
+        block, kind = (match.group(2), match.group(3)) if match else ("-", row.layer)
+        blocks += [block] if block not in blocks else []
+        kinds += [kind] if kind not in kinds else []
+        cells[(block, kind)] = row.awor
+    grid = torch.full((len(blocks), len(kinds)), float("nan"))
+    for (block, kind), value in cells.items():
+        grid[blocks.index(block), kinds.index(kind)] = value
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.0 + 0.4 * len(blocks)))
+    image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(kinds)), [k.rsplit(".", 1)[-1] if len(k) > 12 else k for k in kinds], rotation=45,
+                  ha="right")
+    ax.set_yticks(range(len(blocks)), blocks)
+    ax.set(xlabel="layer", ylabel="block", title=title)
+    fig.colorbar(image, ax=ax, label="AWOR (1 = orthogonal)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
