@@ -176,13 +176,15 @@ def cmd_inspect(args) -> None:
             layers[module] = layers.get(module, 0) + tensor.numel()
     values = sum(layers.values())
     size = (directory / WEIGHTS_NAME).stat().st_size
+    with open(directory / WEIGHTS_NAME, "rb") as fh:  # safetensors: 8-byte header length, JSON header, data
+        data_bytes = size - 8 - int.from_bytes(fh.read(8), "little")
     print(f"adapter      {directory}")
     print(f"method       {config.peft_type}   format {metadata.get(FORMAT_KEY, 'peft')}")
     fields = {k: v for k, v in config.to_dict().items() if v not in (None, [], {}) and k != "peft_type"}
     print("config       " + ", ".join(f"{k}={v}" for k, v in sorted(fields.items())))
     print(f"layers       {len(layers)} (+ {shared:,} shared values)" if shared else f"layers       {len(layers)}")
     print(f"values       {values:,}")
-    print(f"file size    {size:,} bytes ({size / max(values, 1):.2f} bytes per value)")
+    print(f"file size    {size:,} bytes; tensor data {data_bytes / max(values, 1):.2f} bytes per value")
     if args.layers:
         for name, count in layers.items():
             print(f"  {name}: {count:,}")
