@@ -42,4 +42,37 @@ CASES = [
         lambda i, o: 2 * (i + o),
         exact_unmerge=True,
     ),
+    Case(
+        "vera-r8",
+        lambda t, ident: shirakit.VeraConfig(r=8, target_modules=t, init_weights=ident, projection_prng_key=5),
+        lambda i, o: o + 8,
+        exact_unmerge=False,
+    ),
+    Case(
+        "vera-r4-noproj",
+        lambda t, ident: shirakit.VeraConfig(r=4, target_modules=t, init_weights=ident, save_projection=False,
+                                             d_initial=0.2),
+        lambda i, o: o + 4,
+        exact_unmerge=False,
+    ),
+    # MiSS: peft adapts nn.Linear only, so peft interop holds on llama/bert, not on GPT-2's Conv1D.
+    Case(
+        "miss-balance-r5",  # 5 divides none of the in_features: exercises the zero-padded last shard
+        lambda t, ident: shirakit.MissConfig(r=5, target_modules=t, init_weights=ident),
+        lambda i, o: 5 * o,
+        exact_unmerge=False,
+    ),
+    Case(
+        "miss-bat-r4",
+        lambda t, ident: shirakit.MissConfig(r=4, target_modules=t, init_weights="bat", init_random=not ident),
+        lambda i, o: o * 4,
+        exact_unmerge=True,
+    ),
+    Case(
+        "miss-mini-r4-m8",
+        lambda t, ident: shirakit.MissConfig(r=4, mini_r=8, target_modules=t, init_weights="mini",
+                                             init_random=not ident),
+        lambda i, o: 4 * 8,
+        exact_unmerge=False,
+    ),
 ]

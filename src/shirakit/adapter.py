@@ -100,10 +100,6 @@ class Adapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---- merging --------------------------------------------------------------------------
-    def prepare_merge(self, weight: torch.Tensor) -> None:
-        """Called on every adapter of one merge call before any of them merges, so an adapter whose
-        delta reads the weight (MiSS "bat") takes it from the weight its unmerged forward saw."""
-
     @torch.no_grad()
     def merged_is_finite(self, weight: torch.Tensor) -> bool:
         """Would merging into ``weight`` leave it finite? (checked before a safe merge commits)"""

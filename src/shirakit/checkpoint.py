@@ -48,14 +48,22 @@ def _shared_saved(model: nn.Module, adapter_name: str) -> tuple[SharedTensors | 
     return holder, method_for_config(config).shared_in_checkpoint(config)
 
 
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU, contiguous, plain tensor; an FSDP2-sharded parameter (a DTensor) is gathered whole first."""
+    if hasattr(tensor, "full_tensor"):  # DTensor: a collective, so every rank must make this call
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu").contiguous()
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's file keys (CPU, contiguous)."""
+    """The adapter's tensors under PEFT's file keys (CPU, contiguous). Under FSDP2 (fully_shard) the
+    sharded tensors are gathered, a collective: call it (or :func:`save_adapter`) on every rank."""
     check_adapter_names(model, [adapter_name])
     out = {}
     for path, host in hosts(model):
         if adapter_name in host.adapters:
             for key, tensor in host.adapters[adapter_name].state_dict().items():
-                out[_file_key(path, key)] = tensor.detach().to("cpu").contiguous()
+                out[_file_key(path, key)] = _plain(tensor)
     holder, saved = _shared_saved(model, adapter_name)
     if saved:
         for key, tensor in holder.tensors().items():

@@ -29,6 +29,16 @@ SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 # tokens, the two scatters' does not).
 SCATTER_MIN_TOKENS = 64
 
+# FSDP (fully_shard) re-gathers a sharded weight from its shards for every forward and backward, so
+# values scattered into one gathered copy are lost: training would be silently wrong. Refuse instead.
+FSDP_SHARDED_WEIGHT = (
+    "an adapter that lives in the base weight (SHiRA, MiSS bat) cannot be applied to a weight that FSDP "
+    "shards: FSDP re-gathers the weight from its shards at every forward and backward, which drops the "
+    "scattered values. Keep the adapted layers' base parameters out of sharding, e.g. "
+    "fully_shard(module, ignored_params={p for m in model.modules() if isinstance(m, shirakit.AdapterLinear) "
+    "for p in m.base_layer.parameters()}), or use DistributedDataParallel (see docs/distributed.md)"
+)
+
 
 def geometry_of(layer: nn.Module) -> LayerGeometry:
     if isinstance(layer, nn.Linear):
@@ -138,6 +148,8 @@ class AdapterLinear(nn.Module):
         wanted = self._wanted_live()
         if wanted == self._live and all(self.adapters[n].applied_is_current() for n in wanted):
             return
+        if wanted and getattr(self.base_layer, "_is_fsdp_managed_module", False):
+            raise RuntimeError(FSDP_SHARDED_WEIGHT)
         self.withdraw_live()
         for name in wanted:
             self._apply_adapter(name)
@@ -150,9 +162,8 @@ class AdapterLinear(nn.Module):
 
     def merge(self, names: list[str]) -> None:
         self.withdraw_live()
-        for name in names:  # weight-reading deltas (MiSS bat) see the weight before this merge, as in forward
-            if name not in self.merged:
-                self.adapters[name].prepare_merge(self.weight)
+        # weight-resident adapters first, in order, as forward writes them in (MiSS bat reads the weight)
+        names = sorted(names, key=lambda n: not (n in self.adapters and self.adapters[n].lives_in_weight))
         for name in names:
             if name in self.merged:
                 warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)

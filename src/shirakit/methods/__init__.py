@@ -1,3 +1,3 @@
 """One file per method; importing this package registers them all."""
 
-from . import lora, shira  # noqa: F401
+from . import lora, miss, shira, vera  # noqa: F401

@@ -21,6 +21,7 @@ from typing import Callable, ClassVar
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import compact
 from ..adapter import Adapter, LayerGeometry, adapter_dtype
@@ -28,6 +29,24 @@ from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
 from ..registry import register
 from ..sparse import csr_pattern, scattered_linear, value_grad_tap
+
+# Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
+# "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
+# misses those updates and the weight would keep stale values: every optimizer step counts too.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def values_stamp(param: torch.Tensor) -> tuple[int, int]:
+    """Changes whenever ``param``'s values may have changed: an in-place write or any optimizer step."""
+    return (param._version, _optimizer_steps)
 
 
 @dataclass
@@ -86,7 +105,7 @@ class ShiraAdapter(Adapter):
         self._set_derived(indices.to(weight.device))
         self._saved: torch.Tensor | None = None  # base values under the adapter (kept after unmerge)
         self._saved_key: object = None  # the layer's name for the weight state _saved was read from
-        self._applied_state: tuple[int, float] | None = None
+        self._applied_state: tuple[tuple[int, int], float] | None = None
 
     def _set_derived(self, indices: torch.Tensor) -> None:
         """Everything the kernels need, derived once from the (sorted) indices."""
@@ -171,7 +190,7 @@ class ShiraAdapter(Adapter):
             self._saved = flat.index_select(0, self._storage_index)
         self._saved_key = base_key
         flat.index_copy_(0, self._storage_index, self.merged_values(weight, self._saved))
-        self._applied_state = (self.shira_weight._version, self.scale)
+        self._applied_state = (values_stamp(self.shira_weight), self.scale)
 
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
@@ -183,7 +202,7 @@ class ShiraAdapter(Adapter):
 
     def applied_is_current(self) -> bool:
         """Have the values or the scale changed since they were scattered in?"""
-        return self._applied_state == (self.shira_weight._version, self.scale)
+        return self._applied_state == (values_stamp(self.shira_weight), self.scale)
 
     # ---- fusion ------------------------------------------------------------------------------
     @classmethod

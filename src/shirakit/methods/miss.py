@@ -1,0 +1,267 @@
+"""MiSS: Matrix Shard Sharing (arXiv 2409.15371; formerly "Bone", block-affine adaptation).
+
+The weight W (out, in) is cut along its input features into r-wide shards; one small trainable
+block is shared by all shards. The mode belongs to each adapter (``MissConfig.init_weights``):
+
+``True`` / ``"balance"`` (default): ``miss_block`` M is (r, out), zeros at init. Every shard gets
+the same update, W'[o, k*r + j] = W[o, k*r + j] + M[j, o], so
+
+    delta_y = s * S(dropout(x)) M,   S(x)_j = sum_k x[k*r + j]
+
+with x zero-padded to a multiple of r (the last shard is cut short when in % r != 0). The forward
+costs one r-wide sum and an (r x out) product: no dense delta is ever formed.
+
+``"mini"``: M is (r, mini_r) and is repeated out/mini_r times along the output features
+(requires out % mini_r == 0), then as balance. The product is taken with the small block and
+the (..., mini_r) result is tiled, not the block.
+
+``"bat"`` (block-affine): M is (out/r, r, r), one r x r block per output shard b (requires
+in % r == 0 and out % r == 0). For the weight's r x r blocks W_bc (output shard b, input shard c)
+
+    W'_bc = W_bc + s * (W_bc M_b + M_b)
+
+The delta depends on W, so no exact form is cheaper than one W-sized pass: adding x delta_W^T to
+the base output costs a second full product, and PEFT clones W and adds the delta on every call.
+Here bat lives in the weight while active, as SHiRA does: W0 is kept aside, W0 + delta is written
+in (fp32 sum, rounded once), so a forward is the base layer's own product, and the block's
+gradient comes from a tap, dL/dM_b = s * sum_c (W0_bc^T G_bc + G_bc) with G = g^T x. The delta is
+re-written only when the block or the scale changes (once per optimizer step); unmerge, disable
+and ``state_dict`` put W0 back bit-exactly (PEFT inverts I + M_b, which is only approximate).
+Measured with benchmarks/bench_miss_bat.py (CPU, fp32, 1 thread, one 2816 x 1024 layer, 1024
+tokens, r = 64, best of 10, on a loaded shared machine): forward under no_grad 118 ms, the base
+layer alone 121 ms, PEFT's MissLinear 175 ms, the clone form 154 ms, base + x delta_W^T 274 ms;
+forward + backward with the delta re-written every step 329 ms, PEFT 330 ms, clone 321 ms.
+
+Beyond PEFT: MiSS also adapts transformers Conv1D (the weight is read transposed). Like PEFT, bat
+ignores ``miss_dropout`` (the delta sits in the weight) and bat adapters active together compose
+in order, each written on top of the weight the previous ones left; a merge puts weight-resident
+adapters in first, in the same order, so merged equals unmerged with balance/mini adapters active
+too. Training two bat adapters of one layer at once drops the earlier one's effect through the
+later one's W-dependence from its gradient (train one at a time). r > in_features is refused at
+inject time, as in PEFT (the padded rows would never train).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import Adapter, LayerGeometry, adapter_dtype
+from ..config import AdapterConfig
+from ..registry import register
+
+MODES = {True: "balance", False: "balance", "balance": "balance", "bat": "bat", "mini": "mini"}
+
+
+@dataclass
+class MissConfig(AdapterConfig):
+    """PEFT's MissConfig fields and defaults. ``init_weights`` picks the mode (True/"balance",
+    "bat", "mini"); ``False`` is balance with a random block (PEFT's meaning). ``init_random``
+    (shirakit only, not written to the file) draws a random block in any mode, for tests."""
+
+    peft_type: ClassVar[str] = "MISS"
+
+    r: int = 64
+    miss_dropout: float = 0.0
+    mini_r: int = 1
+    init_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: str | None = None
+    bias: str = "none"
+    init_random: bool = field(default=False, metadata={"serialize": False}, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive int, found {self.r!r}")
+        if not isinstance(self.mini_r, int) or self.mini_r <= 0:
+            raise ValueError(f"mini_r must be a positive int, found {self.mini_r!r}")
+        if not 0.0 <= self.miss_dropout < 1.0:
+            raise ValueError(f"miss_dropout must be in [0, 1), found {self.miss_dropout}")
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r} is not supported yet; expected 'none'")
+        if not isinstance(self.init_weights, bool) and self.init_weights not in ("balance", "bat", "mini"):
+            raise ValueError(f"init_weights={self.init_weights!r}: expected True, False, 'balance', 'bat' or 'mini'")
+
+    @property
+    def mode(self) -> str:
+        return MODES[self.init_weights]
+
+
+def block_sum(x: torch.Tensor, r: int) -> torch.Tensor:
+    """S(x): (..., in) -> (..., r), the sum of x's r-wide shards (x zero-padded to a multiple of r)."""
+    pad = (-x.shape[-1]) % r
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, r).sum(dim=-2)
+
+
+def bat_delta(w: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """delta_W with delta_W_bc = W_bc M_b + M_b, from w (out, in) and M (out/r, r, r); autograd-safe.
+
+    Rows b*r + i, columns c*r + j of w are the view [b, i*(in/r) + c, j] of shape
+    (out/r, r*in/r, r), so one batched product takes W_bc M_b for every (b, c) at once.
+    """
+    out_f, in_f = w.shape
+    nb, r = block.shape[0], block.shape[-1]
+    prod = torch.matmul(w.reshape(nb, r * (in_f // r), r), block)  # (b, i*c, r)
+    prod = prod.view(nb, r, in_f // r, r).add_(block.unsqueeze(2))  # + M_b[i, j] for every shard c
+    return prod.view(out_f, in_f)
+
+
+class _BatGradTap(torch.autograd.Function):
+    """Identity on y = x W'^T (W' = W0 + s delta(W0, M) written in the weight); backward adds dL/dM.
+
+    With G = g^T x = dL/dW' (out, in) seen as [b, i*(in/r) + c, k] like W0 in :func:`bat_delta`:
+    dL/dM_b = s * (sum_c W0_bc^T G_bc + sum_c G_bc).
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, block, w0, scale):
+        ctx.save_for_backward(x, block, w0)
+        ctx.scale = scale
+        return y.clone()  # a custom Function may not hand an input back as its output
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, block, w0 = ctx.saved_tensors
+        dtype = block.dtype
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        grad_w = g2.T @ x2  # (out, in)
+        out_f, in_f = grad_w.shape
+        nb, r = block.shape[0], block.shape[-1]
+        w_view = w0.to(dtype).reshape(nb, r * (in_f // r), r)
+        grad_block = w_view.transpose(1, 2) @ grad_w.view(nb, r * (in_f // r), r)
+        grad_block += grad_w.view(nb, r, in_f // r, r).sum(dim=2)
+        return grad_out, None, grad_block.mul_(ctx.scale), None, None
+
+
+@register
+class MissAdapter(Adapter):
+    config_class = MissConfig
+
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        config: MissConfig,
+        base_layer: nn.Module,
+        generator: torch.Generator | None,
+        source: str = "",
+    ) -> None:
+        super().__init__(geometry, config)
+        r, mode = config.r, config.mode
+        in_f, out_f = geometry.in_features, geometry.out_features
+        where = f"{source}: " if source else ""
+        if r > in_f:
+            raise ValueError(f"{where}MiSS r={r} exceeds in_features={in_f}; use r <= {in_f}")
+        if mode == "bat" and (in_f % r or out_f % r):
+            raise ValueError(
+                f"{where}MiSS 'bat' needs in_features and out_features divisible by r={r} "
+                f"(r x r blocks); found in_features={in_f}, out_features={out_f}"
+            )
+        if mode == "mini" and out_f % config.mini_r:
+            raise ValueError(
+                f"{where}MiSS 'mini' needs out_features divisible by mini_r={config.mini_r}; found out_features={out_f}"
+            )
+        self.mode, self.r, self.mini_r = mode, r, config.mini_r
+        # bat lives in the weight while active (W0 + delta written in, W0 kept aside and put back
+        # bit-exactly); balance and mini add their cheap forward and subtract on unmerge.
+        self.lives_in_weight = self.exact_unmerge = mode == "bat"
+        shape = {"balance": (r, out_f), "bat": (out_f // r, r, r), "mini": (r, config.mini_r)}[mode]
+        weight = base_layer.weight
+        block = torch.zeros(shape, dtype=adapter_dtype(weight.dtype))
+        if generator is not None and (config.init_weights is False or config.init_random):
+            bound = 1.0 / math.sqrt(math.prod(shape[1:]))  # kaiming-uniform, a = sqrt(5), like PEFT's
+            block = (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(block.dtype)
+        self.miss_block = nn.Parameter(block.to(weight.device))
+        self.dropout = nn.Dropout(config.miss_dropout) if config.miss_dropout > 0 and mode != "bat" else nn.Identity()
+        self._saved: torch.Tensor | None = None  # bat: the weight before this adapter was written in
+        self._applied_state: tuple[int, float] | None = None  # bat: (block version, scale) written in
+
+    # ---- the maths ------------------------------------------------------------------------
+    def full_block(self, block: torch.Tensor) -> torch.Tensor:
+        """balance/mini: the (r, out) block every shard adds (mini: repeated along out)."""
+        if self.mode == "mini":
+            return block.repeat(1, self.geometry.out_features // self.mini_r)
+        return block
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """balance/mini: s * S(dropout(x)) M. bat (only where the weight cannot carry the delta,
+        e.g. a small group of a mixed-adapter batch): x delta_W^T from the clean ``weight``."""
+        block = self.miss_block
+        x = self.dropout(x.to(block.dtype))
+        if self.mode == "bat":
+            delta = bat_delta(self.geometry.as_out_in(weight).to(block.dtype), block)
+            return F.linear(x, delta) * self.scale
+        y = block_sum(x, self.r) @ block
+        if self.mode == "mini":
+            y = y.repeat(*([1] * (y.dim() - 1)), self.geometry.out_features // self.mini_r)
+        return y * self.scale
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Dense (out, in) delta in fp32. bat: relative to ``weight``, or, while the adapter is
+        written in, to the weight it was written into."""
+        block = self.miss_block.detach().float()
+        in_f = self.geometry.in_features
+        if self.mode == "bat":
+            base = self._saved if self._saved is not None else weight
+            with torch.no_grad():
+                return bat_delta(self.geometry.as_out_in(base).float(), block) * self.scale
+        tiled = self.full_block(block).T.repeat(1, -(-in_f // self.r))  # (out, shards*r)
+        return tiled[:, :in_f] * self.scale
+
+    # ---- bat: living in the weight --------------------------------------------------------
+    @torch.no_grad()
+    def merge_into(self, weight: torch.Tensor, base_key: object = None) -> None:
+        """bat: keep W0 aside, write W0 + delta (fp32 sum, rounded once); others: add the delta."""
+        if self.mode != "bat":
+            super().merge_into(weight)
+            return
+        delta = self.delta_weight(weight)
+        self._saved = weight.detach().clone()
+        view = self.geometry.as_out_in(weight)
+        view.copy_((view.float() + delta).to(weight.dtype))
+        self._applied_state = (self.miss_block._version, self.scale)
+
+    @torch.no_grad()
+    def unmerge_from(self, weight: torch.Tensor) -> None:
+        """bat: put W0 back bit-exactly; others: subtract the delta."""
+        if self.mode != "bat":
+            super().unmerge_from(weight)
+            return
+        if self._saved is None:
+            raise RuntimeError("MiSS bat unmerge without a prior merge: no saved weight")
+        weight.copy_(self._saved)
+        self._saved = None
+        self._applied_state = None
+
+    def applied_is_current(self) -> bool:
+        """Has the block (an optimizer step) or the scale changed since it was written in?"""
+        return self._applied_state == (self.miss_block._version, self.scale)
+
+    def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor, geometry: LayerGeometry):
+        """The base layer on the weight holding W0 + delta; the block's gradient comes from a tap."""
+        return self.tap_value_grad(base_layer(x), x)
+
+    def tap_value_grad(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.miss_block.requires_grad or self._saved is None:
+            return y
+        w0 = self.geometry.as_out_in(self._saved)
+        return _BatGradTap.apply(y, x, self.miss_block, w0, self.scale)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda() move parameters; keep the saved weight with them.
+        super()._apply(fn, *args, **kwargs)
+        if self._saved is not None:
+            self._saved = fn(self._saved)
+        return self
+
+    def extra_repr(self) -> str:
+        mini = f", mini_r={self.mini_r}" if self.mode == "mini" else ""
+        return f"{super().extra_repr()}, mode={self.mode}, r={self.r}{mini}"
