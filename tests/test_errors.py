@@ -40,6 +40,7 @@ def _assert_load_fails(directory, match):
     # nothing half-done: no wrapper left behind, outputs are the base model's
     assert not any(isinstance(m, shirakit.AdapterLinear) for m in model.modules())
     assert not hasattr(model, "shirakit")
+    assert all(p.requires_grad for p in model.parameters())  # the base is not left frozen either
     assert torch.equal(output(model, inputs()), base)
 
 

@@ -138,6 +138,7 @@ def load_adapter(
     path, tensors, metadata = read_weights(directory)
     had_adapters = getattr(model, "shirakit", None) is not None
     previous_active = list(model.shirakit.active) if had_adapters else []
+    trainable_before = [p for p in model.parameters() if p.requires_grad]  # inject freezes a fresh model
     inject(model, config, adapter_name, _from_checkpoint=True)
     try:
         if metadata.get(FORMAT_KEY) == COMPACT_V1:
@@ -149,6 +150,8 @@ def load_adapter(
             set_adapter(model, previous_active) if previous_active else None
         else:
             unload(model)
+            for p in trainable_before:
+                p.requires_grad_(True)
         raise
     if merge:
         from .control import merge as merge_adapters
