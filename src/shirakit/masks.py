@@ -251,8 +251,11 @@ def validate_indices(
         raise ValueError(f"{source}: expected K = r*(in+out) = {k} indices, found {flat.numel()}")
     if flat.numel() and (flat.min() < 0 or flat.max() >= m * n):
         raise ValueError(f"{source}: flat index out of range [0, {m * n}) (found {flat.min()}..{flat.max()})")
+    if flat.numel() < 2 or bool((flat[1:] > flat[:-1]).all()):
+        # strictly increasing: sorted and unique already (what PEFT and shirakit write); skip the sort
+        return torch.stack([flat // n, flat % n]), torch.arange(flat.numel())
     flat, order = torch.sort(flat, stable=True)
-    if flat.numel() > 1 and bool((flat[1:] == flat[:-1]).any()):
+    if bool((flat[1:] == flat[:-1]).any()):
         dup = int(flat[1:][flat[1:] == flat[:-1]][0])
         raise ValueError(f"{source}: duplicated index (row {dup // n}, col {dup % n})")
     return torch.stack([flat // n, flat % n]), order

@@ -91,13 +91,13 @@ class ShiraAdapter(Adapter):
         super().__init__(geometry, config)
         k = shira_budget(config.r, geometry)
         weight = base_layer.weight
-        if generator is None:  # loading: the indices come from the file, never recomputed
-            raw = torch.arange(k)
+        if generator is None:  # loading: the file's indices replace this placeholder (no mask, no checks)
+            indices = torch.zeros(2, k, dtype=torch.int64)
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
             source = f"{source}: mask {getattr(mask_fn, '__name__', type(mask_fn).__name__)!r}"
-        indices, _ = validate_indices(raw, geometry, k, source)
+            indices, _ = validate_indices(raw, geometry, k, source)
         dtype = adapter_dtype(weight.dtype)
         init = torch.zeros(k, dtype=dtype) if config.init_weights else torch.randn(k, generator=generator, dtype=dtype)
         self.shira_weight = nn.Parameter(init.to(weight.device))
