@@ -223,11 +223,12 @@ CALIBRATED_MASKS = ("grad", "snip")
 
 def validate_indices(
     indices: torch.Tensor, geometry: LayerGeometry, k: int, source: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Check count, range and uniqueness.
 
     Returns (2, K) int64 (row, col) sorted row-major, and the permutation ``order`` such that
-    sorted position p came from input position ``order[p]`` (to reorder values saved with them).
+    sorted position p came from input position ``order[p]`` (to reorder values saved with them);
+    ``order`` is None when the input was already sorted (then nothing needs reordering).
     """
     m, n = geometry.out_features, geometry.in_features
     if not isinstance(indices, torch.Tensor):
@@ -237,6 +238,8 @@ def validate_indices(
     indices = indices.detach().to("cpu", torch.int64)
     if indices.dim() == 1:
         flat = indices
+        if flat.numel() and (flat.min() < 0 or flat.max() >= m * n):
+            raise ValueError(f"{source}: flat index out of range [0, {m * n}) (found {flat.min()}..{flat.max()})")
     elif indices.dim() == 2 and indices.shape[0] == 2:
         rows, cols = indices
         if rows.numel() and (rows.min() < 0 or rows.max() >= m or cols.min() < 0 or cols.max() >= n):
@@ -249,11 +252,9 @@ def validate_indices(
         raise ValueError(f"{source}: expected indices of shape (2, K) or (K,), found {tuple(indices.shape)}")
     if flat.numel() != k:
         raise ValueError(f"{source}: expected K = r*(in+out) = {k} indices, found {flat.numel()}")
-    if flat.numel() and (flat.min() < 0 or flat.max() >= m * n):
-        raise ValueError(f"{source}: flat index out of range [0, {m * n}) (found {flat.min()}..{flat.max()})")
     if flat.numel() < 2 or bool((flat[1:] > flat[:-1]).all()):
         # strictly increasing: sorted and unique already (what PEFT and shirakit write); skip the sort
-        return torch.stack([flat // n, flat % n]), torch.arange(flat.numel())
+        return (indices if indices.dim() == 2 else torch.stack([flat // n, flat % n])), None
     flat, order = torch.sort(flat, stable=True)
     if bool((flat[1:] == flat[:-1]).any()):
         dup = int(flat[1:][flat[1:] == flat[:-1]][0])

@@ -91,18 +91,24 @@ class ShiraAdapter(Adapter):
         super().__init__(geometry, config)
         k = shira_budget(config.r, geometry)
         weight = base_layer.weight
-        if generator is None:  # loading: the file's indices replace this placeholder (no mask, no checks)
-            indices = torch.zeros(2, k, dtype=torch.int64)
+        dtype = adapter_dtype(weight.dtype)
+        if generator is None:  # loading: load_tensors fills these placeholders (no mask, no init, no checks)
+            self.shira_weight = nn.Parameter(torch.empty(k, dtype=dtype, device=weight.device))
+            self.register_buffer("shira_indices", torch.empty(2, k, dtype=torch.int32, device=weight.device))
+            self.register_buffer("_storage_index", torch.empty(k, dtype=torch.int64, device=weight.device),
+                                 persistent=False)
+            self._pattern = None
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
             source = f"{source}: mask {getattr(mask_fn, '__name__', type(mask_fn).__name__)!r}"
             indices, _ = validate_indices(raw, geometry, k, source)
-        dtype = adapter_dtype(weight.dtype)
-        init = torch.zeros(k, dtype=dtype) if config.init_weights else torch.randn(k, generator=generator, dtype=dtype)
-        self.shira_weight = nn.Parameter(init.to(weight.device))
-        self.register_buffer("shira_indices", indices.to(device=weight.device, dtype=torch.int32))
-        self._set_derived(indices.to(weight.device))
+            init = torch.zeros(k, dtype=dtype)
+            if not config.init_weights:  # random values: tests only, as in PEFT
+                init = torch.randn(k, generator=generator, dtype=dtype)
+            self.shira_weight = nn.Parameter(init.to(weight.device))
+            self.register_buffer("shira_indices", indices.to(device=weight.device, dtype=torch.int32))
+            self._set_derived(indices.to(weight.device))
         self._saved: torch.Tensor | None = None  # base values under the adapter (kept after unmerge)
         self._saved_key: object = None  # the layer's name for the weight state _saved was read from
         self._applied_state: tuple[tuple[int, int], float] | None = None
@@ -248,7 +254,8 @@ class ShiraAdapter(Adapter):
         """Validate the indices (range, count, uniqueness), sort them and the values together."""
         k = self.shira_weight.numel()
         indices, order = validate_indices(tensors["shira_indices"], self.geometry, k, f"{source}: shira_indices")
-        self.shira_weight.copy_(tensors["shira_weight"].to(self.shira_weight.dtype)[order.to(self.shira_weight.device)])
+        values = tensors["shira_weight"]
+        self.shira_weight.copy_(values if order is None else values[order])
         self.shira_indices.copy_(indices.to(torch.int32))
         self._set_derived(indices.to(self.shira_indices.device))
         self._saved, self._saved_key = None, None
