@@ -131,9 +131,12 @@ class Adapter(nn.Module):
             for key, value in tensors.items():
                 own[key].copy_(value)
 
-    def compact_tensors(self) -> dict[str, torch.Tensor] | None:
-        """This adapter in a smaller file layout (see shirakit.compact), or None if it has none."""
-        return None
+    #: True when the method has a smaller file layout (:meth:`compact_tensors`, see shirakit.compact).
+    has_compact_layout: ClassVar[bool] = False
+
+    def compact_tensors(self) -> dict[str, torch.Tensor]:
+        """This adapter in its smaller file layout (only when ``has_compact_layout``)."""
+        raise NotImplementedError
 
     def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         """The inverse of :meth:`compact_tensors`: the standard (PEFT) tensors."""

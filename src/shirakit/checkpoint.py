@@ -88,8 +88,8 @@ def save_adapter(
         metadata[FORMAT_KEY] = COMPACT_V1
         for path, host in hosts(model):
             owner = host.adapters[adapter_name] if adapter_name in host.adapters else None
-            packed = owner.compact_tensors() if isinstance(owner, Adapter) else None
-            if packed is not None:
+            if isinstance(owner, Adapter) and owner.has_compact_layout:
+                packed = owner.compact_tensors()
                 prefix = _file_key(path, "")
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
                 tensors.update({prefix + k: v.detach().to("cpu").contiguous() for k, v in packed.items()})
@@ -165,7 +165,7 @@ def _expand_compact(model: nn.Module, adapter_name: str, tensors: dict, path: Pa
     tensors = dict(tensors)
     for module_path, host in hosts(model):
         owner = host.adapters[adapter_name] if adapter_name in host.adapters else None
-        if not isinstance(owner, Adapter) or owner.compact_tensors() is None:
+        if not isinstance(owner, Adapter) or not owner.has_compact_layout:
             continue
         prefix = _file_key(module_path, "")
         packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}

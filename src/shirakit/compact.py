@@ -48,7 +48,7 @@ def decode(tensors: dict[str, torch.Tensor], in_features: int, source: str) -> d
         raise ValueError(f"{source}: shira_index_gaps must be 1-D int16, found {found}")
     if far.dtype != torch.int64 or far.dim() != 2 or far.shape[0] != 2:
         raise ValueError(f"{source}: shira_index_far must be (2, F) int64, found {far.dtype} {tuple(far.shape)}")
-    gaps = gaps_raw.to(torch.int64) & _U16_MAX
+    gaps = gaps_raw.view(torch.uint16).to(torch.int64)  # the stored bits, read unsigned
     if far.shape[1]:
         if far[0].min() < 0 or far[0].max() >= gaps.numel():
             raise ValueError(f"{source}: shira_index_far points outside the {gaps.numel()} gaps")

@@ -79,6 +79,7 @@ class ShiraAdapter(Adapter):
     config_class = ShiraConfig
     lives_in_weight = True
     exact_unmerge = True
+    has_compact_layout = True
 
     def __init__(
         self,
