@@ -54,6 +54,7 @@ from torch import nn
 from ..adapter import Adapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig
 from ..registry import register
+from .shira import values_stamp  # version + optimizer steps: fused optimizers skip version bumps
 
 MODES = {True: "balance", False: "balance", "balance": "balance", "bat": "bat", "mini": "mini"}
 
@@ -182,7 +183,7 @@ class MissAdapter(Adapter):
         self.miss_block = nn.Parameter(block.to(weight.device))
         self.dropout = nn.Dropout(config.miss_dropout) if config.miss_dropout > 0 and mode != "bat" else nn.Identity()
         self._saved: torch.Tensor | None = None  # bat: the weight before this adapter was written in
-        self._applied_state: tuple[int, float] | None = None  # bat: (block version, scale) written in
+        self._applied_state: tuple[tuple[int, int], float] | None = None  # bat: (values stamp, scale) written in
 
     # ---- the maths ------------------------------------------------------------------------
     def full_block(self, block: torch.Tensor) -> torch.Tensor:
@@ -227,7 +228,7 @@ class MissAdapter(Adapter):
         self._saved = weight.detach().clone()
         view = self.geometry.as_out_in(weight)
         view.copy_((view.float() + delta).to(weight.dtype))
-        self._applied_state = (self.miss_block._version, self.scale)
+        self._applied_state = (values_stamp(self.miss_block), self.scale)
 
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
@@ -243,7 +244,7 @@ class MissAdapter(Adapter):
 
     def applied_is_current(self) -> bool:
         """Has the block (an optimizer step) or the scale changed since it was written in?"""
-        return self._applied_state == (self.miss_block._version, self.scale)
+        return self._applied_state == (values_stamp(self.miss_block), self.scale)
 
     def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor, geometry: LayerGeometry):
         """The base layer on the weight holding W0 + delta; the block's gradient comes from a tap."""
