@@ -27,7 +27,9 @@ class SparseDelta:
     shape: tuple[int, int]
 
     def to_sparse(self) -> torch.Tensor:
-        return torch.sparse_coo_tensor(self.indices.long(), self.values.float(), self.shape).coalesce()
+        # indices come from a validated adapter or file: skip torch's (warning-emitting) invariant checks
+        return torch.sparse_coo_tensor(self.indices.long(), self.values.float(), self.shape,
+                                       check_invariants=False).coalesce()
 
     def to_dense(self) -> torch.Tensor:
         return self.to_sparse().to_dense()
