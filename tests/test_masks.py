@@ -234,7 +234,9 @@ def test_calibration_ignores_dropout_and_existing_adapters():
     """Eval mode during calibration; an adapter already on the model is disabled (masks rank the base)."""
     plain = compute_masks(MODELS["bert"](), _config("bert", "grad"), _batches("bert"))
     model = MODELS["bert"]()
-    model.config.hidden_dropout_prob = 0.5
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5  # ignored: calibration runs in eval mode
     shirakit.inject(model, _config("bert", "random", init_weights=False), "other")
     model.train()
     model(input_ids=inputs())
