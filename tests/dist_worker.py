@@ -33,9 +33,8 @@ import torch
 if __package__ in (None, ""):  # run as a script by torchrun / accelerate: make `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.models import inputs, tiny_llama  # noqa: E402
-
 import shirakit  # noqa: E402
+from tests.models import inputs, tiny_llama  # noqa: E402
 
 STEPS = 3
 GLOBAL_BATCH = 8

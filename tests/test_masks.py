@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from tests.models import MODELS, TARGETS, inputs
 
 import shirakit
 from shirakit.calibration import compute_masks, with_masks
 from shirakit.inject import adapter_layers, find_targets
 from shirakit.layer import geometry_of
 from shirakit.masks import MASKS, _struct_union, struct_indices, struct_stride, top_k_flat
+from tests.models import MODELS, TARGETS, inputs
 
 ALL_MASKS = ["random", "struct", "wm", "grad", "snip"]
 

@@ -52,7 +52,7 @@ def test_hooked_base_layer_gets_same_gradient():
         calls = []
         if hooked:
             for _, layer in adapter_layers(model):
-                layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(1))
+                layer.base_layer.register_forward_hook(lambda m, i, o, calls=calls: calls.append(1))
         output(model, ids).pow(2).mean().backward()
         grads.append(torch.cat([p.grad for p in model.parameters() if p.requires_grad]))
         assert bool(calls) == hooked

@@ -18,11 +18,11 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.models import inputs, tiny_llama
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 import shirakit
+from tests.models import inputs, tiny_llama
 
 STEPS = 4
 FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tests.models import MODELS, inputs, output
 
 import shirakit
 from shirakit.checkpoint import WEIGHTS_NAME
 from shirakit.inject import SHARED_ATTR, adapter_layers, shared_of
+from tests.models import MODELS, inputs, output
 
 peft = pytest.importorskip("peft")
 

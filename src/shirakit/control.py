@@ -102,7 +102,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def print_trainable_parameters(model: nn.Module) -> None:
     trainable, total = trainable_parameters(model)
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
+    share = 100 * trainable / max(total, 1)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
 
 
 @torch.no_grad()
