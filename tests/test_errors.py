@@ -204,3 +204,12 @@ def test_bad_config_values():
         shirakit.LoraConfig(r=0)
     with pytest.raises(ValueError, match="unknown mask_type 'bogus'"):
         shirakit.ShiraConfig(mask_type="bogus")
+
+
+def test_inference_mode_model_is_refused_clearly():
+    with torch.inference_mode():
+        inner = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), inner)  # the first layer is fine, the second is not
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["0", "1"]))
+    assert all(type(m) is torch.nn.Linear for m in model)  # the wrapper made for layer 0 is gone again

@@ -222,14 +222,14 @@ def inject(
     seed = _seed_of(config)
     layers: list[tuple[str, AdapterLinear]] = []
     wrapped: list[str] = []  # wrappers this call made: taken out again if building the adapters fails
-    for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, AdapterLinear):
-            module = AdapterLinear(module)
-            _set_submodule(model, name, module)
-            wrapped.append(name)
-        layers.append((name, module))
     try:
+        for name in targets:
+            module = model.get_submodule(name)
+            if not isinstance(module, AdapterLinear):
+                module = AdapterLinear(module)
+                _set_submodule(model, name, module)
+                wrapped.append(name)
+            layers.append((name, module))
         _check_fan_in_fan_out(config, layers)
         shared = method.make_shared(config, [layer.geometry for _, layer in layers])
         generators = [None if _from_checkpoint else layer_generator(seed, adapter_name, name) for name, _ in layers]

@@ -25,9 +25,10 @@ except ImportError:  # pragma: no cover - transformers is a runtime dependency, 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
 # In a mixed batch, a SHiRA group with at least this many tokens runs on the scattered weight
-# instead of the sparse product (measured crossover on CPU: the sparse product's cost grows with
-# tokens, the two scatters' does not).
-SCATTER_MIN_TOKENS = 64
+# instead of the sparse product. Measured on CPU (benchmarks/mixed_batch.py, 1024/2816 layers,
+# r=32, 4 groups): scatter wins from 128-256 tokens per group; the sparse product's cost grows
+# with tokens, the two scatters' does not.
+SCATTER_MIN_TOKENS = 256
 
 # FSDP (fully_shard) re-gathers a sharded weight from its shards for every forward and backward, so
 # values scattered into one gathered copy are lost: training would be silently wrong. Refuse instead.
@@ -58,6 +59,11 @@ class AdapterLinear(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.geometry = geometry_of(base_layer)
+        if base_layer.weight.is_inference():
+            raise RuntimeError(
+                "this layer's weight was created under torch.inference_mode(); such tensors cannot be "
+                "adapted in place: build or load the model outside inference mode (torch.no_grad() is fine)"
+            )
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []

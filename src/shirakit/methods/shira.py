@@ -99,6 +99,7 @@ class ShiraAdapter(Adapter):
             self.register_buffer("_storage_index", torch.empty(k, dtype=torch.int64, device=weight.device),
                                  persistent=False)
             self._pattern = None
+            self._product_csr = None
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
@@ -119,6 +120,7 @@ class ShiraAdapter(Adapter):
         rows, cols = indices[0].long(), indices[1].long()
         self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
         self._pattern: torch.Tensor | None = None  # CSR, built on first training forward
+        self._product_csr = None
 
     def pattern(self) -> torch.Tensor:
         idx = self.shira_indices
@@ -128,14 +130,27 @@ class ShiraAdapter(Adapter):
         return self._pattern
 
     # ---- the maths ------------------------------------------------------------------------
+    def _product_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 (crow, col) for the sparse product, built once per pattern.
+
+        The product accepts int32 indices (and converts int64 ones on every call); the
+        value-gradient kernel needs int64 (its int32 path is wrong on CPU), hence two copies.
+        """
+        pattern = self.pattern()
+        if self._product_csr is None or self._product_csr[0] is not pattern:
+            self._product_csr = (pattern, pattern.crow_indices().int(), pattern.col_indices().int())
+        return self._product_csr[1], self._product_csr[2]
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """delta_y = s * x S^T by a sparse product (used where the weight cannot carry the values)."""
-        sparse = self.pattern().to(self.shira_weight.dtype)
-        sparse = torch.sparse_csr_tensor(
-            sparse.crow_indices(), sparse.col_indices(), self.shira_weight * self.scale, sparse.shape
-        )
-        x2 = x.reshape(-1, x.shape[-1]).to(self.shira_weight.dtype)
-        return (sparse @ x2.T).T.reshape(*x.shape[:-1], -1)
+        """delta_y = s * x S^T by a sparse product (mixed batches, where the weight cannot carry
+        every row's values)."""
+        crow, col = self._product_indices()
+        g = self.geometry
+        values = self.shira_weight * self.scale
+        sparse = torch.sparse_csr_tensor(crow, col, values, (g.out_features, g.in_features), check_invariants=False)
+        x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+        # contiguous in and out: callers index_add_ the result, ~15x slower from a transposed source
+        return (sparse @ x2.T.contiguous()).T.contiguous().reshape(*x.shape[:-1], -1)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry
