@@ -1,0 +1,722 @@
+"""Mixed-adapter batches: 16 rows over 4 adapters vs the same 16 rows with one adapter.
+
+    python benchmarks/mixed_batch.py                      # the full benchmark (~8-12 min on 2 busy cores)
+    python benchmarks/mixed_batch.py --quick              # tiny model, one process: a < 30 s smoke test
+    python benchmarks/mixed_batch.py --write-docs docs/benchmarks.md   # also update the docs section
+
+Model: a Llama-shaped causal LM from ``transformers.LlamaConfig`` with random weights, fp32, on
+CPU (full size: hidden 1024, intermediate 2816, 2 layers, 16 heads, vocab 8192). Every adapter
+targets all seven projections (q, k, v, o, gate, up, down). Rows (methods):
+
+- shirakit SHiRA r=32 (``init_weights=False``: random values), LoRA r=32 alpha=64
+  (``init_lora_weights=False``), VeRA r=256 (``init_weights=False``), MiSS r=64 balance mode
+  (``init_weights=False``: random block); ``--methods miss-bat`` adds MiSS r=64 "bat" (random block);
+- peft LoRA r=32 alpha=64 (``init_lora_weights=False``; ``peft.get_peft_model`` + ``add_adapter``);
+- the bare transformers model, no adapter library, for scale.
+
+Four adapters ``a0..a3`` per model; the mixed batch gives row i adapter ``a{i % 4}`` (4 rows each,
+interleaved). shirakit: ``with shirakit.routing.route(model, names): model(...)``; peft:
+``model(..., adapter_names=names)``. The single-adapter run is the same 16 rows as a plain forward
+with ``a0`` active and unmerged (shirakit: ``set_adapter``; peft: ``model.set_adapter``). Everything
+runs in eval mode under ``torch.inference_mode()``.
+
+Workloads:
+- prefill: one forward of 16 x 128 tokens with ``logits_to_keep=1`` (what ``generate`` does in its
+  prefill: only the last position's logits), so the unadapted 8192-wide LM head on all 2048
+  positions does not dilute the adapters' cost;
+- decode: one forward of 16 x 1 new tokens on top of a 128-token KV cache (one greedy decoding
+  step). The cache comes from an untimed prefill of the same mode and is ``copy.deepcopy``-ed
+  (untimed) before every timed step, so every step sees the same 128-token cache.
+
+Timing: the process CPU time (``time.process_time``) and the wall time (``time.perf_counter``) of
+each forward. With one torch thread the CPU time is the work done; the wall time also counts the
+time the scheduler gave the core to other processes, which on a busy shared machine varies by 2x
+from call to call while the CPU time varies by a few percent. Ratios are taken on the CPU time (the
+wall-time ratio is shown beside it). Per workload, ``--rounds``
+rounds each time a block of single-adapter forwards and a block of mixed forwards (the order
+flips every round, so drifting load on a shared machine hits both alike); every block starts
+with ``--warmup`` untimed forwards (shirakit SHiRA scatters its values into the weight on the first
+single-adapter forward after a mixed batch: that one-off switch is not the steady-state cost).
+The table gives the medians of all timed forwards and ratio = mixed / single; the target is
+mixed <= 1.5 x single. Each row runs in a fresh Python process (``--worker``; ``--quick`` runs all
+rows in this process), so no row sees another's memory.
+
+Threads: 1 torch thread per worker by default (``--threads``). On this shared 2-core machine other
+processes keep the cores busy; with 2 threads every OpenMP parallel region waits for a sibling
+thread the kernel has descheduled, which turns microsecond ops into milliseconds (measured: a
+122,880-float ``mul`` 0.016 ms with 1 thread, 16-24 ms with 2 threads under load 9). That penalty
+falls on many small ops, i.e. on exactly the routing bookkeeping this benchmark measures.
+
+Correctness (asserted, before the timing): row i of the mixed output equals row i run alone with
+its adapter (``set_adapter`` + a batch of one), max |difference| <= 1e-4 on the full prefill logits
+(all 128 positions) and on the decode step's logits (mixed prefill + mixed step vs row-alone
+prefill + step). shirakit also checks that the ``adapter_names=`` keyword gives the route() output,
+and every method reports how much its adapters move the logits (so the check is not vacuous).
+
+Crossover (shirakit SHiRA only): ``AdapterLinear.routed_forward`` runs a SHiRA group with at least
+``shirakit.layer.SCATTER_MIN_TOKENS`` tokens on the weight with the group's values scattered in,
+smaller groups through the sparse product. With the constant patched to 1 (always scatter) or
+10**9 (always sparse), one layer's routed forward is timed over token counts, (a) for one group
+holding all rows and (b) for 4 groups of that many tokens each (4 adapters, as in a mixed batch:
+there the scatter path also splits the base product into one product per group), on each of the
+model's three layer shapes, by CPU time; the report names, per shape, the smallest measured T from
+which the scatter path is at least as fast for every larger T (default T: 1, 4, 16, ..., 1024).
+
+``--write-docs FILE`` writes the tables, with date, machine and the exact command, into FILE between
+``<!-- mixed_batch:begin -->`` and ``<!-- mixed_batch:end -->`` (the rest of FILE is left alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import gc
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULT_PREFIX = "RESULT "
+BEGIN, END = "<!-- mixed_batch:begin -->", "<!-- mixed_batch:end -->"
+REPO = Path(__file__).resolve().parent.parent
+ATOL = 1e-4
+N_ADAPTERS = 4
+TARGET_RATIO = 1.5
+
+PRESETS = {
+    "full": dict(hidden=1024, intermediate=2816, layers=2, heads=16, vocab=8192, rows=16, seq=128,
+                 rounds=3, prefill_block=2, decode_block=10, warmup=1,
+                 tokens="1,4,16,32,64,128,256,512,1024", threads=1),
+    "quick": dict(hidden=128, intermediate=352, layers=2, heads=4, vocab=512, rows=16, seq=16,
+                  rounds=1, prefill_block=2, decode_block=2, warmup=1, tokens="1,64", threads=1),
+}
+
+METHODS = {  # key -> (library, label)
+    "base": ("none", "base model, no adapter"),
+    "shira": ("shirakit", "shirakit SHiRA r=32"),
+    "lora": ("shirakit", "shirakit LoRA r=32"),
+    "vera": ("shirakit", "shirakit VeRA r=256"),
+    "miss": ("shirakit", "shirakit MiSS r=64 (balance)"),
+    "miss-bat": ("shirakit", "shirakit MiSS r=64 (bat)"),
+    "peft-lora": ("peft", "peft LoRA r=32"),
+}
+DEFAULT_METHODS = ["base", "shira", "lora", "vera", "miss", "peft-lora"]
+
+
+# ---- arguments ------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model, one round, all rows in this process (smoke test)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                   help=f"rows to run (default: {' '.join(DEFAULT_METHODS)})")
+    p.add_argument("--skip-crossover", action="store_true", help="skip the SHiRA sparse/scatter crossover")
+    p.add_argument("--in-process", action="store_true", help="run every row in this process (default with --quick)")
+    p.add_argument("--write-docs", type=Path, default=None, metavar="FILE",
+                   help="write the results section into FILE between the mixed_batch markers")
+    p.add_argument("--seed", type=int, default=0)
+    for name, value in PRESETS["full"].items():
+        kind = str if isinstance(value, str) else int
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                       help=f"default {value} (--quick: {PRESETS['quick'][name]})")
+    # internal: run one row (or the crossover) in this process and print it as JSON
+    p.add_argument("--worker", choices=[*METHODS, "crossover"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name, value in PRESETS["quick" if args.quick else "full"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.methods is None:
+        args.methods = list(DEFAULT_METHODS)
+    args.token_counts = [int(t) for t in str(args.tokens).split(",") if t.strip()]
+    if args.rows % N_ADAPTERS:
+        p.error(f"--rows must be a multiple of {N_ADAPTERS}")
+    if min(args.rounds, args.prefill_block, args.decode_block, args.threads) < 1 or args.warmup < 0:
+        p.error("--rounds, --prefill-block, --decode-block and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The resolved settings as explicit flags, so a worker needs no preset logic."""
+    out = []
+    for name in [*PRESETS["full"], "seed"]:
+        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return out + (["--quick"] if args.quick else [])
+
+
+# ---- models ---------------------------------------------------------------------------------
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+        max_position_embeddings=max(512, 2 * args.seq),
+    )
+    torch.manual_seed(args.seed)  # the same base weights in every worker
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def shirakit_config(method: str):
+    import shirakit
+
+    if method == "shira":
+        return shirakit.ShiraConfig(r=32, target_modules=TARGETS, init_weights=False)
+    if method == "lora":
+        return shirakit.LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS, init_lora_weights=False)
+    if method == "vera":
+        return shirakit.VeraConfig(r=256, target_modules=TARGETS, init_weights=False)
+    if method == "miss":
+        return shirakit.MissConfig(r=64, target_modules=TARGETS, init_weights=False)
+    if method == "miss-bat":
+        return shirakit.MissConfig(r=64, target_modules=TARGETS, init_weights="bat", init_random=True)
+    raise ValueError(method)
+
+
+class Runner:
+    """One model with ``N_ADAPTERS`` adapters and the library's ways to run single and mixed."""
+
+    def __init__(self, args: argparse.Namespace, method: str) -> None:
+        self.method = method
+        self.library = METHODS[method][0]
+        self.adapters = [f"a{i}" for i in range(N_ADAPTERS)]
+        self.names = [self.adapters[i % N_ADAPTERS] for i in range(args.rows)]
+        model = build_model(args)
+        if self.library == "shirakit":
+            import shirakit
+
+            for i, name in enumerate(self.adapters):
+                torch.manual_seed(args.seed + 100 + i)  # each adapter its own masks and values
+                shirakit.inject(model, shirakit_config(method), name)
+        elif self.library == "peft":
+            import peft
+
+            def config():
+                return peft.LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS, init_lora_weights=False)
+
+            torch.manual_seed(args.seed + 100)
+            model = peft.get_peft_model(model, config(), adapter_name=self.adapters[0])
+            for i, name in enumerate(self.adapters[1:], start=1):
+                torch.manual_seed(args.seed + 100 + i)
+                model.add_adapter(name, config())
+        self.model = model.eval()
+
+    @property
+    def has_adapters(self) -> bool:
+        return self.library != "none"
+
+    def activate(self, name: str) -> None:
+        """Make ``name`` the one active adapter (unmerged)."""
+        if self.library == "shirakit":
+            import shirakit
+
+            shirakit.set_adapter(self.model, name)
+        elif self.library == "peft":
+            self.model.set_adapter(name)
+
+    def disabled(self):
+        if self.library == "shirakit":
+            import shirakit
+
+            return shirakit.disable_adapters(self.model)
+        if self.library == "peft":
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def single(self, **kwargs):
+        return self.model(**kwargs)
+
+    def mixed(self, names: list[str] | None = None, **kwargs):
+        names = self.names if names is None else names
+        if self.library == "shirakit":
+            from shirakit.routing import route
+
+            with route(self.model, names):
+                return self.model(**kwargs)
+        return self.model(**kwargs, adapter_names=names)
+
+    def keyword(self, **kwargs):
+        return self.model(**kwargs, adapter_names=self.names)
+
+
+# ---- correctness ----------------------------------------------------------------------------
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def check(runner: Runner, ids: torch.Tensor, next_ids: torch.Tensor) -> dict:
+    """Row i of the mixed batch == row i alone with its adapter (prefill logits, decode-step logits)."""
+    names = runner.names
+    mixed_logits = runner.mixed(input_ids=ids).logits
+    cached = runner.mixed(input_ids=ids, use_cache=True, logits_to_keep=1)
+    mixed_step = runner.mixed(input_ids=next_ids, past_key_values=cached.past_key_values).logits
+    alone, alone_step = [], []
+    for i, name in enumerate(names):
+        runner.activate(name)
+        alone.append(runner.single(input_ids=ids[i : i + 1]).logits)
+        out = runner.single(input_ids=ids[i : i + 1], use_cache=True, logits_to_keep=1)
+        alone_step.append(runner.single(input_ids=next_ids[i : i + 1], past_key_values=out.past_key_values).logits)
+    alone, alone_step = torch.cat(alone), torch.cat(alone_step)
+    with runner.disabled():
+        bare = runner.single(input_ids=ids[:N_ADAPTERS]).logits
+    result = {
+        "prefill_diff": max_diff(mixed_logits, alone),
+        "decode_diff": max_diff(mixed_step, alone_step),
+        # how far each adapter moves row i's logits from the bare model (min over the 4 adapters)
+        "effect": min(max_diff(alone[i], bare[i]) for i in range(N_ADAPTERS)),
+        "logit_scale": float(alone.abs().max()),
+    }
+    if runner.library == "shirakit":
+        result["keyword_diff"] = max_diff(runner.keyword(input_ids=ids).logits, mixed_logits)
+    runner.activate(runner.adapters[0])
+    for key in ("prefill_diff", "decode_diff", "keyword_diff"):
+        if key in result:
+            assert result[key] <= ATOL, (
+                f"{METHODS[runner.method][1]}: mixed batch differs from rows run alone ({key} = "
+                f"{result[key]:.3g} > {ATOL})"
+            )
+    assert result["effect"] > 100 * ATOL, f"{runner.method}: the adapters barely change the output ({result})"
+    return result
+
+
+# ---- timing ---------------------------------------------------------------------------------
+def timed(fn) -> tuple[float, float]:
+    """(process CPU seconds, wall seconds) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c0, time.perf_counter() - t0
+
+
+def time_workload(modes: dict, block: int, args: argparse.Namespace, self_timed: bool = False) -> dict:
+    """``modes``: name -> (setup, call); rounds of blocks, order flipped each round.
+
+    Returns mode -> {"cpu": [seconds], "wall": [seconds]}, one entry per timed call. ``self_timed``:
+    the call times its own forward and returns ``timed(...)`` (untimed preparation inside it).
+    """
+    samples: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    order = list(modes)
+    for r in range(args.rounds):
+        for mode in order if r % 2 == 0 else order[::-1]:
+            setup, call = modes[mode]
+            setup()
+            gc.collect()
+            for _ in range(args.warmup):
+                call()
+            samples[mode] += [call() if self_timed else timed(call) for _ in range(block)]
+    return {m: {"cpu": [c for c, _ in v], "wall": [w for _, w in v]} for m, v in samples.items()}
+
+
+def method_worker(args: argparse.Namespace, method: str) -> dict:
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    runner = Runner(args, method)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(args.vocab, (args.rows, args.seq), generator=gen)
+    next_ids = torch.randint(args.vocab, (args.rows, 1), generator=gen)
+    result = {"method": method, "label": METHODS[method][1]}
+    with torch.inference_mode():
+        if runner.has_adapters:
+            runner.activate(runner.adapters[0])
+            result["check"] = check(runner, ids, next_ids)
+        single_cache = runner.single(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+        def single_setup():
+            runner.activate(runner.adapters[0])
+
+        prefill = {"single": (single_setup, lambda: runner.single(input_ids=ids, logits_to_keep=1))}
+        if runner.has_adapters:
+            mixed_cache = runner.mixed(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            prefill["mixed"] = (lambda: None, lambda: runner.mixed(input_ids=ids, logits_to_keep=1))
+        result["prefill"] = time_workload(prefill, args.prefill_block, args)
+
+        # decode: every timed step gets a fresh copy of the same 128-token cache (copied untimed)
+        def step(kind: str) -> tuple[float, float]:
+            cache = copy.deepcopy(single_cache if kind == "single" else mixed_cache)
+            call = runner.single if kind == "single" else runner.mixed
+            return timed(lambda: call(input_ids=next_ids, past_key_values=cache))
+
+        decode = {"single": (single_setup, lambda: step("single"))}
+        if runner.has_adapters:
+            decode["mixed"] = (lambda: None, lambda: step("mixed"))
+        result["decode"] = time_workload(decode, args.decode_block, args, self_timed=True)
+    return result
+
+
+# ---- SHiRA crossover: sparse product vs scattered weight, per token count ---------------------
+class _Holder(torch.nn.Module):
+    def __init__(self, in_f: int, out_f: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(in_f, out_f, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def measure(fns: dict, min_reps: int, min_time: float, max_reps: int = 200) -> dict[str, float]:
+    """Round-robin calls of every fn (so drift hits all alike); median CPU seconds per fn."""
+    for fn in fns.values():
+        fn()  # warm-up
+    samples = {k: [] for k in fns}
+    while True:
+        for k, fn in fns.items():
+            samples[k].append(timed(fn)[0])
+        n = len(next(iter(samples.values())))
+        if n >= max_reps or (n >= min_reps and all(sum(s) >= min_time for s in samples.values())):
+            break
+    return {k: statistics.median(s) for k, s in samples.items()}
+
+
+SPARSE, SCATTER = 10**9, 1  # SCATTER_MIN_TOKENS values that force one path
+
+
+def scatter_pair(layer, name: str) -> None:
+    """The scatter path's fixed cost: the K values scattered in and the originals scattered back."""
+    layer._apply_adapter(name)
+    layer._remove_adapter(name)
+
+
+def crossover_worker(args: argparse.Namespace) -> dict:
+    import shirakit
+    import shirakit.layer as layer_mod
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    h, i = args.hidden, args.intermediate
+    shapes = [(f"q/k/v/o {h}->{h}", h, h), (f"gate/up {h}->{i}", h, i), (f"down {i}->{h}", i, h)]
+    if args.quick:
+        shapes = shapes[1:2]
+    original = layer_mod.SCATTER_MIN_TOKENS
+    reps, min_time = (3, 0.01) if args.quick else (5, 0.25)
+    out = {"constant": original, "shapes": [], "reps": reps, "min_time": min_time}
+
+    def routed(layer, x, groups, threshold: int):
+        """One routed forward with SCATTER_MIN_TOKENS patched to ``threshold`` (1: scatter, 10**9: sparse)."""
+        def call():
+            layer_mod.SCATTER_MIN_TOKENS = threshold
+            try:
+                return layer.routed_forward(x, groups)
+            finally:
+                layer_mod.SCATTER_MIN_TOKENS = original
+        return call
+
+    def base(layer, x):
+        return lambda: layer.base_layer(x)
+
+    for label, in_f, out_f in shapes:
+        # built outside inference_mode: shirakit's wrapper reads the weight's version counter,
+        # which inference tensors do not have
+        torch.manual_seed(args.seed)
+        holder = _Holder(in_f, out_f).eval()
+        names = [f"a{j}" for j in range(N_ADAPTERS)]
+        for j, name in enumerate(names):
+            torch.manual_seed(args.seed + 100 + j)
+            shirakit.inject(holder, shirakit.ShiraConfig(r=32, target_modules=["proj"], init_weights=False), name)
+        layer = holder.proj
+        layer.withdraw_live()
+        k = layer.adapters["a0"].shira_weight.numel()
+        with torch.inference_mode():
+            # the two K-scatters of the scatter path alone (apply + restore, warm: no base read)
+            pair = measure({"pair": functools.partial(scatter_pair, layer, "a0")}, reps, min_time)["pair"]
+            rows_out = []
+            for t in args.token_counts:
+                x1 = torch.randn(t, in_f)
+                g1 = [("a0", torch.arange(t))]
+                x4 = torch.randn(N_ADAPTERS * t, in_f)
+                g4 = [(n, torch.arange(j, N_ADAPTERS * t, N_ADAPTERS)) for j, n in enumerate(names)]
+                # correctness of both paths against each other
+                for x, g in ((x1, g1), (x4, g4)):
+                    d = max_diff(routed(layer, x, g, SPARSE)(), routed(layer, x, g, SCATTER)())
+                    assert d <= ATOL, f"SHiRA sparse and scatter paths differ by {d:.3g} ({label}, {t} tokens)"
+                m = measure({
+                    "base1": base(layer, x1),
+                    "sparse1": routed(layer, x1, g1, SPARSE),
+                    "scatter1": routed(layer, x1, g1, SCATTER),
+                    "base4": base(layer, x4),
+                    "sparse4": routed(layer, x4, g4, SPARSE),
+                    "scatter4": routed(layer, x4, g4, SCATTER),
+                }, reps, min_time)
+                rows_out.append({"tokens": t, **m})
+            out["shapes"].append({"label": label, "k": k, "pair": pair, "rows": rows_out})
+    return out
+
+
+# ---- orchestration --------------------------------------------------------------------------
+def emit(result: dict) -> None:
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_worker(key: str, args: argparse.Namespace) -> dict:
+    if args.in_process:
+        result = crossover_worker(args) if key == "crossover" else method_worker(args, key)
+        gc.collect()
+        return result
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", key, *worker_argv(args)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise RuntimeError(f"worker {key} failed with exit code {proc.returncode}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def ms(seconds: float) -> str:
+    value = seconds * 1e3
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.3f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def workload_table(results: dict[str, dict], workload: str) -> str:
+    rows = []
+    for key, res in results.items():
+        if key == "crossover":
+            continue
+        s = res[workload]
+        single_cpu, single_wall = (statistics.median(s["single"][k]) for k in ("cpu", "wall"))
+        if "mixed" not in s:
+            rows.append([res["label"], ms(single_cpu), "-", "-", "-", f"{ms(single_wall)} / -", "-", "-"])
+            continue
+        mixed_cpu, mixed_wall = (statistics.median(s["mixed"][k]) for k in ("cpu", "wall"))
+        ratio = mixed_cpu / single_cpu
+        diff = res["check"][f"{workload}_diff"]
+        rows.append([
+            res["label"], ms(single_cpu), ms(mixed_cpu), f"**{ratio:.2f}x**",
+            "yes" if ratio <= TARGET_RATIO else "**no**",
+            f"{ms(single_wall)} / {ms(mixed_wall)}", f"{mixed_wall / single_wall:.2f}x", f"{diff:.1e}",
+        ])
+    return table(["method", "single, CPU (ms)", "mixed, CPU (ms)", "mixed / single (CPU)", f"<= {TARGET_RATIO}x",
+                  "wall single / mixed (ms)", "mixed / single (wall)", "max abs diff vs rows alone"], rows)
+
+
+def verdict(results: dict[str, dict]) -> str:
+    """Which rows meet the target, by CPU-time ratio."""
+    lines = []
+    for workload in ("prefill", "decode"):
+        misses, total = [], 0
+        for key, res in results.items():
+            s = res.get(workload, {})
+            if key == "crossover" or "mixed" not in s:
+                continue
+            total += 1
+            ratio = statistics.median(s["mixed"]["cpu"]) / statistics.median(s["single"]["cpu"])
+            if ratio > TARGET_RATIO:
+                misses.append(f"{res['label']} ({ratio:.2f}x)")
+        missed = "; missed by " + ", ".join(misses) if misses else ""
+        met = total - len(misses)
+        lines.append(f"- {workload}: {met} of {total} rows meet mixed <= {TARGET_RATIO}x single{missed}.")
+    return "Target, on CPU time:\n\n" + "\n".join(lines)
+
+
+def check_table(results: dict[str, dict]) -> str:
+    rows = []
+    for key, res in results.items():
+        if key == "crossover" or "check" not in res:
+            continue
+        c = res["check"]
+        rows.append([res["label"], f"{c['prefill_diff']:.1e}", f"{c['decode_diff']:.1e}",
+                     f"{c['keyword_diff']:.1e}" if "keyword_diff" in c else "n/a",
+                     f"{c['effect']:.3g}", f"{c['logit_scale']:.3g}"])
+    return table(["method", "prefill max abs diff", "decode max abs diff", "adapter_names= vs route()",
+                  "adapter effect (min over adapters)", "max abs logit"], rows)
+
+
+def crossover_of(rows: list[dict], sparse: str, scatter: str) -> str:
+    """The token count from which the scatter path is at least as fast for every larger count."""
+    faster = [r[scatter] <= r[sparse] for r in rows]
+    for idx in range(len(rows)):
+        if all(faster[idx:]):
+            if idx == 0:
+                return f"<= {rows[0]['tokens']}"
+            return f"{rows[idx - 1]['tokens']} < T <= {rows[idx]['tokens']}"
+    return f"> {rows[-1]['tokens']}"
+
+
+def first_always_faster(rows: list[dict], sparse: str, scatter: str) -> int | None:
+    """The smallest measured T from which the scatter path is at least as fast for every larger T."""
+    faster = [r[scatter] <= r[sparse] for r in rows]
+    for idx in range(len(rows)):
+        if all(faster[idx:]):
+            return rows[idx]["tokens"]
+    return None
+
+
+def crossover_summary(cross: dict) -> str:
+    constant, lines = cross["constant"], []
+    for variant, (sparse, scatter) in (("one group", ("sparse1", "scatter1")), ("4 groups", ("sparse4", "scatter4"))):
+        found = [first_always_faster(sh["rows"], sparse, scatter) for sh in cross["shapes"]]
+        at = [r[scatter] / r[sparse] for sh in cross["shapes"] for r in sh["rows"] if r["tokens"] == constant]
+        worst = "never within the measured range" if None in found else f"from T = {max(found)} tokens"
+        line = f"- {variant}: scatter at least as fast for every shape {worst} (per shape: {found})"
+        if at:
+            line += f"; at the current constant T = {constant}: scatter / sparse = {min(at):.2f}-{max(at):.2f}"
+        lines.append(line + ".")
+    return "\n".join(lines)
+
+
+def crossover_section(cross: dict) -> str:
+    parts = [crossover_summary(cross)]
+    for shape in cross["shapes"]:
+        rows = []
+        for r in shape["rows"]:
+            rows.append([str(r["tokens"]), ms(r["base1"]), ms(r["sparse1"]), ms(r["scatter1"]),
+                         f"{r['scatter1'] / r['sparse1']:.2f}", ms(r["base4"]), ms(r["sparse4"]), ms(r["scatter4"]),
+                         f"{r['scatter4'] / r['sparse4']:.2f}"])
+        parts.append(
+            f"**{shape['label']}** (K = {shape['k']:,} values per adapter; the scatter path's two K-scatters "
+            f"alone, apply + restore: {ms(shape['pair'])} ms)\n\n"
+            + table(["tokens T per group", "base (1 group)", "sparse", "scatter", "scatter / sparse",
+                     "base (4 groups)", "sparse", "scatter", "scatter / sparse"], rows)
+            + f"\n\nScatter at least as fast from: 1 group {crossover_of(shape['rows'], 'sparse1', 'scatter1')}; "
+              f"4 groups {crossover_of(shape['rows'], 'sparse4', 'scatter4')} tokens per group."
+        )
+    return "\n\n".join(parts)
+
+
+def machine_facts(args: argparse.Namespace) -> dict[str, str]:
+    cpu = "unknown CPU"
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    versions = {}
+    for name in ("transformers", "peft", "shirakit"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
+        commit += " (with uncommitted changes under src/)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        date = ""
+    date = date or time.ctime()
+    return {
+        "date": date,
+        "machine": (f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {args.threads} torch "
+                    f"thread(s) per worker, one worker at a time; load average at start {os.getloadavg()[0]:.2f}"),
+        "software": (f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
+                     f"{versions['transformers']}, peft {versions['peft']}, shirakit {versions['shirakit']} "
+                     f"at commit {commit}"),
+    }
+
+
+def report(args, facts: dict, results: dict, command: str, load_end: float) -> str:
+    a = args
+    cross = results.get("crossover")
+    constant = cross["constant"] if cross else None
+    parts = [
+        "## Mixed-adapter batches (`benchmarks/mixed_batch.py`)",
+        "Written by the script (`--write-docs`); rerun it rather than editing this section by hand. "
+        "The machine is shared and has few cores, so single timings are noisy: compare the ratios.",
+        "\n".join([
+            f"- Date: {facts['date']}",
+            f"- Machine: {facts['machine']}; at the end {load_end:.2f}",
+            f"- Software: {facts['software']}",
+            f"- Command: `{command}`" + (" (`--quick`: a smoke test, not a measurement)" if a.quick else ""),
+            f"- Model: Llama (transformers `LlamaConfig`), hidden {a.hidden}, intermediate {a.intermediate}, "
+            f"{a.layers} layers, {a.heads} heads, vocab {a.vocab}, fp32, random weights; adapters on all 7 "
+            "projections; SHiRA r=32, LoRA r=32 alpha 64, VeRA r=256, MiSS r=64; random adapter values.",
+            f"- Batch: {a.rows} rows over {N_ADAPTERS} adapters, row i -> adapter i mod {N_ADAPTERS} "
+            f"({a.rows // N_ADAPTERS} rows each, interleaved); single = the same {a.rows} rows as a plain forward "
+            "with one adapter active (unmerged). Eval mode, `torch.inference_mode()`. "
+            + ("Each row in a fresh process." if not a.in_process else "All rows in one process."),
+            f"- Prefill: one forward of {a.rows} x {a.seq} tokens, `logits_to_keep=1` (as `generate`'s prefill). "
+            f"Decode: one forward of {a.rows} x 1 new tokens on a {a.seq}-token KV cache (one greedy step; "
+            "the cache is deep-copied, untimed, before each step).",
+            f"- Timing: median of {a.rounds} rounds x {a.prefill_block} (prefill) / {a.decode_block} (decode) "
+            f"timed forwards per mode, each block after {a.warmup} warm-up forward(s); single and mixed "
+            "blocks alternate, the order flipping each round. CPU = process CPU time (`time.process_time`, "
+            f"{a.threads} torch thread(s)): the work done, stable on a busy machine; wall = `time.perf_counter`, "
+            "which also counts time other processes held the core. Ratios on CPU time.",
+            f"- Correctness (asserted): row i of the mixed output equals row i run alone with its adapter, "
+            f"max abs diff <= {ATOL:g} on all prefill logits and on the decode step's logits.",
+        ]),
+    ]
+    if constant is not None:
+        parts[-1] += (f"\n- shirakit SHiRA in the mixed batch: groups of {a.rows // N_ADAPTERS * a.seq} tokens "
+                      f"(prefill) run on the scattered weight, groups of {a.rows // N_ADAPTERS} tokens (decode) "
+                      f"through the sparse product (`SCATTER_MIN_TOKENS` = {constant}).")
+    parts += [
+        f"### Prefill ({a.rows} x {a.seq} tokens)", workload_table(results, "prefill"),
+        f"### Decode step ({a.rows} x 1 token, {a.seq}-token cache)", workload_table(results, "decode"),
+        verdict(results),
+        "### Correctness check", check_table(results)
+        + "\n\nadapter effect = min over the 4 adapters of max |logits with the adapter - bare logits| "
+          "(so the check is not vacuous).",
+    ]
+    if cross:
+        parts += [
+            "### SHiRA: sparse product vs scattered weight, by group size",
+            "One SHiRA layer's `AdapterLinear.routed_forward` under `torch.inference_mode()`, "
+            "`shirakit.layer.SCATTER_MIN_TOKENS` patched to 10**9 (sparse: base product on all rows + CSR "
+            "product per group, `index_add_`) or 1 (scatter: per group the K values scattered in, the base "
+            "product on the group's rows, the originals scattered back). x is (rows, in), one token per row. "
+            "Left: one group of T tokens (all rows one adapter); right: 4 groups of T tokens each (4 "
+            "adapters, 4T rows, interleaved: the mixed-batch case). Median CPU ms (round-robin, >= "
+            f"{cross['reps']} calls and >= {cross['min_time']:g} s each); ratio < 1 = scatter faster. "
+            f"Current constant: {constant}.",
+            crossover_section(cross),
+        ]
+    return "\n\n".join(parts)
+
+
+def write_docs(path: Path, section: str) -> None:
+    block = f"{BEGIN}\n{section}\n{END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        start, end = text.index(BEGIN), text.index(END) + len(END)
+        text = text[:start] + block + text[end:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".mixed_batch.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        result = crossover_worker(args) if args.worker == "crossover" else method_worker(args, args.worker)
+        return emit(result)
+    if args.quick:
+        args.in_process = True
+    command = shlex.join(["python", "benchmarks/mixed_batch.py", *(sys.argv[1:] if argv is None else argv)])
+    facts = machine_facts(args)
+    keys = list(args.methods) + ([] if args.skip_crossover else ["crossover"])
+    results = {}
+    for key in keys:
+        t0 = time.perf_counter()
+        results[key] = run_worker(key, args)
+        print(f"  {key}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    section = report(args, facts, results, command, os.getloadavg()[0])
+    print(section)
+    if args.write_docs:
+        write_docs(args.write_docs, section)
+        print(f"\n(wrote the section into {args.write_docs})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
