@@ -113,6 +113,7 @@ class ShiraAdapter(Adapter):
             self._set_derived(indices.to(weight.device))
         self._saved: torch.Tensor | None = None  # base values under the adapter (kept after unmerge)
         self._saved_key: object = None  # the layer's name for the weight state _saved was read from
+        self._merged: tuple[object, torch.Tensor] | None = None  # (values state, W0 + s*v) last scattered
         self._applied_state: tuple[tuple[int, int], float] | None = None
 
     def _set_derived(self, indices: torch.Tensor) -> None:
@@ -208,11 +209,16 @@ class ShiraAdapter(Adapter):
         were read from, the read is skipped: a warm switch is then two scatters.
         """
         flat = self._flat(weight)
-        if base_key is None or base_key != self._saved_key or self._saved is None:
+        reread = base_key is None or base_key != self._saved_key or self._saved is None
+        if reread:
             self._saved = flat.index_select(0, self._storage_index)
         self._saved_key = base_key
-        flat.index_copy_(0, self._storage_index, self.merged_values(weight, self._saved))
-        self._applied_state = (values_stamp(self.shira_weight), self.scale)
+        state = (values_stamp(self.shira_weight), self.scale)
+        # W0 + s*v is kept too (K values in the weight's dtype), so a warm switch does no arithmetic
+        if reread or self._merged is None or self._merged[0] != state:
+            self._merged = (state, self.merged_values(weight, self._saved))
+        flat.index_copy_(0, self._storage_index, self._merged[1])
+        self._applied_state = state
 
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
@@ -274,7 +280,7 @@ class ShiraAdapter(Adapter):
         self.shira_weight.copy_(values if order is None else values[order])
         self.shira_indices.copy_(indices.to(torch.int32))
         self._set_derived(indices.to(self.shira_indices.device))
-        self._saved, self._saved_key = None, None
+        self._saved, self._saved_key, self._merged = None, None, None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
         return compact.encode(self.shira_indices, self.shira_weight.detach(), self.geometry.in_features)
@@ -287,6 +293,8 @@ class ShiraAdapter(Adapter):
         super()._apply(fn, *args, **kwargs)
         if self._saved is not None:
             self._saved = fn(self._saved)
+        if self._merged is not None:
+            self._merged = (self._merged[0], fn(self._merged[1]))
         self._pattern = None
         return self
 
