@@ -87,29 +87,23 @@ def accuracy(model: nn.Module, tokenizer, task: Task, seq_len: int, batch_size: 
     return correct / len(task.data.test)
 
 
-def train_classifier(
-    model: nn.Module, tokenizer, task: Task, *, lr: float, epochs: int, batch_size: int, seq_len: int,
-    max_steps: int | None = None, seed: int = 0, progress: bool = True,
-) -> History:
-    """Train the model's active adapter (and its head copy) on ``task``; returns the curves."""
+def _train(model: nn.Module, epoch_batches, loss_of, evaluate, *, lr: float, epochs: int, steps_per_epoch: int,
+           max_steps: int | None, desc: str, metric_name: str, progress: bool) -> History:
+    """The loop both tasks share: AdamW on the trainable parameters, curves, a metric per epoch."""
     from tqdm.auto import tqdm
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    steps_per_epoch = math.ceil(len(task.data.train) / batch_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     total = min(max_steps or steps_per_epoch * epochs, steps_per_epoch * epochs)
-    history, step = History(), 0
-    model.train()
+    history, step = History(metric_name=metric_name), 0
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=f"train {task.data.name}", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     for _ in range(epochs):
+        model.train()
         losses = []
-        for rows in _batches(task.data.train, batch_size, rng):
+        for batch in epoch_batches():
             if step >= total:
                 break
-            logits = model(**_encode(tokenizer, [t for t, _ in rows], seq_len)).logits[:, task.label_slice]
-            loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, y in rows]))
+            loss = loss_of(batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -121,13 +115,31 @@ def train_classifier(
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if losses:
             history.epoch_loss.append(sum(losses) / len(losses))
-            history.epoch_metric.append(accuracy(model, tokenizer, task, seq_len))
-            bar.write(f"  epoch {len(history.epoch_loss)}: loss {history.epoch_loss[-1]:.4f}  "
-                      f"test accuracy {history.epoch_metric[-1]:.3f}") if progress else None
+            history.epoch_metric.append(evaluate())
+            if progress:
+                bar.write(f"  epoch {len(history.epoch_loss)}: loss {history.epoch_loss[-1]:.4f}  "
+                          f"test {metric_name} {history.epoch_metric[-1]:.3f}")
     bar.close()
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
+
+
+def train_classifier(
+    model: nn.Module, tokenizer, task: Task, *, lr: float, epochs: int, batch_size: int, seq_len: int,
+    max_steps: int | None = None, seed: int = 0, progress: bool = True,
+) -> History:
+    """Train the model's active adapter (and its head copy) on ``task``; returns the curves."""
+    rng = random.Random(seed)
+
+    def loss_of(rows):
+        logits = model(**_encode(tokenizer, [t for t, _ in rows], seq_len)).logits[:, task.label_slice]
+        return nn.functional.cross_entropy(logits, torch.tensor([y for _, y in rows]))
+
+    return _train(model, lambda: _batches(task.data.train, batch_size, rng), loss_of,
+                  lambda: accuracy(model, tokenizer, task, seq_len), lr=lr, epochs=epochs,
+                  steps_per_epoch=math.ceil(len(task.data.train) / batch_size), max_steps=max_steps,
+                  desc=f"train {task.data.name}", metric_name="accuracy", progress=progress)
 
 
 def load_classifier(num_labels: int, seed: int = 0):
@@ -163,38 +175,12 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> f
 
 def train_causal_lm(model, train_blocks: torch.Tensor, test_blocks: torch.Tensor, *, lr: float, epochs: int,
                     batch_size: int, max_steps: int | None = None, seed: int = 0, progress: bool = True) -> History:
-    from tqdm.auto import tqdm
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(train_blocks) / batch_size)
-    total = min(max_steps or steps_per_epoch * epochs, steps_per_epoch * epochs)
-    history, step = History(metric_name="perplexity"), 0
-    start = time.perf_counter()
-    bar = tqdm(total=total, desc="train causal-lm", disable=not progress, leave=False)
-    for _ in range(epochs):
-        model.train()
-        losses = []
-        for batch in torch.randperm(len(train_blocks), generator=gen).split(batch_size):
-            if step >= total:
-                break
-            loss = model(input_ids=train_blocks[batch], labels=train_blocks[batch]).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(loss.item())
-            history.steps.append(step)
-            history.loss.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if losses:
-            history.epoch_loss.append(sum(losses) / len(losses))
-            history.epoch_metric.append(perplexity(model, test_blocks))
-    bar.close()
-    history.seconds = time.perf_counter() - start
-    model.eval()
-    return history
+    return _train(model, lambda: torch.randperm(len(train_blocks), generator=gen).split(batch_size),
+                  lambda rows: model(input_ids=train_blocks[rows], labels=train_blocks[rows]).loss,
+                  lambda: perplexity(model, test_blocks), lr=lr, epochs=epochs,
+                  steps_per_epoch=math.ceil(len(train_blocks) / batch_size), max_steps=max_steps,
+                  desc="train causal-lm", metric_name="perplexity", progress=progress)
 
 
 def plot_history(histories: dict[str, History], path: str | Path, title: str = "") -> Path:
