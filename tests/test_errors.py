@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import shirakit
 from shirakit.checkpoint import WEIGHTS_NAME
 from shirakit.config import CONFIG_NAME
+from tests.checks import assert_load_fails, edit_weights
 from tests.models import MODELS, inputs, output
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -25,92 +25,73 @@ def saved(tmp_path):
     return tmp_path
 
 
-def _edit(directory, fn):
-    path = directory / WEIGHTS_NAME
-    tensors = load_file(str(path))
-    fn(tensors)
-    save_file(tensors, str(path))
-
-
-def _assert_load_fails(directory, match):
-    model = MODELS["llama"]()
-    base = output(model, inputs())
-    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
-        shirakit.load_adapter(model, directory)
-    # nothing half-done: no wrapper left behind, outputs are the base model's
-    assert not any(isinstance(m, shirakit.AdapterLinear) for m in model.modules())
-    assert not hasattr(model, "shirakit")
-    assert all(p.requires_grad for p in model.parameters())  # the base is not left frozen either
-    assert torch.equal(output(model, inputs()), base)
-
-
 def test_missing_key(saved):
-    _edit(saved, lambda t: t.pop(f"{Q}.shira_weight"))
-    _assert_load_fails(saved, r"adapter_model.safetensors: missing 1 key.*q_proj.shira_weight")
+    edit_weights(saved, lambda t: t.pop(f"{Q}.shira_weight"))
+    assert_load_fails(saved, r"adapter_model.safetensors: missing 1 key.*q_proj.shira_weight")
 
 
 def test_unexpected_key(saved):
-    _edit(saved, lambda t: t.update({"base_model.model.bogus.weight": torch.zeros(2)}))
-    _assert_load_fails(saved, "unexpected key.*bogus")
+    edit_weights(saved, lambda t: t.update({"base_model.model.bogus.weight": torch.zeros(2)}))
+    assert_load_fails(saved, "unexpected key.*bogus")
 
 
 def test_wrong_shape(saved):
-    _edit(saved, lambda t: t.update({f"{Q}.shira_weight": torch.zeros(7)}))
-    _assert_load_fails(saved, r"q_proj.shira_weight.*expected shape \(256,\), found \(7,\)")
+    edit_weights(saved, lambda t: t.update({f"{Q}.shira_weight": torch.zeros(7)}))
+    assert_load_fails(saved, r"q_proj.shira_weight.*expected shape \(256,\), found \(7,\)")
 
 
 def test_wrong_dtype(saved):
-    _edit(saved, lambda t: t.update({f"{Q}.shira_indices": t[f"{Q}.shira_indices"].float()}))
-    _assert_load_fails(saved, "shira_indices.*expected an integer tensor, found torch.float32")
+    edit_weights(saved, lambda t: t.update({f"{Q}.shira_indices": t[f"{Q}.shira_indices"].float()}))
+    assert_load_fails(saved, "shira_indices.*expected an integer tensor, found torch.float32")
 
 
 def test_index_out_of_range(saved):
     def bad(t):
         t[f"{Q}.shira_indices"][1, 5] = 64
-    _edit(saved, bad)
-    _assert_load_fails(saved, "out of range")
+    edit_weights(saved, bad)
+    assert_load_fails(saved, "out of range")
 
 
 def test_duplicated_index(saved):
     def bad(t):
         t[f"{Q}.shira_indices"][:, 1] = t[f"{Q}.shira_indices"][:, 0]
-    _edit(saved, bad)
-    _assert_load_fails(saved, "duplicated index")
+    edit_weights(saved, bad)
+    assert_load_fails(saved, "duplicated index")
 
 
 def test_wrong_index_count(saved):
-    _edit(saved, lambda t: t.update({f"{Q}.shira_indices": t[f"{Q}.shira_indices"][:, :-3].contiguous()}))
-    _assert_load_fails(saved, "expected K = r\\*\\(in\\+out\\) = 256 indices, found 253")
+    edit_weights(saved, lambda t: t.update({f"{Q}.shira_indices": t[f"{Q}.shira_indices"][:, :-3].contiguous()}))
+    assert_load_fails(saved, "expected K = r\\*\\(in\\+out\\) = 256 indices, found 253")
 
 
 def test_non_finite(saved):
     def bad(t):
         t[f"{Q}.shira_weight"][3] = float("nan")
-    _edit(saved, bad)
-    _assert_load_fails(saved, "non-finite")
+    edit_weights(saved, bad)
+    assert_load_fails(saved, "non-finite")
 
 
 def test_corrupt_file(saved):
     path = saved / WEIGHTS_NAME
     path.write_bytes(path.read_bytes()[:100])
-    _assert_load_fails(saved, "not a readable safetensors file")
+    assert_load_fails(saved, "not a readable safetensors file")
 
 
 def test_garbage_header(saved):
     (saved / WEIGHTS_NAME).write_bytes(b"\xff" * 8 + b"{not json")
-    _assert_load_fails(saved, "not a readable safetensors file")
+    assert_load_fails(saved, "not a readable safetensors file")
 
 
 def test_unknown_peft_type(saved):
     cfg = json.loads((saved / CONFIG_NAME).read_text())
     cfg["peft_type"] = "NOPE"
     (saved / CONFIG_NAME).write_text(json.dumps(cfg))
-    _assert_load_fails(saved, "unknown peft_type 'NOPE'")
+    assert_load_fails(saved, "unknown peft_type 'NOPE'")
 
 
 def test_bad_json(saved):
     (saved / CONFIG_NAME).write_text("{")
-    _assert_load_fails(saved, "adapter_config.json: not valid JSON")
+    assert_load_fails(saved, "adapter_config.json: not valid JSON")
 
 
 def test_unsupported_peft_feature(tmp_path):
@@ -120,18 +101,18 @@ def test_unsupported_peft_feature(tmp_path):
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     cfg["use_dora"] = True
     (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
-    _assert_load_fails(tmp_path, "'use_dora' = True asks for a PEFT feature")
+    assert_load_fails(tmp_path, "'use_dora' = True asks for a PEFT feature")
 
 
 def test_missing_directory(tmp_path):
-    _assert_load_fails(tmp_path / "nowhere", "no adapter config here")
+    assert_load_fails(tmp_path / "nowhere", "no adapter config here")
 
 
 def test_failed_load_keeps_existing_adapters(saved):
     model = MODELS["llama"]()
     shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False), "mine")
     before = output(model, inputs())
-    _edit(saved, lambda t: t.pop(f"{Q}.shira_weight"))
+    edit_weights(saved, lambda t: t.pop(f"{Q}.shira_weight"))
     with pytest.raises(ValueError, match="missing"):
         shirakit.load_adapter(model, saved, "other")
     assert list(model.shirakit.configs) == ["mine"] and shirakit.active_adapters(model) == ["mine"]

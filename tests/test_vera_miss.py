@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import shirakit
 from shirakit.checkpoint import WEIGHTS_NAME
 from shirakit.inject import SHARED_ATTR, adapter_layers, shared_of
+from tests.checks import assert_load_fails, assert_untouched, edit_weights
 from tests.models import MODELS, inputs, output
 
 peft = pytest.importorskip("peft")
@@ -224,13 +225,6 @@ def test_miss_conv1d_matches_dense_delta():
 
 
 # ---- errors ------------------------------------------------------------------------------------
-def _assert_untouched(model, base):
-    assert not any(isinstance(m, shirakit.AdapterLinear) for m in model.modules())
-    assert not hasattr(model, "shirakit") and not hasattr(model, SHARED_ATTR)
-    assert all(p.requires_grad for p in model.parameters())  # a failed inject or load freezes nothing
-    assert torch.equal(output(model, inputs()), base)
-
-
 @pytest.mark.parametrize("kwargs,match", [
     (dict(r=5, init_weights="bat"), r"q_proj: MiSS 'bat' needs .* divisible by r=5 .*in_features=64, out_features=64"),
     (dict(r=4, init_weights="bat", target_modules=["k_proj", "down_proj"]), None),  # fine: 32, 64, 96 all divide
@@ -246,7 +240,7 @@ def test_miss_shape_errors_at_inject(kwargs, match):
         return
     with pytest.raises(ValueError, match=match):
         shirakit.inject(model, shirakit.MissConfig(**kwargs))
-    _assert_untouched(model, base)
+    assert_untouched(model, base)
 
 
 def test_miss_bad_config():
@@ -263,48 +257,33 @@ def vera_saved(tmp_path):
     return tmp_path
 
 
-def _edit(directory, fn):
-    path = directory / WEIGHTS_NAME
-    tensors = load_file(str(path))
-    fn(tensors)
-    save_file(tensors, str(path))
-
-
-def _assert_load_fails(directory, match):
-    model = MODELS["llama"]()
-    base = output(model, inputs())
-    with pytest.raises(ValueError, match=match):
-        shirakit.load_adapter(model, directory)
-    _assert_untouched(model, base)
-
-
 def test_vera_missing_projection(vera_saved):
-    _edit(vera_saved, lambda t: t.pop("base_model.vera_B"))
-    _assert_load_fails(vera_saved, r"adapter_model.safetensors: missing 1 key.*'base_model.vera_B'")
+    edit_weights(vera_saved, lambda t: t.pop("base_model.vera_B"))
+    assert_load_fails(vera_saved, r"adapter_model.safetensors: missing 1 key.*'base_model.vera_B'")
 
 
 def test_vera_projection_wrong_shape(vera_saved):
-    _edit(vera_saved, lambda t: t.update({"base_model.vera_A": torch.zeros(4, 63)}))
-    _assert_load_fails(vera_saved, r"adapter_model.safetensors: key 'base_model.vera_A'.*expected shape \(4, 64\), "
+    edit_weights(vera_saved, lambda t: t.update({"base_model.vera_A": torch.zeros(4, 63)}))
+    assert_load_fails(vera_saved, r"adapter_model.safetensors: key 'base_model.vera_A'.*expected shape \(4, 64\), "
                                    r"found \(4, 63\)")
 
 
 def test_vera_projection_not_finite(vera_saved):
-    _edit(vera_saved, lambda t: t["base_model.vera_A"].__setitem__((0, 0), float("nan")))
-    _assert_load_fails(vera_saved, r"'base_model.vera_A'.*non-finite")
+    edit_weights(vera_saved, lambda t: t["base_model.vera_A"].__setitem__((0, 0), float("nan")))
+    assert_load_fails(vera_saved, r"'base_model.vera_A'.*non-finite")
 
 
 def test_vera_unexpected_shared_key(vera_saved):
-    _edit(vera_saved, lambda t: t.update({"base_model.vera_C": torch.zeros(2)}))
-    _assert_load_fails(vera_saved, r"adapter_model.safetensors: 1 unexpected key.*'base_model.vera_C'")
+    edit_weights(vera_saved, lambda t: t.update({"base_model.vera_C": torch.zeros(2)}))
+    assert_load_fails(vera_saved, r"adapter_model.safetensors: 1 unexpected key.*'base_model.vera_C'")
 
 
 def test_shared_key_on_a_method_without_shared_tensors(tmp_path):
     model = MODELS["llama"]()
     shirakit.inject(model, shirakit.MissConfig(r=8, target_modules=["q_proj"]))
     shirakit.save_adapter(model, tmp_path)
-    _edit(tmp_path, lambda t: t.update({"base_model.vera_A": torch.zeros(8, 64)}))
-    _assert_load_fails(tmp_path, r"unexpected key.*'base_model.vera_A'")
+    edit_weights(tmp_path, lambda t: t.update({"base_model.vera_A": torch.zeros(8, 64)}))
+    assert_load_fails(tmp_path, r"unexpected key.*'base_model.vera_A'")
 
 
 def test_vera_projection_in_file_but_config_says_not_saved(tmp_path):
@@ -314,7 +293,7 @@ def test_vera_projection_in_file_but_config_says_not_saved(tmp_path):
     expected = output(model, ids)
     shirakit.save_adapter(model, tmp_path)
     ones = {"base_model.vera_A": torch.ones(4, 64), "base_model.vera_B": torch.ones(64, 4)}
-    _edit(tmp_path, lambda t: t.update(ones))
+    edit_weights(tmp_path, lambda t: t.update(ones))
     fresh = MODELS["llama"]()
     with pytest.warns(UserWarning, match="base_model.vera_A.*not saved"):
         shirakit.load_adapter(fresh, tmp_path)

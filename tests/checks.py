@@ -1,0 +1,36 @@
+"""Shared test helpers: edit a saved adapter file, and check a failed load left nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import shirakit
+from shirakit.checkpoint import WEIGHTS_NAME
+from shirakit.inject import SHARED_ATTR
+from tests.models import MODELS, inputs, output
+
+
+def edit_weights(directory, fn) -> None:
+    """Apply ``fn`` to the saved tensors dict and write the file back."""
+    path = directory / WEIGHTS_NAME
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path))
+
+
+def assert_untouched(model, base: torch.Tensor) -> None:
+    """Nothing half-done: no wrapper or holder left, base not frozen, outputs are the base's."""
+    assert not any(isinstance(m, shirakit.AdapterLinear) for m in model.modules())
+    assert not hasattr(model, "shirakit") and not hasattr(model, SHARED_ATTR)
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(output(model, inputs()), base)
+
+
+def assert_load_fails(directory, match: str) -> None:
+    model = MODELS["llama"]()
+    base = output(model, inputs())
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+        shirakit.load_adapter(model, directory)
+    assert_untouched(model, base)
