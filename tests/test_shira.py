@@ -159,3 +159,24 @@ def test_merge_is_a_scatter_and_unmerge_bit_exact_in_bf16():
     for key, value in base.items():
         prefix, _, leaf = key.rpartition(".")
         assert torch.equal(sd[key] if key in sd else sd[f"{prefix}.base_layer.{leaf}"], value), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scatter_values_matches_index_copy(dtype, threads):
+    from shirakit.sparse import scatter_values
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        flat = torch.randn(1000).to(dtype)
+        expected = flat.clone()
+        index = torch.tensor([3, 17, 400, 999])
+        values = torch.randn(4).to(dtype)
+        expected.index_copy_(0, index, values)
+        version = flat._version
+        scatter_values(flat, index, values)
+        assert torch.equal(flat, expected)
+        assert flat._version > version  # autograd and the layer's bookkeeping see the write
+    finally:
+        torch.set_num_threads(before)

@@ -28,7 +28,7 @@ from ..adapter import Adapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
 from ..registry import register
-from ..sparse import csr_pattern, scattered_linear, value_grad_tap
+from ..sparse import csr_pattern, scatter_values, scattered_linear, value_grad_tap
 
 # Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
 # "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
@@ -217,7 +217,7 @@ class ShiraAdapter(Adapter):
         # W0 + s*v is kept too (K values in the weight's dtype), so a warm switch does no arithmetic
         if reread or self._merged is None or self._merged[0] != state:
             self._merged = (state, self.merged_values(weight, self._saved))
-        flat.index_copy_(0, self._storage_index, self._merged[1])
+        scatter_values(flat, self._storage_index, self._merged[1])
         self._applied_state = state
 
     @torch.no_grad()
@@ -225,7 +225,7 @@ class ShiraAdapter(Adapter):
         """Scatter the saved originals back: the base is restored bit-exactly."""
         if self._applied_state is None:
             raise RuntimeError("SHiRA unmerge without a prior merge: no saved base values")
-        self._flat(weight).index_copy_(0, self._storage_index, self._saved)
+        scatter_values(self._flat(weight), self._storage_index, self._saved)
         self._applied_state = None
 
     def applied_is_current(self) -> bool:
