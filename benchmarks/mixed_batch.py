@@ -75,8 +75,6 @@ import functools
 import gc
 import json
 import os
-import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -90,7 +88,8 @@ import torch
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULT_PREFIX = "RESULT "
 BEGIN, END = "<!-- mixed_batch:begin -->", "<!-- mixed_batch:end -->"
-REPO = Path(__file__).resolve().parent.parent
+from _report import REPO, cores, cpu_model, replace_section, software, table, today  # noqa: E402
+
 ATOL = 1e-4
 N_ADAPTERS = 4
 TARGET_RATIO = 1.5
@@ -475,9 +474,6 @@ def ms(seconds: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def workload_table(results: dict[str, dict], workload: str) -> str:
@@ -587,38 +583,11 @@ def crossover_section(cross: dict) -> str:
 
 
 def machine_facts(args: argparse.Namespace) -> dict[str, str]:
-    cpu = "unknown CPU"
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    versions = {}
-    for name in ("transformers", "peft", "shirakit"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = "not installed"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
-        commit += " (with uncommitted changes under src/)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    try:
-        date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        date = ""
-    date = date or time.ctime()
     return {
-        "date": date,
-        "machine": (f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {args.threads} torch "
+        "date": today(),
+        "machine": (f"{cpu_model()}, {cores()}, {args.threads} torch "
                     f"thread(s) per worker, one worker at a time; load average at start {os.getloadavg()[0]:.2f}"),
-        "software": (f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
-                     f"{versions['transformers']}, peft {versions['peft']}, shirakit {versions['shirakit']} "
-                     f"at commit {commit}"),
+        "software": software(),
     }
 
 
@@ -682,18 +651,6 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
     return "\n\n".join(parts)
 
 
-def write_docs(path: Path, section: str) -> None:
-    block = f"{BEGIN}\n{section}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        start, end = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:start] + block + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".mixed_batch.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -714,7 +671,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(args, facts, results, command, os.getloadavg()[0])
     print(section)
     if args.write_docs:
-        write_docs(args.write_docs, section)
+        replace_section(args.write_docs, section)
         print(f"\n(wrote the section into {args.write_docs})", file=sys.stderr)
 
 

@@ -51,11 +51,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,7 +66,8 @@ import torch
 from torch import nn
 
 BEGIN, END = "<!-- switch:begin -->", "<!-- switch:end -->"
-REPO = Path(__file__).resolve().parent.parent
+from _report import cores, cpu_model, replace_section, software, table, today  # noqa: E402
+
 SQUARE_TARGETS = ["proj"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 A, B = "ad_a", "ad_b"  # PEFT warns about adapter names contained in its prefixes ("a" is in "lora_")
@@ -602,9 +601,6 @@ def fmt_ratio(a: float | None, b: float | None) -> str:
     return f"{r:,.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 ROW_LABELS = [
@@ -699,30 +695,6 @@ def section_for(result: dict, args) -> str:
 
 
 def machine_facts() -> dict[str, str]:
-    cpu = "unknown CPU"
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    versions = {}
-    for name in ("transformers", "peft", "shirakit"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = "not installed"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
-        commit += " (with uncommitted changes under src/)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    try:
-        date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        date = time.strftime("%a %b %d %H:%M:%S %Z %Y")
     mem = "?"
     try:
         kib = int(re.search(r"^MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M).group(1))
@@ -730,11 +702,9 @@ def machine_facts() -> dict[str, str]:
     except (OSError, AttributeError):
         pass
     return {
-        "date": date,
-        "machine": f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {mem} RAM, shared",
-        "software": (f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-                     f"transformers {versions['transformers']}, peft {versions['peft']}, shirakit "
-                     f"{versions['shirakit']} at commit {commit}"),
+        "date": today(),
+        "machine": f"{cpu_model()}, {cores()}, {mem} RAM, shared",
+        "software": f"{software()}, numpy {np.__version__}",
     }
 
 
@@ -777,24 +747,14 @@ def build_section(blocks: dict[str, str]) -> str:
 
 
 def write_docs(path: Path, new_blocks: dict[str, str]) -> None:
-    """Replace only this script's section (between BEGIN and END), and in it only the blocks of the shapes
-    just run; append the section if the markers are missing. Written via a temp file and a rename."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
+    """Replace only this script's section, and in it only the blocks of the shapes just run."""
+    text = path.read_text() if path.exists() else ""
     have = BEGIN in text and END in text and text.index(BEGIN) < text.index(END)
     blocks = split_blocks(text[text.index(BEGIN):text.index(END)]) if have else {}
     for shape, body in new_blocks.items():
         b, e = sub_markers(shape)
         blocks[shape] = f"{b}\n{body}\n{e}"
-    block = f"{BEGIN}\n{build_section(blocks)}\n{END}"
-    if have:
-        start, end = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:start] + block + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".switch.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    replace_section(path, BEGIN, END, build_section(blocks))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,8 +57,6 @@ import copy
 import gc
 import json
 import os
-import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -74,7 +72,8 @@ import torch
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULT_PREFIX = "RESULT "
 BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
-REPO = Path(__file__).resolve().parent.parent
+from _report import REPO, cores, cpu_model, replace_section, software, table, today  # noqa: E402
+
 MIB = 1024 * 1024
 
 # Sizes and counts per mode; any flag given on the command line wins over these.
@@ -365,10 +364,6 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "n/a"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def train_stats(runs: list[dict]) -> dict[str, float]:
@@ -440,34 +435,12 @@ def load_section(results: dict[str, list[dict]]) -> str:
 
 
 def machine_facts(args: argparse.Namespace) -> dict[str, str]:
-    cpu = "unknown CPU"
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    versions = {}
-    for name in ("transformers", "peft", "shirakit"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = "not installed"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
-        commit += " (with uncommitted changes under src/)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     return {
-        "date": time.strftime("%a %b %d %H:%M:%S %Z %Y"),
-        "machine": (f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+        "date": today(),
+        "machine": (f"{cpu_model()}, {cores()}, "
                     f"{args.threads} torch thread(s) per worker, {args.jobs} worker(s) at a time; "
                     f"load average at start {os.getloadavg()[0]:.2f}"),
-        "software": (f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
-                     f"{versions['transformers']}, peft {versions['peft']}, shirakit {versions['shirakit']} "
-                     f"at commit {commit}"),
+        "software": software(),
     }
 
 
@@ -516,18 +489,6 @@ def report(args: argparse.Namespace, facts: dict[str, str], train: dict, load: d
     return "\n\n".join(parts)
 
 
-def write_docs(path: Path, section: str) -> None:
-    block = f"{BEGIN}\n{section}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        start, end = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:start] + block + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -542,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(args, facts, train, load, command)
     print(section)
     if args.write_docs:
-        write_docs(args.write_docs, section)
+        replace_section(args.write_docs, section)
         print(f"\n(wrote the section into {args.write_docs})", file=sys.stderr)
 
 
