@@ -88,11 +88,13 @@ PRESETS = {
 @dataclass(frozen=True)
 class Row:
     library: str  # "shirakit" or "peft"
-    method: str  # "lora" or "shira"
+    method: str  # "lora", "shira", "vera", "miss" (balance) or "miss-bat"
     with_dropout: bool = False  # LoRA with lora_dropout = --dropout (else 0)
 
     def label(self, args: argparse.Namespace) -> str:
-        name = f"{self.library} {'SHiRA' if self.method == 'shira' else 'LoRA'}"
+        names = {"lora": "LoRA", "shira": "SHiRA", "vera": f"VeRA r={VERA_R}", "miss": f"MiSS r={MISS_R}",
+                 "miss-bat": f"MiSS-bat r={MISS_R}"}
+        name = f"{self.library} {names[self.method]}"
         return f"{name}, dropout {args.dropout:g}" if self.with_dropout else name
 
 
@@ -103,7 +105,14 @@ ROWS = {
     "peft-lora": Row("peft", "lora"),
     "peft-lora-dropout": Row("peft", "lora", with_dropout=True),
     "peft-shira": Row("peft", "shira"),
+    "shirakit-vera": Row("shirakit", "vera"),
+    "peft-vera": Row("peft", "vera"),
+    "shirakit-miss": Row("shirakit", "miss"),
+    "peft-miss": Row("peft", "miss"),
+    "shirakit-miss-bat": Row("shirakit", "miss-bat"),
+    "peft-miss-bat": Row("peft", "miss-bat"),
 }
+VERA_R, MISS_R = 256, 64  # issue 3's configs
 LIBRARIES = ("shirakit", "peft")
 
 
@@ -190,18 +199,20 @@ def add_adapter(model: torch.nn.Module, library: str, method: str, dropout: floa
     if library == "shirakit":
         import shirakit
 
-        if method == "lora":
-            config = shirakit.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=TARGETS)
-        else:
-            config = shirakit.ShiraConfig(r=args.r, target_modules=TARGETS, random_seed=args.seed)
-        return shirakit.inject(model, config)
-    import peft
-
-    if method == "lora":
-        config = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=TARGETS)
+        lib = shirakit
     else:
-        config = peft.ShiraConfig(r=args.r, target_modules=TARGETS, random_seed=args.seed)
-    return peft.get_peft_model(model, config)
+        import peft as lib
+    # issue 3's configs; smaller where the (--quick) layers cannot take them (bat needs r | in, out)
+    vera_r = min(VERA_R, args.hidden)
+    miss_r = MISS_R if args.hidden % MISS_R == 0 and args.intermediate % MISS_R == 0 else 8
+    config = {
+        "lora": lambda: lib.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=TARGETS),
+        "shira": lambda: lib.ShiraConfig(r=args.r, target_modules=TARGETS, random_seed=args.seed),
+        "vera": lambda: lib.VeraConfig(r=vera_r, target_modules=TARGETS),
+        "miss": lambda: lib.MissConfig(r=miss_r, target_modules=TARGETS),
+        "miss-bat": lambda: lib.MissConfig(r=miss_r, target_modules=TARGETS, init_weights="bat"),
+    }[method]()
+    return shirakit.inject(model, config) if library == "shirakit" else lib.get_peft_model(model, config)
 
 
 def count_trainable(model: torch.nn.Module) -> int:
@@ -392,6 +403,7 @@ def train_section(results: dict[str, list[dict]], args: argparse.Namespace) -> s
         ("peft-shira", "peft-lora"), ("peft-shira", "peft-lora-dropout"),
         ("shirakit-lora", "peft-lora"), ("shirakit-lora-dropout", "peft-lora-dropout"),
         ("shirakit-shira", "peft-shira"),
+        ("shirakit-vera", "peft-vera"), ("shirakit-miss", "peft-miss"), ("shirakit-miss-bat", "peft-miss-bat"),
     ]
     columns = ("wall", "wall_min", "cpu", "peak", "overhead")
     ratio_rows = [
