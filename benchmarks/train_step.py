@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(args, facts, train, load, command)
     print(section)
     if args.write_docs:
-        replace_section(args.write_docs, section)
+        replace_section(Path(args.write_docs), BEGIN, END, section)
         print(f"\n(wrote the section into {args.write_docs})", file=sys.stderr)
 
 
