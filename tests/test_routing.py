@@ -32,6 +32,19 @@ def _alone(model, ids, names):
     return torch.cat(rows)
 
 
+def _generate_alone(model, ids, names, kwargs):
+    """Row i generated on its own with adapter names[i] (the reference for routed generate)."""
+    rows = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with shirakit.disable_adapters(model):
+                rows.append(model.generate(ids[i : i + 1], **kwargs))
+        else:
+            shirakit.set_adapter(model, name)
+            rows.append(model.generate(ids[i : i + 1], **kwargs))
+    return torch.cat(rows)
+
+
 def _case_makers(case):
     return {"a": lambda: case.make(TARGETS["llama"], False), "b": lambda: case.make(TARGETS["llama"], False)}
 
@@ -73,15 +86,7 @@ def test_generate_with_beams_and_return_sequences():
     ids = inputs(batch=3, length=6)
     names = ["s", "l", "__base__"]
     kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=3, num_return_sequences=2, pad_token_id=0)
-    expected = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with shirakit.disable_adapters(model):
-                expected.append(model.generate(ids[i : i + 1], **kwargs))
-        else:
-            shirakit.set_adapter(model, name)
-            expected.append(model.generate(ids[i : i + 1], **kwargs))
-    expected = torch.cat(expected)
+    expected = _generate_alone(model, ids, names, kwargs)
     with route(model, names):
         routed = model.generate(ids, **kwargs)
     assert torch.equal(routed, expected)
@@ -94,15 +99,8 @@ def test_greedy_generate_rows_equal_alone():
     ids = inputs(batch=3, length=6)
     names = ["b", "a", "__base__"]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    expected = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with shirakit.disable_adapters(model):
-                expected.append(model.generate(ids[i : i + 1], **kwargs))
-        else:
-            shirakit.set_adapter(model, name)
-            expected.append(model.generate(ids[i : i + 1], **kwargs))
-    assert torch.equal(model.generate(ids, adapter_names=names, **kwargs), torch.cat(expected))
+    expected = _generate_alone(model, ids, names, kwargs)
+    assert torch.equal(model.generate(ids, adapter_names=names, **kwargs), expected)
 
 
 def test_modules_to_save_are_routed_per_row():
