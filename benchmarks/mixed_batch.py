@@ -474,8 +474,6 @@ def ms(seconds: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
-
-
 def workload_table(results: dict[str, dict], workload: str) -> str:
     rows = []
     for key, res in results.items():
@@ -649,8 +647,6 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
             crossover_section(cross),
         ]
     return "\n\n".join(parts)
-
-
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -601,8 +601,6 @@ def fmt_ratio(a: float | None, b: float | None) -> str:
     return f"{r:,.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
 
 
-
-
 ROW_LABELS = [
     ("peft_lora_switch", "PEFT LoRA switch (unmerge_adapter + merge_adapter)"),
     ("peft_shira_switch", "PEFT SHiRA switch (unmerge_adapter + merge_adapter)"),

@@ -375,8 +375,6 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "n/a"
 
 
-
-
 def train_stats(runs: list[dict]) -> dict[str, float]:
     """Pool the rounds of one row: timings are pooled, memory is the median over rounds."""
     wall = [t for run in runs for t in run["wall_s"]]
@@ -499,8 +497,6 @@ def report(args: argparse.Namespace, facts: dict[str, str], train: dict, load: d
             load_section(load),
         ]
     return "\n\n".join(parts)
-
-
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ It knows nothing about module names or models; :class:`shirakit.layer.AdapterLin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -96,9 +96,6 @@ class Adapter(nn.Module):
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)
 
-    def trainable_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     # ---- merging --------------------------------------------------------------------------
     @torch.no_grad()
     def merged_is_finite(self, weight: torch.Tensor) -> bool:
@@ -145,9 +142,3 @@ class Adapter(nn.Module):
     def extra_repr(self) -> str:
         g = self.geometry
         return f"in={g.in_features}, out={g.out_features}, scale={self.scale}"
-
-
-def describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor{tuple(value.shape)} {value.dtype}"
-    return repr(value)
