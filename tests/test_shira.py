@@ -180,3 +180,23 @@ def test_scatter_values_matches_index_copy(dtype, threads):
         assert flat._version > version  # autograd and the layer's bookkeeping see the write
     finally:
         torch.set_num_threads(before)
+
+
+def test_custom_named_mask_saves_and_loads(tmp_path):
+    """A mask shirakit does not know saves; its file loads (indices from the file, no mask drawn)."""
+
+    def every_other(base_layer, r, generator):
+        return torch.arange(0, 2 * r * 128, 2)  # K = r * (64 + 64) flat positions of a 64x64 weight
+
+    ids = inputs()
+    model = MODELS["llama"]()
+    shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=["q_proj"], mask_type="every_other",
+                                                mask_fn=every_other, init_weights=False))
+    expected = output(model, ids)
+    shirakit.save_adapter(model, tmp_path)
+    assert shirakit.read_config(tmp_path).mask_type == "every_other"
+    fresh = MODELS["llama"]()
+    shirakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(output(fresh, ids), expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="'every_other' is not a shirakit mask; pass its mask_fn"):
+        shirakit.inject(MODELS["llama"](), shirakit.read_config(tmp_path), "new")

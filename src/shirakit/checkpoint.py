@@ -12,6 +12,7 @@ for good: on any error the half-built adapter is removed again and the error nam
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -95,13 +96,8 @@ def save_adapter(
                 tensors.update({prefix + k: v.detach().to("cpu").contiguous() for k, v in packed.items()})
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata=metadata))
     config = state.configs[adapter_name]
-    saved_config = type(config).from_dict(config.to_dict())
-    saved_config.mask_fn = getattr(config, "mask_fn", None) if hasattr(saved_config, "mask_fn") else None
-    saved_config.inference_mode = True
-    if saved_config.base_model_name_or_path is None:
-        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-        saved_config.base_model_name_or_path = name_or_path or None
-    saved_config.save(directory)
+    name_or_path = config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    replace(config, inference_mode=True, base_model_name_or_path=name_or_path or None).save(directory)
     return directory
 
 

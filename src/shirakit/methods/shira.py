@@ -16,7 +16,7 @@ gradients (see :mod:`shirakit.sparse`); no dense m x n delta or gradient is ever
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ClassVar
 
 import torch
@@ -72,6 +72,21 @@ class ShiraConfig(AdapterConfig):
             raise ValueError(
                 f"unknown mask_type {self.mask_type!r}: expected one of {sorted(MASKS)} or a mask_fn"
             )
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>") -> ShiraConfig:
+        """A saved adapter may name a custom mask shirakit does not know: its indices come from the
+        file, so it loads; only drawing a new mask with this config would need the function."""
+        mask_type = data.get("mask_type", "random")
+        if mask_type in MASKS or data.get("mask_fn") is not None:
+            return super().from_dict(data, source)
+
+        def unavailable(*args, **kwargs):
+            raise ValueError(f"{source}: mask_type {mask_type!r} is not a shirakit mask; pass its mask_fn to "
+                             "draw a new mask (loading the saved indices does not need it)")
+
+        config = super().from_dict({**data, "mask_type": "random"}, source)
+        return replace(config, mask_type=mask_type, mask_fn=unavailable)
 
 
 @register
