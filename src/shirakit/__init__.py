@@ -24,6 +24,7 @@ from .control import (
     unmerge,
 )
 from .fusion import combine_adapters
+from .hotswap import RecompileError, RecompileWarning, prepare_for_hotswap, set_recompile_policy
 from .inject import delete_adapter, inject, unload
 from .layer import AdapterLinear, ModulesToSave
 from .methods.lora import LoraConfig
@@ -44,4 +45,5 @@ __all__ = [
     "delta_weights", "disable_adapters", "inject", "load_adapter", "merge", "merge_and_unload",
     "print_trainable_parameters", "read_config", "save_adapter", "set_adapter", "set_scale",
     "trainable_parameters", "unload", "unmerge",
+    "prepare_for_hotswap", "set_recompile_policy", "RecompileError", "RecompileWarning",
 ]

@@ -96,6 +96,25 @@ class Adapter(nn.Module):
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)
 
+    # ---- hot-swap slots (shirakit.hotswap) ------------------------------------------------
+    #: Config fields a slot pads to the largest value among the adapters taking turns in it.
+    slot_padded: ClassVar[tuple[str, ...]] = ()
+    #: The tensor the output scale multiplies linearly: a slot holds it with the scale folded in.
+    slot_scaled: ClassVar[str] = ""
+
+    def slot_key(self) -> tuple | None:
+        """Adapters with equal keys can take turns in one hot-swap slot (their tensors, padded to the
+        largest, in one adapter of this class). None: the adapter lives in the weight, its own slot."""
+        return None if self.lives_in_weight else (type(self).__name__,)
+
+    def output_scale(self) -> float:
+        """The factor the forward multiplies the delta by."""
+        return self.scale
+
+    def with_unit_output_scale(self) -> None:
+        """Make :meth:`output_scale` 1 (a slot: the scale is folded into ``slot_scaled``)."""
+        self.scale = 1.0
+
     # ---- merging --------------------------------------------------------------------------
     @torch.no_grad()
     def merged_is_finite(self, weight: torch.Tensor) -> bool:

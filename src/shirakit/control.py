@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .hotswap import check_swap
 from .inject import adapter_layers, check_adapter_names, hosts, state_of, unload
 from .layer import AdapterLinear
 
@@ -20,6 +21,7 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
     """Make these adapters active (their deltas add up); only active, trainable adapters get grads."""
     names = _as_list(name_or_names)
     check_adapter_names(model, names)
+    check_swap(model, names)
     state = state_of(model)
     state.active = names
     for _, host in hosts(model):

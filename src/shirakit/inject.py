@@ -237,6 +237,9 @@ def inject(
             _build_adapter(method, config, layer, generator, name)
             for (name, layer), generator in zip(layers, generators)
         ]
+        from .hotswap import check_new_adapter
+
+        check_new_adapter(model, adapter_name, layers, new_adapters, wrapped)
     except BaseException:  # e.g. a shape the method cannot take: leave the model as it was
         for name in wrapped:
             _set_submodule(model, name, model.get_submodule(name).base_layer)
@@ -258,6 +261,10 @@ def inject(
     from .routing import install_keyword_routing
 
     install_keyword_routing(model)
+    from .compiled import forget_layers, install_sync_hook
+
+    install_sync_hook(model)
+    forget_layers(model)  # new layers may have been wrapped
     from .control import set_adapter
 
     set_adapter(model, adapter_name)
@@ -334,5 +341,8 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     from .routing import uninstall_keyword_routing
 
     uninstall_keyword_routing(model)
+    from .compiled import uninstall_sync_hook
+
+    uninstall_sync_hook(model)
     del model.shirakit
     return model

@@ -185,6 +185,12 @@ class MissAdapter(Adapter):
         self._saved: torch.Tensor | None = None  # bat: the weight before this adapter was written in
         self._applied_state: tuple[tuple[int, int], float] | None = None  # bat: (values stamp, scale) written in
 
+    slot_scaled = "miss_block"
+
+    def slot_key(self) -> tuple | None:
+        """r shapes the shard sum itself: only adapters of one mode, r and mini_r share a slot."""
+        return None if self.lives_in_weight else (type(self).__name__, self.mode, self.r, self.mini_r)
+
     # ---- the maths ------------------------------------------------------------------------
     def full_block(self, block: torch.Tensor) -> torch.Tensor:
         """balance/mini: the (r, out) block every shard adds (mini: repeated along out)."""

@@ -28,7 +28,7 @@ from ..adapter import Adapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
 from ..registry import register
-from ..sparse import csr_pattern, scatter_values, scattered_linear, value_grad_tap
+from ..sparse import csr_indices, scatter_values, scattered_linear, value_grad_tap
 
 # Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
 # "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
@@ -135,14 +135,15 @@ class ShiraAdapter(Adapter):
         """Everything the kernels need, derived once from the (sorted) indices."""
         rows, cols = indices[0].long(), indices[1].long()
         self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
-        self._pattern: torch.Tensor | None = None  # CSR, built on first training forward
+        self._pattern: tuple[torch.Tensor, torch.Tensor] | None = None  # CSR (crow, col), built on first use
         self._product_csr = None
 
-    def pattern(self) -> torch.Tensor:
+    def pattern(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 (crow, col) of the values' CSR pattern, built once (eagerly, by the weight sync,
+        before torch.compile traces a training forward: ``bincount`` would break the graph)."""
         idx = self.shira_indices
-        if self._pattern is None or self._pattern.device != idx.device:
-            g = self.geometry
-            self._pattern = csr_pattern(idx[0], idx[1], g.out_features, g.in_features)
+        if self._pattern is None or self._pattern[0].device != idx.device:
+            self._pattern = csr_indices(idx[0], idx[1], self.geometry.out_features)
         return self._pattern
 
     # ---- the maths ------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class ShiraAdapter(Adapter):
         """
         pattern = self.pattern()
         if self._product_csr is None or self._product_csr[0] is not pattern:
-            self._product_csr = (pattern, pattern.crow_indices().int(), pattern.col_indices().int())
+            self._product_csr = (pattern, pattern[0].int(), pattern[1].int())
         return self._product_csr[1], self._product_csr[2]
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -234,6 +235,8 @@ class ShiraAdapter(Adapter):
             self._merged = (state, self.merged_values(weight, self._saved))
         scatter_values(flat, self._storage_index, self._merged[1])
         self._applied_state = state
+        if self.shira_weight.requires_grad:
+            self.pattern()  # now, eagerly: a compiled training forward reads it as a plain input
 
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
