@@ -290,3 +290,44 @@ def test_health_and_metrics(server, client, folders):
         assert metric in text, metric
     finished = [line for line in text.splitlines() if line.startswith("shirakit_requests_finished_total")]
     assert float(finished[0].split()[-1]) >= 1
+
+
+def test_the_serve_command(folders, oracle, tmp_path):
+    """`shirakit serve --model DIR --adapters DIR` as a user runs it, stopped by SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    model_dir, adapters, root = folders
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "shirakit.cli", "serve", "--model", str(model_dir), "--adapters",
+               str(root / "adapters"), "--port", str(port), "--max-loaded", "2"]
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        assert [m.id for m in client.models.list().data] == ["tiny-llama", *sorted(adapters)]
+        name = sorted(adapters)[-1]
+        assert _complete(client, name, "from the command").choices[0].text == oracle(name, "from the command", 12)
+    finally:
+        process.terminate()
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -SIGTERM)
+    output = (tmp_path / "serve.log").read_text()
+    assert process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in output, output
