@@ -40,7 +40,7 @@ from .protocol import (
 from .sequence import SamplingParams
 
 
-def _as_api_error(exc: Exception) -> ApiError:
+def api_error_for(exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, UnknownModel):
@@ -60,7 +60,7 @@ def create_app(backend) -> FastAPI:
     app.state.http_errors = Counter()
 
     def failed(exc: Exception) -> JSONResponse:
-        error = _as_api_error(exc)
+        error = api_error_for(exc)
         app.state.http_errors[error.status] += 1
         return error_response(error.status, error.message, error.param)
 

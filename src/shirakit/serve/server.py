@@ -36,15 +36,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def default_model_dir() -> Path:
+    """The packaged SmolLM2-135M (dequantized from its GGUF once, then cached as safetensors)."""
+    from shirakit.data import smollm2_dir
+
+    return smollm2_dir()
+
+
 def load_model(model_dir: str | Path | None, device: torch.device, dtype: str = "auto"):
     """(model, tokenizer, folder): a local causal-LM folder, or the packaged SmolLM2-135M."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model_dir is None:
-        from shirakit.data import smollm2_dir
-
-        model_dir = smollm2_dir()
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir or default_model_dir())
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: not a folder")
     if dtype == "auto":  # CPUs run half precision slowly; keep the file's dtype on GPUs
