@@ -17,7 +17,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import shirakit
-
 from tests.models import inputs, tiny_llama
 
 ATOL = 1e-5
@@ -303,7 +302,7 @@ def test_inductor_shira_training_step_matches_eager():
     eager, other = (model_with({"a": config("shira", 0)}).train() for _ in range(2))
     compiled = torch.compile(other, backend="inductor")
     x = x_in()
-    for run, model in ((eager, eager), (compiled, other)):
+    for run in (eager, compiled):
         loss = run(x).pow(2).mean()
         loss.backward()
     for mine, theirs in zip(layers(eager), layers(other)):

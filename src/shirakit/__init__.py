@@ -16,7 +16,6 @@ from .control import (
     delta_weights,
     disable_adapters,
     merge,
-    merge_and_unload,
     print_trainable_parameters,
     set_adapter,
     set_scale,
@@ -24,8 +23,8 @@ from .control import (
     unmerge,
 )
 from .fusion import combine_adapters
-from .hotswap import RecompileError, RecompileWarning, prepare_for_hotswap, set_recompile_policy
-from .inject import delete_adapter, inject, unload
+from .hotswap import prepare_for_hotswap
+from .inject import delete_adapter, inject, merge_and_unload, unload
 from .layer import AdapterLinear, ModulesToSave
 from .methods.lora import LoraConfig
 from .methods.miss import MissConfig
@@ -33,6 +32,7 @@ from .methods.shira import ShiraConfig
 from .methods.vera import VeraConfig
 from .metrics import adapter_orthogonality
 from .routing import route
+from .slots import RecompileError, RecompileWarning, set_recompile_policy
 from .switching import switch_adapter
 
 __version__ = "0.1.0"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .hotswap import check_swap
-from .inject import adapter_layers, check_adapter_names, hosts, state_of
+from .slots import check_swap
+from .state import adapter_layers, check_adapter_names, hosts, state_of
 
 
 def switch_adapter(model: nn.Module, adapter_name: str | None) -> None:
