@@ -144,13 +144,13 @@ def bench_swap(method, args) -> list[str]:
         rows = []
         for i in range(2 * args.reps + 2):
             name = names[i % 2]
-            rows.append([timed(lambda: shirakit.switch_adapter(eager, name)),
-                         timed(lambda: fused_swap(fused, name, True))])
+            rows.append([timed(lambda n=name: shirakit.switch_adapter(eager, n)),
+                         timed(lambda n=name: fused_swap(fused, n, True))])
             compiled(x)
         shirakit.switch_adapter(fused, None)
         unmerged = []
         for i in range(2 * args.reps + 2):
-            unmerged.append(timed(lambda: unmerged_swap(fused, names[i % 2])))
+            unmerged.append(timed(lambda n=names[i % 2]: unmerged_swap(fused, n)))
             compiled(x)
         recompiles = counter.frame_count - frames
     e, c = (statistics.median(col) for col in zip(*rows[2:]))

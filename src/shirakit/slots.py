@@ -10,6 +10,7 @@ model's pre-forward hook (:func:`shirakit.compiled.sync_model`).
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -76,6 +77,7 @@ class LayerSlots(nn.Module):
         self.keys = keys
         self.fits = True  # False: the active adapters do not fit the slots (ordinary forward)
         self._loaded: dict[str, object] = {}
+        self._fit: weakref.WeakKeyDictionary[Adapter, str | None] = weakref.WeakKeyDictionary()
 
     def forward(self, base_layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = base_layer(x, *args, **kwargs)
@@ -84,8 +86,14 @@ class LayerSlots(nn.Module):
         return y
 
     def slot_for(self, adapter: Adapter) -> str | None:
+        """The slot this adapter fits (its kind, every tensor within the slot's), or None. Cached per
+        adapter object: shapes never change, and this runs before every call."""
+        if adapter in self._fit:
+            return self._fit[adapter]
         name = self.keys.get(adapter.slot_key())
-        return name if name in self.slots and _fits(self.slots[name], adapter) else None
+        name = name if name in self.slots and _fits(self.slots[name], adapter) else None
+        self._fit[adapter] = name
+        return name
 
     def assignment(self, layer: AdapterLinear, active: list[str], merged: list[str]) -> dict[str, str] | None:
         """slot name -> adapter name for these active adapters; None when they do not fit."""
