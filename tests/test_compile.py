@@ -88,22 +88,34 @@ def eager_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[s
     return out
 
 
+def ten_adapters(method: str):
+    """A model with 10 adapters of one method, an input, and each adapter's eager output."""
+    names = [f"a{i}" for i in range(10)]
+    model = model_with({n: config(method, i) for i, n in enumerate(names)})
+    x = x_in()
+    return names, model, x, eager_outputs(model, names, x)
+
+
+def warmed_up(model: nn.Module, x: torch.Tensor, swap, names: list[str]):
+    """The compiled model (eager backend, counting frames) after one call per adapter in ``names``."""
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for name in names:
+            swap(model, name)
+            compiled(x)
+    return compiled, counter
+
+
 # ---- hot swap: zero recompiles after warm-up ---------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_ten_adapters_swap_without_recompiling(method):
     """10 adapters (more than dynamo's 8-graph cache), warm up on two, set_adapter through all."""
-    names = [f"a{i}" for i in range(10)]
-    model = model_with({n: config(method, i) for i, n in enumerate(names)})
-    x = x_in()
-    expected = eager_outputs(model, names, x)
+    names, model, x, expected = ten_adapters(method)
     shirakit.prepare_for_hotswap(model, on_recompile="raise")
-    counter = CompileCounterWithBackend("eager")
-    compiled = torch.compile(model, backend=counter)
+    compiled, counter = warmed_up(model, x, shirakit.set_adapter, names[:2])
+    warm = counter.frame_count
     with torch.no_grad():
-        for name in names[:2]:
-            shirakit.set_adapter(model, name)
-            compiled(x)
-        warm = counter.frame_count
         for name in names + names[::-1]:
             shirakit.set_adapter(model, name)
             torch.testing.assert_close(compiled(x), expected[name], atol=ATOL, rtol=0)
@@ -152,11 +164,9 @@ def test_adapters_loaded_after_preparing_swap_in(tmp_path):
         shirakit.save_adapter(donor, tmp_path / f"later{i}", "x")
     x = x_in()
     shirakit.prepare_for_hotswap(model, r=8, target_modules=ALL, on_recompile="raise")
-    counter = CompileCounterWithBackend("eager")
-    compiled = torch.compile(model, backend=counter)
+    compiled, counter = warmed_up(model, x, shirakit.set_adapter, ["first"])
+    warm = counter.frame_count
     with torch.no_grad():
-        compiled(x)
-        warm = counter.frame_count
         for i in range(2):
             shirakit.load_adapter(model, tmp_path / f"later{i}", f"later{i}")
             reference = MLP().eval()
@@ -198,18 +208,11 @@ def test_prepared_swap_that_does_not_fit_raises_and_changes_nothing():
 
 def test_fused_shira_switching_needs_no_preparation():
     """SHiRA in fused mode lives in the weight: the compiled forward reads no adapter name."""
-    names = [f"s{i}" for i in range(10)]
-    model = model_with({n: config("shira", i) for i, n in enumerate(names)})
-    x = x_in()
-    expected = eager_outputs(model, names, x)
+    names, model, x, expected = ten_adapters("shira")
     shirakit.set_recompile_policy(model, "raise")
-    counter = CompileCounterWithBackend("eager")
-    compiled = torch.compile(model, backend=counter)
+    compiled, counter = warmed_up(model, x, shirakit.switch_adapter, names[:2])
+    warm = counter.frame_count
     with torch.no_grad():
-        for name in names[:2]:
-            shirakit.switch_adapter(model, name)
-            compiled(x)
-        warm = counter.frame_count
         for name in names:
             shirakit.switch_adapter(model, name)
             torch.testing.assert_close(compiled(x), expected[name], atol=ATOL, rtol=0)
@@ -224,15 +227,12 @@ def test_fused_shira_switching_needs_no_preparation():
 def test_swapping_the_active_adapters_values_does_not_recompile(method, prepared):
     """PEFT-style hot swap: new values copied into the active adapter's own tensors."""
     model = model_with({"a": config(method, 0), "donor": config(method, 0)})
-    shirakit.set_adapter(model, "a")
     if prepared:
         shirakit.prepare_for_hotswap(model)
     x = x_in()
-    counter = CompileCounterWithBackend("eager")
-    compiled = torch.compile(model, backend=counter)
+    compiled, counter = warmed_up(model, x, shirakit.set_adapter, ["a"])
+    warm = counter.frame_count
     with torch.no_grad():
-        compiled(x)
-        warm = counter.frame_count
         for step in range(3):
             for layer in layers(model):
                 for mine, theirs in zip(layer.adapters["a"].parameters(), layer.adapters["donor"].parameters()):
