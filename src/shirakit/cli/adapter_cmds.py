@@ -213,9 +213,11 @@ def cmd_fuse(args) -> None:
     keep = names[args.modules_from] if args.modules_from is not None else None
     try:
         combine_adapters(model, names, weights, "fused", modules_from=keep)
-    except ValueError as exc:
-        raise UsageError(str(exc).replace("modules_from=", "--modules-from INDEX,").replace("'a", "adapter '")) \
-            from None
+    except ValueError as exc:  # the library's words, in the command's terms: folders, not internal names
+        message = str(exc).replace("modules_from=", "--modules-from INDEX of")
+        for name, directory in zip(names, directories):
+            message = message.replace(repr(name), str(directory))
+        raise UsageError(message) from None
     shirakit.save_adapter(model, args.out, "fused", compact=args.compact)
     record = training_record(directories[0]) or {}
     fused = {**record, "fused_from": [str(d) for d in directories], "weights": weights,
