@@ -1,12 +1,13 @@
-"""The shirakit command: train, eval, switch, fuse, inspect, orthogonality, bench, demo.
+"""The shirakit command: train, eval, switch, fuse, inspect, orthogonality, bench, demo, serve.
 
 Every subcommand has ``--help`` (with defaults). Bad arguments and bad inputs are one line on
 stderr and exit status 2, checked before any model loads; ``SHIRAKIT_DEBUG=1`` shows tracebacks.
 Subcommand modules import torch and transformers only when they run, so ``--help`` is fast.
 
 Adding a subcommand: a module in this package with ``register(subparsers)`` (which sets
-``func``), listed in ``SUBCOMMANDS``; it may also define ``expand(argv, parser)`` to rewrite its
-arguments before parsing (``train`` turns a recipe file into flags).
+``func``; ``add_parser(..., populate=f)`` defers ``f(parser)`` to first use, for heavy imports),
+listed in ``SUBCOMMANDS``; ``func`` may return an exit status. A module may also define
+``expand(argv, parser)`` to rewrite its arguments before parsing (``train`` turns a recipe into flags).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "orthogonality": "adapter_cmds",
     "bench": "tools",
     "demo": "tools",
+    "serve": "serve_cmd",
 }
 
 
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(module, "expand"):
                 argv = [argv[0], *module.expand(argv[1:], _subparser(parser, argv[0]))]
         args = parser.parse_args(argv)
-        args.func(args)
+        status = args.func(args)
+        return status if isinstance(status, int) else 0
     except UsageError as exc:
         return _report(exc)
     except KeyboardInterrupt:
@@ -71,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SHIRAKIT_DEBUG"):
             raise
         return _report(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,9 +22,16 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """argparse with defaults in --help and one-line errors (argparse prints the whole usage)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, populate=None, **kwargs) -> None:
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+        self._populate = populate  # adds the arguments on first parse (a subcommand with heavy imports)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
