@@ -161,3 +161,43 @@ def test_device_auto_uses_the_gpu(files, tmp_path):
     rec = lm_run(files, tmp_path / "gpu", "--max-steps", "2", "--device", "auto")
     assert rec["device_used"].startswith("cuda") and rec["dtype_used"] in ("bfloat16", "float32")
     assert main(["eval", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
+
+
+def test_a_peft_adapter_folder_is_evaluated_inspected_and_switched(files, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(files["lm"])
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "peft")
+    (tmp_path / "peft" / "README.md").unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "peft"), "--data", str(files["text"]), "--seq-len", "8"]) == 0
+    out = capsys.readouterr().out  # the base came from base_model_name_or_path (a local folder)
+    assert "base     perplexity" in out and "adapter  perplexity" in out
+    assert main(["inspect", str(tmp_path / "peft"), "--layers"]) == 0
+    assert "model.layers.0.self_attn.q_proj" in capsys.readouterr().out
+    assert main(["switch", str(tmp_path / "peft"), "--model", str(files["lm"]), "--repeats", "1"]) == 0
+
+
+def test_orthogonality_plot_names_both_adapters_without_warnings(files, tmp_path, capsys):
+    import warnings
+
+    lm_run(files, tmp_path / "x", "--max-steps", "1", "--r", "1")
+    lm_run(files, tmp_path / "y", "--max-steps", "1", "--r", "1", "--seed", "3")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["orthogonality", str(tmp_path / "x"), str(tmp_path / "y"), "--png", str(tmp_path / "o.png")]) == 0
+    assert not [w for w in caught if "beta" in str(w.message)]
+    assert (tmp_path / "o.png").stat().st_size > 1000
+
+
+def test_packaged_models_are_named_by_hub_id_not_by_path():
+    from shirakit.cli.models import PACKAGED, packaged_name
+    from shirakit.data import minilm_dir
+
+    try:
+        folder = minilm_dir()
+    except FileNotFoundError:
+        pytest.skip("the packaged MiniLM is not installed")
+    assert packaged_name(folder) == PACKAGED["minilm"]

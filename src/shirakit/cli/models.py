@@ -85,6 +85,7 @@ def load_model(folder: Path, task: str, dtype, labels: list[str] | None = None, 
     """The base model for ``task`` (a causal LM, or a sequence classifier with a fresh head of ``labels``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, logging
 
+    logging.disable_progress_bar()  # a bar per weight-loading is noise in a command's output
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a new classification head is by design; don't warn about it
     try:
