@@ -142,3 +142,24 @@ def test_bench_lists_its_scripts(capsys):
     assert main(["bench"]) == 0
     out = capsys.readouterr().out
     assert "switch" in out and "train_step" in out and "mixed_batch" in out
+
+
+def test_a_preset_sets_flags_that_the_command_line_overrides():
+    from shirakit.cli import _subparser, train_cmd
+
+    parser = build_parser()
+    argv = train_cmd.expand(["--preset", "shakespeare", "--seq-len", "32"], _subparser(parser, "train"))
+    args = parser.parse_args(["train", *argv])
+    assert (args.task, args.seq_len, args.train_rows, args.preset) == ("causal-lm", 32, 256, "shakespeare")
+    assert args.targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_preset_data_is_a_dataset_with_text_and_label_columns():
+    from shirakit import data
+
+    try:
+        table = data.preset_table("bbc_news")
+    except FileNotFoundError:
+        pytest.skip("the packaged BBC News data is not installed")
+    assert table.column_names == ["text", "label"] and len(table) == 2225
+    assert sorted(set(table["label"])) == data.bbc_news(test_size=1).labels
