@@ -56,7 +56,7 @@ def engine_deployment(max_loaded: int):
     class EngineReplica:
         def __init__(self, options: dict) -> None:
             from .backend import LocalBackend
-            from .server import build_engine
+            from .build import build_engine
 
             # the engine's own LRU has one slot of slack over Ray's, which evicts first
             self.engine = build_engine(**options, adapters=None, max_loaded=max_loaded + 1).start()
@@ -109,8 +109,8 @@ class RayBackend:
     def bind(self, engines, settings: dict) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
+        from .build import adapter_folders, default_model_dir
         from .engine import _context_length
-        from .server import adapter_folders, default_model_dir
 
         folder = Path(settings.get("model_dir") or default_model_dir())
         self.engines = engines
