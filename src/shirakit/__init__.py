@@ -22,10 +22,10 @@ _EXPORTS = {
     "adapter_state_dict": "checkpoint", "load_adapter": "checkpoint", "save_adapter": "checkpoint",
     "AdapterConfig": "config", "read_config": "config",
     "active_adapters": "control", "delta_weights": "control", "disable_adapters": "control", "merge": "control",
-    "merge_and_unload": "control", "print_trainable_parameters": "control", "set_adapter": "control",
+    "print_trainable_parameters": "control", "set_adapter": "control",
     "set_scale": "control", "trainable_parameters": "control", "unmerge": "control",
     "combine_adapters": "fusion",
-    "delete_adapter": "inject", "inject": "inject", "unload": "inject",
+    "delete_adapter": "inject", "inject": "inject", "merge_and_unload": "inject", "unload": "inject",
     "AdapterLinear": "layer", "ModulesToSave": "layer",
     "LoraConfig": "methods.lora", "MissConfig": "methods.miss", "ShiraConfig": "methods.shira",
     "VeraConfig": "methods.vera",
@@ -42,7 +42,8 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'shirakit' has no attribute {name!r}")
-    importlib.import_module(".methods", __name__)  # registers every method (configs read from files need them)
+    from . import methods  # noqa: F401  (registers every method: configs read from files need them)
+
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

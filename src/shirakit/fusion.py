@@ -21,9 +21,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from .inject import adapter_layers, check_adapter_names, hosts, inject, state_of
+from .inject import inject
 from .layer import ModulesToSave
 from .registry import method_for_config
+from .state import adapter_layers, check_adapter_names, hosts, state_of
 
 
 def _saved_module_sources(model: nn.Module, names: list[str], modules_from: str | None) -> dict[str, str]:

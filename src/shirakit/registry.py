@@ -21,15 +21,12 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 
 def method_for_peft_type(peft_type: str, source: str = "config") -> type[Adapter]:
-    if peft_type not in METHODS:
-        # ``import shirakit`` is lazy (a fast CLI), so the built-in methods may not have registered
-        # yet; importing the package registers them (deferred: methods/ imports this module).
-        from . import methods  # noqa: F401
     try:
         return METHODS[peft_type]
     except KeyError:
         raise ValueError(
             f"{source}: unknown peft_type {peft_type!r}; shirakit implements {sorted(METHODS)}"
+            + ("" if METHODS else " (no method is registered yet: import shirakit.methods first)")
         ) from None
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import shirakit
 
-from .data import DECODER_TARGETS, ENCODER_TARGETS, TextDataset  # noqa: F401  (the targets: re-exported)
+from .data import DECODER_TARGETS, ENCODER_TARGETS, TextDataset, minilm_dir  # noqa: F401  (targets re-exported)
 
 
 def adapter_config(method: str, r: int, targets, modules_to_save=None, mask: str = "random", seed: int = 0):
@@ -162,8 +162,6 @@ def train_classifier(
 def load_classifier(num_labels: int, seed: int = 0):
     """MiniLM with a fresh classification head (seeded), and its tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
-
-    from .data import minilm_dir
 
     torch.manual_seed(seed)
     verbosity = logging.get_verbosity()

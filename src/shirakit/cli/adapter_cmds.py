@@ -92,6 +92,7 @@ def _head_size(directory: Path) -> int | None:
 
 
 def _task_of(directory: Path) -> str:
+    from .. import methods  # noqa: F401  (registers the methods read_config needs)
     from ..config import read_config
 
     record = training_record(directory) or {}
@@ -247,6 +248,7 @@ def layer_values(tensors: dict) -> tuple[dict[str, int], int]:
 
 
 def cmd_inspect(args) -> None:
+    from .. import methods  # noqa: F401  (registers the methods read_config needs)
     from ..checkpoint import WEIGHTS_NAME, read_weights
     from ..compact import FORMAT_KEY
     from ..config import read_config

@@ -112,6 +112,7 @@ def find_base(adapter_dir: Path, model_flag: str | None) -> Path:
     record = training_record(adapter_dir) or {}
     if record.get("model") and Path(record["model"]).is_dir():
         return Path(record["model"])
+    from .. import methods  # noqa: F401  (registers the methods read_config needs)
     from ..config import read_config
 
     named = read_config(adapter_dir).base_model_name_or_path
