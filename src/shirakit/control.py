@@ -10,6 +10,7 @@ from torch import nn
 
 from .inject import adapter_layers, check_adapter_names, hosts, state_of, unload
 from .layer import AdapterLinear
+from .validation import check_scalar
 
 
 def _as_list(names: str | list[str]) -> list[str]:
@@ -86,6 +87,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 def set_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
     """An adapter's strength at inference: SHiRA's scaling (default 1), LoRA's multiplier."""
     check_adapter_names(model, [adapter_name])
+    scale = check_scalar("scale", scale)  # NaN or inf would poison every output (and a merged weight)
     for _, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
             if adapter_name in layer.merged:

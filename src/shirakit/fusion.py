@@ -15,6 +15,7 @@ from torch import nn
 
 from .inject import adapter_layers, check_adapter_names, inject, state_of
 from .registry import method_for_config
+from .validation import check_scalar
 
 
 def combine_adapters(model: nn.Module, names: list[str], weights: list[float], new_name: str) -> nn.Module:
@@ -37,7 +38,8 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
         for path, layer in adapter_layers(model)
         if any(n in layer.adapters for n in names)
     }
-    config, tensors = method.combine(layers, configs, [float(w) for w in weights])
+    weights = [check_scalar(f"weight of {n!r}", w) for n, w in zip(names, weights)]
+    config, tensors = method.combine(layers, configs, weights)
     config.inference_mode = True
     inject(model, config, new_name, _from_checkpoint=True)
     for path, layer in adapter_layers(model):

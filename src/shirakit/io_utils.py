@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -22,3 +23,38 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file (symlinks followed) of at most ``limit`` bytes. It is opened
+    non-blocking and checked on the open descriptor, so a FIFO, device or folder is refused
+    without ever blocking (a blocking open of a FIFO waits forever for a writer)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no {what} here (expected {Path(path).name})") from None
+    except OSError as exc:  # a symlink loop, a folder on some systems, no permission, ...
+        raise ValueError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: the {what} is not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path}: {info.st_size} bytes is too large for an {what} (at most {limit})")
+        try:
+            return handle.read(limit + 1)
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
+def check_regular_file(path: Path, what: str) -> None:
+    """Refuse a missing path, a FIFO, a device or a folder (safetensors would block on a FIFO)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no {what} here (expected {Path(path).name})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: the {what} is not a regular file")
