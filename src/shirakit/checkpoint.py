@@ -5,7 +5,7 @@ path ``P`` (an AdapterLinear or a ModulesToSave) is ``P.adapters.<name>.<k>`` in
 ``base_model.model.P.<k>`` in the file; a tensor ``k`` the adapter shares across layers
 (:meth:`Adapter.make_shared`, e.g. VeRA's ``vera_A``) is ``base_model.<k>`` in the file, written
 when the method's :meth:`Adapter.shared_in_checkpoint` says so. Files are read with safetensors
-only (no pickle) and written atomically. Loading validates everything before the model is changed
+only (no pickle); the pair is written all or nothing (:mod:`shirakit.folder`). Loading validates everything before the model is changed
 for good: on any error the half-built adapter is removed again and the error names the file and the key.
 """
 
@@ -36,12 +36,12 @@ from .inject import (
     state_of,
     unload,
 )
-from .io_utils import atomic_write_bytes, check_regular_file
+from .folder import BINDING_KEY, WEIGHTS_NAME, digest, write_adapter_folder
+from .io_utils import check_regular_file
 from .layer import AdapterLinear, geometry_of
 from .registry import method_for_config
 from .validation import check_adapter_name
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
@@ -88,7 +88,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 def save_adapter(
     model: nn.Module, directory: str | Path, adapter_name: str = "default", compact: bool = False
 ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically).
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors``, all or nothing: after a
+    crash or kill at any instant the folder reads as the previous adapter or this one
+    (:mod:`shirakit.folder`).
 
     ``compact=True`` writes methods that have a compact layout (SHiRA: <= 6 bytes per value, see
     :mod:`shirakit.compact`) in it; such a file is for shirakit only, PEFT cannot read it.
@@ -107,10 +109,11 @@ def save_adapter(
                 prefix = _file_key(path, "")
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
                 tensors.update({prefix + k: v.detach().to("cpu").contiguous() for k, v in packed.items()})
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata=metadata))
     config = state.configs[adapter_name]
     name_or_path = config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
-    replace(config, inference_mode=True, base_model_name_or_path=name_or_path or None).save(directory)
+    config_bytes = replace(config, inference_mode=True, base_model_name_or_path=name_or_path or None).to_json_bytes()
+    metadata[BINDING_KEY] = digest(config_bytes)  # binds the pair: see shirakit.folder
+    write_adapter_folder(directory, config_bytes, save(tensors, metadata=metadata))
     return directory
 
 

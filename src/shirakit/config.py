@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .io_utils import atomic_write_bytes, read_regular_file
+from .folder import CONFIG_NAME, bound_config_bytes, write_config_only
+from .io_utils import read_regular_file
 from .validation import check_fields, check_regex, short_repr
 
-CONFIG_NAME = "adapter_config.json"
 #: adapter_config.json files are a few KB; anything this large is not one (and is not read whole).
 MAX_CONFIG_BYTES = 4 << 20
 
@@ -144,18 +144,22 @@ class AdapterConfig:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: invalid {cls.__name__}: {exc}") from exc
 
+    def to_json_bytes(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CONFIG_NAME
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(path, text.encode())
-        return path
+        """Write ``adapter_config.json`` alone (:func:`shirakit.save_adapter` writes it with the weights)."""
+        write_config_only(directory, self.to_json_bytes())
+        return Path(directory) / CONFIG_NAME
 
 
 def read_config(directory: str | Path) -> AdapterConfig:
-    """Read ``adapter_config.json`` and return the matching method's config."""
+    """Read ``adapter_config.json`` and return the matching method's config (the one saved with the
+    weights beside it, should a save have been interrupted: see :mod:`shirakit.folder`)."""
 
     path = Path(directory) / CONFIG_NAME
-    return config_from_bytes(read_regular_file(path, MAX_CONFIG_BYTES, "adapter config"), path)
+    raw = read_regular_file(path, MAX_CONFIG_BYTES, "adapter config")
+    return config_from_bytes(bound_config_bytes(Path(directory), raw), path)
 
 
 def config_from_bytes(raw: bytes, path: Path) -> AdapterConfig:

@@ -3,26 +3,80 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import tempfile
 from pathlib import Path
+
+
+def _writer_tag() -> str:
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:64]
+    return f"{os.getpid()}-{host}"
+
+
+def write_temp_file(path: str | Path, data: bytes) -> str:
+    """Write ``data`` to a new temp file ``.<name>.<pid>-<host>.<random>.tmp`` beside ``path``,
+    fsynced; returns its name. The writer's tag lets a later save tell a dead writer's leftover
+    from a live one's file (:func:`is_stale_temp`)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def is_stale_temp(temp: Path, name: str) -> bool:
+    """Was ``temp`` (a temp file of :func:`write_temp_file` for ``name``) left by a writer that is
+    gone? Files of other hosts (a shared file system) and of live processes are not."""
+    tag = temp.name[len(name) + 2 :].split(".", 1)[0]
+    pid, _, host = tag.partition("-")
+    if not pid.isdigit() or not host:
+        return True  # not a tagged name: written by an older shirakit
+    if host != _writer_tag().partition("-")[2]:
+        return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Make renames in ``directory`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temp file in the same folder, fsync it, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = write_temp_file(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_directory(path.parent)
 
 
 def read_regular_file(path: Path, limit: int, what: str) -> bytes:
