@@ -253,6 +253,9 @@ def _alarm(signum, frame):
 
 
 def _raised_in_shirakit(exc: BaseException) -> bool:
+    """Was the first error of the chain raised by shirakit's own code (a check), not by torch & co?"""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
     frames = traceback.extract_tb(exc.__traceback__)
     return bool(frames) and frames[-1].filename.startswith(SHIRAKIT_SRC)
 
@@ -305,6 +308,8 @@ def run_case(seed: int, bases: dict[str, Base], entries, work: Path) -> str:
     shutil.copytree(source, directory)
     applied = [rng.choice(MUTATIONS) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
     for mutation in applied:
+        if not ((directory / WEIGHTS_NAME).is_file() and (directory / CONFIG_NAME).is_file()):
+            break  # a FIFO, folder or dangling link now: nothing further to edit (a FIFO would block)
         try:  # a mutation may not apply to a file an earlier one already broke: then it is skipped
             mutation(rng, directory)
         except Exception:

@@ -142,8 +142,7 @@ def test_impossible_adapter_names_are_refused_up_front(lora_dir, name):
     assert_untouched(model, base)
 
 
-@pytest.mark.parametrize("fail_in", ["shirakit.control.set_adapter", "shirakit.routing.install_keyword_routing",
-                                     "shirakit.layer.ModulesToSave.add_adapter"])
+@pytest.mark.parametrize("fail_in", ["set_adapter", "install_keyword_routing", "ModulesToSave.add_adapter"])
 def test_inject_rolls_back_every_failure(monkeypatch, fail_in):
     model = MODELS["bert"]()
     base = output(model, inputs())
@@ -151,7 +150,8 @@ def test_inject_rolls_back_every_failure(monkeypatch, fail_in):
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(fail_in, boom)
+    owner, _, attr = fail_in.rpartition(".")
+    monkeypatch.setattr(getattr(INJECT, owner) if owner else INJECT, attr, boom)
     config = shirakit.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS")
     with pytest.raises(RuntimeError, match="injected failure"):
         shirakit.inject(model, config)
@@ -163,7 +163,7 @@ def test_failed_second_inject_keeps_the_first(monkeypatch):
     model = MODELS["llama"]()
     shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False), "a")
     before = output(model, inputs())
-    monkeypatch.setattr("shirakit.control.set_adapter", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    monkeypatch.setattr(INJECT, "set_adapter", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(RuntimeError):
         shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "b")
     monkeypatch.undo()

@@ -5,13 +5,17 @@ path ``P`` (an AdapterLinear or a ModulesToSave) is ``P.adapters.<name>.<k>`` in
 ``base_model.model.P.<k>`` in the file; a tensor ``k`` the adapter shares across layers
 (:meth:`Adapter.make_shared`, e.g. VeRA's ``vera_A``) is ``base_model.<k>`` in the file, written
 when the method's :meth:`Adapter.shared_in_checkpoint` says so. Files are read with safetensors
-only (no pickle); the pair is written all or nothing (:mod:`shirakit.folder`). Loading validates everything before the model is changed
-for good: on any error the half-built adapter is removed again and the error names the file and the key.
+only (no pickle); the pair is written all or nothing (:mod:`shirakit.folder`). Loading validates
+everything before the model is changed for good (layer tensors against the config before anything
+is allocated): on any error the half-built adapter is removed again and the error names the file
+and the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,23 +27,15 @@ from torch import nn
 
 from .adapter import Adapter
 from .compact import COMPACT_V1, FORMAT_KEY
-from .config import AdapterConfig, read_config
+from .config import CONFIG_NAME, AdapterConfig, read_config
+from .control import merge as merge_adapters
 from .control import set_adapter
-from .inject import (
-    SharedTensors,
-    check_adapter_names,
-    delete_adapter,
-    find_targets,
-    hosts,
-    inject,
-    shared_of,
-    state_of,
-    unload,
-)
 from .folder import BINDING_KEY, WEIGHTS_NAME, digest, write_adapter_folder
+from .inject import delete_adapter, find_targets, inject, unload
 from .io_utils import check_regular_file
 from .layer import AdapterLinear, geometry_of
 from .registry import method_for_config
+from .state import SharedTensors, check_adapter_names, hosts, shared_of, state_of
 from .validation import check_adapter_name
 
 PREFIX = "base_model.model."
@@ -144,15 +140,16 @@ def load_adapter(
     ``adapter_name``. It becomes the active adapter; its parameters train only with
     ``is_trainable=True``; ``merge=True`` also merges it (fused mode).
     """
+    check_adapter_name(adapter_name)
     config = read_config(directory)
     config.inference_mode = not is_trainable
     path, tensors, metadata = read_weights(directory)
-    check_adapter_name(adapter_name)
-    tensors = _check_before_building(model, config, tensors, path)
-    had_adapters = getattr(model, "shirakit", None) is not None
-    previous_active = list(model.shirakit.active) if had_adapters else []
-    trainable_before = [p for p in model.parameters() if p.requires_grad]  # inject freezes a fresh model
-    inject(model, config, adapter_name, _from_checkpoint=True)
+    with _naming(Path(directory) / CONFIG_NAME):  # a config the model cannot take: say which file
+        tensors = _check_before_building(model, config, tensors, path)
+        had_adapters = getattr(model, "shirakit", None) is not None
+        previous_active = list(model.shirakit.active) if had_adapters else []
+        trainable_before = [p for p in model.parameters() if p.requires_grad]  # inject freezes a fresh model
+        inject(model, config, adapter_name, _from_checkpoint=True)
     try:
         if metadata.get(FORMAT_KEY) == COMPACT_V1:
             tensors = _expand_compact(model, adapter_name, tensors, path)
@@ -167,10 +164,20 @@ def load_adapter(
                 p.requires_grad_(True)
         raise
     if merge:
-        from .control import merge as merge_adapters
-
         merge_adapters(model, [adapter_name])
     return model
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Errors raised inside name ``path`` (e.g. "target_modules matched no module" comes from inject,
+    which knows nothing of files)."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        if str(path.parent) in str(exc):
+            raise
+        raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"{path}: {exc}") from exc
 
 
 def _expand_compact(model: nn.Module, adapter_name: str, tensors: dict, path: Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from .folder import CONFIG_NAME, bound_config_bytes, write_config_only
 from .io_utils import read_regular_file
+from .registry import method_for_peft_type
 from .validation import check_fields, check_regex, short_repr
 
 #: adapter_config.json files are a few KB; anything this large is not one (and is not read whole).
@@ -164,8 +165,6 @@ def read_config(directory: str | Path) -> AdapterConfig:
 
 def config_from_bytes(raw: bytes, path: Path) -> AdapterConfig:
     """Parse the bytes of an ``adapter_config.json`` (strict JSON: no NaN/Infinity constants)."""
-    from .registry import method_for_peft_type
-
     data = parse_json_object(raw, path)
     if "peft_type" not in data:
         raise ValueError(f"{path}: expected a 'peft_type' key")

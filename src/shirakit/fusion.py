@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .inject import adapter_layers, check_adapter_names, inject, state_of
+from .inject import inject
 from .registry import method_for_config
+from .state import adapter_layers, check_adapter_names, state_of
 from .validation import check_scalar
 
 

@@ -90,10 +90,11 @@ def read_regular_file(path: Path, limit: int, what: str) -> bytes:
         raise FileNotFoundError(f"{path}: no {what} here (expected {Path(path).name})") from None
     except OSError as exc:  # a symlink loop, a folder on some systems, no permission, ...
         raise ValueError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: the {what} is not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path}: the {what} is not a regular file")
         if info.st_size > limit:
             raise ValueError(f"{path}: {info.st_size} bytes is too large for an {what} (at most {limit})")
         try:
