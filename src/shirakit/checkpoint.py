@@ -242,7 +242,7 @@ def _expected_on_meta(model: nn.Module, config: AdapterConfig) -> dict[str, torc
         weight = base.weight
         stub = SimpleNamespace(weight=torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
         with torch.device("meta"):
-            adapter = method(geometry_of(base), config, stub, None, source=module_path)
+            adapter = method.build(geometry_of(base), config, stub, None, source=module_path)
         for key, tensor in adapter.state_dict().items():
             expected[_file_key(module_path, key)] = tensor
     return expected
