@@ -20,13 +20,11 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .compiled import forget_layers, install_sync_hook, uninstall_sync_hook
 from .config import AdapterConfig
 from .control import merge, set_adapter
 from .layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
 from .registry import method_for_config
 from .routing import install_keyword_routing, uninstall_keyword_routing
-from .slots import check_new_adapter
 from .state import (
     ModelAdapters,
     SharedStore,
@@ -149,7 +147,6 @@ def inject(
     targets = find_targets(model, config)
     undo: list[Callable[[], None]] = []  # each change made, as the step that takes it back
     try:
-        wrapped = [n for n in targets if not isinstance(model.get_submodule(n), AdapterLinear)]
         layers = _wrap_targets(model, targets, undo)
         _check_fan_in_fan_out(config, layers)
         shared = method.make_shared(config, [layer.geometry for _, layer in layers])
@@ -159,7 +156,6 @@ def inject(
             _build_adapter(method, config, layer, generator, name)
             for (name, layer), generator in zip(layers, generators)
         ]
-        check_new_adapter(model, adapter_name, layers, new_adapters, wrapped)
         _attach(model, state, fresh, config, adapter_name, layers, new_adapters, shared, undo)
     except BaseException:  # a shape the method cannot take, a failing hook, KeyboardInterrupt, ...
         _run_undo(undo)
@@ -213,11 +209,6 @@ def _attach(model, state, fresh, config, adapter_name, layers, new_adapters, sha
         undo.append(lambda: (uninstall_keyword_routing(model), model.__dict__.pop("shirakit", None)))
     model.shirakit = state
     install_keyword_routing(model)
-    if fresh:
-        undo.append(lambda: uninstall_sync_hook(model))
-    install_sync_hook(model)
-    forget_layers(model)  # new layers may have been wrapped
-    undo.append(lambda: forget_layers(model))
     undo.append(lambda: _restore_active(model, state, previous_active))
     set_adapter(model, adapter_name)
 
@@ -307,7 +298,6 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             _set_submodule(model, name, keep)
     remove_shared(model)
     uninstall_keyword_routing(model)
-    uninstall_sync_hook(model)
     del model.shirakit
     return model
 

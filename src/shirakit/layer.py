@@ -71,9 +71,6 @@ class AdapterLinear(nn.Module):
         self._base_generation = 0
         self._seen_version = self.weight._version
         self.routing = None  # a shirakit.routing.Routing while a mixed-adapter batch runs
-        # shirakit.hotswap.LayerSlots after prepare_for_hotswap: what a compiled forward reads
-        self.hotswap: nn.Module | None = None
-        self.weight_only = False  # see update_weight_only (read by a compiled forward)
         # model.state_dict() must show the clean base weight, never adapter values riding in it.
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.withdraw_live())
 
@@ -192,39 +189,9 @@ class AdapterLinear(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return self._compiled_forward(x, *args, **kwargs)
         if self.routing is not None:
             return self.routed_forward(x, self.routing.groups(x.shape[0], x.device))
         self.sync_live()
-        return self._plain_forward(x, *args, **kwargs)
-
-    def _compiled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """What torch.compile traces (see shirakit.compiled): weight bookkeeping stays out of the graph.
-
-        The model's pre-forward hook has already synced every layer's weight, eagerly (version
-        counters and optimizer steps are Python state dynamo would recompile on). A layer prepared
-        for hot swapping reads only its fixed slots, so swapping adapters changes no guard.
-        """
-        if self.routing is not None:
-            return eager_routed_forward(self, x)
-        slots = self.hotswap
-        if slots is not None and slots.fits and not torch.is_grad_enabled():
-            return slots.forward(self.base_layer, x, *args, **kwargs)
-        if self.weight_only:  # e.g. SHiRA switched in fused mode: no names read, no recompile
-            return self.base_layer(x, *args, **kwargs)
-        return self._plain_forward(x, *args, **kwargs)
-
-    def update_weight_only(self) -> None:
-        """Is this layer's forward, right now, just ``base_layer(x)``? (no additive adapter pending,
-        no in-weight adapter that needs its value gradient). Set by the sync before each call."""
-        pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
-        live_grads = torch.is_grad_enabled() and any(
-            p.requires_grad for n in self._live for p in self.adapters[n].parameters())
-        self.weight_only = not live_grads and all(self._in_weight(n) is not None for n in pending)
-
-    def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The active adapters: in-weight ones already written in (``sync_live``), the others added."""
         pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
         live = [self._in_weight(n) for n in pending if self._in_weight(n) is not None]
         if live and torch.is_grad_enabled():
@@ -285,13 +252,6 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
-
-
-@torch.compiler.disable
-def eager_routed_forward(layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
-    """A mixed-adapter batch under torch.compile runs each layer's routed product eagerly: it
-    scatters per group into the weight and picks adapters by row (one graph break per layer)."""
-    return layer.routed_forward(x, layer.routing.groups(x.shape[0], x.device))
 
 
 class ModulesToSave(nn.Module):

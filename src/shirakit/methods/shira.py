@@ -28,7 +28,7 @@ from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
 from ..metrics import SparseDelta
 from ..registry import register
-from ..sparse import csr_indices, scatter_values, scattered_linear, value_grad_tap
+from ..sparse import csr_pattern, scatter_values, scattered_linear, value_grad_tap
 
 
 @dataclass
@@ -116,15 +116,14 @@ class ShiraAdapter(InWeightAdapter):
         """Everything the kernels need, derived once from the (sorted) indices."""
         rows, cols = indices[0].long(), indices[1].long()
         self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
-        self._pattern: tuple[torch.Tensor, torch.Tensor] | None = None  # CSR (crow, col), built on first use
+        self._pattern: torch.Tensor | None = None  # CSR, built on first training forward
         self._product_csr = None
 
-    def pattern(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """int64 (crow, col) of the values' CSR pattern, built once (eagerly, by the weight sync,
-        before torch.compile traces a training forward: ``bincount`` would break the graph)."""
+    def pattern(self) -> torch.Tensor:
         idx = self.shira_indices
-        if self._pattern is None or self._pattern[0].device != idx.device:
-            self._pattern = csr_indices(idx[0], idx[1], self.geometry.out_features)
+        if self._pattern is None or self._pattern.device != idx.device:
+            g = self.geometry
+            self._pattern = csr_pattern(idx[0], idx[1], g.out_features, g.in_features)
         return self._pattern
 
     # ---- the maths ------------------------------------------------------------------------
@@ -136,7 +135,7 @@ class ShiraAdapter(InWeightAdapter):
         """
         pattern = self.pattern()
         if self._product_csr is None or self._product_csr[0] is not pattern:
-            self._product_csr = (pattern, pattern[0].int(), pattern[1].int())
+            self._product_csr = (pattern, pattern.crow_indices().int(), pattern.col_indices().int())
         return self._product_csr[1], self._product_csr[2]
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -217,8 +216,6 @@ class ShiraAdapter(InWeightAdapter):
         if reread or self._merged_values is None or self._merged_state != state:
             self._merged_state, self._merged_values = state, self.merged_values(weight, self._saved)
         scatter_values(flat, self._storage_index, self._merged_values)
-        if self.shira_weight.requires_grad:
-            self.pattern()  # now, eagerly: a compiled training forward reads it as a plain input
 
     def restore_into(self, weight: torch.Tensor) -> None:
         """Scatter the saved originals back: the base is restored bit-exactly."""

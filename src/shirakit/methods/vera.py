@@ -88,8 +88,6 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 @register
 class VeraAdapter(Adapter):
     config_class = VeraConfig
-    slot_padded = ("r",)  # zero entries of lambda_d, zero rows/columns of the projections
-    slot_scaled = "vera_lambda_b"
 
     def __init__(
         self,
