@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.masks import MASKS
+from shirakit.methods.shira.masks import MASKS
 from shirakit.state import adapter_layers
 from tests.models import MODELS, TARGETS, inputs, output
 
@@ -164,7 +164,7 @@ def test_merge_is_a_scatter_and_unmerge_bit_exact_in_bf16():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_scatter_values_matches_index_copy(dtype, threads):
-    from shirakit.sparse import scatter_values
+    from shirakit.methods.shira.sparse import scatter_values
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

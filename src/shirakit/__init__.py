@@ -8,7 +8,6 @@
 
 from . import methods  # noqa: F401  (registers every method)
 from .adapter import Adapter, LayerGeometry
-from .calibration import calibrate, compute_masks
 from .checkpoint import adapter_state_dict, load_adapter, save_adapter
 from .config import AdapterConfig, read_config
 from .control import (
@@ -27,7 +26,7 @@ from .inject import delete_adapter, inject, merge_and_unload, unload
 from .layer import AdapterLinear, ModulesToSave
 from .methods.lora import LoraConfig
 from .methods.miss import MissConfig
-from .methods.shira import ShiraConfig
+from .methods.shira import ShiraConfig, calibrate, compute_masks
 from .methods.vera import VeraConfig
 from .metrics import adapter_orthogonality
 from .routing import route

@@ -148,7 +148,7 @@ class Adapter(nn.Module):
             for key, value in tensors.items():
                 own[key].copy_(value)
 
-    #: True when the method has a smaller file layout (:meth:`compact_tensors`, see shirakit.compact).
+    #: True when the method has a smaller file layout (:meth:`compact_tensors`, e.g. shirakit.methods.shira.compact).
     has_compact_layout: ClassVar[bool] = False
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:

@@ -21,7 +21,6 @@ from safetensors.torch import save
 from torch import nn
 
 from .adapter import Adapter
-from .compact import COMPACT_V1, FORMAT_KEY
 from .config import read_config
 from .control import merge as merge_adapters
 from .control import set_adapter
@@ -32,6 +31,10 @@ from .state import SharedTensors, check_adapter_names, hosts, shared_of, state_o
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# safetensors metadata naming the file's layout: absent = PEFT's; COMPACT_V1 = methods' compact
+# layouts (Adapter.compact_tensors; SHiRA's is shirakit.methods.shira.compact), shirakit only.
+FORMAT_KEY = "shirakit_format"
+COMPACT_V1 = "compact-v1"
 
 
 def _file_key(module_path: str, key: str) -> str:
@@ -80,7 +83,7 @@ def save_adapter(
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically).
 
     ``compact=True`` writes methods that have a compact layout (SHiRA: <= 6 bytes per value, see
-    :mod:`shirakit.compact`) in it; such a file is for shirakit only, PEFT cannot read it.
+    :mod:`shirakit.methods.shira.compact`) in it; such a file is for shirakit only, PEFT cannot read it.
     """
     state = state_of(model)
     check_adapter_names(model, [adapter_name])

@@ -157,8 +157,7 @@ def cmd_fuse(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .checkpoint import PREFIX, WEIGHTS_NAME, read_weights
-    from .compact import FORMAT_KEY
+    from .checkpoint import FORMAT_KEY, PREFIX, WEIGHTS_NAME, read_weights
     from .config import read_config
 
     directory = Path(args.adapter)

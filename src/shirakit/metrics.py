@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import PREFIX, read_weights
-from .compact import COMPACT_V1, FORMAT_KEY
+from .checkpoint import COMPACT_V1, FORMAT_KEY, PREFIX, read_weights
 from .config import read_config
 from .state import adapter_layers, check_adapter_names
 

@@ -10,7 +10,7 @@ originals (bit-exact); switching adapters in fused mode is two scatters and no m
 
 Training here keeps the values scattered into W while the adapter is active (originals saved),
 so the forward is the base product and the backward adds only an SDDMM for the K value
-gradients (see :mod:`shirakit.sparse`); no dense m x n delta or gradient is ever formed.
+gradients (see :mod:`shirakit.methods.shira.sparse`); no dense m x n delta or gradient is ever formed.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .. import compact
-from ..adapter import InWeightAdapter, LayerGeometry, adapter_dtype
-from ..config import AdapterConfig, no_serialize
-from ..masks import MASKS, shira_budget, validate_indices
-from ..metrics import SparseDelta
-from ..registry import register
-from ..sparse import csr_pattern, scatter_values, scattered_linear, value_grad_tap
+from ...adapter import InWeightAdapter, LayerGeometry, adapter_dtype
+from ...config import AdapterConfig, no_serialize
+from ...metrics import SparseDelta
+from ...registry import register
+from . import compact
+from .masks import MASKS, shira_budget, validate_indices
+from .sparse import csr_pattern, scatter_values, scattered_linear, value_grad_tap
 
 
 @dataclass
