@@ -51,35 +51,48 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 class Adapter(nn.Module):
     """One adapter on one linear layer.
 
-    Subclasses set ``config_class`` and implement ``forward`` and ``delta_weight``. The generic
-    ``merge_into``/``unmerge_from`` add/subtract the dense delta in fp32; methods that can do better
-    (SHiRA's scatter, MiSS-bat's exact restore) override them.
+    Subclasses set ``config_class`` and implement ``init_parameters``, ``forward`` and
+    ``delta_weight``. The generic ``merge_into``/``unmerge_from`` add/subtract the dense delta in
+    fp32; methods that can do better (SHiRA's scatter, MiSS-bat's exact restore) override them.
     """
 
     config_class: ClassVar[type[AdapterConfig]]
     #: True when ``unmerge_from`` restores the weight bit-exactly (saved originals, not subtraction).
     exact_unmerge: ClassVar[bool] = False
 
-    def __init__(self, geometry: LayerGeometry, config: AdapterConfig) -> None:
-        super().__init__()
-        self.geometry = geometry
-        self.config = config
-        self.scale = 1.0
-
-    @classmethod
-    def build(
-        cls,
+    def __init__(
+        self,
         geometry: LayerGeometry,
         config: AdapterConfig,
         base_layer: nn.Module,
         generator: torch.Generator | None,
         source: str = "",
-    ) -> Adapter:
-        """The adapter for one layer, as inject and load ask for it: ``generator`` draws the initial
-        values (None when loading: the values come from a file). ``source`` names the layer for
-        error messages. By default the class itself; a method with variants (MiSS's modes) picks
-        the variant's class from the config here."""
-        return cls(geometry, config, base_layer, generator, source=source)
+    ) -> None:
+        """The adapter for one layer: ``generator`` draws the initial values (None when loading: the
+        values come from a file, so no mask, no init, no checks of drawn values); ``source`` names
+        the layer for error messages."""
+        super().__init__()
+        self.geometry = geometry
+        self.config = config
+        self.scale = 1.0
+        self.init_parameters(base_layer, generator, source)
+
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        """Create the adapter's parameters and buffers (on the base weight's device)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def parameter_options(base_layer: nn.Module) -> dict:
+        """dtype and device for new adapter parameters: the base weight's device, fp32 for half weights."""
+        weight = base_layer.weight
+        return {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
+
+    @classmethod
+    def build(cls, *args, **kwargs) -> Adapter:
+        """The adapter for one layer (the constructor's arguments), as inject and load ask for it.
+        By default the class itself; a method with variants (MiSS's modes) picks the variant's
+        class from the config here."""
+        return cls(*args, **kwargs)
 
     # ---- shared state across layers (VeRA's projections) -----------------------------------
     @classmethod
@@ -115,6 +128,21 @@ class Adapter(nn.Module):
 
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)
+
+    # ---- metrics (shirakit.metrics: AWOM / AWOR) -------------------------------------------
+    def delta_for_metrics(self, weight: torch.Tensor):
+        """The delta the orthogonality metrics use: dense (out, in) fp32 by default; a sparse
+        method returns a :class:`shirakit.metrics.SparseDelta` (its non-zeros) instead."""
+        return self.delta_weight(weight)
+
+    #: The tensor names one layer of this method has in a file (both layouts), when its delta can
+    #: be computed from the file alone (:meth:`file_delta`); empty when it needs the base weight.
+    file_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def file_delta(cls, config: AdapterConfig, tensors: dict[str, torch.Tensor], compact: bool, source: str):
+        """One layer's delta from its file tensors (keys from :attr:`file_keys`), no base model."""
+        raise NotImplementedError(f"{source}: {cls.__name__} needs the base model to compute its delta")
 
     # ---- merging --------------------------------------------------------------------------
     @torch.no_grad()
@@ -211,11 +239,9 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     scatter_min_tokens: ClassVar[int] = 256
     #: attributes holding tensors (or None) that move with the module's parameters
     _device_tensors: ClassVar[tuple[str, ...]] = ("_saved",)
-
-    def __init__(self, geometry: LayerGeometry, config: AdapterConfig) -> None:
-        super().__init__(geometry, config)
-        self._saved: torch.Tensor | None = None  # the base values this adapter covers while written in
-        self._applied_state: tuple[tuple[int, int], float] | None = None  # (values stamp, scale) written in
+    # per instance once set (class-level defaults, so subclasses need no constructor of their own):
+    _saved: torch.Tensor | None = None  # the base values this adapter covers while written in
+    _applied_state: tuple[tuple[int, int], float] | None = None  # (values stamp, scale) written in
 
     # ---- what a subclass provides ----------------------------------------------------------
     @abc.abstractmethod

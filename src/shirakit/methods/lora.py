@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..adapter import Adapter, LayerGeometry, adapter_dtype
+from ..adapter import Adapter
 from ..config import AdapterConfig
 from ..registry import register
 
@@ -59,17 +59,9 @@ class LoraConfig(AdapterConfig):
 class LoraAdapter(Adapter):
     config_class = LoraConfig
 
-    def __init__(
-        self,
-        geometry: LayerGeometry,
-        config: LoraConfig,
-        base_layer: nn.Module,
-        generator: torch.Generator | None,
-        source: str = "",
-    ) -> None:
-        super().__init__(geometry, config)
-        weight = base_layer.weight
-        kwargs = {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        geometry, config = self.geometry, self.config
+        kwargs = self.parameter_options(base_layer)
         self.lora_A = nn.Linear(geometry.in_features, config.r, bias=False, **kwargs)
         self.lora_B = nn.Linear(config.r, geometry.out_features, bias=False, **kwargs)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -113,6 +105,13 @@ class LoraAdapter(Adapter):
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers),
                             fan_in_fan_out=configs[0].fan_in_fan_out)
         return config, tensors
+
+    file_keys = ("lora_A.weight", "lora_B.weight")
+
+    @classmethod
+    def file_delta(cls, config: LoraConfig, tensors: dict[str, torch.Tensor], compact: bool, source: str):
+        """s * B A from the file's two factors."""
+        return tensors["lora_B.weight"].float() @ tensors["lora_A.weight"].float() * config.scaling
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)

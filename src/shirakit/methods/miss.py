@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, InWeightAdapter, LayerGeometry, adapter_dtype
+from ..adapter import Adapter, InWeightAdapter, LayerGeometry
 from ..config import AdapterConfig
 from ..registry import register
 
@@ -147,15 +147,8 @@ class _MissShards:
 
     mode: ClassVar[str]
 
-    def __init__(
-        self,
-        geometry: LayerGeometry,
-        config: MissConfig,
-        base_layer: nn.Module,
-        generator: torch.Generator | None,
-        source: str = "",
-    ) -> None:
-        super().__init__(geometry, config)
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        geometry, config = self.geometry, self.config
         self.r, self.mini_r = config.r, config.mini_r
         where = f"{source}: " if source else ""
         if self.r > geometry.in_features:
@@ -163,12 +156,12 @@ class _MissShards:
                              f"use r <= {geometry.in_features}")
         self.check_shape(where)
         shape = self.block_shape()
-        weight = base_layer.weight
-        block = torch.zeros(shape, dtype=adapter_dtype(weight.dtype))
+        options = self.parameter_options(base_layer)
+        block = torch.zeros(shape, dtype=options["dtype"])
         if generator is not None and (config.init_weights is False or config.init_random):
             bound = 1.0 / math.sqrt(math.prod(shape[1:]))  # kaiming-uniform, a = sqrt(5), like PEFT's
             block = (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(block.dtype)
-        self.miss_block = nn.Parameter(block.to(weight.device))
+        self.miss_block = nn.Parameter(block.to(options["device"]))
         # bat ignores dropout, as PEFT does: its delta sits in the weight
         uses_dropout = config.miss_dropout > 0 and self.mode != "bat"
         self.dropout = nn.Dropout(config.miss_dropout) if uses_dropout else nn.Identity()
@@ -192,9 +185,9 @@ class MissAdapter(_MissShards, Adapter):
     mode = "balance"
 
     @classmethod
-    def build(cls, geometry, config, base_layer, generator, source=""):
+    def build(cls, geometry: LayerGeometry, config: MissConfig, *args, **kwargs) -> Adapter:
         mode_class = {"balance": MissAdapter, "mini": MissMiniAdapter, "bat": MissBatAdapter}[config.mode]
-        return mode_class(geometry, config, base_layer, generator, source)
+        return mode_class(geometry, config, *args, **kwargs)
 
     def block_shape(self) -> tuple[int, ...]:
         return (self.r, self.geometry.out_features)

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, LayerGeometry, adapter_dtype
+from ..adapter import Adapter, LayerGeometry
 from ..config import AdapterConfig
 from ..registry import register
 
@@ -43,6 +43,7 @@ class VeraConfig(AdapterConfig):
     """PEFT's VeraConfig fields and defaults (the subset shirakit implements)."""
 
     peft_type: ClassVar[str] = "VERA"
+    absent_in_peft: ClassVar[frozenset[str]] = frozenset({"exclude_modules"})
 
     r: int = 256
     projection_prng_key: int = 0
@@ -68,12 +69,6 @@ class VeraConfig(AdapterConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is set but layers_to_transform is not; set both or neither")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if out.get("exclude_modules") is None:
-            out.pop("exclude_modules", None)  # not a field of PEFT's VeraConfig: it would warn on read
-        return out
-
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """U(-bound, bound), bound = sqrt(3) * gain / sqrt(fan_in), gain = sqrt(2), fan_in = shape[1].
@@ -89,17 +84,9 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 class VeraAdapter(Adapter):
     config_class = VeraConfig
 
-    def __init__(
-        self,
-        geometry: LayerGeometry,
-        config: VeraConfig,
-        base_layer: nn.Module,
-        generator: torch.Generator | None,
-        source: str = "",
-    ) -> None:
-        super().__init__(geometry, config)
-        weight = base_layer.weight
-        kwargs = {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        geometry, config = self.geometry, self.config
+        kwargs = self.parameter_options(base_layer)
         self.r = config.r
         self.vera_lambda_b = nn.Parameter(torch.zeros(geometry.out_features, **kwargs))
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial), **kwargs))

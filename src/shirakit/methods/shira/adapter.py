@@ -22,7 +22,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from ...adapter import InWeightAdapter, LayerGeometry, adapter_dtype
+from ...adapter import InWeightAdapter, adapter_dtype
 from ...config import AdapterConfig, no_serialize
 from ...metrics import SparseDelta
 from ...registry import register
@@ -77,15 +77,8 @@ class ShiraAdapter(InWeightAdapter):
     has_compact_layout = True
     _device_tensors = ("_saved", "_merged_values")
 
-    def __init__(
-        self,
-        geometry: LayerGeometry,
-        config: ShiraConfig,
-        base_layer: nn.Module,
-        generator: torch.Generator | None,
-        source: str = "mask",
-    ) -> None:
-        super().__init__(geometry, config)
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        geometry, config, source = self.geometry, self.config, source or "mask"
         k = shira_budget(config.r, geometry)
         weight = base_layer.weight
         dtype = adapter_dtype(weight.dtype)
@@ -156,11 +149,26 @@ class ShiraAdapter(InWeightAdapter):
         delta[idx[0] * g.in_features + idx[1]] = self.shira_weight.detach().float() * self.scale
         return delta.view(g.out_features, g.in_features)
 
-    def sparse_delta(self):
-        """The delta by its non-zeros (for orthogonality metrics without a dense m x n)."""
+    # ---- metrics ------------------------------------------------------------------------------
+    def delta_for_metrics(self, weight: torch.Tensor) -> SparseDelta:
+        """The delta by its non-zeros (orthogonality metrics without a dense m x n)."""
         g = self.geometry
         values = self.shira_weight.detach().float() * self.scale
         return SparseDelta(self.shira_indices.long(), values, (g.out_features, g.in_features))
+
+    file_keys = ("shira_weight", "shira_indices", "shira_index_gaps", "shira_index_far")
+
+    @classmethod
+    def file_delta(cls, config: ShiraConfig, tensors: dict[str, torch.Tensor], compact: bool,
+                   source: str) -> SparseDelta:
+        """The sparse delta from the file's indices, its shape inferred from the largest index (a
+        lower bound when the last rows/columns are untouched, which a 1-5% random mask practically
+        never leaves). A compact file stores flat positions: their rows need the base model."""
+        if compact:
+            raise ValueError(f"{source}: a compact file stores flat positions; its shapes need the base model")
+        idx = tensors["shira_indices"].long()
+        shape = (int(idx[0].max()) + 1, int(idx[1].max()) + 1)
+        return SparseDelta(idx, tensors["shira_weight"].float(), shape, shape_inferred=True)
 
     # ---- living in the weight (InWeightAdapter) ----------------------------------------------
     def trained_values(self) -> torch.Tensor:
