@@ -9,6 +9,7 @@ targeted layers become :class:`~shirakit.layer.AdapterLinear`, ``modules_to_save
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 
@@ -92,11 +93,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         names = [n for n, m in modules.items() if _is_linear(m) and n not in heads]
     else:
         names = [n for n in modules if n and _matches(spec, n)]
-        if not isinstance(spec, str) and getattr(config, "layers_to_transform", None) is not None:
+        if not isinstance(spec, str) and config.layers_to_transform is not None:
             wanted = config.layers_to_transform
             wanted = [wanted] if isinstance(wanted, int) else list(wanted)
-            pattern = getattr(config, "layers_pattern", None)
-            names = [n for n in names if _layer_index(n, pattern) in wanted]
+            names = [n for n in names if _layer_index(n, config.layers_pattern) in wanted]
     if config.exclude_modules:
         names = [n for n in names if not _matches(config.exclude_modules, n)]
     names = [n for n in names if not in_saved(n)]
@@ -148,7 +148,7 @@ def inject(
                 _set_submodule(model, name, module)
                 wrapped.append(name)
             layers.append((name, module))
-        _check_fan_in_fan_out(config, layers)
+        config = _recorded_config(config, layers)
         shared = method.make_shared(config, [layer.geometry for _, layer in layers])
         generators = [None if _from_checkpoint else layer_generator(seed, adapter_name, name) for name, _ in layers]
         new_adapters = [
@@ -179,9 +179,8 @@ def inject(
 
 
 def seed_of(config: AdapterConfig) -> int:
-    seed = getattr(config, "random_seed", None)
-    if seed is not None:
-        return int(seed)
+    if config.seed is not None:
+        return int(config.seed)
     # No seed given: take one from torch's global RNG, so torch.manual_seed makes runs repeatable.
     return int(torch.randint(0, 2**62, (1,)).item())
 
@@ -199,12 +198,14 @@ def _build_adapter(method, config, layer: AdapterLinear, generator, name: str) -
     return method.build(layer.geometry, config, layer.base_layer, generator, source=name)
 
 
-def _check_fan_in_fan_out(config: AdapterConfig, layers) -> None:
-    if not hasattr(config, "fan_in_fan_out"):
-        return
-    stored_transposed = {layer.geometry.fan_in_fan_out for _, layer in layers}
-    if stored_transposed == {True} and not config.fan_in_fan_out:
-        config.fan_in_fan_out = True  # Conv1D: the layout is known from the layer type; record it for PEFT
+def _recorded_config(config: AdapterConfig, layers) -> AdapterConfig:
+    """The config the model records: a copy, so the user's object is never changed (nor are we by
+    later changes to it). On Conv1D layers the layout is known from the layer type; it is recorded
+    as ``fan_in_fan_out=True`` for PEFT, where PEFT's config for the method has that field."""
+    stored_transposed = {layer.geometry.fan_in_fan_out for _, layer in layers} == {True}
+    if stored_transposed and not config.fan_in_fan_out and "fan_in_fan_out" not in config.absent_in_peft:
+        return dataclasses.replace(config, fan_in_fan_out=True)
+    return dataclasses.replace(config)
 
 
 def _wrap_module_to_save(model: nn.Module, module_name: str, adapter_name: str) -> None:

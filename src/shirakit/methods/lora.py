@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_dropout, check_rank
 from ..registry import register
 
 
@@ -31,20 +31,12 @@ class LoraConfig(AdapterConfig):
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     use_rslora: bool = False
-    fan_in_fan_out: bool = False
-    bias: str = "none"
     init_lora_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, found {self.r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), found {self.lora_dropout}")
-        if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported yet; expected 'none'")
+        check_rank("r", self.r)
+        check_dropout("lora_dropout", self.lora_dropout)
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r}: expected True, False or 'gaussian'"

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import Adapter, InWeightAdapter, LayerGeometry
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_dropout, check_rank
 from ..registry import register
 
 MODES = {True: "balance", False: "balance", "balance": "balance", "bat": "bat", "mini": "mini"}
@@ -65,26 +65,19 @@ class MissConfig(AdapterConfig):
     (shirakit only, not written to the file) draws a random block in any mode, for tests."""
 
     peft_type: ClassVar[str] = "MISS"
+    absent_in_peft: ClassVar[frozenset[str]] = frozenset({"fan_in_fan_out"})
 
     r: int = 64
     miss_dropout: float = 0.0
     mini_r: int = 1
     init_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: str | None = None
-    bias: str = "none"
     init_random: bool = field(default=False, metadata={"serialize": False}, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, found {self.r!r}")
-        if not isinstance(self.mini_r, int) or self.mini_r <= 0:
-            raise ValueError(f"mini_r must be a positive int, found {self.mini_r!r}")
-        if not 0.0 <= self.miss_dropout < 1.0:
-            raise ValueError(f"miss_dropout must be in [0, 1), found {self.miss_dropout}")
-        if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported yet; expected 'none'")
+        check_rank("r", self.r)
+        check_rank("mini_r", self.mini_r)
+        check_dropout("miss_dropout", self.miss_dropout)
         if not isinstance(self.init_weights, bool) and self.init_weights not in ("balance", "bat", "mini"):
             raise ValueError(f"init_weights={self.init_weights!r}: expected True, False, 'balance', 'bat' or 'mini'")
 

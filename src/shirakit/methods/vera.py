@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import Adapter, LayerGeometry
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_dropout, check_rank
 from ..registry import register
 
 
@@ -50,22 +50,14 @@ class VeraConfig(AdapterConfig):
     save_projection: bool = True
     vera_dropout: float = 0.0
     d_initial: float = 0.1
-    fan_in_fan_out: bool = False
-    bias: str = "none"
     init_weights: bool = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, found {self.r!r}")
+        check_rank("r", self.r)
         if not isinstance(self.projection_prng_key, int):
             raise ValueError(f"projection_prng_key must be an int, found {self.projection_prng_key!r}")
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ValueError(f"vera_dropout must be in [0, 1), found {self.vera_dropout}")
-        if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported yet; expected 'none'")
+        check_dropout("vera_dropout", self.vera_dropout)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is set but layers_to_transform is not; set both or neither")
 
@@ -86,8 +78,8 @@ class VeraAdapter(Adapter):
 
     def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
         geometry, config = self.geometry, self.config
-        kwargs = self.parameter_options(base_layer)
         self.r = config.r
+        kwargs = self.parameter_options(base_layer)
         self.vera_lambda_b = nn.Parameter(torch.zeros(geometry.out_features, **kwargs))
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial), **kwargs))
         self.dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()

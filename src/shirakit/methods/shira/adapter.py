@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...adapter import InWeightAdapter, adapter_dtype
-from ...config import AdapterConfig, no_serialize
+from ...config import AdapterConfig, check_rank, no_serialize
 from ...metrics import SparseDelta
 from ...registry import register
 from . import compact
@@ -37,23 +37,26 @@ class ShiraConfig(AdapterConfig):
     overrides ``mask_type`` (the name is still written to adapter_config.json)."""
 
     peft_type: ClassVar[str] = "SHIRA"
-    absent_in_peft: ClassVar[frozenset[str]] = frozenset({"exclude_modules"})
+    absent_in_peft: ClassVar[frozenset[str]] = frozenset(
+        {"exclude_modules", "layers_to_transform", "layers_pattern", "bias"})
 
     r: int = 32
     mask_type: str = "random"
     random_seed: int | None = None
-    fan_in_fan_out: bool = False
     init_weights: bool = True
     mask_fn: Callable | None = no_serialize()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, found {self.r!r}")
+        check_rank("r", self.r)
         if self.mask_fn is None and self.mask_type not in MASKS:
             raise ValueError(
                 f"unknown mask_type {self.mask_type!r}: expected one of {sorted(MASKS)} or a mask_fn"
             )
+
+    @property
+    def seed(self) -> int | None:
+        return self.random_seed
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> ShiraConfig:
