@@ -55,11 +55,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,9 +67,18 @@ from pathlib import Path
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULT_PREFIX = "RESULT "
 BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
-from _report import REPO, cores, cpu_model, replace_section, software, table, today  # noqa: E402
+from _report import (  # noqa: E402
+    add_preset_args,
+    apply_presets,
+    command_line,
+    emit,
+    flags,
+    machine_facts,
+    publish,
+    run_worker_process,
+    table,
+)
 
 MIB = 1024 * 1024
 
@@ -134,18 +140,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-docs", type=Path, default=None, metavar="FILE",
                    help="write the results section into FILE between the train_step markers")
     p.add_argument("--seed", type=int, default=0)
-    for name, value in PRESETS["full"].items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"default {value} (--quick: {PRESETS['quick'][name]})")
+    add_preset_args(p, PRESETS)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the *-dropout rows")
     # internal: run one measurement in this process and print it as JSON
     p.add_argument("--worker", choices=list(ROWS), help=argparse.SUPPRESS)
     p.add_argument("--load-worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name, value in PRESETS["quick" if args.quick else "full"].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_presets(args, PRESETS)
     if args.alpha is None:
         args.alpha = 2.0 * args.r
     if args.jobs is None:
@@ -159,12 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
-    """The resolved settings as explicit flags, so a worker needs no preset logic."""
-    names = [*PRESETS["full"], "alpha", "dropout", "threads", "seed"]
-    out = []
-    for name in names:
-        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return out
+    return flags(args, [*PRESETS["full"], "alpha", "dropout", "threads", "seed"])
 
 
 # ---- measurement helpers ------------------------------------------------------------------
@@ -217,10 +214,6 @@ def add_adapter(model: torch.nn.Module, library: str, method: str, dropout: floa
 
 def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def emit(result: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 # ---- section 1: one train-step row (runs in its own process) ------------------------------
@@ -334,15 +327,9 @@ def load_worker(args: argparse.Namespace) -> None:
 
 # ---- the driver -------------------------------------------------------------------------------
 def run_worker(flag: str, value: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), flag, value, *worker_argv(args)]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     print(f"  running {flag} {value} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"worker {flag} {value} failed (exit code {proc.returncode}): {shlex.join(cmd)}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    env = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    return run_worker_process(__file__, [flag, value, *worker_argv(args)], env)
 
 
 def run_all(args: argparse.Namespace) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
@@ -444,16 +431,6 @@ def load_section(results: dict[str, list[dict]]) -> str:
     return out
 
 
-def machine_facts(args: argparse.Namespace) -> dict[str, str]:
-    return {
-        "date": today(),
-        "machine": (f"{cpu_model()}, {cores()}, "
-                    f"{args.threads} torch thread(s) per worker, {args.jobs} worker(s) at a time; "
-                    f"load average at start {os.getloadavg()[0]:.2f}"),
-        "software": software(),
-    }
-
-
 def report(args: argparse.Namespace, facts: dict[str, str], train: dict, load: dict, command: str) -> str:
     a = args
     rounds = f" x {a.rounds} rounds (fresh processes, pooled)" if a.rounds > 1 else ""
@@ -505,14 +482,10 @@ def main(argv: list[str] | None = None) -> None:
         return train_worker(args)
     if args.load_worker:
         return load_worker(args)
-    command = shlex.join(["python", "benchmarks/train_step.py", *(sys.argv[1:] if argv is None else argv)])
-    facts = machine_facts(args)
+    command = command_line("benchmarks/train_step.py", argv)
+    facts = machine_facts(f"{args.threads} torch thread(s) per worker, {args.jobs} worker(s) at a time")
     train, load = run_all(args)
-    section = report(args, facts, train, load, command)
-    print(section)
-    if args.write_docs:
-        replace_section(Path(args.write_docs), BEGIN, END, section)
-        print(f"\n(wrote the section into {args.write_docs})", file=sys.stderr)
+    publish(report(args, facts, train, load, command), args.write_docs, BEGIN, END)
 
 
 if __name__ == "__main__":
