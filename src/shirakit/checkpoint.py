@@ -24,6 +24,7 @@ from .adapter import Adapter
 from .compact import COMPACT_V1, FORMAT_KEY
 from .config import read_config
 from .control import set_adapter
+from .guard import writes_weights
 from .inject import SharedTensors, check_adapter_names, delete_adapter, hosts, inject, shared_of, state_of, unload
 from .io_utils import atomic_write_bytes
 from .registry import method_for_config
@@ -118,6 +119,7 @@ def read_weights(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], 
     return path, tensors, metadata
 
 
+@writes_weights
 def load_adapter(
     model: nn.Module,
     directory: str | Path,

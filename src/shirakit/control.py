@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .guard import writes_weights
 from .inject import adapter_layers, check_adapter_names, hosts, state_of, unload
 from .layer import AdapterLinear
 
@@ -16,6 +17,7 @@ def _as_list(names: str | list[str]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
+@writes_weights
 def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
     """Make these adapters active (their deltas add up); only active, trainable adapters get grads."""
     names = _as_list(name_or_names)
@@ -39,20 +41,24 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block the model computes as the bare base model. Merged adapters are
     unmerged for the block and merged again after it."""
     layers = hosts(model)
-    merged = {name: list(h.merged) for name, h in layers if isinstance(h, AdapterLinear) and h.merged}
-    for name, host in layers:
-        if name in merged:
-            host.unmerge()
-        host.set_disabled(True)
+    guard = state_of(model).guard
+    with guard.writing("disable_adapters()"):
+        merged = {name: list(h.merged) for name, h in layers if isinstance(h, AdapterLinear) and h.merged}
+        for name, host in layers:
+            if name in merged:
+                host.unmerge()
+            host.set_disabled(True)
     try:
         yield
     finally:
-        for name, host in layers:
-            host.set_disabled(False)
-            if name in merged:
-                host.merge(merged[name])
+        with guard.writing("leaving disable_adapters()"):
+            for name, host in layers:
+                host.set_disabled(False)
+                if name in merged:
+                    host.merge(merged[name])
 
 
+@writes_weights
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
     """Fold adapters into the base weights (the active ones by default).
 
@@ -70,6 +76,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
         layer.merge([a for a in names if a in layer.adapters])
 
 
+@writes_weights
 def unmerge(model: nn.Module) -> None:
     """Take every merged adapter back out (SHiRA restores the base values bit-exactly)."""
     for _, layer in adapter_layers(model):
@@ -83,6 +90,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     return unload(model, merge=True)
 
 
+@writes_weights
 def set_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
     """An adapter's strength at inference: SHiRA's scaling (default 1), LoRA's multiplier."""
     check_adapter_names(model, [adapter_name])

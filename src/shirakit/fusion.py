@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .guard import writes_weights
 from .inject import adapter_layers, check_adapter_names, inject, state_of
 from .registry import method_for_config
 
 
+@writes_weights
 def combine_adapters(model: nn.Module, names: list[str], weights: list[float], new_name: str) -> nn.Module:
     """Add ``new_name`` = sum_i weights[i] * adapter names[i]; it becomes the active adapter."""
     check_adapter_names(model, names)

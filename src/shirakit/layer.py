@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter, LayerGeometry
+from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -74,7 +75,15 @@ class AdapterLinear(nn.Module):
         # generation changes whenever the clean base weight may differ from what it was.
         self._base_generation = 0
         self._seen_version = self.weight._version
-        self.routing = None  # a shirakit.routing.Routing while a mixed-adapter batch runs
+        # Threads (see shirakit.guard): the model's guard (inject shares one across the model), and
+        # the products running on this layer's weight; ``_users_plain``: they read the plain state.
+        self._guard = ModelGuard()
+        self._users = 0
+        self._users_plain = False
+        self._has_in_weight = False  # any adapter here that lives in the weight: forwards coordinate
+        # Other modules sharing this weight tensor (tied embeddings), found by inject: in-weight
+        # adapters then run additively here, never writing into the shared tensor.
+        self.weight_shared_with: tuple[str, ...] = ()
         # model.state_dict() must show the clean base weight, never adapter values riding in it.
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.withdraw_live())
 
@@ -99,23 +108,33 @@ class AdapterLinear(nn.Module):
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        self.withdraw_live()
-        self.adapters[name] = adapter.to(self.weight.device)
+        with self._guard.writing("adding an adapter"):
+            self._withdraw_live()
+            if adapter.lives_in_weight and self.weight_shared_with:
+                # writing into a tied tensor would change the other modules too: run additively
+                # (SHiRA: y = base(x) + s x S^T; MiSS bat: + x delta_W^T), the tensor stays untouched
+                adapter.lives_in_weight = False
+            self.adapters[name] = adapter.to(self.weight.device)
+            self._has_in_weight = any(a.lives_in_weight for a in self.adapters.values())
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge it before deleting")
-        self.withdraw_live()
-        del self.adapters[name]
-        self.active = [n for n in self.active if n != name]
+        with self._guard.writing("deleting an adapter"):
+            self._withdraw_live()
+            del self.adapters[name]
+            self.active = [n for n in self.active if n != name]
+            self._has_in_weight = any(a.lives_in_weight for a in self.adapters.values())
 
     def set_active(self, names: list[str]) -> None:
-        self.withdraw_live()
-        self.active = [n for n in names if n in self.adapters]
+        with self._guard.writing("set_adapter"):
+            self._withdraw_live()
+            self.active = [n for n in names if n in self.adapters]
 
     def set_disabled(self, disabled: bool) -> None:
-        self.withdraw_live()
-        self.disabled = disabled
+        with self._guard.writing("disable_adapters"):
+            self._withdraw_live()
+            self.disabled = disabled
 
     # ---- weight bookkeeping ---------------------------------------------------------------
     def _check_external_writes(self) -> None:
@@ -146,52 +165,114 @@ class AdapterLinear(nn.Module):
 
     def withdraw_live(self) -> None:
         """Restore the base values under every live adapter (reverse order: exact under overlap)."""
+        if self._live:
+            with self._guard.writing("taking live adapters out of the weight (state_dict, unload)"):
+                self._withdraw_live()
+
+    def _withdraw_live(self) -> None:
         while self._live:
             self._remove_adapter(self._live.pop())
 
+    def _in_sync(self) -> bool:
+        wanted = self._wanted_live()
+        return wanted == self._live and all(self.adapters[n].applied_is_current() for n in wanted)
+
     def sync_live(self) -> None:
         """Make the weight hold exactly the wanted live adapters with their current values."""
-        wanted = self._wanted_live()
-        if wanted == self._live and all(self.adapters[n].applied_is_current() for n in wanted):
+        if self._in_sync():
             return
+        wanted = self._wanted_live()
         if wanted and getattr(self.base_layer, "_is_fsdp_managed_module", False):
             raise RuntimeError(FSDP_SHARDED_WEIGHT)
-        self.withdraw_live()
+        self._withdraw_live()
         for name in wanted:
             self._apply_adapter(name)
             self._live.append(name)
 
     # ---- merging ------------------------------------------------------------------------
     def merge_is_finite(self, names: list[str]) -> bool:
-        self.withdraw_live()
-        return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
+        with self._guard.writing("merge"):
+            self._withdraw_live()
+            return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
 
     def merge(self, names: list[str]) -> None:
-        self.withdraw_live()
-        # weight-resident adapters first, in order, as forward writes them in (MiSS bat reads the weight)
-        names = sorted(names, key=lambda n: not (n in self.adapters and self.adapters[n].lives_in_weight))
-        for name in names:
-            if name in self.merged:
-                warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
-                continue
-            self._apply_adapter(name)
-            self.merged.append(name)
+        with self._guard.writing("merge"):
+            self._withdraw_live()
+            if self.weight_shared_with and names:
+                warnings.warn(f"merging {names} into a weight tied to {list(self.weight_shared_with)}: those "
+                              "modules change too (unmerge restores them)", stacklevel=3)
+            # weight-resident adapters first, in order, as forward writes them in (MiSS bat reads the weight)
+            names = sorted(names, key=lambda n: not (n in self.adapters and self.adapters[n].lives_in_weight))
+            for name in names:
+                if name in self.merged:
+                    warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
+                    continue
+                self._apply_adapter(name)
+                self.merged.append(name)
 
     def unmerge(self) -> None:
-        self.withdraw_live()
-        while self.merged:
-            self._remove_adapter(self.merged.pop())
+        with self._guard.writing("unmerge"):
+            self._withdraw_live()
+            while self.merged:
+                self._remove_adapter(self.merged.pop())
 
     def switch(self, names: list[str]) -> None:
         """Fused mode: unmerge whatever is merged, merge ``names`` (SHiRA: scatters only)."""
-        self.unmerge()
-        self.merge([n for n in names if n in self.adapters])
+        with self._guard.writing("switch_adapter"):
+            self.unmerge()
+            self.merge([n for n in names if n in self.adapters])
+
+    # ---- threads: products running on this weight ------------------------------------------
+    def _enter(self, plain: bool) -> None:
+        """Wait until the weight may hold what this forward needs, bring it there, count the user.
+
+        Plain forwards share the weight while it holds the wanted live adapters with current values;
+        a routed forward needs it to itself (it starts from the clean base and scatters per group).
+        """
+        guard = self._guard
+        with guard.idle:
+            waited = 0.0
+            while self._users and not (plain and self._users_plain and self._in_sync()):
+                if waited >= WAIT_S:
+                    raise ConcurrentUseError(
+                        f"a forward waited {WAIT_S:.0f} s for other threads' products on this layer's weight "
+                        "(SHiRA / MiSS bat write adapters into it); is a forward stuck in another thread?")
+                guard.idle.wait(1.0)
+                waited += 1.0
+            if not self._users:
+                if plain:
+                    self.sync_live()
+                else:
+                    self._withdraw_live()
+                self._users_plain = plain
+            self._users += 1
+            guard.layer_users += 1
+
+    def _leave(self) -> None:
+        guard = self._guard
+        with guard.idle:
+            self._users -= 1
+            guard.layer_users -= 1
+            if not self._users:
+                guard.idle.notify_all()
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routed_forward(x, self.routing.groups(x.shape[0], x.device))
-        self.sync_live()
+        routing = ROUTES.get().get(self._guard)  # this call's route, if any (per thread / task)
+        if not self._has_in_weight:  # nothing is ever written into this weight by a forward
+            if routing is not None:
+                return self.routed_forward(x, routing.groups(x.shape[0], x.device))
+            return self._plain_forward(x, *args, **kwargs)
+        self._enter(plain=routing is None)
+        try:
+            if routing is not None:
+                return self.routed_forward(x, routing.groups(x.shape[0], x.device))
+            return self._plain_forward(x, *args, **kwargs)
+        finally:
+            self._leave()
+
+    def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The active adapters: in-weight ones already written in (``_enter``), the others added."""
         pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
         live = [n for n in pending if self.adapters[n].lives_in_weight]
         if live and torch.is_grad_enabled():
@@ -212,8 +293,9 @@ class AdapterLinear(nn.Module):
         An adapter that lives in the weight (SHiRA) and has many tokens in its group instead runs
         the base product on its rows with its values scattered in: two K-scatters beat a sparse
         product over that many tokens; small groups (decoding) use the sparse product.
+        Runs with the weight to itself (``_enter(plain=False)``), starting from the clean base.
         """
-        self.withdraw_live()
+        self._withdraw_live()
         if self.disabled:
             return self.base_layer(x)
         tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
@@ -268,7 +350,7 @@ class ModulesToSave(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.disabled = False
-        self.routing = None  # a shirakit.routing.Routing while a mixed-adapter batch runs
+        self._guard = ModelGuard()  # the model's, set by inject (routes are looked up by it)
 
     def add_adapter(self, name: str) -> None:
         if name in self.adapters:
@@ -294,11 +376,12 @@ class ModulesToSave(nn.Module):
         return self.adapters[self.active[0]]
 
     def forward(self, *args, **kwargs):
-        if self.routing is None or self.disabled:
+        routing = ROUTES.get().get(self._guard)
+        if routing is None or self.disabled:
             return self.current()(*args, **kwargs)
         x, rest = args[0], args[1:]
         y = None
-        for name, rows in self.routing.groups(x.shape[0], x.device):
+        for name, rows in routing.groups(x.shape[0], x.device):
             module = self.adapters[name] if name in self.adapters else self.original_module
             out = module(x.index_select(0, rows), *rest, **kwargs)
             if not isinstance(out, torch.Tensor):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from .guard import writes_weights
 from .inject import adapter_layers, check_adapter_names, hosts, state_of
 
 
+@writes_weights
 def switch_adapter(model: nn.Module, adapter_name: str | None) -> None:
     """Make ``adapter_name`` the one adapter merged into the weights (None: the bare base).
 
