@@ -14,8 +14,9 @@ from __future__ import annotations
 from torch import nn
 
 from .guard import writes_weights
-from .inject import adapter_layers, check_adapter_names, inject, state_of
+from .inject import inject
 from .registry import method_for_config
+from .state import adapter_layers, check_adapter_names, state_of
 
 
 @writes_weights

@@ -2,20 +2,23 @@
 
 ``AdapterLinear`` replaces a targeted ``nn.Linear`` (or transformers ``Conv1D``) in place. Its
 forward is ``y = base_layer(x) + sum_{a in active, unmerged} a(x)``. Adapters whose values live in
-the weight (SHiRA) are instead scattered into the base weight while active, so their unmerged
-forward costs nothing beyond the base product; they are withdrawn (originals restored exactly)
-before anything else touches the weight: merge, unmerge, disable, delete, unload, ``state_dict``.
+the weight (:class:`~shirakit.adapter.InWeightAdapter`: SHiRA, MiSS bat) are instead written into
+the base weight while active, so their unmerged forward costs nothing beyond the base product;
+they are withdrawn (originals restored exactly) before anything else touches the weight: merge,
+unmerge, disable, delete, unload, ``state_dict``. The layer calls only what the two adapter
+classes declare.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
-from .adapter import Adapter, LayerGeometry
+from .adapter import Adapter, InWeightAdapter, LayerGeometry
 from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
@@ -24,12 +27,6 @@ except ImportError:  # pragma: no cover - transformers is a runtime dependency, 
     Conv1D = ()  # type: ignore[assignment]
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
-
-# In a mixed batch, a SHiRA group with at least this many tokens runs on the scattered weight
-# instead of the sparse product. Measured on CPU (benchmarks/mixed_batch.py, 1024/2816 layers,
-# r=32, 4 groups): scatter wins from 128-256 tokens per group; the sparse product's cost grows
-# with tokens, the two scatters' does not.
-SCATTER_MIN_TOKENS = 256
 
 # FSDP (fully_shard) re-gathers a sharded weight from its shards for every forward and backward, so
 # values scattered into one gathered copy are lost: training would be silently wrong. Refuse instead.
@@ -70,19 +67,20 @@ class AdapterLinear(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []  # LIFO: unmerge pops in reverse order, so overlaps restore exactly
         self.disabled = False
-        self._live: list[str] = []  # lives_in_weight adapters currently scattered into the weight
+        self._live: list[str] = []  # in-weight adapters currently written into the weight
         # Bookkeeping that lets a SHiRA merge skip re-reading base values it read before: the
         # generation changes whenever the clean base weight may differ from what it was.
         self._base_generation = 0
-        self._seen_version = self.weight._version
+        self._note_own_write()
+        self._kept: dict[str, torch.Tensor] = {}  # exact merges: the weight as it was before each
         # Threads (see shirakit.guard): the model's guard (inject shares one across the model), and
         # the products running on this layer's weight; ``_users_plain``: they read the plain state.
         self._guard = ModelGuard()
         self._users = 0
         self._users_plain = False
-        self._has_in_weight = False  # any adapter here that lives in the weight: forwards coordinate
-        # Other modules sharing this weight tensor (tied embeddings), found by inject: in-weight
-        # adapters then run additively here, never writing into the shared tensor.
+        self._has_in_weight = False  # an in-weight adapter here: forwards coordinate (see _enter)
+        # Other parameters sharing this weight's storage (tied embeddings), found by inject: no
+        # adapter is then kept written into it; SHiRA / MiSS bat run additively (see _in_weight).
         self.weight_shared_with: tuple[str, ...] = ()
         # model.state_dict() must show the clean base weight, never adapter values riding in it.
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.withdraw_live())
@@ -110,12 +108,8 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         with self._guard.writing("adding an adapter"):
             self._withdraw_live()
-            if adapter.lives_in_weight and self.weight_shared_with:
-                # writing into a tied tensor would change the other modules too: run additively
-                # (SHiRA: y = base(x) + s x S^T; MiSS bat: + x delta_W^T), the tensor stays untouched
-                adapter.lives_in_weight = False
             self.adapters[name] = adapter.to(self.weight.device)
-            self._has_in_weight = any(a.lives_in_weight for a in self.adapters.values())
+            self._has_in_weight = any(self._in_weight(n) is not None for n in self.adapters)
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -124,7 +118,7 @@ class AdapterLinear(nn.Module):
             self._withdraw_live()
             del self.adapters[name]
             self.active = [n for n in self.active if n != name]
-            self._has_in_weight = any(a.lives_in_weight for a in self.adapters.values())
+            self._has_in_weight = any(self._in_weight(n) is not None for n in self.adapters)
 
     def set_active(self, names: list[str]) -> None:
         with self._guard.writing("set_adapter"):
@@ -137,31 +131,73 @@ class AdapterLinear(nn.Module):
             self.disabled = disabled
 
     # ---- weight bookkeeping ---------------------------------------------------------------
-    def _check_external_writes(self) -> None:
-        """A write we did not make (load_state_dict, a user's copy_) starts a new base generation."""
-        if self.weight._version != self._seen_version:
-            self._base_generation += 1
+    def _note_own_write(self) -> None:
+        self._seen_weight = weakref.ref(self.weight)  # a reference that neither registers nor keeps it
+        self._seen_version = self.weight._version
 
-    def _apply_adapter(self, name: str) -> None:
-        self._check_external_writes()
+    def _weight_rewritten(self) -> bool:
+        """Was the weight written (or replaced) by someone else since shirakit last wrote it?"""
+        weight = self.weight
+        return weight._version != self._seen_version or weight is not self._seen_weight()
+
+    def _reconcile(self) -> None:
+        """Take a write we did not make (load_state_dict, a user's copy_) as a new base.
+
+        Whatever shirakit had written into the weight is gone, and the base values it kept are
+        stale: they are dropped, never written back. Live adapters are written in again by the next
+        sync; merged ones are merged onto the new base now (with a warning), so the layer computes
+        what a fresh load followed by the same calls would.
+        """
+        if not self._weight_rewritten():
+            return
+        self._base_generation += 1
+        merged = [(n, n in self._kept) for n in self.merged]
+        for name in self._live + self.merged:
+            self.adapters[name].forget_written()
+        self._live, self.merged, self._kept = [], [], {}
+        self._note_own_write()
+        if merged:
+            warnings.warn(f"the weight under merged adapter(s) {[n for n, _ in merged]} was overwritten from "
+                          "outside (load_state_dict, copy_): taking it as the new base and merging them onto it "
+                          "again", stacklevel=4)
+            for name, exact in merged:
+                self._apply_adapter(name, exact)
+                self.merged.append(name)
+
+    def _apply_adapter(self, name: str, exact: bool = False) -> None:
         clean_below = not self.merged and not self._live
         key = (id(self.weight), self._base_generation) if clean_below else None
-        self.adapters[name].merge_into(self.weight, base_key=key)
-        self._seen_version = self.weight._version
+        adapter = self.adapters[name]
+        if exact and not adapter.exact_unmerge:
+            self._kept[name] = self.weight.detach().clone()
+        adapter.merge_into(self.weight, base_key=key)
+        self._note_own_write()
 
     def _remove_adapter(self, name: str) -> None:
-        self._check_external_writes()
         adapter = self.adapters[name]
-        adapter.unmerge_from(self.weight)
-        if not adapter.exact_unmerge:  # subtraction leaves rounding behind: the base changed
-            self._base_generation += 1
-        self._seen_version = self.weight._version
+        kept = self._kept.pop(name, None)
+        if kept is not None:  # exact mode: the weight as it was before this merge, bit for bit
+            with torch.no_grad():
+                self.weight.copy_(kept)
+            adapter.forget_written()
+        else:
+            adapter.unmerge_from(self.weight)
+            if not adapter.exact_unmerge:  # subtraction leaves rounding behind: the base changed
+                self._base_generation += 1
+        self._note_own_write()
 
     # ---- live (scattered-in) adapters --------------------------------------------------
+    def _in_weight(self, name: str) -> InWeightAdapter | None:
+        """The adapter, if it is kept written into the weight while active and unmerged. Never on a
+        weight shared with another module (tied embeddings): writing there would change that module
+        too, so SHiRA / MiSS bat run additively (``y = base(x) + adapter(x)``) on such a layer."""
+        adapter = self.adapters[name] if name in self.adapters else None
+        return adapter if isinstance(adapter, InWeightAdapter) and not self.weight_shared_with else None
+
     def _wanted_live(self) -> list[str]:
         if self.disabled:
             return []
-        return [n for n in self.active if n not in self.merged and self.adapters[n].lives_in_weight]
+        return [n for n in self.active if n not in self.merged and self._in_weight(n) is not None]
 
     def withdraw_live(self) -> None:
         """Restore the base values under every live adapter (reverse order: exact under overlap)."""
@@ -170,15 +206,19 @@ class AdapterLinear(nn.Module):
                 self._withdraw_live()
 
     def _withdraw_live(self) -> None:
+        self._reconcile()
         while self._live:
             self._remove_adapter(self._live.pop())
 
     def _in_sync(self) -> bool:
+        if self._weight_rewritten():
+            return False
         wanted = self._wanted_live()
         return wanted == self._live and all(self.adapters[n].applied_is_current() for n in wanted)
 
     def sync_live(self) -> None:
         """Make the weight hold exactly the wanted live adapters with their current values."""
+        self._reconcile()
         if self._in_sync():
             return
         wanted = self._wanted_live()
@@ -195,19 +235,22 @@ class AdapterLinear(nn.Module):
             self._withdraw_live()
             return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
 
-    def merge(self, names: list[str]) -> None:
+    def merge(self, names: list[str], exact: bool = False) -> None:
+        """Fold ``names`` into the weight. ``exact``: keep a copy of the weight before each additive
+        adapter (LoRA, VeRA, MiSS balance/mini), so unmerge restores it bit-exactly instead of
+        subtracting (one weight-sized copy per merged adapter; SHiRA and MiSS bat are always exact)."""
         with self._guard.writing("merge"):
             self._withdraw_live()
             if self.weight_shared_with and names:
                 warnings.warn(f"merging {names} into a weight tied to {list(self.weight_shared_with)}: those "
                               "modules change too (unmerge restores them)", stacklevel=3)
             # weight-resident adapters first, in order, as forward writes them in (MiSS bat reads the weight)
-            names = sorted(names, key=lambda n: not (n in self.adapters and self.adapters[n].lives_in_weight))
+            names = sorted(names, key=lambda n: self._in_weight(n) is None)
             for name in names:
                 if name in self.merged:
                     warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
                     continue
-                self._apply_adapter(name)
+                self._apply_adapter(name, exact)
                 self.merged.append(name)
 
     def unmerge(self) -> None:
@@ -216,11 +259,11 @@ class AdapterLinear(nn.Module):
             while self.merged:
                 self._remove_adapter(self.merged.pop())
 
-    def switch(self, names: list[str]) -> None:
+    def switch(self, names: list[str], exact: bool = False) -> None:
         """Fused mode: unmerge whatever is merged, merge ``names`` (SHiRA: scatters only)."""
         with self._guard.writing("switch_adapter"):
             self.unmerge()
-            self.merge([n for n in names if n in self.adapters])
+            self.merge([n for n in names if n in self.adapters], exact)
 
     # ---- threads: products running on this weight ------------------------------------------
     def _enter(self, plain: bool) -> None:
@@ -260,6 +303,9 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routing = ROUTES.get().get(self._guard)  # this call's route, if any (per thread / task)
         if not self._has_in_weight:  # nothing is ever written into this weight by a forward
+            if self.merged and self._weight_rewritten():
+                with self._guard.lock:
+                    self._reconcile()
             if routing is not None:
                 return self.routed_forward(x, routing.groups(x.shape[0], x.device))
             return self._plain_forward(x, *args, **kwargs)
@@ -274,17 +320,16 @@ class AdapterLinear(nn.Module):
     def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The active adapters: in-weight ones already written in (``_enter``), the others added."""
         pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
-        live = [n for n in pending if self.adapters[n].lives_in_weight]
+        live = [self._in_weight(n) for n in pending if self._in_weight(n) is not None]
         if live and torch.is_grad_enabled():
-            y = self.adapters[live[0]].trainable_base_forward(self.base_layer, x, self.geometry)
-            for name in live[1:]:
-                y = self.adapters[name].tap_value_grad(y, x)
+            y = live[0].trainable_base_forward(self.base_layer, x)
+            for adapter in live[1:]:
+                y = adapter.tap_value_grad(y, x)
         else:
             y = self.base_layer(x, *args, **kwargs)
         for name in pending:
-            adapter = self.adapters[name]
-            if not adapter.lives_in_weight:
-                y = y + adapter(x, self.weight).to(y.dtype)
+            if self._in_weight(name) is None:
+                y = y + self.adapters[name](x, self.weight).to(y.dtype)
         return y
 
     def routed_forward(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
@@ -301,8 +346,8 @@ class AdapterLinear(nn.Module):
         tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
         in_weight = [
             (name, rows) for name, rows in groups
-            if name in self.adapters and self.adapters[name].lives_in_weight
-            and rows.numel() * tokens_per_row >= SCATTER_MIN_TOKENS
+            if self._in_weight(name) is not None
+            and rows.numel() * tokens_per_row >= self._in_weight(name).scatter_min_tokens
         ]
         done = {name for name, _ in in_weight}
         if in_weight:

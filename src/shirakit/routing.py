@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .guard import ROUTES
-from .inject import adapter_layers, state_of
+from .state import adapter_layers, state_of
 
 BASE = "__base__"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from .guard import writes_weights
-from .inject import adapter_layers, check_adapter_names, hosts, state_of
+from .state import adapter_layers, check_adapter_names, hosts, state_of
 
 
 @writes_weights
