@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import shirakit
-import shirakit.layer
-from shirakit.guard import ConcurrentUseError
+from shirakit import ConcurrentUseError
+from shirakit.adapter import InWeightAdapter
 from shirakit.routing import route
 from tests.models import MODELS, TARGETS, inputs, output
 from tests.test_routing import _alone
@@ -84,7 +84,7 @@ def _assert_base_is(model, base):
 ], ids=["shira", "bat+shira", "lora+shira"])
 @pytest.mark.parametrize("scatter_path", [False, True], ids=["sparse", "scatter"])
 def test_two_routed_threads_and_a_plain_one_each_get_their_own_adapters(makers, scatter_path, monkeypatch):
-    monkeypatch.setattr(shirakit.layer, "SCATTER_MIN_TOKENS", 1 if scatter_path else 10**9)
+    monkeypatch.setattr(InWeightAdapter, "scatter_min_tokens", 1 if scatter_path else 10**9)
     model = _model(makers)
     ids = inputs(batch=3)
     names_1, names_2 = ["a", "b", "__base__"], ["b", "__base__", "a"]

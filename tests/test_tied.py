@@ -15,6 +15,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import shirakit
+from shirakit.adapter import InWeightAdapter
 
 VOCAB = 96  # divisible by MiSS bat's r
 
@@ -58,8 +59,9 @@ def test_in_weight_adapter_on_a_tied_head_leaves_the_embeddings_alone(method):
         shirakit.inject(model, CONFIGS[method]())
     head = tied.lm_head
     assert head.weight_shared_with == ("model.embed_tokens.weight",)
-    assert not head.adapters["default"].lives_in_weight  # the additive path
-    assert untied.lm_head.adapters["default"].lives_in_weight  # untied: in the weight as usual
+    assert isinstance(head.adapters["default"], InWeightAdapter)
+    assert head._in_weight("default") is None  # the additive path
+    assert untied.lm_head._in_weight("default") is not None  # untied: in the weight as usual
     ids = _ids()
     with torch.no_grad():
         got, want = tied(input_ids=ids).logits, untied(input_ids=ids).logits

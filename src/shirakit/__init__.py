@@ -23,6 +23,7 @@ from .control import (
     unmerge,
 )
 from .fusion import combine_adapters
+from .guard import ConcurrentUseError
 from .inject import delete_adapter, inject, merge_and_unload, unload
 from .layer import AdapterLinear, ModulesToSave
 from .methods.lora import LoraConfig
@@ -36,8 +37,8 @@ from .switching import switch_adapter
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterConfig", "AdapterLinear", "LayerGeometry", "LoraConfig", "MissConfig", "ModulesToSave",
-    "ShiraConfig", "VeraConfig",
+    "Adapter", "AdapterConfig", "AdapterLinear", "ConcurrentUseError", "LayerGeometry", "LoraConfig",
+    "MissConfig", "ModulesToSave", "ShiraConfig", "VeraConfig",
     "active_adapters", "adapter_orthogonality", "adapter_state_dict", "combine_adapters", "route",
     "switch_adapter", "calibrate", "compute_masks", "delete_adapter",
     "delta_weights", "disable_adapters", "inject", "load_adapter", "merge", "merge_and_unload",
