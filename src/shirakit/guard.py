@@ -51,6 +51,7 @@ class ModelGuard:
         self.idle = threading.Condition(self.lock)
         self._calls: dict[int, int] = {}  # thread ident -> depth of model calls (forward, generate) in flight
         self.layer_users = 0  # layer products reading an in-weight state, all threads
+        self.waiting = 0  # forwards waiting on ``idle`` (notified only when someone waits)
         self._local = threading.local()  # per-thread stack for the keyword-routing hooks
 
     def __reduce__(self):  # deepcopy / pickle of a model: a fresh guard, nothing in flight

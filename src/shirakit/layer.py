@@ -51,6 +51,17 @@ def geometry_of(layer: nn.Module) -> LayerGeometry:
     )
 
 
+class _WeightUse:
+    """The forwards running products on one layer's weight (a plain object: nn.Module's
+    ``__setattr__`` costs microseconds per call on this per-forward path)."""
+
+    __slots__ = ("users", "plain")
+
+    def __init__(self) -> None:
+        self.users = 0  # products in flight on this weight
+        self.plain = False  # they read the plain state (shared), not a routed one (exclusive)
+
+
 class AdapterLinear(nn.Module):
     """A linear layer with named adapters. See the module docstring for the forward rule."""
 
@@ -74,10 +85,9 @@ class AdapterLinear(nn.Module):
         self._note_own_write()
         self._kept: dict[str, torch.Tensor] = {}  # exact merges: the weight as it was before each
         # Threads (see shirakit.guard): the model's guard (inject shares one across the model), and
-        # the products running on this layer's weight; ``_users_plain``: they read the plain state.
+        # the products running on this layer's weight (a _WeightUse).
         self._guard = ModelGuard()
-        self._users = 0
-        self._users_plain = False
+        self._use = _WeightUse()
         self._has_in_weight = False  # an in-weight adapter here: forwards coordinate (see _enter)
         # Other parameters sharing this weight's storage (tied embeddings), found by inject: no
         # adapter is then kept written into it; SHiRA / MiSS bat run additively (see _in_weight).
@@ -210,16 +220,18 @@ class AdapterLinear(nn.Module):
         while self._live:
             self._remove_adapter(self._live.pop())
 
-    def _in_sync(self) -> bool:
-        if self._weight_rewritten():
-            return False
+    def _live_current(self) -> bool:
+        """Does the weight hold the wanted live adapters, with their current values?"""
         wanted = self._wanted_live()
         return wanted == self._live and all(self.adapters[n].applied_is_current() for n in wanted)
+
+    def _in_sync(self) -> bool:
+        return not self._weight_rewritten() and self._live_current()
 
     def sync_live(self) -> None:
         """Make the weight hold exactly the wanted live adapters with their current values."""
         self._reconcile()
-        if self._in_sync():
+        if self._live_current():
             return
         wanted = self._wanted_live()
         if wanted and getattr(self.base_layer, "_is_fsdp_managed_module", False):
@@ -272,31 +284,41 @@ class AdapterLinear(nn.Module):
         Plain forwards share the weight while it holds the wanted live adapters with current values;
         a routed forward needs it to itself (it starts from the clean base and scatters per group).
         """
-        guard = self._guard
-        with guard.idle:
-            waited = 0.0
-            while self._users and not (plain and self._users_plain and self._in_sync()):
+        guard, use = self._guard, self._use
+        with guard.lock:
+            if use.users and not (plain and use.plain and self._in_sync()):
+                self._wait_for_weight(plain)
+            if not use.users:
+                if plain:
+                    self.sync_live()
+                else:
+                    self._withdraw_live()
+                use.plain = plain
+            use.users += 1
+            guard.layer_users += 1
+
+    def _wait_for_weight(self, plain: bool) -> None:
+        """Wait (lock released meanwhile) until this forward may use the weight; bounded by WAIT_S."""
+        guard, use = self._guard, self._use
+        waited = 0.0
+        guard.waiting += 1
+        try:
+            while use.users and not (plain and use.plain and self._in_sync()):
                 if waited >= WAIT_S:
                     raise ConcurrentUseError(
                         f"a forward waited {WAIT_S:.0f} s for other threads' products on this layer's weight "
                         "(SHiRA / MiSS bat write adapters into it); is a forward stuck in another thread?")
                 guard.idle.wait(1.0)
                 waited += 1.0
-            if not self._users:
-                if plain:
-                    self.sync_live()
-                else:
-                    self._withdraw_live()
-                self._users_plain = plain
-            self._users += 1
-            guard.layer_users += 1
+        finally:
+            guard.waiting -= 1
 
     def _leave(self) -> None:
-        guard = self._guard
-        with guard.idle:
-            self._users -= 1
+        guard, use = self._guard, self._use
+        with guard.lock:
+            use.users -= 1
             guard.layer_users -= 1
-            if not self._users:
+            if not use.users and guard.waiting:
                 guard.idle.notify_all()
 
     # ---- forward ------------------------------------------------------------------------

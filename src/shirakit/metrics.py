@@ -14,6 +14,7 @@ proportional to P's non-zeros, not n^2; anything else goes through its dense del
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,9 @@ def orthogonality(layer: str, a1: Delta, a2: Delta) -> Orthogonality:
         raise ValueError(f"{layer}: the adapters' deltas differ in shape: {tuple(shape1)} vs {tuple(shape2)}")
     n = shape1[1]
     if isinstance(a1, SparseDelta) and isinstance(a2, SparseDelta):
-        product = torch.sparse.mm(a1.to_sparse().t().coalesce(), a2.to_sparse()).coalesce().values()
+        with warnings.catch_warnings():  # torch's sparse product warns that CSR support is "beta"
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            product = torch.sparse.mm(a1.to_sparse().t().coalesce(), a2.to_sparse()).coalesce().values()
     else:
         dense1 = a1.to_dense() if isinstance(a1, SparseDelta) else a1.float()
         dense2 = a2.to_dense() if isinstance(a2, SparseDelta) else a2.float()
@@ -162,8 +165,7 @@ def heatmap(rows: list[Orthogonality], path, title: str = "AWOR per layer") -> N
         grid[blocks.index(block), kinds.index(kind)] = value
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.0 + 0.4 * len(blocks)))
     image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(kinds)), [k.rsplit(".", 1)[-1] if len(k) > 12 else k for k in kinds], rotation=45,
-                  ha="right")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")  # whole names: "dense" alone is ambiguous
     ax.set_yticks(range(len(blocks)), blocks)
     ax.set(xlabel="layer", ylabel="block", title=title)
     fig.colorbar(image, ax=ax, label="AWOR (1 = orthogonal)")
