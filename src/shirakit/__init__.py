@@ -25,6 +25,7 @@ _EXPORTS = {
     "print_trainable_parameters": "control", "set_adapter": "control",
     "set_scale": "control", "trainable_parameters": "control", "unmerge": "control",
     "combine_adapters": "fusion",
+    "ConcurrentUseError": "guard",
     "delete_adapter": "inject", "inject": "inject", "merge_and_unload": "inject", "unload": "inject",
     "AdapterLinear": "layer", "ModulesToSave": "layer",
     "LoraConfig": "methods.lora", "MissConfig": "methods.miss", "ShiraConfig": "methods.shira",

@@ -30,6 +30,7 @@ from .config import CONFIG_NAME, AdapterConfig, read_config
 from .control import merge as merge_adapters
 from .control import set_adapter
 from .folder import BINDING_KEY, WEIGHTS_NAME, digest, write_adapter_folder
+from .guard import writes_weights
 from .inject import delete_adapter, find_targets, inject, unload
 from .io_utils import check_regular_file
 from .layer import AdapterLinear, geometry_of
@@ -132,6 +133,7 @@ def read_weights(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], 
     return path, tensors, metadata
 
 
+@writes_weights
 def load_adapter(
     model: nn.Module,
     directory: str | Path,

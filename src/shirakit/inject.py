@@ -23,6 +23,7 @@ from torch import nn
 from .adapter import Adapter
 from .config import AdapterConfig
 from .control import merge, set_adapter
+from .guard import writes_weights
 from .layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
 from .registry import method_for_config
 from .routing import install_keyword_routing, uninstall_keyword_routing
@@ -126,6 +127,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # ---- inject ---------------------------------------------------------------------------------
+@writes_weights
 def inject(
     model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, _from_checkpoint: bool = False
 ) -> nn.Module:
@@ -196,11 +198,16 @@ def _attach(model, state, fresh, config, adapter_name, layers, new_adapters, sha
         holder = add_shared(model, adapter_name, shared, layers[0][1].weight.device)
         for adapter in new_adapters:
             adapter.bind_shared(holder)
+    sharers = _weight_sharers(model)
+    for name, layer in layers:
+        layer.weight_shared_with = sharers.get(name, ())
     for (_, layer), adapter in zip(layers, new_adapters):
         undo.append(lambda layer=layer: adapter_name in layer.adapters and layer.remove_adapter(adapter_name))
         layer.add_adapter(adapter_name, adapter)
     for module_name in config.modules_to_save or []:
         _wrap_module_to_save(model, module_name, adapter_name, undo)
+    for _, host in hosts(model):
+        host._guard = state.guard
     previous_active = list(state.active)
     undo.append(lambda: (state.configs.pop(adapter_name, None), state.trainable.pop(adapter_name, None)))
     state.configs[adapter_name] = config
@@ -217,6 +224,23 @@ def _restore_active(model: nn.Module, state: ModelAdapters, names: list[str]) ->
     state.active = [n for n in names if n in state.configs]
     for _, host in hosts(model):
         host.set_active(state.active)
+
+
+def _weight_sharers(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Adapter layer name -> the other parameters sharing its weight's storage (tied embeddings:
+    ``lm_head.weight`` is ``embed_tokens.weight`` in SmolLM2, Llama 3.2, Gemma, GPT-2)."""
+    by_storage: dict[tuple, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if p.numel():
+            by_storage.setdefault((p.device, p.untyped_storage().data_ptr()), []).append(pname)
+    found = {}
+    for name, layer in adapter_layers(model):
+        w = layer.weight
+        own = {f"{name}.base_layer.weight", f"{name}.weight"}
+        others = [n for n in by_storage.get((w.device, w.untyped_storage().data_ptr()), []) if n not in own]
+        if others:
+            found[name] = tuple(others)
+    return found
 
 
 def seed_of(config: AdapterConfig) -> int:
@@ -266,6 +290,7 @@ def _wrap_module_to_save(model: nn.Module, module_name: str, adapter_name: str, 
 
 
 # ---- taking adapters out --------------------------------------------------------------------
+@writes_weights
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter everywhere; refused while it is merged."""
     state = state_of(model)
@@ -282,6 +307,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     state.active = [n for n in state.active if n != adapter_name]
 
 
+@writes_weights
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """Put the original layers back. ``merge=True`` first merges the active adapters (and keeps
     their copies of modules_to_save); otherwise merged adapters are unmerged first."""
