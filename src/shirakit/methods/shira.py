@@ -28,7 +28,7 @@ from ..adapter import Adapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
 from ..registry import register
-from ..sparse import csr_pattern, scatter_values, scattered_linear, value_grad_tap
+from ..sparse import SparsePattern, scatter_values, scattered_linear, value_grad_tap
 
 # Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
 # "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
@@ -114,7 +114,6 @@ class ShiraAdapter(Adapter):
             self.register_buffer("_storage_index", torch.empty(k, dtype=torch.int64, device=weight.device),
                                  persistent=False)
             self._pattern = None
-            self._product_csr = None
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
@@ -135,32 +134,20 @@ class ShiraAdapter(Adapter):
         """Everything the kernels need, derived once from the (sorted) indices."""
         rows, cols = indices[0].long(), indices[1].long()
         self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
-        self._pattern: torch.Tensor | None = None  # CSR, built on first training forward
-        self._product_csr = None
+        self._pattern: SparsePattern | None = None  # built on first use
 
-    def pattern(self) -> torch.Tensor:
+    def pattern(self) -> SparsePattern:
         idx = self.shira_indices
         if self._pattern is None or self._pattern.device != idx.device:
             g = self.geometry
-            self._pattern = csr_pattern(idx[0], idx[1], g.out_features, g.in_features)
+            self._pattern = SparsePattern(idx[0], idx[1], g.out_features, g.in_features)
         return self._pattern
 
     # ---- the maths ------------------------------------------------------------------------
-    def _product_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """int32 (crow, col) for the sparse product, built once per pattern.
-
-        The product accepts int32 indices (and converts int64 ones on every call); the
-        value-gradient kernel needs int64 (its int32 path is wrong on CPU), hence two copies.
-        """
-        pattern = self.pattern()
-        if self._product_csr is None or self._product_csr[0] is not pattern:
-            self._product_csr = (pattern, pattern.crow_indices().int(), pattern.col_indices().int())
-        return self._product_csr[1], self._product_csr[2]
-
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """delta_y = s * x S^T by a sparse product (mixed batches, where the weight cannot carry
         every row's values)."""
-        crow, col = self._product_indices()
+        crow, col = self.pattern().csr_int32()
         g = self.geometry
         values = self.shira_weight * self.scale
         sparse = torch.sparse_csr_tensor(crow, col, values, (g.out_features, g.in_features), check_invariants=False)
