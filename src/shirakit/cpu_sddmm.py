@@ -46,6 +46,10 @@ _kernels = None
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
+# Transposed operands go to per-thread scratch kept between calls: a fresh multi-MB buffer per
+# call costs its page faults every time (about 0.1 ms per MB). Buffers above this size are not kept.
+_SCRATCH_KEEP_BYTES = 256 * 2**20
+_scratch = threading.local()
 
 
 def usable(g: torch.Tensor, x: torch.Tensor) -> bool:
@@ -156,11 +160,24 @@ def _padded_width(tokens: int) -> int:
     return width + _PAD if width % 128 == 0 else width  # a 2^k-byte row stride maps rows to few cache sets
 
 
-def _columns_as_rows(src: torch.Tensor, threads: int) -> np.ndarray:
+def _scratch_buffer(slot: int, count: int) -> torch.Tensor:
+    """``count`` fp32 of this thread's scratch ``slot`` (grown on demand, reused across calls)."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.empty(count, dtype=torch.float32)
+        if count * 4 <= _SCRATCH_KEEP_BYTES:
+            buffers[slot] = buffer
+    return buffer[:count]
+
+
+def _columns_as_rows(src: torch.Tensor, threads: int, slot: int) -> np.ndarray:
     """``src`` (T, c) -> fp32 (c, padded T) with zeros past T: each column becomes a contiguous row."""
     tokens, cols = src.shape
     width = _padded_width(tokens)
-    dst = torch.empty(cols, width, dtype=torch.float32)
+    dst = _scratch_buffer(slot, cols * width).view(cols, width)
     dst[:, tokens:].zero_()
     if src.dtype == torch.float32:
         transpose_fp32, _ = _compile()
@@ -188,8 +205,8 @@ def value_grad(
     if g2.shape[0] == 0:
         return out.zero_()
     threads = threads or torch.get_num_threads()
-    g_rows = _columns_as_rows(g2, threads)
-    x_rows = _columns_as_rows(x2, threads)
+    g_rows = _columns_as_rows(g2, threads, slot=0)
+    x_rows = _columns_as_rows(x2, threads, slot=1)
     _, dots = _compile()
     _run_split(dots, (g_rows, x_rows, rows.numpy(), cols.numpy(), out.numpy()), count, threads)
     return out
