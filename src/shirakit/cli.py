@@ -287,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    from .serve.server import add_arguments  # the serve subcommand lives in shirakit.serve
+    from .serve.server import main as serve_main
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many adapters (shirakit[serve])")
+    add_arguments(p)
+    p.set_defaults(func=serve_main)
     return parser
 
 
