@@ -16,7 +16,6 @@ from .control import (
     delta_weights,
     disable_adapters,
     merge,
-    merge_and_unload,
     print_trainable_parameters,
     set_adapter,
     set_scale,
@@ -24,7 +23,7 @@ from .control import (
     unmerge,
 )
 from .fusion import combine_adapters
-from .inject import delete_adapter, inject, unload
+from .inject import delete_adapter, inject, merge_and_unload, unload
 from .layer import AdapterLinear, ModulesToSave
 from .methods.lora import LoraConfig
 from .methods.miss import MissConfig

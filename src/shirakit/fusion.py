@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .inject import adapter_layers, check_adapter_names, inject, state_of
+from .inject import inject
 from .registry import method_for_config
+from .state import adapter_layers, check_adapter_names, state_of
 
 
 def combine_adapters(model: nn.Module, names: list[str], weights: list[float], new_name: str) -> nn.Module:

@@ -2,9 +2,11 @@
 
 ``AdapterLinear`` replaces a targeted ``nn.Linear`` (or transformers ``Conv1D``) in place. Its
 forward is ``y = base_layer(x) + sum_{a in active, unmerged} a(x)``. Adapters whose values live in
-the weight (SHiRA) are instead scattered into the base weight while active, so their unmerged
-forward costs nothing beyond the base product; they are withdrawn (originals restored exactly)
-before anything else touches the weight: merge, unmerge, disable, delete, unload, ``state_dict``.
+the weight (:class:`~shirakit.adapter.InWeightAdapter`: SHiRA, MiSS bat) are instead written into
+the base weight while active, so their unmerged forward costs nothing beyond the base product;
+they are withdrawn (originals restored exactly) before anything else touches the weight: merge,
+unmerge, disable, delete, unload, ``state_dict``. The layer calls only what the two adapter
+classes declare.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from .adapter import Adapter, LayerGeometry
+from .adapter import Adapter, InWeightAdapter, LayerGeometry
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -23,12 +25,6 @@ except ImportError:  # pragma: no cover - transformers is a runtime dependency, 
     Conv1D = ()  # type: ignore[assignment]
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
-
-# In a mixed batch, a SHiRA group with at least this many tokens runs on the scattered weight
-# instead of the sparse product. Measured on CPU (benchmarks/mixed_batch.py, 1024/2816 layers,
-# r=32, 4 groups): scatter wins from 128-256 tokens per group; the sparse product's cost grows
-# with tokens, the two scatters' does not.
-SCATTER_MIN_TOKENS = 256
 
 # FSDP (fully_shard) re-gathers a sharded weight from its shards for every forward and backward, so
 # values scattered into one gathered copy are lost: training would be silently wrong. Refuse instead.
@@ -69,7 +65,7 @@ class AdapterLinear(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []  # LIFO: unmerge pops in reverse order, so overlaps restore exactly
         self.disabled = False
-        self._live: list[str] = []  # lives_in_weight adapters currently scattered into the weight
+        self._live: list[str] = []  # in-weight adapters currently written into the weight
         # Bookkeeping that lets a SHiRA merge skip re-reading base values it read before: the
         # generation changes whenever the clean base weight may differ from what it was.
         self._base_generation = 0
@@ -139,10 +135,14 @@ class AdapterLinear(nn.Module):
         self._seen_version = self.weight._version
 
     # ---- live (scattered-in) adapters --------------------------------------------------
+    def _in_weight(self, name: str) -> InWeightAdapter | None:
+        adapter = self.adapters[name] if name in self.adapters else None
+        return adapter if isinstance(adapter, InWeightAdapter) else None
+
     def _wanted_live(self) -> list[str]:
         if self.disabled:
             return []
-        return [n for n in self.active if n not in self.merged and self.adapters[n].lives_in_weight]
+        return [n for n in self.active if n not in self.merged and self._in_weight(n) is not None]
 
     def withdraw_live(self) -> None:
         """Restore the base values under every live adapter (reverse order: exact under overlap)."""
@@ -169,7 +169,7 @@ class AdapterLinear(nn.Module):
     def merge(self, names: list[str]) -> None:
         self.withdraw_live()
         # weight-resident adapters first, in order, as forward writes them in (MiSS bat reads the weight)
-        names = sorted(names, key=lambda n: not (n in self.adapters and self.adapters[n].lives_in_weight))
+        names = sorted(names, key=lambda n: self._in_weight(n) is None)
         for name in names:
             if name in self.merged:
                 warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
@@ -193,17 +193,16 @@ class AdapterLinear(nn.Module):
             return self.routed_forward(x, self.routing.groups(x.shape[0], x.device))
         self.sync_live()
         pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
-        live = [n for n in pending if self.adapters[n].lives_in_weight]
+        live = [self._in_weight(n) for n in pending if self._in_weight(n) is not None]
         if live and torch.is_grad_enabled():
-            y = self.adapters[live[0]].trainable_base_forward(self.base_layer, x, self.geometry)
-            for name in live[1:]:
-                y = self.adapters[name].tap_value_grad(y, x)
+            y = live[0].trainable_base_forward(self.base_layer, x)
+            for adapter in live[1:]:
+                y = adapter.tap_value_grad(y, x)
         else:
             y = self.base_layer(x, *args, **kwargs)
         for name in pending:
-            adapter = self.adapters[name]
-            if not adapter.lives_in_weight:
-                y = y + adapter(x, self.weight).to(y.dtype)
+            if self._in_weight(name) is None:
+                y = y + self.adapters[name](x, self.weight).to(y.dtype)
         return y
 
     def routed_forward(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
@@ -219,8 +218,8 @@ class AdapterLinear(nn.Module):
         tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
         in_weight = [
             (name, rows) for name, rows in groups
-            if name in self.adapters and self.adapters[name].lives_in_weight
-            and rows.numel() * tokens_per_row >= SCATTER_MIN_TOKENS
+            if self._in_weight(name) is not None
+            and rows.numel() * tokens_per_row >= self._in_weight(name).scatter_min_tokens
         ]
         done = {name for name, _ in in_weight}
         if in_weight:

@@ -13,9 +13,15 @@ proportional to P's non-zeros, not n^2; anything else goes through its dense del
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
+
+from .checkpoint import PREFIX, read_weights
+from .compact import COMPACT_V1, FORMAT_KEY
+from .config import read_config
+from .state import adapter_layers, check_adapter_names
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,6 @@ def pairwise(deltas1: dict[str, Delta], deltas2: dict[str, Delta]) -> list[Ortho
 
 def model_deltas(model, adapter_name: str) -> dict[str, Delta]:
     """Each layer's delta of an adapter in a model: sparse when the method is (SHiRA)."""
-    from .inject import adapter_layers
-
     out: dict[str, Delta] = {}
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
@@ -87,8 +91,6 @@ def model_deltas(model, adapter_name: str) -> dict[str, Delta]:
 
 def adapter_orthogonality(model, name1: str, name2: str) -> list[Orthogonality]:
     """AWOM/AWOR per layer for two adapters loaded in one model."""
-    from .inject import check_adapter_names
-
     check_adapter_names(model, [name1, name2])
     return pairwise(model_deltas(model, name1), model_deltas(model, name2))
 
@@ -102,10 +104,6 @@ def deltas_from_dir(directory) -> tuple[dict[str, Delta], str]:
     load both adapters into it and use :func:`adapter_orthogonality`.
     Returns the deltas and a note on how shapes were found.
     """
-    from .checkpoint import PREFIX, read_weights
-    from .compact import COMPACT_V1, FORMAT_KEY
-    from .config import read_config
-
     config = read_config(directory)
     path, tensors, metadata = read_weights(directory)
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -147,8 +145,6 @@ def align_shapes(d1: dict[str, Delta], d2: dict[str, Delta]) -> None:
 
 def heatmap(rows: list[Orthogonality], path, title: str = "AWOR per layer") -> None:
     """A PNG: one cell per layer (blocks x projection when names allow), colour = AWOR."""
-    import re
-
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,7 +19,7 @@ from torch import nn
 
 import shirakit
 
-from .data import TextDataset
+from .data import TextDataset, minilm_dir
 
 ENCODER_TARGETS = ["query", "key", "value", "dense"]
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -145,8 +145,6 @@ def train_classifier(
 def load_classifier(num_labels: int, seed: int = 0):
     """MiniLM with a fresh classification head (seeded), and its tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
-
-    from .data import minilm_dir
 
     torch.manual_seed(seed)
     verbosity = logging.get_verbosity()

@@ -21,32 +21,14 @@ from typing import Callable, ClassVar
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import compact
-from ..adapter import Adapter, LayerGeometry, adapter_dtype
+from ..adapter import InWeightAdapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
+from ..metrics import SparseDelta
 from ..registry import register
 from ..sparse import SparsePattern, scatter_values, scattered_linear, value_grad_tap
-
-# Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
-# "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
-# misses those updates and the weight would keep stale values: every optimizer step counts too.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def values_stamp(param: torch.Tensor) -> tuple[int, int]:
-    """Changes whenever ``param``'s values may have changed: an in-place write or any optimizer step."""
-    return (param._version, _optimizer_steps)
 
 
 @dataclass
@@ -90,11 +72,10 @@ class ShiraConfig(AdapterConfig):
 
 
 @register
-class ShiraAdapter(Adapter):
+class ShiraAdapter(InWeightAdapter):
     config_class = ShiraConfig
-    lives_in_weight = True
-    exact_unmerge = True
     has_compact_layout = True
+    _device_tensors = ("_saved", "_merged_values")
 
     def __init__(
         self,
@@ -125,10 +106,10 @@ class ShiraAdapter(Adapter):
             self.shira_weight = nn.Parameter(init.to(weight.device))
             self.register_buffer("shira_indices", indices.to(device=weight.device, dtype=torch.int32))
             self._set_derived(indices.to(weight.device))
-        self._saved: torch.Tensor | None = None  # base values under the adapter (kept after unmerge)
+        # _saved (the K base values, InWeightAdapter's) is kept after unmerge, for the next merge:
         self._saved_key: object = None  # the layer's name for the weight state _saved was read from
-        self._merged: tuple[object, torch.Tensor] | None = None  # (values state, W0 + s*v) last scattered
-        self._applied_state: tuple[tuple[int, int], float] | None = None
+        self._merged_state: object = None  # the values state W0 + s*v was computed for
+        self._merged_values: torch.Tensor | None = None  # W0 + s*v last scattered (weight dtype)
 
     def _set_derived(self, indices: torch.Tensor) -> None:
         """Everything the kernels need, derived once from the (sorted) indices."""
@@ -164,14 +145,16 @@ class ShiraAdapter(Adapter):
 
     def sparse_delta(self):
         """The delta by its non-zeros (for orthogonality metrics without a dense m x n)."""
-        from ..metrics import SparseDelta
-
         g = self.geometry
         values = self.shira_weight.detach().float() * self.scale
         return SparseDelta(self.shira_indices.long(), values, (g.out_features, g.in_features))
 
-    def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor, geometry: LayerGeometry):
-        """The base product on the scattered weight, with value gradients when they are wanted."""
+    # ---- living in the weight (InWeightAdapter) ----------------------------------------------
+    def trained_values(self) -> torch.Tensor:
+        return self.shira_weight
+
+    def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The base product on the scattered weight; backward: dx = g W', dv = s * SDDMM(g, x)."""
         if not self.shira_weight.requires_grad:
             return base_layer(x)
         hooked = base_layer._forward_hooks or base_layer._forward_pre_hooks
@@ -179,10 +162,11 @@ class ShiraAdapter(Adapter):
             return self.tap_value_grad(base_layer(x), x)
         return scattered_linear(
             x, self.shira_weight, base_layer.weight, base_layer.bias, self.pattern(),
-            self.scale, geometry.fan_in_fan_out,
+            self.scale, self.geometry.fan_in_fan_out,
         )
 
     def tap_value_grad(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y unchanged (a copy); backward adds dv = s * SDDMM(g, x) at the K positions."""
         if not self.shira_weight.requires_grad:
             return y
         return value_grad_tap(y, x, self.shira_weight, self.pattern(), self.scale)
@@ -203,8 +187,7 @@ class ShiraAdapter(Adapter):
         base = self._flat(weight).index_select(0, self._storage_index)
         return bool(torch.isfinite(self.merged_values(weight, base)).all())
 
-    @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor, base_key: object = None) -> None:
+    def write_into(self, weight: torch.Tensor, base_key: object) -> None:
         """Save the K base values, scatter W0 + s*v in their place.
 
         When the layer vouches (same ``base_key``) that the weight is the one the saved values
@@ -215,24 +198,15 @@ class ShiraAdapter(Adapter):
         if reread:
             self._saved = flat.index_select(0, self._storage_index)
         self._saved_key = base_key
-        state = (values_stamp(self.shira_weight), self.scale)
+        state = self.values_state()
         # W0 + s*v is kept too (K values in the weight's dtype), so a warm switch does no arithmetic
-        if reread or self._merged is None or self._merged[0] != state:
-            self._merged = (state, self.merged_values(weight, self._saved))
-        scatter_values(flat, self._storage_index, self._merged[1])
-        self._applied_state = state
+        if reread or self._merged_values is None or self._merged_state != state:
+            self._merged_state, self._merged_values = state, self.merged_values(weight, self._saved)
+        scatter_values(flat, self._storage_index, self._merged_values)
 
-    @torch.no_grad()
-    def unmerge_from(self, weight: torch.Tensor) -> None:
+    def restore_into(self, weight: torch.Tensor) -> None:
         """Scatter the saved originals back: the base is restored bit-exactly."""
-        if self._applied_state is None:
-            raise RuntimeError("SHiRA unmerge without a prior merge: no saved base values")
         scatter_values(self._flat(weight), self._storage_index, self._saved)
-        self._applied_state = None
-
-    def applied_is_current(self) -> bool:
-        """Have the values or the scale changed since they were scattered in?"""
-        return self._applied_state == (values_stamp(self.shira_weight), self.scale)
 
     # ---- fusion ------------------------------------------------------------------------------
     @classmethod
@@ -282,7 +256,7 @@ class ShiraAdapter(Adapter):
         self.shira_weight.copy_(values if order is None else values[order])
         self.shira_indices.copy_(indices.to(torch.int32))
         self._set_derived(indices.to(self.shira_indices.device))
-        self._saved, self._saved_key, self._merged = None, None, None
+        self._saved, self._saved_key, self._merged_values = None, None, None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
         return compact.encode(self.shira_indices, self.shira_weight.detach(), self.geometry.in_features)
@@ -290,15 +264,8 @@ class ShiraAdapter(Adapter):
     def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         return compact.decode(tensors, self.geometry.in_features, source)
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to()/.cuda() move parameters and buffers; keep the saved originals and pattern with them.
-        super()._apply(fn, *args, **kwargs)
-        if self._saved is not None:
-            self._saved = fn(self._saved)
-        if self._merged is not None:
-            self._merged = (self._merged[0], fn(self._merged[1]))
-        self._pattern = None
-        return self
+    def drop_device_caches(self) -> None:
+        self._pattern = None  # rebuilt on the new device (the int32 product copy follows it)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, K={self.shira_weight.numel()}, mask={self.config.mask_type}"
