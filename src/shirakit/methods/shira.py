@@ -22,7 +22,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .. import compact
+from .. import compact, shira_index_io
 from ..adapter import InWeightAdapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
@@ -251,18 +251,33 @@ class ShiraAdapter(InWeightAdapter):
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Validate the indices (range, count, uniqueness), sort them and the values together."""
         k = self.shira_weight.numel()
-        indices, order = validate_indices(tensors["shira_indices"], self.geometry, k, f"{source}: shira_indices")
-        values = tensors["shira_weight"]
-        self.shira_weight.copy_(values if order is None else values[order])
-        self.shira_indices.copy_(indices.to(torch.int32))
-        self._set_derived(indices.to(self.shira_indices.device))
+        values, raw, g = tensors["shira_weight"], tensors["shira_indices"], self.geometry
+        # The common case (sorted, valid) in one pass: the file's own int32 tensor becomes the buffer
+        # (no copy), the storage positions are written as it is checked. Else the reference path.
+        adopt = raw.dtype == torch.int32 and raw.is_contiguous() and raw.shape == self.shira_indices.shape \
+            and raw.device == self.shira_indices.device
+        target = raw if adopt else self.shira_indices
+        if shira_index_io.load_pairs(raw, g.out_features, g.in_features, g.fan_in_fan_out, target,
+                                     self._storage_index):
+            self.shira_indices = target
+        else:
+            indices, order = validate_indices(raw, g, k, f"{source}: shira_indices")
+            values = values if order is None else values[order]
+            self.shira_indices.copy_(indices.to(torch.int32))
+            self._set_derived(indices.to(self.shira_indices.device))
+        self._pattern = None
+        if values.dtype == self.shira_weight.dtype and values.device == self.shira_weight.device \
+                and values.is_contiguous() and values.shape == self.shira_weight.shape:
+            self.shira_weight.data = values  # the file's tensor is ours: take it rather than copy it
+        else:
+            self.shira_weight.copy_(values)
         self._saved, self._saved_key, self._merged_values = None, None, None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
         return compact.encode(self.shira_indices, self.shira_weight.detach(), self.geometry.in_features)
 
     def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-        return compact.decode(tensors, self.geometry.in_features, source)
+        return compact.decode(tensors, self.geometry.in_features, source, self.geometry.out_features)
 
     def drop_device_caches(self) -> None:
         self._pattern = None  # rebuilt on the new device (the int32 product copy follows it)
