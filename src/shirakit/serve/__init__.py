@@ -8,17 +8,19 @@
     app.py       the FastAPI routes (vLLM's), over a backend
     backend.py   the in-process backend (the engine thread)
     metrics.py   Prometheus text
-    server.py    model loading, uvicorn, ``shirakit serve``
+    build.py     model, tokenizer and adapter folders -> an engine
+    server.py    uvicorn, ``shirakit serve``
     ray_app.py   the Ray Serve deployment (model multiplexing)
 
 Needs the ``serve`` extra (``pip install shirakit[serve]``); Ray Serve the ``ray`` extra.
 Design and measurements: docs/serving.md.
 """
 
+from .build import build_engine
 from .cache import AdapterCache, AdapterLoadError
 from .engine import Engine, QueueFull, UnknownModel
 from .sequence import SamplingParams
-from .server import RunningServer, build_engine, start_server
+from .server import RunningServer, start_server
 
 __all__ = ["AdapterCache", "AdapterLoadError", "Engine", "QueueFull", "RunningServer", "SamplingParams",
            "UnknownModel", "build_engine", "start_server"]
