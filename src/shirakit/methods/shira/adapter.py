@@ -26,9 +26,9 @@ from ...adapter import InWeightAdapter, adapter_dtype
 from ...config import AdapterConfig, check_rank, no_serialize
 from ...metrics import SparseDelta
 from ...registry import register
-from . import compact
+from . import compact, index_io
 from .masks import MASKS, shira_budget, validate_indices
-from .sparse import csr_pattern, scatter_values, scattered_linear, value_grad_tap
+from .sparse import SparsePattern, scatter_values, scattered_linear, value_grad_tap
 
 
 @dataclass
@@ -91,7 +91,6 @@ class ShiraAdapter(InWeightAdapter):
             self.register_buffer("_storage_index", torch.empty(k, dtype=torch.int64, device=weight.device),
                                  persistent=False)
             self._pattern = None
-            self._product_csr = None
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
@@ -112,32 +111,20 @@ class ShiraAdapter(InWeightAdapter):
         """Everything the kernels need, derived once from the (sorted) indices."""
         rows, cols = indices[0].long(), indices[1].long()
         self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
-        self._pattern: torch.Tensor | None = None  # CSR, built on first training forward
-        self._product_csr = None
+        self._pattern: SparsePattern | None = None  # built on first use
 
-    def pattern(self) -> torch.Tensor:
+    def pattern(self) -> SparsePattern:
         idx = self.shira_indices
         if self._pattern is None or self._pattern.device != idx.device:
             g = self.geometry
-            self._pattern = csr_pattern(idx[0], idx[1], g.out_features, g.in_features)
+            self._pattern = SparsePattern(idx[0], idx[1], g.out_features, g.in_features)
         return self._pattern
 
     # ---- the maths ------------------------------------------------------------------------
-    def _product_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """int32 (crow, col) for the sparse product, built once per pattern.
-
-        The product accepts int32 indices (and converts int64 ones on every call); the
-        value-gradient kernel needs int64 (its int32 path is wrong on CPU), hence two copies.
-        """
-        pattern = self.pattern()
-        if self._product_csr is None or self._product_csr[0] is not pattern:
-            self._product_csr = (pattern, pattern.crow_indices().int(), pattern.col_indices().int())
-        return self._product_csr[1], self._product_csr[2]
-
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """delta_y = s * x S^T by a sparse product (mixed batches, where the weight cannot carry
         every row's values)."""
-        crow, col = self._product_indices()
+        crow, col = self.pattern().csr_int32()
         g = self.geometry
         values = self.shira_weight * self.scale
         sparse = torch.sparse_csr_tensor(crow, col, values, (g.out_features, g.in_features), check_invariants=False)
@@ -275,18 +262,33 @@ class ShiraAdapter(InWeightAdapter):
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Validate the indices (range, count, uniqueness), sort them and the values together."""
         k = self.shira_weight.numel()
-        indices, order = validate_indices(tensors["shira_indices"], self.geometry, k, f"{source}: shira_indices")
-        values = tensors["shira_weight"]
-        self.shira_weight.copy_(values if order is None else values[order])
-        self.shira_indices.copy_(indices.to(torch.int32))
-        self._set_derived(indices.to(self.shira_indices.device))
+        values, raw, g = tensors["shira_weight"], tensors["shira_indices"], self.geometry
+        # The common case (sorted, valid) in one pass: the file's own int32 tensor becomes the buffer
+        # (no copy), the storage positions are written as it is checked. Else the reference path.
+        adopt = raw.dtype == torch.int32 and raw.is_contiguous() and raw.shape == self.shira_indices.shape \
+            and raw.device == self.shira_indices.device
+        target = raw if adopt else self.shira_indices
+        if index_io.load_pairs(raw, g.out_features, g.in_features, g.fan_in_fan_out, target,
+                                     self._storage_index):
+            self.shira_indices = target
+        else:
+            indices, order = validate_indices(raw, g, k, f"{source}: shira_indices")
+            values = values if order is None else values[order]
+            self.shira_indices.copy_(indices.to(torch.int32))
+            self._set_derived(indices.to(self.shira_indices.device))
+        self._pattern = None
+        if values.dtype == self.shira_weight.dtype and values.device == self.shira_weight.device \
+                and values.is_contiguous() and values.shape == self.shira_weight.shape:
+            self.shira_weight.data = values  # the file's tensor is ours: take it rather than copy it
+        else:
+            self.shira_weight.copy_(values)
         self._saved, self._saved_key, self._merged_values = None, None, None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
         return compact.encode(self.shira_indices, self.shira_weight.detach(), self.geometry.in_features)
 
     def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-        return compact.decode(tensors, self.geometry.in_features, source)
+        return compact.decode(tensors, self.geometry.in_features, source, self.geometry.out_features)
 
     def drop_device_caches(self) -> None:
         self._pattern = None  # rebuilt on the new device (the int32 product copy follows it)
