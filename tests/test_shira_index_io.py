@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from shirakit.adapter import LayerGeometry
-from shirakit.masks import validate_indices
 from shirakit.methods.shira import compact
 from shirakit.methods.shira import index_io as shira_index_io
+from shirakit.methods.shira.masks import validate_indices
 
 pytestmark = pytest.mark.skipif(not shira_index_io.AVAILABLE, reason="numba is not installed")
 
