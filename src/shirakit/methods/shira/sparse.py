@@ -6,12 +6,12 @@ originals kept aside), so the forward is the plain product ``y = x W^T + b``. Th
     dL/dx = g W            (a dense product, as for the frozen base alone)
     dL/dv_k = s * sum_t g[t, i_k] x[t, j_k]   for the K positions (i_k, j_k)
 
-The second is a sampled dense-dense product (SDDMM): ``torch.sparse.sampled_addmm`` on a fixed
-CSR pattern computes exactly these K dots. Measured here (2816x1024 layer, 1024 tokens, fp32,
-2 threads): 16-20 ms, about the cost of one dense product, against ~800 ms for a gather-based
-SDDMM. Known limits of torch 2.13 on CPU that shaped this file:
-- ``sampled_addmm`` with int32 CSR indices returns wrong values on CPU: the pattern uses int64.
-- it rejects bf16/fp16 on CPU: half-precision inputs are upcast to fp32 for the value gradient.
+The second is a sampled dense-dense product (SDDMM), K*T multiply-adds. On CPU it runs in
+:mod:`shirakit.methods.shira.cpu_sddmm` (numba, every core); elsewhere, on fp64, or without numba,
+``torch.sparse.sampled_addmm`` on a fixed CSR pattern computes the same K dots (cuSPARSE on CUDA).
+Known limits of torch 2.13's ``sampled_addmm`` on CPU that shaped this file:
+- with int32 CSR indices it returns wrong values: the pattern uses int64.
+- it rejects bf16/fp16: half-precision inputs are upcast to fp32 for the value gradient.
 """
 
 from __future__ import annotations
@@ -20,27 +20,57 @@ import warnings
 
 import torch
 
-
-def csr_pattern(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
-    """A CSR tensor with ones at (rows, cols); ``rows`` must be sorted (row-major order)."""
-    rows, cols = rows.long(), cols.long()
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
-    values = torch.ones(rows.numel(), dtype=torch.float32, device=rows.device)
-    with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
+from . import cpu_sddmm
 
 
-def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+class SparsePattern:
+    """K positions (rows, cols) of an (m, n) weight, sorted row-major, in the forms the kernels use.
+
+    ``rows``/``cols`` (int64) feed the CPU kernel; the CSR tensor (for ``sampled_addmm``) and the
+    int32 CSR indices (for the sparse product of mixed batches) are built on first use.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
+        self.rows, self.cols = rows.long().contiguous(), cols.long().contiguous()
+        self.shape = (n_rows, n_cols)
+        self._csr: torch.Tensor | None = None
+        self._csr_int32: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def csr(self) -> torch.Tensor:
+        """fp32 CSR with ones at the positions (int64 indices: the int32 ones are wrong in sampled_addmm)."""
+        if self._csr is None:
+            crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=self.device)
+            crow[1:] = torch.bincount(self.rows, minlength=self.shape[0]).cumsum(0)
+            values = torch.ones(self.rows.numel(), dtype=torch.float32, device=self.device)
+            with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr = torch.sparse_csr_tensor(crow, self.cols, values, self.shape, check_invariants=False)
+        return self._csr
+
+    def csr_int32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 (crow, col): the sparse product takes them as they are (int64 ones it converts per call)."""
+        if self._csr_int32 is None:
+            csr = self.csr()
+            self._csr_int32 = (csr.crow_indices().int(), csr.col_indices().int())
+        return self._csr_int32
+
+
+def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
     """dL/dv at the pattern's positions: (g^T x) sampled, as a (K,) fp32 tensor in pattern order."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
+    if cpu_sddmm.usable(g2, x2):
+        return cpu_sddmm.value_grad(g2, x2, pattern.rows, pattern.cols)
     if g2.dtype not in (torch.float32, torch.float64):
         g2, x2 = g2.float(), x2.float()
-    if pattern.dtype != g2.dtype:
-        pattern = pattern.to(g2.dtype)
-    out = torch.sparse.sampled_addmm(pattern, g2.T, x2, beta=0.0)
+    csr = pattern.csr()
+    if csr.dtype != g2.dtype:
+        csr = csr.to(g2.dtype)
+    out = torch.sparse.sampled_addmm(csr, g2.T, x2, beta=0.0)
     return out.values()
 
 

@@ -10,7 +10,7 @@ originals (bit-exact); switching adapters in fused mode is two scatters and no m
 
 Training here keeps the values scattered into W while the adapter is active (originals saved),
 so the forward is the base product and the backward adds only an SDDMM for the K value
-gradients (see :mod:`shirakit.sparse`); no dense m x n delta or gradient is ever formed.
+gradients (see :mod:`shirakit.methods.shira.sparse`); no dense m x n delta or gradient is ever formed.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .. import compact
-from ..adapter import InWeightAdapter, LayerGeometry, adapter_dtype
-from ..config import AdapterConfig, no_serialize
-from ..masks import MASKS, shira_budget, validate_indices
-from ..metrics import SparseDelta
-from ..registry import register
-from ..sparse import csr_pattern, scatter_values, scattered_linear, value_grad_tap
+from ...adapter import InWeightAdapter, adapter_dtype
+from ...config import AdapterConfig, check_rank, no_serialize
+from ...metrics import SparseDelta
+from ...registry import register
+from . import compact, index_io
+from .masks import MASKS, shira_budget, validate_indices
+from .sparse import SparsePattern, scatter_values, scattered_linear, value_grad_tap
 
 
 @dataclass
@@ -37,23 +37,26 @@ class ShiraConfig(AdapterConfig):
     overrides ``mask_type`` (the name is still written to adapter_config.json)."""
 
     peft_type: ClassVar[str] = "SHIRA"
-    absent_in_peft: ClassVar[frozenset[str]] = frozenset({"exclude_modules"})
+    absent_in_peft: ClassVar[frozenset[str]] = frozenset(
+        {"exclude_modules", "layers_to_transform", "layers_pattern", "bias"})
 
     r: int = 32
     mask_type: str = "random"
     random_seed: int | None = None
-    fan_in_fan_out: bool = False
     init_weights: bool = True
     mask_fn: Callable | None = no_serialize()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, found {self.r!r}")
+        check_rank("r", self.r)
         if self.mask_fn is None and self.mask_type not in MASKS:
             raise ValueError(
                 f"unknown mask_type {self.mask_type!r}: expected one of {sorted(MASKS)} or a mask_fn"
             )
+
+    @property
+    def seed(self) -> int | None:
+        return self.random_seed
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> ShiraConfig:
@@ -77,15 +80,8 @@ class ShiraAdapter(InWeightAdapter):
     has_compact_layout = True
     _device_tensors = ("_saved", "_merged_values")
 
-    def __init__(
-        self,
-        geometry: LayerGeometry,
-        config: ShiraConfig,
-        base_layer: nn.Module,
-        generator: torch.Generator | None,
-        source: str = "mask",
-    ) -> None:
-        super().__init__(geometry, config)
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        geometry, config, source = self.geometry, self.config, source or "mask"
         k = shira_budget(config.r, geometry)
         weight = base_layer.weight
         dtype = adapter_dtype(weight.dtype)
@@ -95,7 +91,6 @@ class ShiraAdapter(InWeightAdapter):
             self.register_buffer("_storage_index", torch.empty(k, dtype=torch.int64, device=weight.device),
                                  persistent=False)
             self._pattern = None
-            self._product_csr = None
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
@@ -116,32 +111,20 @@ class ShiraAdapter(InWeightAdapter):
         """Everything the kernels need, derived once from the (sorted) indices."""
         rows, cols = indices[0].long(), indices[1].long()
         self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
-        self._pattern: torch.Tensor | None = None  # CSR, built on first training forward
-        self._product_csr = None
+        self._pattern: SparsePattern | None = None  # built on first use
 
-    def pattern(self) -> torch.Tensor:
+    def pattern(self) -> SparsePattern:
         idx = self.shira_indices
         if self._pattern is None or self._pattern.device != idx.device:
             g = self.geometry
-            self._pattern = csr_pattern(idx[0], idx[1], g.out_features, g.in_features)
+            self._pattern = SparsePattern(idx[0], idx[1], g.out_features, g.in_features)
         return self._pattern
 
     # ---- the maths ------------------------------------------------------------------------
-    def _product_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """int32 (crow, col) for the sparse product, built once per pattern.
-
-        The product accepts int32 indices (and converts int64 ones on every call); the
-        value-gradient kernel needs int64 (its int32 path is wrong on CPU), hence two copies.
-        """
-        pattern = self.pattern()
-        if self._product_csr is None or self._product_csr[0] is not pattern:
-            self._product_csr = (pattern, pattern.crow_indices().int(), pattern.col_indices().int())
-        return self._product_csr[1], self._product_csr[2]
-
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """delta_y = s * x S^T by a sparse product (mixed batches, where the weight cannot carry
         every row's values)."""
-        crow, col = self._product_indices()
+        crow, col = self.pattern().csr_int32()
         g = self.geometry
         values = self.shira_weight * self.scale
         sparse = torch.sparse_csr_tensor(crow, col, values, (g.out_features, g.in_features), check_invariants=False)
@@ -156,11 +139,26 @@ class ShiraAdapter(InWeightAdapter):
         delta[idx[0] * g.in_features + idx[1]] = self.shira_weight.detach().float() * self.scale
         return delta.view(g.out_features, g.in_features)
 
-    def sparse_delta(self):
-        """The delta by its non-zeros (for orthogonality metrics without a dense m x n)."""
+    # ---- metrics ------------------------------------------------------------------------------
+    def delta_for_metrics(self, weight: torch.Tensor) -> SparseDelta:
+        """The delta by its non-zeros (orthogonality metrics without a dense m x n)."""
         g = self.geometry
         values = self.shira_weight.detach().float() * self.scale
         return SparseDelta(self.shira_indices.long(), values, (g.out_features, g.in_features))
+
+    file_keys = ("shira_weight", "shira_indices", "shira_index_gaps", "shira_index_far")
+
+    @classmethod
+    def file_delta(cls, config: ShiraConfig, tensors: dict[str, torch.Tensor], compact: bool,
+                   source: str) -> SparseDelta:
+        """The sparse delta from the file's indices, its shape inferred from the largest index (a
+        lower bound when the last rows/columns are untouched, which a 1-5% random mask practically
+        never leaves). A compact file stores flat positions: their rows need the base model."""
+        if compact:
+            raise ValueError(f"{source}: a compact file stores flat positions; its shapes need the base model")
+        idx = tensors["shira_indices"].long()
+        shape = (int(idx[0].max()) + 1, int(idx[1].max()) + 1)
+        return SparseDelta(idx, tensors["shira_weight"].float(), shape, shape_inferred=True)
 
     # ---- living in the weight (InWeightAdapter) ----------------------------------------------
     def trained_values(self) -> torch.Tensor:
@@ -264,18 +262,33 @@ class ShiraAdapter(InWeightAdapter):
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Validate the indices (range, count, uniqueness), sort them and the values together."""
         k = self.shira_weight.numel()
-        indices, order = validate_indices(tensors["shira_indices"], self.geometry, k, f"{source}: shira_indices")
-        values = tensors["shira_weight"]
-        self.shira_weight.copy_(values if order is None else values[order])
-        self.shira_indices.copy_(indices.to(torch.int32))
-        self._set_derived(indices.to(self.shira_indices.device))
+        values, raw, g = tensors["shira_weight"], tensors["shira_indices"], self.geometry
+        # The common case (sorted, valid) in one pass: the file's own int32 tensor becomes the buffer
+        # (no copy), the storage positions are written as it is checked. Else the reference path.
+        adopt = raw.dtype == torch.int32 and raw.is_contiguous() and raw.shape == self.shira_indices.shape \
+            and raw.device == self.shira_indices.device
+        target = raw if adopt else self.shira_indices
+        if index_io.load_pairs(raw, g.out_features, g.in_features, g.fan_in_fan_out, target,
+                                     self._storage_index):
+            self.shira_indices = target
+        else:
+            indices, order = validate_indices(raw, g, k, f"{source}: shira_indices")
+            values = values if order is None else values[order]
+            self.shira_indices.copy_(indices.to(torch.int32))
+            self._set_derived(indices.to(self.shira_indices.device))
+        self._pattern = None
+        if values.dtype == self.shira_weight.dtype and values.device == self.shira_weight.device \
+                and values.is_contiguous() and values.shape == self.shira_weight.shape:
+            self.shira_weight.data = values  # the file's tensor is ours: take it rather than copy it
+        else:
+            self.shira_weight.copy_(values)
         self._saved, self._saved_key, self._merged_values = None, None, None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
         return compact.encode(self.shira_indices, self.shira_weight.detach(), self.geometry.in_features)
 
     def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-        return compact.decode(tensors, self.geometry.in_features, source)
+        return compact.decode(tensors, self.geometry.in_features, source, self.geometry.out_features)
 
     def drop_device_caches(self) -> None:
         self._pattern = None  # rebuilt on the new device (the int32 product copy follows it)
