@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .lazy import once
+
 try:  # numba is a dependency, but the torch path must keep working without it
     import numba
 except ImportError:  # pragma: no cover - exercised by monkeypatching AVAILABLE in the tests
@@ -42,7 +44,6 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching AVAILABLE 
 
 AVAILABLE = numba is not None
 _PAD = 16  # a row holds T rounded up to this many floats (one AVX-512 vector)
-_kernels = None
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
@@ -59,16 +60,9 @@ def usable(g: torch.Tensor, x: torch.Tensor) -> bool:
         and x.dtype in ok_dtypes
 
 
-def _compile():
-    """The numba kernels, compiled (or loaded from numba's cache) on first use."""
-    global _kernels
-    with _lock:
-        if _kernels is None:
-            _kernels = _build_kernels()
-    return _kernels
-
-
-def _build_kernels():
+@once
+def _kernels():
+    """The numba kernels, compiled (or loaded from numba's cache) at the first call."""
     options = dict(nogil=True, boundscheck=False, cache=True)
 
     @numba.njit("void(float32[:, ::1], float32[:, ::1], int64, int64)", **options)
@@ -180,7 +174,7 @@ def _columns_as_rows(src: torch.Tensor, threads: int, slot: int) -> np.ndarray:
     dst = _scratch_buffer(slot, cols * width).view(cols, width)
     dst[:, tokens:].zero_()
     if src.dtype == torch.float32:
-        transpose_fp32, _ = _compile()
+        transpose_fp32, _ = _kernels()
         _run_split(transpose_fp32, (src.contiguous().numpy(), dst.numpy()), cols, threads)
     else:  # bf16/fp16: torch converts exactly while it transposes
         dst[:, :tokens].copy_(src.T)
@@ -207,6 +201,6 @@ def value_grad(
     threads = threads or torch.get_num_threads()
     g_rows = _columns_as_rows(g2, threads, slot=0)
     x_rows = _columns_as_rows(x2, threads, slot=1)
-    _, dots = _compile()
+    _, dots = _kernels()
     _run_split(dots, (g_rows, x_rows, rows.numpy(), cols.numpy(), out.numpy()), count, threads)
     return out

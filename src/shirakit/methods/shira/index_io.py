@@ -14,9 +14,9 @@ reference torch path, which sorts what can be sorted and raises the precise erro
 
 from __future__ import annotations
 
-import threading
-
 import torch
+
+from .lazy import once
 
 try:
     import numba
@@ -25,19 +25,11 @@ except ImportError:  # pragma: no cover - without numba the torch path loads eve
 
 AVAILABLE = numba is not None
 _U16_MAX = 0xFFFF
-_kernels = None
-_lock = threading.Lock()
 
 
-def _compile():
-    global _kernels
-    with _lock:
-        if _kernels is None:
-            _kernels = _build_kernels()
-    return _kernels
-
-
-def _build_kernels():
+@once
+def _kernels():
+    """The numba kernels, compiled (or loaded from numba's cache) at the first call."""
     options = dict(nogil=True, boundscheck=False, cache=True)
 
     @numba.njit(**options)
@@ -88,7 +80,7 @@ def load_pairs(indices: torch.Tensor, n_rows: int, n_cols: int, fan_in_fan_out: 
         return False
     if indices.device.type != "cpu" or out_indices.device.type != "cpu" or indices.shape[1] != out_indices.shape[1]:
         return False
-    check_pairs, _ = _compile()
+    check_pairs, _ = _kernels()
     pairs = indices.contiguous().numpy()
     return bool(check_pairs(pairs[0], pairs[1], n_rows, n_cols, fan_in_fan_out, out_indices.numpy(),
                             out_storage.numpy()))
@@ -102,7 +94,7 @@ def decode_compact(gaps: torch.Tensor, far: torch.Tensor, n_rows: int, n_cols: i
         return None
     if far.shape[1] > 1 and not bool((far[0, 1:] > far[0, :-1]).all()):
         return None
-    _, decode_gaps = _compile()
+    _, decode_gaps = _kernels()
     out = torch.empty(2, gaps.numel(), dtype=torch.int32)
     far = far.contiguous()
     unsigned = gaps.contiguous().view(torch.uint16).numpy()
