@@ -105,6 +105,14 @@ class AdapterCache:
             self.retired.discard(name)
             self._drop(name)
 
+    def evict(self, name: str) -> bool:
+        """Take ``name`` out of the model if it is loaded and unpinned (it stays registered)."""
+        if name not in self.loaded or self.pins.get(name):
+            return False
+        self._drop(name)
+        self.stats.evictions += 1
+        return True
+
     def _timed_load(self, name: str) -> int:
         start = time.perf_counter()
         try:
