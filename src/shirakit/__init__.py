@@ -26,6 +26,8 @@ _EXPORTS = {
     "set_scale": "control", "trainable_parameters": "control", "unmerge": "control",
     "combine_adapters": "fusion",
     "ConcurrentUseError": "guard",
+    "prepare_for_hotswap": "hotswap",
+    "RecompileError": "slots", "RecompileWarning": "slots", "set_recompile_policy": "slots",
     "delete_adapter": "inject", "inject": "inject", "merge_and_unload": "inject", "unload": "inject",
     "AdapterLinear": "layer", "ModulesToSave": "layer",
     "LoraConfig": "methods.lora", "MissConfig": "methods.miss", "ShiraConfig": "methods.shira",

@@ -164,6 +164,24 @@ class Adapter(nn.Module):
     def file_delta(cls, config: AdapterConfig, tensors: dict[str, torch.Tensor], compact: bool, source: str):
         """One layer's delta from its file tensors (keys from :attr:`file_keys`), no base model."""
         raise NotImplementedError(f"{source}: {cls.__name__} needs the base model to compute its delta")
+    # ---- hot-swap slots (shirakit.hotswap) ------------------------------------------------
+    #: Config fields a slot pads to the largest value among the adapters taking turns in it.
+    slot_padded: ClassVar[tuple[str, ...]] = ()
+    #: The tensor the output scale multiplies linearly: a slot holds it with the scale folded in.
+    slot_scaled: ClassVar[str] = ""
+
+    def slot_key(self) -> tuple | None:
+        """Adapters with equal keys can take turns in one hot-swap slot (their tensors, padded to the
+        largest, in one adapter of this class). None: the adapter lives in the weight, its own slot."""
+        return (type(self).__name__,)
+
+    def output_scale(self) -> float:
+        """The factor the forward multiplies the delta by."""
+        return self.scale
+
+    def with_unit_output_scale(self) -> None:
+        """Make :meth:`output_scale` 1 (a slot: the scale is folded into ``slot_scaled``)."""
+        self.scale = 1.0
 
     # ---- merging --------------------------------------------------------------------------
     @torch.no_grad()
@@ -315,6 +333,10 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     def tap_value_grad(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Identity on ``y`` (an output computed on the weight holding this adapter) whose backward
         adds dL/d(values); for further live adapters of a layer and for hooked base layers."""
+
+    def slot_key(self) -> None:
+        """Lives in the weight: the weight is its hot-swap slot (a swap is a write, no slot needed)."""
+        return None
 
     # ---- what the layer calls --------------------------------------------------------------
     def values_state(self) -> tuple[tuple[int, int], float]:

@@ -10,6 +10,7 @@ from torch import nn
 
 from .guard import writes_weights
 from .layer import AdapterLinear
+from .slots import check_swap
 from .state import adapter_layers, check_adapter_names, hosts, state_of
 from .validation import check_scalar
 
@@ -23,6 +24,7 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
     """Make these adapters active (their deltas add up); only active, trainable adapters get grads."""
     names = _as_list(name_or_names)
     check_adapter_names(model, names)
+    check_swap(model, names)
     state = state_of(model)
     state.active = names
     for _, host in hosts(model):

@@ -52,7 +52,9 @@ class ModelGuard:
         self._calls: dict[int, int] = {}  # thread ident -> depth of model calls (forward, generate) in flight
         self.layer_users = 0  # layer products reading an in-weight state, all threads
         self.waiting = 0  # forwards waiting on ``idle`` (notified only when someone waits)
-        self._local = threading.local()  # per-thread stack for the keyword-routing hooks
+        # Per thread: the keyword-routing hooks' stack, and ``routed``: whether the model call this
+        # thread is in runs under a route (set eagerly before a compiled call; see shirakit.compiled).
+        self.local = threading.local()
 
     def __reduce__(self):  # deepcopy / pickle of a model: a fresh guard, nothing in flight
         return (ModelGuard, ())
@@ -74,9 +76,9 @@ class ModelGuard:
 
     def call_stack(self) -> list:
         """This thread's stack of keyword-route tokens (see :mod:`shirakit.routing`)."""
-        stack = getattr(self._local, "stack", None)
+        stack = getattr(self.local, "stack", None)
         if stack is None:
-            stack = self._local.stack = []
+            stack = self.local.stack = []
         return stack
 
     # ---- writers -------------------------------------------------------------------------------

@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
+from .compiled import forget_compiled, forget_layers
 from .config import AdapterConfig
 from .control import merge, set_adapter
 from .guard import writes_weights
 from .layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
 from .registry import method_for_config
 from .routing import install_keyword_routing, uninstall_keyword_routing
+from .slots import check_new_adapter
 from .state import (
     ModelAdapters,
     SharedStore,
@@ -149,6 +151,7 @@ def inject(
     targets = find_targets(model, config)
     undo: list[Callable[[], None]] = []  # each change made, as the step that takes it back
     try:
+        wrapped = [n for n in targets if not isinstance(model.get_submodule(n), AdapterLinear)]
         layers = _wrap_targets(model, targets, undo)
         config = _recorded_config(config, layers)
         shared = method.make_shared(config, [layer.geometry for _, layer in layers])
@@ -158,6 +161,7 @@ def inject(
             _build_adapter(method, config, layer, generator, name)
             for (name, layer), generator in zip(layers, generators)
         ]
+        check_new_adapter(model, adapter_name, layers, new_adapters, wrapped)
         _attach(model, state, fresh, config, adapter_name, layers, new_adapters, shared, undo)
     except BaseException:  # a shape the method cannot take, a failing hook, KeyboardInterrupt, ...
         _run_undo(undo)
@@ -216,6 +220,8 @@ def _attach(model, state, fresh, config, adapter_name, layers, new_adapters, sha
         undo.append(lambda: (uninstall_keyword_routing(model), model.__dict__.pop("shirakit", None)))
     model.shirakit = state
     install_keyword_routing(model)
+    forget_layers(model)  # new layers may have been wrapped
+    undo.append(lambda: forget_layers(model))
     undo.append(lambda: _restore_active(model, state, previous_active))
     set_adapter(model, adapter_name)
 
@@ -325,6 +331,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             _set_submodule(model, name, keep)
     remove_shared(model)
     uninstall_keyword_routing(model)
+    forget_compiled(model)
     del model.shirakit
     return model
 

@@ -92,6 +92,9 @@ class AdapterLinear(nn.Module):
         # Other parameters sharing this weight's storage (tied embeddings), found by inject: no
         # adapter is then kept written into it; SHiRA / MiSS bat run additively (see _in_weight).
         self.weight_shared_with: tuple[str, ...] = ()
+        # shirakit.slots.LayerSlots after prepare_for_hotswap: what a compiled forward reads
+        self.hotswap: nn.Module | None = None
+        self.weight_only = False  # see update_weight_only (read by a compiled forward)
         # model.state_dict() must show the clean base weight, never adapter values riding in it.
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.withdraw_live())
 
@@ -323,6 +326,11 @@ class AdapterLinear(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x, *args, **kwargs)
+        return self._eager_forward(x, *args, **kwargs)
+
+    def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routing = ROUTES.get().get(self._guard)  # this call's route, if any (per thread / task)
         if not self._has_in_weight:  # nothing is ever written into this weight by a forward
             if self.merged and self._weight_rewritten():
@@ -338,6 +346,33 @@ class AdapterLinear(nn.Module):
             return self._plain_forward(x, *args, **kwargs)
         finally:
             self._leave()
+
+    def _compiled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """What torch.compile traces (see shirakit.compiled): bookkeeping stays out of the graph.
+
+        The model's pre-forward hook has already, eagerly, brought every layer's weight up to date
+        and registered this call as a user of it (version counters, optimizer steps, the lock and
+        the route's context variable are Python state dynamo cannot trace or would recompile on);
+        it also set a per-thread flag on the model's guard saying whether this call is routed. A
+        routed call runs each layer's product eagerly (a graph break per layer). A layer prepared
+        for hot swapping reads only its fixed slots, so swapping adapters changes no guard.
+        """
+        if getattr(self._guard.local, "routed", False):
+            return _eager_layer_forward(self, x, *args, **kwargs)
+        slots = self.hotswap
+        if slots is not None and slots.fits and not torch.is_grad_enabled():
+            return slots.forward(self.base_layer, x, *args, **kwargs)
+        if self.weight_only:  # e.g. SHiRA switched in fused mode: no names read, no recompile
+            return self.base_layer(x, *args, **kwargs)
+        return self._plain_forward(x, *args, **kwargs)
+
+    def update_weight_only(self) -> None:
+        """Is this layer's forward, right now, just ``base_layer(x)``? (no additive adapter pending,
+        no in-weight adapter that needs its value gradient). Set by the sync before each call."""
+        pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        live_grads = torch.is_grad_enabled() and any(
+            p.requires_grad for n in self._live for p in self.adapters[n].parameters())
+        self.weight_only = not live_grads and all(self._in_weight(n) is not None for n in pending)
 
     def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The active adapters: in-weight ones already written in (``_enter``), the others added."""
@@ -404,6 +439,18 @@ class AdapterLinear(nn.Module):
         return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
 
 
+@torch.compiler.disable
+def _eager_layer_forward(layer: AdapterLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A mixed-adapter batch under torch.compile runs each layer's product eagerly: it reads the
+    route (a context variable), scatters per group and picks adapters by row (a graph break)."""
+    return layer._eager_forward(x, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _eager_module_forward(module: nn.Module, *args, **kwargs):
+    return module._eager_forward(*args, **kwargs)
+
+
 class ModulesToSave(nn.Module):
     """A module trained and saved whole, one copy per adapter (e.g. a classification head).
 
@@ -443,6 +490,13 @@ class ModulesToSave(nn.Module):
         return self.adapters[self.active[0]]
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # the route is read eagerly (see AdapterLinear._compiled_forward)
+            if getattr(self._guard.local, "routed", False):
+                return _eager_module_forward(self, *args, **kwargs)
+            return self.current()(*args, **kwargs)
+        return self._eager_forward(*args, **kwargs)
+
+    def _eager_forward(self, *args, **kwargs):
         routing = ROUTES.get().get(self._guard)
         if routing is None or self.disabled:
             return self.current()(*args, **kwargs)

@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .compiled import enter_compiled_call, is_compiled_call, leave_compiled_call
 from .guard import ROUTES
 from .state import adapter_layers, state_of
 
@@ -97,26 +98,45 @@ def current_routing(model: nn.Module) -> Routing | None:
 # ---- the adapter_names= keyword and generate ---------------------------------------------------
 # The top module's pre/post forward hooks also count the model call as "in flight" on the guard, so
 # a call changing the model from another thread is refused while this one runs (shirakit.guard).
+# Before a compiled call they also do, eagerly, what dynamo cannot trace (shirakit.compiled); under
+# torch.compile(model) they are therefore kept out of the graph: a graph break at entry and exit.
 def _pre_forward(module, args, kwargs):
-    guard = state_of(module).guard
     names = kwargs.pop("adapter_names", None)
-    guard.enter_call()
-    stack = guard.call_stack()
-    stack.append(None)  # first, so the post-hook (called even when this hook raises) pops our entry
-    if names is not None:
-        scope = route(module, names)
-        scope.__enter__()
-        stack[-1] = scope
+    _enter_model_call(module, names, torch.compiler.is_compiling())
     return args, kwargs
 
 
 def _post_forward(module, args, kwargs, output):
+    _leave_model_call(module)
+
+
+@torch.compiler.disable
+def _enter_model_call(module: nn.Module, names: list[str] | None, compiling: bool) -> None:
+    guard = state_of(module).guard
+    guard.enter_call()
+    stack = guard.call_stack()
+    stack.append((None, None))  # first, so the post-hook (called even when this hook raises) pops our entry
+    scope = None
+    if names is not None:
+        scope = route(module, names)
+        scope.__enter__()
+        stack[-1] = (scope, None)
+    if compiling or is_compiled_call(module):
+        stack[-1] = (scope, enter_compiled_call(module, routed=current_routing(module) is not None))
+
+
+@torch.compiler.disable
+def _leave_model_call(module: nn.Module) -> None:
     guard = state_of(module).guard
     stack = guard.call_stack()
     try:
-        scope = stack.pop()
-        if scope is not None:
-            scope.__exit__(None, None, None)
+        scope, compiled = stack.pop()
+        try:
+            if compiled is not None:
+                leave_compiled_call(module, compiled)
+        finally:
+            if scope is not None:
+                scope.__exit__(None, None, None)
     finally:
         guard.exit_call()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from .guard import writes_weights
+from .slots import check_swap
 from .state import adapter_layers, check_adapter_names, hosts, state_of
 
 
@@ -25,6 +26,7 @@ def switch_adapter(model: nn.Module, adapter_name: str | None, exact: bool = Fal
     """
     names = [] if adapter_name is None else [adapter_name]
     check_adapter_names(model, names)
+    check_swap(model, names, merged_after=True)
     state = state_of(model)
     for _, layer in adapter_layers(model):
         layer.switch(names, exact)

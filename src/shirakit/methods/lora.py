@@ -50,6 +50,8 @@ class LoraConfig(AdapterConfig):
 @register
 class LoraAdapter(Adapter):
     config_class = LoraConfig
+    slot_padded = ("r",)  # zero rows of A, zero columns of B
+    slot_scaled = "lora_B.weight"
 
     def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
         geometry, config = self.geometry, self.config
@@ -108,6 +110,12 @@ class LoraAdapter(Adapter):
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
         return self.lora_B(self.lora_A(self.dropout(x))) * (self.scaling * self.scale)
+
+    def output_scale(self) -> float:
+        return self.scaling * self.scale
+
+    def with_unit_output_scale(self) -> None:
+        self.scaling = self.scale = 1.0
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         b, a = self.lora_B.weight.detach().float(), self.lora_A.weight.detach().float()

@@ -75,6 +75,8 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 @register
 class VeraAdapter(Adapter):
     config_class = VeraConfig
+    slot_padded = ("r",)  # zero entries of lambda_d, zero rows/columns of the projections
+    slot_scaled = "vera_lambda_b"
 
     def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
         geometry, config = self.geometry, self.config

@@ -214,6 +214,8 @@ class ShiraAdapter(InWeightAdapter):
         if reread or self._merged_values is None or self._merged_state != state:
             self._merged_state, self._merged_values = state, self.merged_values(weight, self._saved)
         scatter_values(flat, self._storage_index, self._merged_values)
+        if self.shira_weight.requires_grad:
+            self.pattern()  # now, eagerly: a compiled training forward reads it as a plain input
 
     def restore_into(self, weight: torch.Tensor) -> None:
         """Scatter the saved originals back: the base is restored bit-exactly."""

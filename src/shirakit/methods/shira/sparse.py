@@ -26,13 +26,17 @@ from . import cpu_sddmm
 class SparsePattern:
     """K positions (rows, cols) of an (m, n) weight, sorted row-major, in the forms the kernels use.
 
-    ``rows``/``cols`` (int64) feed the CPU kernel; the CSR tensor (for ``sampled_addmm``) and the
-    int32 CSR indices (for the sparse product of mixed batches) are built on first use.
+    ``rows``/``cols`` (int64) feed the CPU kernel, ``crow`` (int64 CSR row offsets) with ``cols``
+    the ``sampled_addmm`` path: all dense tensors built here, eagerly, so a compiled graph takes
+    them as plain inputs (``bincount`` inside a graph would break it). The CSR tensor and the int32
+    CSR indices (for the sparse product of mixed batches) are built on first use.
     """
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
         self.rows, self.cols = rows.long().contiguous(), cols.long().contiguous()
         self.shape = (n_rows, n_cols)
+        self.crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=self.rows.device)
+        self.crow[1:] = torch.bincount(self.rows, minlength=n_rows).cumsum(0)
         self._csr: torch.Tensor | None = None
         self._csr_int32: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -40,91 +44,106 @@ class SparsePattern:
     def device(self) -> torch.device:
         return self.rows.device
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, crow): what :func:`sampled_value_grad` takes."""
+        return self.rows, self.cols, self.crow
+
     def csr(self) -> torch.Tensor:
         """fp32 CSR with ones at the positions (int64 indices: the int32 ones are wrong in sampled_addmm)."""
         if self._csr is None:
-            crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=self.device)
-            crow[1:] = torch.bincount(self.rows, minlength=self.shape[0]).cumsum(0)
-            values = torch.ones(self.rows.numel(), dtype=torch.float32, device=self.device)
-            with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
-                warnings.simplefilter("ignore", UserWarning)
-                self._csr = torch.sparse_csr_tensor(crow, self.cols, values, self.shape, check_invariants=False)
+            self._csr = _ones_csr(self.crow, self.cols, self.shape, torch.float32)
         return self._csr
 
     def csr_int32(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 (crow, col): the sparse product takes them as they are (int64 ones it converts per call)."""
         if self._csr_int32 is None:
-            csr = self.csr()
-            self._csr_int32 = (csr.crow_indices().int(), csr.col_indices().int())
+            self._csr_int32 = (self.crow.int(), self.cols.int())
         return self._csr_int32
 
 
-def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    """dL/dv at the pattern's positions: (g^T x) sampled, as a (K,) fp32 tensor in pattern order."""
+def _ones_csr(crow: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    values = torch.ones(cols.numel(), dtype=dtype, device=cols.device)
+    with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+@torch.library.custom_op("shirakit::sampled_value_grad", mutates_args=())
+def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       crow: torch.Tensor) -> torch.Tensor:
+    """dL/dv at the pattern's positions: (g^T x) sampled, as a (K,) tensor in pattern order (fp32;
+    fp64 for fp64 inputs off the numba kernel). ``rows, cols, crow``: :meth:`SparsePattern.tensors`.
+
+    A custom op, so torch.compile keeps it whole: dynamo traces neither sparse tensors nor numba,
+    and the pattern's dense int64 tensors are ordinary inputs of the compiled graph.
+    """
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     if cpu_sddmm.usable(g2, x2):
-        return cpu_sddmm.value_grad(g2, x2, pattern.rows, pattern.cols)
+        return cpu_sddmm.value_grad(g2, x2, rows, cols)
     if g2.dtype not in (torch.float32, torch.float64):
         g2, x2 = g2.float(), x2.float()
-    csr = pattern.csr()
-    if csr.dtype != g2.dtype:
-        csr = csr.to(g2.dtype)
-    out = torch.sparse.sampled_addmm(csr, g2.T, x2, beta=0.0)
-    return out.values()
+    csr = _ones_csr(crow, cols, (g2.shape[1], x2.shape[1]), g2.dtype)
+    return torch.sparse.sampled_addmm(csr, g2.T, x2.to(g2.dtype), beta=0.0).values().clone()
+
+
+@sampled_value_grad.register_fake
+def _(grad_out, x, rows, cols, crow):
+    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32  # numba: no fp64
+    return grad_out.new_empty(cols.shape[0], dtype=dtype)
 
 
 class _ScatteredLinear(torch.autograd.Function):
     """y = linear(x, W) where W already holds the adapter values; grads for x and the values."""
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, pattern, scale, fan_in_fan_out):
-        ctx.save_for_backward(x, weight)
-        ctx.pattern, ctx.scale, ctx.fan_in_fan_out = pattern, scale, fan_in_fan_out
+    def forward(ctx, x, values, weight, bias, rows, cols, crow, scale, fan_in_fan_out):
+        ctx.save_for_backward(x, weight, rows, cols, crow)
+        ctx.scale, ctx.fan_in_fan_out = scale, fan_in_fan_out
         ctx.values_dtype = values.dtype
         w_out_in = weight.T if fan_in_fan_out else weight
         return torch.nn.functional.linear(x, w_out_in, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight, *pattern = ctx.saved_tensors
         w_out_in = weight.T if ctx.fan_in_fan_out else weight
         grad_x = grad_w = grad_b = grad_v = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ w_out_in
         if ctx.needs_input_grad[1]:
-            grad_v = sampled_value_grad(grad_out, x, ctx.pattern).mul_(ctx.scale).to(ctx.values_dtype)
+            grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient
             g = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
             grad_w = g.T if ctx.fan_in_fan_out else g
         if ctx.needs_input_grad[3]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_v, grad_w, grad_b, None, None, None
+        return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None
 
 
 class _ValueGradTap(torch.autograd.Function):
     """Identity on y (returned as a copy) that adds the value gradient; for hooked base layers."""
 
     @staticmethod
-    def forward(ctx, y, x, values, pattern, scale):
-        ctx.save_for_backward(x)
-        ctx.pattern, ctx.scale, ctx.values_dtype = pattern, scale, values.dtype
+    def forward(ctx, y, x, values, rows, cols, crow, scale):
+        ctx.save_for_backward(x, rows, cols, crow)
+        ctx.scale, ctx.values_dtype = scale, values.dtype
         # A custom Function may not return an input as-is (in-place ops on it would be refused).
         return y.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        grad_v = sampled_value_grad(grad_out, x, ctx.pattern).mul_(ctx.scale).to(ctx.values_dtype)
-        return grad_out, None, grad_v, None, None
+        x, *pattern = ctx.saved_tensors
+        grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
+        return grad_out, None, grad_v, None, None, None, None
 
 
-def scattered_linear(x, values, weight, bias, pattern, scale: float, fan_in_fan_out: bool):
-    return _ScatteredLinear.apply(x, values, weight, bias, pattern, scale, fan_in_fan_out)
+def scattered_linear(x, values, weight, bias, pattern: SparsePattern, scale: float, fan_in_fan_out: bool):
+    return _ScatteredLinear.apply(x, values, weight, bias, *pattern.tensors(), scale, fan_in_fan_out)
 
 
-def value_grad_tap(y, x, values, pattern, scale: float):
-    return _ValueGradTap.apply(y, x, values, pattern, scale)
+def value_grad_tap(y, x, values, pattern: SparsePattern, scale: float):
+    return _ValueGradTap.apply(y, x, values, *pattern.tensors(), scale)
 
 
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
