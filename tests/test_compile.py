@@ -92,10 +92,15 @@ def eager_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[s
     return out
 
 
+#: The layers adapter i targets: the ten adapters of a method differ in targets too.
+TARGET_SETS = [ALL, ["up", "down"], ["mid"], ["down"]]
+
+
 def ten_adapters(method: str):
-    """A model with 10 adapters of one method, an input, and each adapter's eager output."""
+    """A model with 10 adapters of one method (different ranks where the method has them, and
+    different target modules), an input, and each adapter's eager output."""
     names = [f"a{i}" for i in range(10)]
-    model = model_with({n: config(method, i) for i, n in enumerate(names)})
+    model = model_with({n: config(method, i, TARGET_SETS[i % 4]) for i, n in enumerate(names)})
     x = x_in()
     return names, model, x, eager_outputs(model, names, x)
 
@@ -114,7 +119,8 @@ def warmed_up(model: nn.Module, x: torch.Tensor, swap, names: list[str]):
 # ---- hot swap: zero recompiles after warm-up ---------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_ten_adapters_swap_without_recompiling(method):
-    """10 adapters (more than dynamo's 8-graph cache), warm up on two, set_adapter through all."""
+    """10 adapters (more than dynamo's 8-graph cache) with different targets, warm up on two,
+    set_adapter through all ten and back."""
     names, model, x, expected = ten_adapters(method)
     shirakit.prepare_for_hotswap(model, on_recompile="raise")
     compiled, counter = warmed_up(model, x, shirakit.set_adapter, names[:2])
@@ -333,3 +339,110 @@ def test_generate_with_compiled_forward_matches_eager(method):
     expected = model.generate(ids, **kwargs)
     model.forward = torch.compile(model.forward, backend="eager", dynamic=True)
     torch.testing.assert_close(model.generate(ids, **kwargs), expected)
+
+
+# ---- SHiRA K padding: adapters that cannot live in the weight (tied layers) -------------------------
+class TiedMLP(nn.Module):
+    """``head`` shares its weight with an embedding (as lm_head does with embed_tokens): SHiRA runs
+    additively there (never written into a shared tensor), so it needs a K-padded slot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.head = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.embed = nn.Embedding(16, 32)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.up(x)))
+
+
+def test_shira_k_padding_swaps_different_masks_and_targets_on_tied_layers():
+    """10 SHiRA adapters with different r (so different K per layer), masks and targets; the tied
+    head runs them additively from a slot padded to the layer's largest K with zero-valued slots."""
+    targets = [["up", "head"], ["head"], ["up"]]
+    model = TiedMLP().eval()
+    names = [f"s{i}" for i in range(10)]
+    for i, name in enumerate(names):
+        shirakit.inject(model, shirakit.ShiraConfig(r=1 + i % 4, random_seed=i, init_weights=False,
+                                                    target_modules=targets[i % 3]), name)
+    head = model.head
+    assert head.weight_shared_with and isinstance(head, shirakit.AdapterLinear)
+    x = x_in()
+    expected = eager_outputs(model, names, x)
+    shirakit.prepare_for_hotswap(model, on_recompile="raise")
+    ks = {head.adapters[n].shira_weight.numel() for n in names if n in head.adapters}
+    (slot,) = head.hotswap.slots.values()
+    assert len(ks) >= 3 and slot.get_buffer("shira_weight").numel() == max(ks)  # per-layer max K
+    assert not model.up.hotswap.slots  # SHiRA lives in up's own weight: no slot there
+    compiled, counter = warmed_up(model, x, shirakit.set_adapter, names[:2])
+    warm = counter.frame_count
+    with torch.no_grad():
+        for name in names + names[::-1]:
+            shirakit.set_adapter(model, name)
+            torch.testing.assert_close(compiled(x), expected[name], atol=ATOL, rtol=0)
+    assert counter.frame_count == warm, f"{counter.frame_count - warm} recompiles after warm-up"
+    assert graph_breaks() == MODEL_CALL_BREAKS  # the additive SHiRA product is traced (no sparse tensor)
+
+
+def test_shira_on_a_tied_layer_trains_compiled_like_eager():
+    """The additive SHiRA product under compile (a gather and an index_add, no sparse tensor) has
+    the same value gradients as the eager sparse product."""
+    models = [TiedMLP().train() for _ in range(2)]
+    for model in models:
+        shirakit.inject(model, shirakit.ShiraConfig(r=2, random_seed=3, init_weights=False,
+                                                    target_modules=["up", "head"]), "s")
+    compiled = torch.compile(models[1], backend="aot_eager")
+    x = x_in()
+    for run in (models[0], compiled):
+        run(x).pow(2).mean().backward()
+    for mine, theirs in zip(models[0].parameters(), models[1].parameters()):
+        if mine.requires_grad:
+            torch.testing.assert_close(mine.grad, theirs.grad, atol=ATOL, rtol=0)
+
+
+# ---- threads: a compiled call is a forward in flight ------------------------------------------------
+class Paused(nn.Module):
+    """An MLP whose forward waits (eagerly, a graph break) until released: a compiled call in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = MLP()
+        self.inside, self.release = __import__("threading").Event(), __import__("threading").Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _wait(self, x)
+        return self.mlp(x)
+
+
+@torch.compiler.disable
+def _wait(module: Paused, x: torch.Tensor) -> None:
+    module.inside.set()
+    assert module.release.wait(30)
+
+
+@pytest.mark.filterwarnings("ignore::shirakit.slots.RecompileWarning")
+@pytest.mark.parametrize("method", ["shira", "lora"])
+def test_compiled_call_in_flight_refuses_writers_and_leaves_nothing_behind(method):
+    import threading
+
+    model = Paused().eval()
+    for i, name in enumerate(["a", "b"]):
+        shirakit.inject(model, config(method, i, ["mlp.up", "mlp.mid", "mlp.down"]), name)
+    compiled = torch.compile(model, backend="eager")
+    x = x_in()
+    results = []
+    with torch.no_grad():
+        worker = threading.Thread(target=lambda: results.append(compiled(x)))
+        worker.start()
+        assert model.inside.wait(60)
+        with pytest.raises(shirakit.ConcurrentUseError):
+            shirakit.set_adapter(model, "b")
+        model.release.set()
+        worker.join(60)
+        assert results and not worker.is_alive()
+        shirakit.set_adapter(model, "b")  # nothing left in flight
+        torch.testing.assert_close(compiled(x), model.mlp(x), atol=ATOL, rtol=0)
+        with pytest.raises(RuntimeError):  # a compiled call that raises leaves nothing in flight either
+            compiled(torch.randn(2, 7))
+        shirakit.set_adapter(model, "a")

@@ -164,6 +164,7 @@ class Adapter(nn.Module):
     def file_delta(cls, config: AdapterConfig, tensors: dict[str, torch.Tensor], compact: bool, source: str):
         """One layer's delta from its file tensors (keys from :attr:`file_keys`), no base model."""
         raise NotImplementedError(f"{source}: {cls.__name__} needs the base model to compute its delta")
+
     # ---- hot-swap slots (shirakit.hotswap) ------------------------------------------------
     #: Config fields a slot pads to the largest value among the adapters taking turns in it.
     slot_padded: ClassVar[tuple[str, ...]] = ()
@@ -172,7 +173,9 @@ class Adapter(nn.Module):
 
     def slot_key(self) -> tuple | None:
         """Adapters with equal keys can take turns in one hot-swap slot (their tensors, padded to the
-        largest, in one adapter of this class). None: the adapter lives in the weight, its own slot."""
+        largest, in one adapter of this class; its additive ``forward`` is what a compiled layer
+        runs). An in-weight adapter needs a slot only on a layer where it runs additively (a tied
+        weight); elsewhere the weight is its slot. None: never in a slot."""
         return (type(self).__name__,)
 
     def output_scale(self) -> float:
@@ -333,10 +336,6 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     def tap_value_grad(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Identity on ``y`` (an output computed on the weight holding this adapter) whose backward
         adds dL/d(values); for further live adapters of a layer and for hooked base layers."""
-
-    def slot_key(self) -> None:
-        """Lives in the weight: the weight is its hot-swap slot (a swap is a write, no slot needed)."""
-        return None
 
     # ---- what the layer calls --------------------------------------------------------------
     def values_state(self) -> tuple[tuple[int, int], float]:

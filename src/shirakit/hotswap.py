@@ -35,7 +35,7 @@ from .config import AdapterConfig
 from .guard import writes_weights
 from .inject import _set_submodule, _weight_sharers, find_targets
 from .layer import AdapterLinear
-from .slots import LayerSlots, ModelSlots, buffers_only, key_name, set_recompile_policy
+from .slots import LayerSlots, ModelSlots, buffers_only, key_name, needs_slot, set_recompile_policy
 from .state import SharedTensors, adapter_layers, state_of
 
 
@@ -100,13 +100,13 @@ def _wrap_union(model: nn.Module, target_modules) -> None:
 
 
 def _templates(layers) -> dict[tuple, list[Adapter]]:
-    """One adapter per slot key (the first met); values decide nothing, only type and config."""
+    """The adapters of each slot key that need a slot somewhere; values decide nothing, only type
+    and config (the largest of the padded fields wins)."""
     out: dict[tuple, list[Adapter]] = {}
     for _, layer in layers:
         for adapter in layer.adapters.values():
-            key = adapter.slot_key()
-            if key is not None:
-                out.setdefault(key, []).append(adapter)
+            if needs_slot(layer, adapter):
+                out.setdefault(adapter.slot_key(), []).append(adapter)
     return {key: adapters for key, adapters in out.items()}
 
 
@@ -133,6 +133,8 @@ def _layer_slots(layer: AdapterLinear, templates, sizes, model_slots: ModelSlots
     slots, keys = {}, {}
     for key, adapters in templates.items():
         method = type(adapters[0])
+        if not needs_slot(layer, adapters[0]):
+            continue  # SHiRA / MiSS bat on a layer whose weight is their slot
         try:  # the loading constructor: placeholders, no init
             slot = method(layer.geometry, _padded_config(adapters, sizes[key]), layer.base_layer, None, source=path)
         except ValueError:

@@ -47,6 +47,15 @@ def buffers_only(module: nn.Module) -> nn.Module:
     return module
 
 
+def needs_slot(layer: AdapterLinear, adapter: Adapter) -> bool:
+    """Does a compiled forward of ``layer`` read ``adapter`` from a slot? Not when it lives in the
+    layer's weight (SHiRA, MiSS bat: the weight is their slot); yes where they run additively (a
+    weight tied to another module) and for every additive method."""
+    if adapter.slot_key() is None:
+        return False
+    return not (isinstance(adapter, InWeightAdapter) and not layer.weight_shared_with)
+
+
 def _stamp(adapter: Adapter) -> tuple:
     return tuple(values_stamp(p) for p in adapter.parameters())
 
@@ -102,7 +111,7 @@ class LayerSlots(nn.Module):
         out: dict[str, str] = {}
         for name in active:
             adapter = layer.adapters[name] if name in layer.adapters else None
-            if adapter is None or name in merged or isinstance(adapter, InWeightAdapter):
+            if adapter is None or name in merged or not needs_slot(layer, adapter):
                 continue
             slot = self.slot_for(adapter)
             if slot is None or slot in out:
@@ -219,7 +228,7 @@ def check_new_adapter(model: nn.Module, name: str, layers: list[tuple[str, Adapt
     if not is_prepared(model):
         return  # the switch to it is reported by check_swap
     for (path, layer), adapter in zip(layers, adapters):
-        if adapter.slot_key() is not None and (layer.hotswap is None or layer.hotswap.slot_for(adapter) is None):
+        if needs_slot(layer, adapter) and (layer.hotswap is None or layer.hotswap.slot_for(adapter) is None):
             _report(model, f"adapter {name!r} does not fit the hot-swap slots of {path}")
             return
     getattr(model, HOTSWAP_ATTR).keys_of[name] = adapters[0].slot_key() if adapters else None

@@ -159,6 +159,12 @@ class _MissShards:
         uses_dropout = config.miss_dropout > 0 and self.mode != "bat"
         self.dropout = nn.Dropout(config.miss_dropout) if uses_dropout else nn.Identity()
 
+    slot_scaled = "miss_block"
+
+    def slot_key(self) -> tuple | None:
+        """r shapes the shard sum itself: only adapters of one mode, r and mini_r share a hot-swap slot."""
+        return (type(self).__name__, self.r, self.mini_r)
+
     def check_shape(self, where: str) -> None:
         """Raise when this mode cannot take the layer's shape."""
 
@@ -184,12 +190,6 @@ class MissAdapter(_MissShards, Adapter):
 
     def block_shape(self) -> tuple[int, ...]:
         return (self.r, self.geometry.out_features)
-
-    slot_scaled = "miss_block"
-
-    def slot_key(self) -> tuple | None:
-        """r shapes the shard sum itself: only adapters of one mode, r and mini_r share a hot-swap slot."""
-        return (type(self).__name__, self.r, self.mini_r)
 
     def full_block(self, block: torch.Tensor) -> torch.Tensor:
         """The (r, out) block every shard adds."""

@@ -28,7 +28,7 @@ from ...metrics import SparseDelta
 from ...registry import register
 from . import compact, index_io
 from .masks import MASKS, shira_budget, validate_indices
-from .sparse import SparsePattern, scatter_values, scattered_linear, value_grad_tap
+from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, value_grad_tap
 
 
 @dataclass
@@ -79,6 +79,10 @@ class ShiraAdapter(InWeightAdapter):
     config_class = ShiraConfig
     has_compact_layout = True
     _device_tensors = ("_saved", "_merged_values")
+    # A hot-swap slot (only where SHiRA runs additively: tied weights) holds the layer's largest K,
+    # r being what sets K = r(m+n); positions past an adapter's K are (0, 0) with value 0.
+    slot_padded = ("r",)
+    slot_scaled = "shira_weight"
 
     def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
         geometry, config, source = self.geometry, self.config, source or "mask"
@@ -122,8 +126,11 @@ class ShiraAdapter(InWeightAdapter):
 
     # ---- the maths ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """delta_y = s * x S^T by a sparse product (mixed batches, where the weight cannot carry
-        every row's values)."""
+        """delta_y = s * x S^T by a sparse product (mixed batches and tied weights, where the weight
+        cannot carry the values). Under torch.compile a gather + index_add instead (dynamo traces no
+        sparse tensor), reading the indices directly: a hot-swap slot rewrites them in place."""
+        if torch.compiler.is_compiling():
+            return gathered_delta(x, self.shira_indices, self.shira_weight * self.scale, self.geometry.out_features)
         crow, col = self.pattern().csr_int32()
         g = self.geometry
         values = self.shira_weight * self.scale

@@ -146,6 +146,16 @@ def value_grad_tap(y, x, values, pattern: SparsePattern, scale: float):
     return _ValueGradTap.apply(y, x, values, *pattern.tensors(), scale)
 
 
+def gathered_delta(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_out: int) -> torch.Tensor:
+    """delta_y[..., i_k] += v_k * x[..., j_k] for the K positions ``indices`` = (i, j): a gather and
+    an ``index_add`` in T*K work, with no sparse tensor, so torch.compile traces it (and autograd
+    gives the values their gradient). Positions may repeat: zero-valued padding adds nothing."""
+    x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+    contributions = x2.index_select(1, indices[1]) * values
+    delta = x2.new_zeros(x2.shape[0], n_out).index_add_(1, indices[0], contributions)
+    return delta.reshape(*x.shape[:-1], n_out)
+
+
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
