@@ -10,12 +10,13 @@ side in the same round so load drift hits both:
 - forward: ``model(x)`` under ``torch.no_grad()``; compiled = ``torch.compile(model)`` (inductor).
   "prepared" adds :func:`shirakit.prepare_for_hotswap` (the slot path: padded unit-scale copies).
 - train step: forward, MSE loss, backward, AdamW step; compiled = the same on the compiled model.
-- swap: two adapters A, B of the method on one model, under ``torch.no_grad()``. Eager anchor:
-  ``switch_adapter`` (SHiRA: the two-scatter fused switch) on an uncompiled model. Under compile:
-  the same ``switch_adapter`` on the compiled model, plus the eager sync the next compiled call
-  runs first (:func:`shirakit.compiled.sync_model`), timed together; and ``set_adapter`` (unmerged,
-  prepared model: slots refreshed / SHiRA values written in) + sync. Dynamo's frame counter is
-  read before and after the swap rounds: the table states how many recompiles they caused (0).
+- swap: two adapters A, B of the method on one model (wider layers: ``--swap-hidden``, one token),
+  under ``torch.no_grad()``. Eager anchor: ``switch_adapter`` (SHiRA: the two-scatter fused switch)
+  on an uncompiled model. Under compile (prepared model, inductor): ``switch_adapter`` (fused) and
+  ``set_adapter`` (unmerged: slots refreshed / SHiRA values written in), each timed as the swap
+  plus what the compiled call after it spends more than a second call without a swap (the eager
+  bookkeeping at the model's entry). Dynamo's frame counter is read before and after the swap
+  rounds: the table states how many recompiles they caused.
 Compile time (first call) is reported once per model, not in the medians.
 """
 
@@ -32,7 +33,6 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import shirakit
-from shirakit.compiled import sync_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cores, cpu_model, replace_section, software, table, today  # noqa: E402
@@ -41,7 +41,8 @@ BEGIN, END = "<!-- compile:begin -->", "<!-- compile:end -->"
 # A swap is ~1 ms: many rounds, and the minimum beside the median (on a shared machine a round
 # that loses the CPU costs a scheduler slice, tens of ms, whatever it measured).
 SWAP_ROUNDS = 41
-PRESETS = {"full": dict(hidden=1024, tokens=512, reps=7), "quick": dict(hidden=256, tokens=64, reps=3)}
+PRESETS = {"full": dict(hidden=1024, tokens=512, reps=7),
+           "quick": dict(hidden=256, tokens=64, reps=3, swap_hidden=512, swap_rounds=5)}
 
 
 class Stack(nn.Module):
@@ -120,44 +121,43 @@ def bench_train(method, args) -> list[str]:
 
 
 def bench_swap(method, args) -> list[str]:
-    x = torch.randn(8, args.hidden)
-    eager = model_for(method, args.hidden, args.r, ("A", "B")).eval()
-    fused = model_for(method, args.hidden, args.r, ("A", "B")).eval()
-    shirakit.prepare_for_hotswap(fused)
+    """Swap A <-> B; see the module doc. Each round times a swap, the compiled call after it and a
+    second compiled call (no swap): what a swap costs under compile is the swap itself plus what the
+    call after it spends more than a call without one (the eager bookkeeping at the model's entry
+    writing the swap through: SHiRA's scatters for set_adapter, slot copies for the others)."""
+    x = torch.randn(1, args.swap_hidden)  # one token: the calls stay cheap beside the swaps
+    eager = model_for(method, args.swap_hidden, args.r, ("A", "B")).eval()
+    model = model_for(method, args.swap_hidden, args.r, ("A", "B")).eval()
+    shirakit.prepare_for_hotswap(model)
     counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(fused, backend=counter)
+    compiled = torch.compile(model, backend=counter)
     names = ["A", "B"]
 
-    def fused_swap(model, name, run):
-        shirakit.switch_adapter(model, name)
-        if run:
-            sync_model(model)  # what the next compiled call runs first, eagerly
-
-    def unmerged_swap(model, name):
-        shirakit.set_adapter(model, name)
-        sync_model(model)
+    def rounds(swap) -> list[float]:
+        costs = []
+        for i in range(args.swap_rounds + 2):
+            t_swap = timed(lambda n=names[i % 2]: swap(model, n))
+            t_after = timed(lambda: compiled(x))
+            t_plain = timed(lambda: compiled(x))
+            costs.append(t_swap + t_after - t_plain)
+        return costs[2:]
 
     with torch.no_grad():
         for name in names:  # warm-up: every state seen, compiled once
-            for swap in (lambda n: fused_swap(fused, n, True), lambda n: unmerged_swap(fused, n)):
-                swap(name)
+            for swap in (shirakit.switch_adapter, shirakit.set_adapter):
+                swap(model, name)
                 compiled(x)
-        shirakit.switch_adapter(eager, "A")
+        shirakit.switch_adapter(model, None)
         frames = counter.frame_count
-        rows = []
-        for i in range(SWAP_ROUNDS + 2):
-            name = names[i % 2]
-            rows.append([timed(lambda n=name: shirakit.switch_adapter(eager, n)),
-                         timed(lambda n=name: fused_swap(fused, n, True))])
-            compiled(x)
-        shirakit.switch_adapter(fused, None)
-        unmerged = []
-        for i in range(SWAP_ROUNDS + 2):
-            unmerged.append(timed(lambda n=names[i % 2]: unmerged_swap(fused, n)))
-            compiled(x)
+        shirakit.switch_adapter(eager, "A")
+        anchor = [timed(lambda n=names[i % 2]: shirakit.switch_adapter(eager, n))
+                  for i in range(args.swap_rounds + 2)][2:]
+        fused = rounds(shirakit.switch_adapter)
+        shirakit.switch_adapter(model, None)
+        unmerged = rounds(shirakit.set_adapter)
         recompiles = counter.frame_count - frames
-    cols = list(zip(*rows[2:])) + [unmerged[2:]]
-    (e, c, u), (e_min, c_min, u_min) = ([f(col) for col in cols] for f in (statistics.median, min))
+    (e, c, u), (e_min, c_min, u_min) = ([f(col) for col in (anchor, fused, unmerged)]
+                                        for f in (statistics.median, min))
     return [method, f"{e:.3f} ({e_min:.3f})", f"{c:.3f} ({c_min:.3f})", f"{c / e:.2f}x ({c_min / e_min:.2f}x)",
             f"{u:.3f} ({u_min:.3f})", f"{u / e:.2f}x ({u_min / e_min:.2f}x)", str(recompiles)]
 
@@ -168,15 +168,17 @@ def main() -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--methods", nargs="+", default=list(configs(1)))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--swap-hidden", type=int, default=4096, help="layer width of the swap rows")
+    p.add_argument("--swap-rounds", type=int, default=SWAP_ROUNDS)
     p.add_argument("--write-docs", type=Path, default=None, metavar="FILE")
     args = p.parse_args()
     for key, value in PRESETS["quick" if args.quick else "full"].items():
         setattr(args, key, value)
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64  # a benchmark, not a recompile test: never fall back
+    swap = [bench_swap(m, args) for m in args.methods]
     fwd = [bench_forward(m, args) for m in args.methods]
     train = [bench_train(m, args) for m in args.methods]
-    swap = [bench_swap(m, args) for m in args.methods]
     shape = f"3 x Linear({args.hidden}, {args.hidden}) + ReLU, {args.tokens} tokens, r={args.r} (VeRA {8 * args.r})"
     out = "\n\n".join([
         f"Setup: {shape}, fp32, {args.threads} thread(s), median of {args.reps} rounds.",
@@ -185,8 +187,11 @@ def main() -> None:
              "first call s"], fwd),
         "Train step: forward + MSE + backward + AdamW (ms)\n\n" + table(
             ["method", "eager", "compiled", "compiled/eager", "first call s"], train),
-        f"Swap A <-> B, 3 layers, under torch.no_grad() (ms, median of {SWAP_ROUNDS} swaps (minimum); "
-        "'compiled' includes the eager sync the next compiled call runs first)\n\n" + table(
+        f"Swap A <-> B, 3 x Linear({args.swap_hidden}, {args.swap_hidden}), r={args.r}, under torch.no_grad() "
+        f"(ms, median of {args.swap_rounds} swaps (minimum)). Eager: `switch_adapter` on an uncompiled model "
+        "(SHiRA: the two-scatter switch). Compiled (inductor, prepared model): the swap plus what the next "
+        "compiled call spends more than a call without a swap (the eager bookkeeping at the model's entry)"
+        "\n\n" + table(
             ["method", "eager switch_adapter", "compiled switch_adapter", "ratio", "compiled set_adapter",
              "ratio", "recompiles in swap rounds"], swap),
     ])

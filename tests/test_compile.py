@@ -116,6 +116,16 @@ def warmed_up(model: nn.Module, x: torch.Tensor, swap, names: list[str]):
     return compiled, counter
 
 
+def swap_through(model, compiled, counter, names, x, expected) -> None:
+    """set_adapter through every name and back: outputs equal eager, no compilation after warm-up."""
+    warm = counter.frame_count
+    with torch.no_grad():
+        for name in names + names[::-1]:
+            shirakit.set_adapter(model, name)
+            torch.testing.assert_close(compiled(x), expected[name], atol=ATOL, rtol=0)
+    assert counter.frame_count == warm, f"{counter.frame_count - warm} recompiles after warm-up"
+
+
 # ---- hot swap: zero recompiles after warm-up ---------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_ten_adapters_swap_without_recompiling(method):
@@ -124,12 +134,7 @@ def test_ten_adapters_swap_without_recompiling(method):
     names, model, x, expected = ten_adapters(method)
     shirakit.prepare_for_hotswap(model, on_recompile="raise")
     compiled, counter = warmed_up(model, x, shirakit.set_adapter, names[:2])
-    warm = counter.frame_count
-    with torch.no_grad():
-        for name in names + names[::-1]:
-            shirakit.set_adapter(model, name)
-            torch.testing.assert_close(compiled(x), expected[name], atol=ATOL, rtol=0)
-    assert counter.frame_count == warm, f"{counter.frame_count - warm} recompiles after warm-up"
+    swap_through(model, compiled, counter, names, x, expected)
     assert graph_breaks() == MODEL_CALL_BREAKS
 
 
@@ -376,12 +381,7 @@ def test_shira_k_padding_swaps_different_masks_and_targets_on_tied_layers():
     assert len(ks) >= 3 and slot.get_buffer("shira_weight").numel() == max(ks)  # per-layer max K
     assert not model.up.hotswap.slots  # SHiRA lives in up's own weight: no slot there
     compiled, counter = warmed_up(model, x, shirakit.set_adapter, names[:2])
-    warm = counter.frame_count
-    with torch.no_grad():
-        for name in names + names[::-1]:
-            shirakit.set_adapter(model, name)
-            torch.testing.assert_close(compiled(x), expected[name], atol=ATOL, rtol=0)
-    assert counter.frame_count == warm, f"{counter.frame_count - warm} recompiles after warm-up"
+    swap_through(model, compiled, counter, names, x, expected)
     assert graph_breaks() == MODEL_CALL_BREAKS  # the additive SHiRA product is traced (no sparse tensor)
 
 
