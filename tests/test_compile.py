@@ -258,9 +258,10 @@ def test_swapping_the_active_adapters_values_does_not_recompile(method, prepared
 
 
 # ---- equality with eager: training, routing, disable, generate --------------------------------
-@pytest.mark.parametrize("method", ["shira", "lora", "bat"])
+@pytest.mark.parametrize("method", METHODS)
 def test_training_step_matches_eager(method):
-    """SHiRA's autograd Function (value gradient as a custom op) and MiSS bat's tap compile whole."""
+    """Every method; SHiRA's autograd Function (value gradient as a custom op) and MiSS bat's tap
+    compile whole: one graph, the model's two bookkeeping breaks only."""
     eager, other = (model_with({"a": config(method, 0)}).train() for _ in range(2))
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(other, backend=counter)
