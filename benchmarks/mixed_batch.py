@@ -1,6 +1,6 @@
 """Mixed-adapter batches: 16 rows over 4 adapters vs the same 16 rows with one adapter.
 
-    python benchmarks/mixed_batch.py                      # the full benchmark (~8-12 min on 2 busy cores)
+    python benchmarks/mixed_batch.py                      # the full benchmark (~10-15 min on 2 busy cores)
     python benchmarks/mixed_batch.py --quick              # tiny model, one process: a < 30 s smoke test
     python benchmarks/mixed_batch.py --write-docs docs/benchmarks.md   # also update the docs section
 
@@ -53,14 +53,20 @@ its adapter (``set_adapter`` + a batch of one), max |difference| <= 1e-4 on the 
 prefill + step). shirakit also checks that the ``adapter_names=`` keyword gives the route() output,
 and every method reports how much its adapters move the logits (so the check is not vacuous).
 
-Crossover (shirakit SHiRA only): ``AdapterLinear.routed_forward`` runs a SHiRA group with at least
-``InWeightAdapter.scatter_min_tokens`` tokens on the weight with the group's values scattered in,
-smaller groups through the sparse product. With the constant patched to 1 (always scatter) or
-10**9 (always sparse), one layer's routed forward is timed over token counts, (a) for one group
-holding all rows and (b) for 4 groups of that many tokens each (4 adapters, as in a mixed batch:
-there the scatter path also splits the base product into one product per group), on each of the
-model's three layer shapes, by CPU time; the report names, per shape, the smallest measured T from
-which the scatter path is at least as fast for every larger T (default T: 1, 4, 16, ..., 1024).
+Crossover (shirakit SHiRA only): ``AdapterLinear.routed_forward`` asks each SHiRA group's cost
+model (``InWeightAdapter.prefers_weight``: the layer's m, n, K and the group's tokens) whether to
+run the group on the weight with its values scattered in or through the sparse product. With
+``prefers_weight`` patched to always answer True (scatter) or False (sparse), one layer's routed
+forward is timed over token counts, (a) for one group holding all rows and (b) for 4 groups of that
+many tokens each (4 adapters, as in a mixed batch: there the scatter path also splits the base
+product into one product per group), on each of the model's three layer shapes, by CPU time; the
+report gives, per shape, the measured crossover, the model's, and what the model's choices cost
+over the faster path (default T: 1, 4, 16, ..., 1024).
+
+Width axis (``--widths``, default 512x1376, 768x2048, 1024x2816; ``--width-methods``, default
+shira): the prefill and decode workloads again on a model of each width (64-dim heads,
+``--width-seq`` = 64 tokens per row), reported as mixed / single per width against issue 13's
+target of 1.3.
 
 ``--write-docs FILE`` writes the tables, with date, machine and the exact command, into FILE between
 ``<!-- mixed_batch:begin -->`` and ``<!-- mixed_batch:end -->`` (the rest of FILE is left alone).
@@ -99,13 +105,16 @@ from _report import (  # noqa: E402
 ATOL = 1e-4
 N_ADAPTERS = 4
 TARGET_RATIO = 1.5
+WIDTH_TARGET = 1.3  # issue 13: 4 SHiRA adapters / one, at every width
 
 PRESETS = {
     "full": dict(hidden=1024, intermediate=2816, layers=2, heads=16, vocab=8192, rows=16, seq=128,
                  rounds=3, prefill_block=2, decode_block=10, warmup=1,
-                 tokens="1,4,16,32,64,128,256,512,1024", threads=1),
+                 tokens="1,4,16,32,64,128,256,512,1024", threads=1,
+                 widths="512x1376,768x2048,1024x2816", width_seq=64),
     "quick": dict(hidden=128, intermediate=352, layers=2, heads=4, vocab=512, rows=16, seq=16,
-                  rounds=1, prefill_block=2, decode_block=2, warmup=1, tokens="1,64", threads=1),
+                  rounds=1, prefill_block=2, decode_block=2, warmup=1, tokens="1,64", threads=1,
+                  widths="64x176", width_seq=16),
 }
 
 METHODS = {  # key -> (library, label)
@@ -127,15 +136,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
                    help=f"rows to run (default: {' '.join(DEFAULT_METHODS)})")
     p.add_argument("--skip-crossover", action="store_true", help="skip the SHiRA sparse/scatter crossover")
+    p.add_argument("--width-methods", nargs="*", choices=list(METHODS), default=["shira"],
+                   help="rows of the width axis, run at every --widths (default: shira; none: skip it)")
     p.add_argument("--in-process", action="store_true", help="run every row in this process (default with --quick)")
     p.add_argument("--write-docs", type=Path, default=None, metavar="FILE",
                    help="write the results section into FILE between the mixed_batch markers")
     p.add_argument("--seed", type=int, default=0)
     add_preset_args(p, PRESETS)
     # internal: run one row (or the crossover) in this process and print it as JSON
-    p.add_argument("--worker", choices=[*METHODS, "crossover"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     apply_presets(args, PRESETS)
+    try:
+        args.width_list = [tuple(int(v) for v in w.split("x")) for w in str(args.widths).split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--widths: expected HIDDENxINTERMEDIATE[,...], e.g. 512x1376; found {args.widths!r}")
+    if any(len(w) != 2 or w[0] % 64 for w in args.width_list):
+        p.error(f"--widths: expected HIDDENxINTERMEDIATE pairs with hidden a multiple of 64; found {args.widths!r}")
     if args.methods is None:
         args.methods = list(DEFAULT_METHODS)
     args.token_counts = [int(t) for t in str(args.tokens).split(",") if t.strip()]
@@ -372,7 +389,7 @@ def measure(fns: dict, min_reps: int, min_time: float, max_reps: int = 200) -> d
     return {k: statistics.median(s) for k, s in samples.items()}
 
 
-SPARSE, SCATTER = 10**9, 1  # scatter_min_tokens values that force one path
+SPARSE, SCATTER = False, True  # what the patched InWeightAdapter.prefers_weight answers
 
 
 def scatter_pair(layer, name: str) -> None:
@@ -391,18 +408,18 @@ def crossover_worker(args: argparse.Namespace) -> dict:
     shapes = [(f"q/k/v/o {h}->{h}", h, h), (f"gate/up {h}->{i}", h, i), (f"down {i}->{h}", i, h)]
     if args.quick:
         shapes = shapes[1:2]
-    original = InWeightAdapter.scatter_min_tokens
+    original = InWeightAdapter.prefers_weight
     reps, min_time = (3, 0.01) if args.quick else (5, 0.25)
-    out = {"constant": original, "shapes": [], "reps": reps, "min_time": min_time}
+    out = {"shapes": [], "reps": reps, "min_time": min_time}
 
-    def routed(layer, x, groups, threshold: int):
-        """One routed forward with scatter_min_tokens patched to ``threshold`` (1: scatter, 10**9: sparse)."""
+    def routed(layer, x, groups, scatter: bool):
+        """One routed forward with the route forced (prefers_weight patched to answer ``scatter``)."""
         def call():
-            InWeightAdapter.scatter_min_tokens = threshold
+            InWeightAdapter.prefers_weight = lambda self, tokens: scatter
             try:
                 return layer.routed_forward(x, groups)
             finally:
-                InWeightAdapter.scatter_min_tokens = original
+                InWeightAdapter.prefers_weight = original
         return call
 
     def base(layer, x):
@@ -420,6 +437,8 @@ def crossover_worker(args: argparse.Namespace) -> dict:
         layer = holder.proj
         layer.withdraw_live()
         k = layer.adapters["a0"].shira_weight.numel()
+        # the cost model's crossover: the smallest group size it sends to the written-in weight
+        model_from = next((t for t in range(1, 1 << 16) if layer.adapters["a0"].prefers_weight(t)), None)
         with torch.inference_mode():
             # the two K-scatters of the scatter path alone (apply + restore, warm: no base read)
             pair = measure({"pair": functools.partial(scatter_pair, layer, "a0")}, reps, min_time)["pair"]
@@ -442,14 +461,37 @@ def crossover_worker(args: argparse.Namespace) -> dict:
                     "scatter4": routed(layer, x4, g4, SCATTER),
                 }, reps, min_time)
                 rows_out.append({"tokens": t, **m})
-            out["shapes"].append({"label": label, "k": k, "pair": pair, "rows": rows_out})
+            out["shapes"].append({"label": label, "k": k, "pair": pair, "rows": rows_out, "model_from": model_from})
     return out
 
 
 # ---- orchestration --------------------------------------------------------------------------
+def width_key(method: str, hidden: int, intermediate: int) -> str:
+    return f"{method}@{hidden}x{intermediate}"
+
+
+def at_width(args: argparse.Namespace, key: str) -> tuple[argparse.Namespace, str]:
+    """A width-axis key ``method@HxI``: the method and the arguments for that width (64-dim heads,
+    ``--width-seq`` tokens per row); any other key: unchanged."""
+    if "@" not in key:
+        return args, key
+    method, width = key.split("@")
+    hidden, intermediate = (int(v) for v in width.split("x"))
+    sized = argparse.Namespace(**{**vars(args), "hidden": hidden, "intermediate": intermediate,
+                                  "heads": max(1, hidden // 64), "seq": args.width_seq})
+    return sized, method
+
+
+def run_in_process(key: str, args: argparse.Namespace) -> dict:
+    if key == "crossover":
+        return crossover_worker(args)
+    sized, method = at_width(args, key)
+    return method_worker(sized, method)
+
+
 def run_worker(key: str, args: argparse.Namespace) -> dict:
     if args.in_process:
-        result = crossover_worker(args) if key == "crossover" else method_worker(args, key)
+        result = run_in_process(key, args)
         gc.collect()
         return result
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -464,7 +506,7 @@ def ms(seconds: float) -> str:
 def workload_table(results: dict[str, dict], workload: str) -> str:
     rows = []
     for key, res in results.items():
-        if key == "crossover":
+        if key == "crossover" or "@" in key:
             continue
         s = res[workload]
         single_cpu, single_wall = (statistics.median(s["single"][k]) for k in ("cpu", "wall"))
@@ -490,7 +532,7 @@ def verdict(results: dict[str, dict]) -> str:
         misses, total = [], 0
         for key, res in results.items():
             s = res.get(workload, {})
-            if key == "crossover" or "mixed" not in s:
+            if key == "crossover" or "@" in key or "mixed" not in s:
                 continue
             total += 1
             ratio = statistics.median(s["mixed"]["cpu"]) / statistics.median(s["single"]["cpu"])
@@ -505,7 +547,7 @@ def verdict(results: dict[str, dict]) -> str:
 def check_table(results: dict[str, dict]) -> str:
     rows = []
     for key, res in results.items():
-        if key == "crossover" or "check" not in res:
+        if key == "crossover" or "@" in key or "check" not in res:
             continue
         c = res["check"]
         rows.append([res["label"], f"{c['prefill_diff']:.1e}", f"{c['decode_diff']:.1e}",
@@ -535,16 +577,24 @@ def first_always_faster(rows: list[dict], sparse: str, scatter: str) -> int | No
     return None
 
 
+def model_picks_scatter(shape: dict, tokens: int) -> bool:
+    return shape["model_from"] is not None and tokens >= shape["model_from"]
+
+
 def crossover_summary(cross: dict) -> str:
-    constant, lines = cross["constant"], []
-    for variant, (sparse, scatter) in (("one group", ("sparse1", "scatter1")), ("4 groups", ("sparse4", "scatter4"))):
-        found = [first_always_faster(sh["rows"], sparse, scatter) for sh in cross["shapes"]]
-        at = [r[scatter] / r[sparse] for sh in cross["shapes"] for r in sh["rows"] if r["tokens"] == constant]
-        worst = "never within the measured range" if None in found else f"from T = {max(found)} tokens"
-        line = f"- {variant}: scatter at least as fast for every shape {worst} (per shape: {found})"
-        if at:
-            line += f"; at the current constant T = {constant}: scatter / sparse = {min(at):.2f}-{max(at):.2f}"
-        lines.append(line + ".")
+    """Per shape: the measured crossover (4 groups) beside the cost model's, and what the model's
+    choices cost over the faster path (regret = chosen / best, 1.00 = always the faster one)."""
+    lines = []
+    for shape in cross["shapes"]:
+        regrets = []
+        for r in shape["rows"]:
+            chosen = r["scatter4"] if model_picks_scatter(shape, r["tokens"]) else r["sparse4"]
+            regrets.append(chosen / min(r["scatter4"], r["sparse4"]))
+        model = f"T >= {shape['model_from']}" if shape["model_from"] else "never"
+        lines.append(f"- {shape['label']}: measured, scatter at least as fast for "
+                     f"{crossover_of(shape['rows'], 'sparse4', 'scatter4')} tokens per group; the cost model "
+                     f"writes in for {model}; its choices cost at most {max(regrets):.2f}x the faster path "
+                     f"(median {statistics.median(regrets):.2f}x).")
     return "\n".join(lines)
 
 
@@ -555,22 +605,41 @@ def crossover_section(cross: dict) -> str:
         for r in shape["rows"]:
             rows.append([str(r["tokens"]), ms(r["base1"]), ms(r["sparse1"]), ms(r["scatter1"]),
                          f"{r['scatter1'] / r['sparse1']:.2f}", ms(r["base4"]), ms(r["sparse4"]), ms(r["scatter4"]),
-                         f"{r['scatter4'] / r['sparse4']:.2f}"])
+                         f"{r['scatter4'] / r['sparse4']:.2f}",
+                         "scatter" if model_picks_scatter(shape, r["tokens"]) else "sparse"])
         parts.append(
             f"**{shape['label']}** (K = {shape['k']:,} values per adapter; the scatter path's two K-scatters "
             f"alone, apply + restore: {ms(shape['pair'])} ms)\n\n"
             + table(["tokens T per group", "base (1 group)", "sparse", "scatter", "scatter / sparse",
-                     "base (4 groups)", "sparse", "scatter", "scatter / sparse"], rows)
+                     "base (4 groups)", "sparse", "scatter", "scatter / sparse", "cost model picks"], rows)
             + f"\n\nScatter at least as fast from: 1 group {crossover_of(shape['rows'], 'sparse1', 'scatter1')}; "
               f"4 groups {crossover_of(shape['rows'], 'sparse4', 'scatter4')} tokens per group."
         )
     return "\n\n".join(parts)
 
 
+def width_section(args, results: dict) -> str:
+    """mixed / single by layer width, for the width-axis rows (prefill and decode)."""
+    rows = []
+    for key, res in results.items():
+        if "@" not in key:
+            continue
+        width = key.split("@")[1]
+        cells = [res["label"], width.replace("x", " x ")]
+        for workload in ("prefill", "decode"):
+            w = res[workload]
+            single, mixed = (statistics.median(w[m]["cpu"]) for m in ("single", "mixed"))
+            ratio = mixed / single
+            cells += [f"{ms(single)} / {ms(mixed)}", f"**{ratio:.2f}x**", "yes" if ratio <= WIDTH_TARGET else "**no**"]
+        rows.append(cells)
+    return table(["method", "hidden x intermediate", "prefill CPU single / mixed (ms)", "prefill mixed / single",
+                  f"<= {WIDTH_TARGET}x", "decode CPU single / mixed (ms)", "decode mixed / single",
+                  f"<= {WIDTH_TARGET}x"], rows)
+
+
 def report(args, facts: dict, results: dict, command: str, load_end: float) -> str:
     a = args
     cross = results.get("crossover")
-    constant = cross["constant"] if cross else None
     parts = [
         "## Mixed-adapter batches (`benchmarks/mixed_batch.py`)",
         "Written by the script (`--write-docs`); rerun it rather than editing this section by hand. "
@@ -599,10 +668,10 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
             f"max abs diff <= {ATOL:g} on all prefill logits and on the decode step's logits.",
         ]),
     ]
-    if constant is not None:
-        parts[-1] += (f"\n- shirakit SHiRA in the mixed batch: groups of {a.rows // N_ADAPTERS * a.seq} tokens "
-                      f"(prefill) run on the scattered weight, groups of {a.rows // N_ADAPTERS} tokens (decode) "
-                      f"through the sparse product (`InWeightAdapter.scatter_min_tokens` = {constant}).")
+    parts[-1] += ("\n- shirakit SHiRA in the mixed batch: each layer picks, per group, the scattered weight or the "
+                  "sparse product by its cost model (`InWeightAdapter.prefers_weight`: the layer's m, n, K and the "
+                  f"group's tokens); here groups of {a.rows // N_ADAPTERS * a.seq} tokens (prefill) run on the "
+                  f"scattered weight, groups of {a.rows // N_ADAPTERS} tokens (decode) through the sparse product.")
     parts += [
         f"### Prefill ({a.rows} x {a.seq} tokens)", workload_table(results, "prefill"),
         f"### Decode step ({a.rows} x 1 token, {a.seq}-token cache)", workload_table(results, "decode"),
@@ -611,17 +680,27 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
         + "\n\nadapter effect = min over the 4 adapters of max |logits with the adapter - bare logits| "
           "(so the check is not vacuous).",
     ]
+    if any("@" in key for key in results):
+        parts += [
+            "### SHiRA mixed batches by layer width",
+            f"The same {a.rows} rows over {N_ADAPTERS} adapters vs one adapter, on Llama models of each width "
+            f"({a.layers} layers, 64-dim heads, vocab {a.vocab}), {a.width_seq} tokens per row: prefill = one forward "
+            f"of {a.rows} x {a.width_seq} tokens (groups of {a.rows // N_ADAPTERS * a.width_seq} tokens per adapter), "
+            f"decode = one step of {a.rows} x 1 token on a {a.width_seq}-token cache (groups of "
+            f"{a.rows // N_ADAPTERS}). Timing and checks as above; target (issue 13): mixed <= {WIDTH_TARGET}x single.",
+            width_section(a, results),
+        ]
     if cross:
         parts += [
             "### SHiRA: sparse product vs scattered weight, by group size",
             "One SHiRA layer's `AdapterLinear.routed_forward` under `torch.inference_mode()`, "
-            "`InWeightAdapter.scatter_min_tokens` patched to 10**9 (sparse: base product on all rows + CSR "
-            "product per group, `index_add_`) or 1 (scatter: per group the K values scattered in, the base "
+            "`InWeightAdapter.prefers_weight` patched to answer False (sparse: base product on all rows + CSR "
+            "product per group, `index_add_`) or True (scatter: per group the K values scattered in, the base "
             "product on the group's rows, the originals scattered back). x is (rows, in), one token per row. "
             "Left: one group of T tokens (all rows one adapter); right: 4 groups of T tokens each (4 "
             "adapters, 4T rows, interleaved: the mixed-batch case). Median CPU ms (round-robin, >= "
             f"{cross['reps']} calls and >= {cross['min_time']:g} s each); ratio < 1 = scatter faster. "
-            f"Current constant: {constant}.",
+            "Last column: the route the cost model picks for a group of T tokens on that layer.",
             crossover_section(cross),
         ]
     return "\n\n".join(parts)
@@ -630,13 +709,13 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        result = crossover_worker(args) if args.worker == "crossover" else method_worker(args, args.worker)
-        return emit(result)
+        return emit(run_in_process(args.worker, args))
     if args.quick:
         args.in_process = True
     command = command_line("benchmarks/mixed_batch.py", argv)
     facts = machine_facts(f"{args.threads} torch thread(s) per worker, one worker at a time")
     keys = list(args.methods) + ([] if args.skip_crossover else ["crossover"])
+    keys += [width_key(m, h, i) for h, i in args.width_list for m in args.width_methods]
     results = {}
     for key in keys:
         t0 = time.perf_counter()

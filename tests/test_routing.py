@@ -55,7 +55,7 @@ NAMES = ["a", "b", "__base__", "a", "b"]
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("scatter_path", [False, True], ids=["sparse", "scatter"])
 def test_routed_rows_equal_rows_alone(case, scatter_path, monkeypatch):
-    monkeypatch.setattr(InWeightAdapter, "scatter_min_tokens", 1 if scatter_path else 10**9)
+    monkeypatch.setattr(InWeightAdapter, "prefers_weight", lambda self, tokens: scatter_path)
     model = _model_with(_case_makers(case))
     ids = inputs(batch=len(NAMES))
     expected = _alone(model, ids, NAMES)
@@ -139,3 +139,35 @@ def test_errors_are_clear_and_early():
     with pytest.raises(RuntimeError, match="model.eval"):
         with route(model, ["a", "b"]):
             pass
+
+
+def _one_layer(in_f, out_f, config):
+    holder = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False))
+    shirakit.inject(holder, config, "a")
+    return holder[0].adapters["a"]
+
+
+def test_cost_model_picks_the_route_by_layer_shape_and_tokens():
+    """The group's route depends on the layer: the crossover grows with m*n/K (SHiRA) and sits
+    where the measured costs cross (a decode group: sparse; a prefill group: written-in)."""
+    small = _one_layer(512, 1376, shirakit.ShiraConfig(r=32, target_modules=["0"]))
+    sparse_mask = _one_layer(512, 1376, shirakit.ShiraConfig(r=4, target_modules=["0"]))
+    for adapter in (small, sparse_mask):
+        assert not adapter.prefers_weight(4) and adapter.prefers_weight(4096)
+    crossover = [next(t for t in range(1, 5000) if a.prefers_weight(t)) for a in (small, sparse_mask)]
+    assert 20 <= crossover[0] <= 100 < crossover[1]  # fewer values: the sparse product stays cheap longer
+    bat = _one_layer(512, 512, shirakit.MissConfig(r=64, target_modules=["0"], init_weights="bat"))
+    assert not bat.prefers_weight(4) and bat.prefers_weight(512)
+
+
+def test_routed_forward_asks_the_cost_model_with_the_group_tokens(monkeypatch):
+    asked = []
+    monkeypatch.setattr(InWeightAdapter, "prefers_weight", lambda self, tokens: asked.append(tokens) or False)
+    holder = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=False))
+    for name in ("a", "b"):
+        shirakit.inject(holder, shirakit.ShiraConfig(r=2, target_modules=["0"], init_weights=False), name)
+    holder.eval()
+    x = torch.randn(5, 3, 16)  # 5 rows of 3 tokens
+    with route(holder, ["a", "b", "a", "__base__", "a"]):
+        holder(x)
+    assert sorted(asked) == [3, 9]  # b: 1 row x 3 tokens; a: 3 rows x 3 tokens

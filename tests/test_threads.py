@@ -84,7 +84,7 @@ def _assert_base_is(model, base):
 ], ids=["shira", "bat+shira", "lora+shira"])
 @pytest.mark.parametrize("scatter_path", [False, True], ids=["sparse", "scatter"])
 def test_two_routed_threads_and_a_plain_one_each_get_their_own_adapters(makers, scatter_path, monkeypatch):
-    monkeypatch.setattr(InWeightAdapter, "scatter_min_tokens", 1 if scatter_path else 10**9)
+    monkeypatch.setattr(InWeightAdapter, "prefers_weight", lambda self, tokens: scatter_path)
     model = _model(makers)
     ids = inputs(batch=3)
     names_1, names_2 = ["a", "b", "__base__"], ["b", "__base__", "a"]

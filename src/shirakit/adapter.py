@@ -293,18 +293,18 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
       the weight holds stale values (:meth:`applied_is_current`);
     - the device move: tensors named in ``_device_tensors`` follow ``.to()``/``.cuda()``, and
       :meth:`drop_device_caches` forgets what was derived for the old device;
-    - ``scatter_min_tokens``: in a mixed batch, a group with at least this many tokens runs the
-      base product with the values written in rather than the method's additive ``forward``.
+    - the route of a mixed-batch group (:meth:`prefers_weight`): the base product with the values
+      written in, or the method's additive ``forward``, whichever the cost model says is cheaper.
 
     Subclasses implement :meth:`trained_values`, :meth:`write_into`, :meth:`restore_into` and
     the two gradient entry points.
     """
 
     exact_unmerge = True
-    #: Measured on CPU (benchmarks/mixed_batch.py, 1024/2816 layers, SHiRA r=32, 4 groups): writing
-    #: the values in wins from 128-256 tokens per group; the additive forward's cost grows with the
-    #: tokens, the two writes' does not.
-    scatter_min_tokens: ClassVar[int] = 256
+    #: Cost of re-reading the base weight, in CPU seconds per weight entry: a group run on the weight
+    #: with its adapter written in needs a base product of its own, which streams the whole (m, n)
+    #: weight once more. Measured with the other constants (see :meth:`prefers_weight`).
+    REREAD_S_PER_ENTRY: ClassVar[float] = 0.28e-9
     #: attributes holding tensors (or None) that move with the module's parameters
     _device_tensors: ClassVar[tuple[str, ...]] = ("_saved",)
     # per instance once set (class-level defaults, so subclasses need no constructor of their own):
@@ -337,7 +337,35 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
         """Identity on ``y`` (an output computed on the weight holding this adapter) whose backward
         adds dL/d(values); for further live adapters of a layer and for hooked base layers."""
 
+    @abc.abstractmethod
+    def write_cost(self) -> float:
+        """Estimated CPU seconds to write this adapter into the weight and restore the base after."""
+
+    @abc.abstractmethod
+    def additive_cost(self, tokens: int) -> float:
+        """Estimated CPU seconds of :meth:`forward` (and adding it in) on ``tokens`` tokens."""
+
     # ---- what the layer calls --------------------------------------------------------------
+    def prefers_weight(self, tokens: int) -> bool:
+        """Should a mixed batch's group of ``tokens`` tokens run on the weight with this adapter
+        written in (True), rather than on the clean base plus the additive :meth:`forward`?
+
+        A per-layer cost model, in place of one global token threshold. Against the additive route,
+        the weight route costs extra (a) writing the adapter in and restoring the base,
+        :meth:`write_cost`, and (b) one more pass over the (m, n) weight, since the group's base
+        product is split off the batch's: ``REREAD_S_PER_ENTRY * m * n``; it saves the additive
+        product, :meth:`additive_cost`, which grows with the tokens. So
+
+            weight route  <=>  write_cost() + REREAD_S_PER_ENTRY * m * n  <  additive_cost(tokens)
+
+        Constants: least-squares fit and regret grid search over one layer's ``routed_forward``
+        with 4 groups (``benchmarks/mixed_batch.py``, crossover section) on CPU, 1 thread, fp32,
+        layers from 512 x 512 to 2816 x 1024; the crossover table there checks the choice.
+        """
+        g = self.geometry
+        reread = self.REREAD_S_PER_ENTRY * g.out_features * g.in_features
+        return self.write_cost() + reread < self.additive_cost(tokens)
+
     def values_state(self) -> tuple[tuple[int, int], float]:
         return (values_stamp(self.trained_values()), self.scale)
 

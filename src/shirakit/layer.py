@@ -393,8 +393,10 @@ class AdapterLinear(nn.Module):
         """Row group g gets adapter g: the base product once, each delta added to its rows only.
 
         An adapter that lives in the weight (SHiRA) and has many tokens in its group instead runs
-        the base product on its rows with its values scattered in: two K-scatters beat a sparse
-        product over that many tokens; small groups (decoding) use the sparse product.
+        the base product on its rows with its values scattered in, when its cost model says two
+        K-scatters and one more pass over the weight beat the sparse product over that many tokens
+        (:meth:`InWeightAdapter.prefers_weight`, per layer shape); small groups (decoding) use the
+        sparse product.
         Runs with the weight to itself (``_enter(plain=False)``), starting from the clean base.
         """
         self._withdraw_live()
@@ -404,7 +406,7 @@ class AdapterLinear(nn.Module):
         in_weight = [
             (name, rows) for name, rows in groups
             if self._in_weight(name) is not None
-            and rows.numel() * tokens_per_row >= self._in_weight(name).scatter_min_tokens
+            and self._in_weight(name).prefers_weight(rows.numel() * tokens_per_row)
         ]
         done = {name for name, _ in in_weight}
         if in_weight:

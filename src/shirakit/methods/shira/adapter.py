@@ -189,6 +189,24 @@ class ShiraAdapter(InWeightAdapter):
             return y
         return value_grad_tap(y, x, self.shira_weight, self.pattern(), self.scale)
 
+    # ---- cost model of a mixed-batch group (InWeightAdapter.prefers_weight) ------------------
+    #: CPU seconds per value for the two scatters (in, then the originals back; random positions)
+    WRITE_S_PER_VALUE: ClassVar[float] = 2.0e-9
+    #: CPU seconds per multiply-add of the CSR product (MKL, one group's tokens, incl. the transposes)
+    PRODUCT_S_PER_MAC: ClassVar[float] = 0.123e-9
+
+    def write_cost(self) -> float:
+        return self.WRITE_S_PER_VALUE * self.shira_weight.numel()
+
+    def additive_cost(self, tokens: int) -> float:
+        """K*T multiply-adds. Together with the base class's rule the crossover is
+
+            T* = (WRITE_S_PER_VALUE * K + REREAD_S_PER_ENTRY * m * n) / (PRODUCT_S_PER_MAC * K)
+               = 16 + 2.3 * m n / K          (= 16 + 2.3 * m n / (r (m + n)))
+
+        tokens: 34 for 512 x 512 at r=32, 43 for 512 x 1376, 70 for 1024 x 2816."""
+        return self.PRODUCT_S_PER_MAC * self.shira_weight.numel() * tokens
+
     # ---- scatter merge ----------------------------------------------------------------------
     def _flat(self, weight: torch.Tensor) -> torch.Tensor:
         if not weight.is_contiguous():
