@@ -447,3 +447,19 @@ def test_compiled_call_in_flight_refuses_writers_and_leaves_nothing_behind(metho
         with pytest.raises(RuntimeError):  # a compiled call that raises leaves nothing in flight either
             compiled(torch.randn(2, 7))
         shirakit.set_adapter(model, "a")
+
+
+@pytest.mark.parametrize("method", ["shira", "lora"])
+def test_compiled_forward_is_one_full_graph(method):
+    """``model.forward = torch.compile(model.forward, fullgraph=True)``: the model's hooks run
+    outside the compiled function, so nothing breaks the graph (fullgraph raises on any break)."""
+    names, model, x, expected = ten_adapters(method)
+    shirakit.prepare_for_hotswap(model, on_recompile="raise")
+    counter = CompileCounterWithBackend("eager")
+    model.forward = torch.compile(model.forward, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for name in names[:2]:
+            shirakit.set_adapter(model, name)
+            model(x)
+    swap_through(model, model, counter, names, x, expected)
+    assert graph_breaks() == 0
