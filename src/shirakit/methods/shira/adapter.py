@@ -26,7 +26,7 @@ from ...adapter import InWeightAdapter, adapter_dtype
 from ...config import AdapterConfig, check_rank, no_serialize
 from ...metrics import SparseDelta
 from ...registry import register
-from . import compact, index_io
+from . import compact, grouped, index_io
 from .masks import MASKS, shira_budget, validate_indices
 from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, value_grad_tap
 
@@ -138,6 +138,15 @@ class ShiraAdapter(InWeightAdapter):
         x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
         # contiguous in and out: callers index_add_ the result, ~15x slower from a transposed source
         return (sparse @ x2.T.contiguous()).T.contiguous().reshape(*x.shape[:-1], -1)
+
+    @classmethod
+    def add_routed_deltas(cls, y, x, groups, weight) -> None:
+        """Every SHiRA group of a routed batch in one kernel call where it applies (inference on
+        CPU: :mod:`.grouped`), else one sparse product per group."""
+        if grouped.can_group(y, x, [adapter for adapter, _ in groups]):
+            grouped.add_grouped(y, x, groups)
+        else:
+            super().add_routed_deltas(y, x, groups, weight)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry
