@@ -447,3 +447,43 @@ def test_compiled_call_in_flight_refuses_writers_and_leaves_nothing_behind(metho
         with pytest.raises(RuntimeError):  # a compiled call that raises leaves nothing in flight either
             compiled(torch.randn(2, 7))
         shirakit.set_adapter(model, "a")
+
+
+@pytest.mark.parametrize("method", ["shira", "lora"])
+def test_compiled_forward_is_one_full_graph(method):
+    """``model.forward = torch.compile(model.forward, fullgraph=True)``: the model's hooks run
+    outside the compiled function, so nothing breaks the graph (fullgraph raises on any break)."""
+    names, model, x, expected = ten_adapters(method)
+    shirakit.prepare_for_hotswap(model, on_recompile="raise")
+    counter = CompileCounterWithBackend("eager")
+    model.forward = torch.compile(model.forward, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for name in names[:2]:
+            shirakit.set_adapter(model, name)
+            model(x)
+    swap_through(model, model, counter, names, x, expected)
+    assert graph_breaks() == 0
+
+
+def test_transformers_model_compiled_whole_swaps_every_method_without_recompiling():
+    """torch.compile(model) on a transformers Llama: ten adapters of all four methods with other
+    targets and ranks (SHiRA also on the lm_head), prepared once, swapped: equal logits, 0 recompiles."""
+    model = tiny_llama()
+    model.config.use_cache = False  # outputs: logits only
+    attn, mlp = ["q_proj", "v_proj"], ["gate_proj", "down_proj"]
+    adapters = {
+        "lora1": config("lora", 0, attn), "lora2": config("lora", 1, mlp), "lora3": config("lora", 2, attn + mlp),
+        "vera1": config("vera", 0, attn), "vera2": config("vera", 1, ["q_proj"]),
+        "shira1": config("shira", 0, attn + ["lm_head"]), "shira2": config("shira", 1, mlp),
+        "miss1": config("miss", 0, ["q_proj"]), "bat1": config("bat", 0, ["q_proj", "o_proj"]),
+        "bat2": config("bat", 1, ["o_proj"]),
+    }
+    for name, cfg in adapters.items():
+        shirakit.inject(model, cfg, name)
+    ids = inputs(batch=2, length=6)
+    expected = eager_outputs(model, list(adapters), ids)
+    shirakit.prepare_for_hotswap(model, on_recompile="raise")
+    names = list(adapters)
+    compiled, counter = warmed_up(model, ids, shirakit.set_adapter, names[:2])
+    swap_through(model, compiled, counter, names, ids, expected)
+    assert graph_breaks() == MODEL_CALL_BREAKS

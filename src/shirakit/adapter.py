@@ -115,6 +115,16 @@ class Adapter(nn.Module):
         class from the config here."""
         return cls(*args, **kwargs)
 
+    @classmethod
+    def add_routed_deltas(cls, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[Adapter, torch.Tensor]],
+                          weight: torch.Tensor) -> None:
+        """``y[rows] += adapter(x[rows])`` for each (adapter of this class, row indices) group of a
+        routed batch, in place. Called once per layer and method, so a method can do all its groups
+        in one go (SHiRA: :mod:`shirakit.methods.shira.grouped`); by default one group at a time."""
+        for adapter, rows in groups:
+            delta = adapter(x.index_select(0, rows), weight)
+            y.index_add_(0, rows, delta.to(y.dtype))
+
     # ---- shared state across layers (VeRA's projections) -----------------------------------
     @classmethod
     def make_shared(cls, config: AdapterConfig, geometries: list[LayerGeometry]) -> dict[str, torch.Tensor]:
@@ -304,7 +314,7 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     #: Cost of re-reading the base weight, in CPU seconds per weight entry: a group run on the weight
     #: with its adapter written in needs a base product of its own, which streams the whole (m, n)
     #: weight once more. Measured with the other constants (see :meth:`prefers_weight`).
-    REREAD_S_PER_ENTRY: ClassVar[float] = 0.28e-9
+    REREAD_S_PER_ENTRY: ClassVar[float] = 0.56e-9
     #: attributes holding tensors (or None) that move with the module's parameters
     _device_tensors: ClassVar[tuple[str, ...]] = ("_saved",)
     # per instance once set (class-level defaults, so subclasses need no constructor of their own):
@@ -358,9 +368,10 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
 
             weight route  <=>  write_cost() + REREAD_S_PER_ENTRY * m * n  <  additive_cost(tokens)
 
-        Constants: least-squares fit and regret grid search over one layer's ``routed_forward``
-        with 4 groups (``benchmarks/mixed_batch.py``, crossover section) on CPU, 1 thread, fp32,
-        layers from 512 x 512 to 2816 x 1024; the crossover table there checks the choice.
+        Constants: fitted to one layer's ``routed_forward`` with 4 groups, both routes forced, on
+        CPU, 1 thread, fp32, 8 layers from 512 x 512 to 2816 x 1024, r = 8 and 32, 4-256 tokens
+        per group (SHiRA: the model's choice cost at most 1.04x the faster route there);
+        ``benchmarks/mixed_batch.py``'s crossover section re-measures and checks the choice.
         """
         g = self.geometry
         reread = self.REREAD_S_PER_ENTRY * g.out_features * g.in_features

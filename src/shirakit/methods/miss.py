@@ -271,7 +271,7 @@ class MissBatAdapter(_MissShards, InWeightAdapter):
     # Both routes build the dense delta (m n r multiply-adds), so it drops out. Writing in keeps a
     # copy of W0, writes W0 + delta (fp32 round trip) and copies W0 back: about WRITE_S_PER_ENTRY
     # per weight entry; the additive route's product is m n T multiply-adds. Measured on CPU, fp32,
-    # 1 thread, r=64, 4 groups, 512 x 512 to 2816 x 1024: crossover about 64-128 tokens.
+    # 1 thread, r=64, 4 groups, 512 x 512 to 2816 x 1024: crossover about 64-128 tokens (model: 94).
     WRITE_S_PER_ENTRY: ClassVar[float] = 1.5e-9
     PRODUCT_S_PER_MAC: ClassVar[float] = 0.022e-9
 

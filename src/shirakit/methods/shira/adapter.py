@@ -26,7 +26,7 @@ from ...adapter import InWeightAdapter, adapter_dtype
 from ...config import AdapterConfig, check_rank, no_serialize
 from ...metrics import SparseDelta
 from ...registry import register
-from . import compact, index_io
+from . import compact, grouped, index_io
 from .masks import MASKS, shira_budget, validate_indices
 from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, value_grad_tap
 
@@ -139,6 +139,15 @@ class ShiraAdapter(InWeightAdapter):
         # contiguous in and out: callers index_add_ the result, ~15x slower from a transposed source
         return (sparse @ x2.T.contiguous()).T.contiguous().reshape(*x.shape[:-1], -1)
 
+    @classmethod
+    def add_routed_deltas(cls, y, x, groups, weight) -> None:
+        """Every SHiRA group of a routed batch in one kernel call where it applies (inference on
+        CPU: :mod:`.grouped`), else one sparse product per group."""
+        if grouped.can_group(y, x, [adapter for adapter, _ in groups]):
+            grouped.add_grouped(y, x, groups)
+        else:
+            super().add_routed_deltas(y, x, groups, weight)
+
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry
         delta = torch.zeros(g.out_features * g.in_features, dtype=torch.float32, device=weight.device)
@@ -192,20 +201,25 @@ class ShiraAdapter(InWeightAdapter):
     # ---- cost model of a mixed-batch group (InWeightAdapter.prefers_weight) ------------------
     #: CPU seconds per value for the two scatters (in, then the originals back; random positions)
     WRITE_S_PER_VALUE: ClassVar[float] = 2.0e-9
-    #: CPU seconds per multiply-add of the CSR product (MKL, one group's tokens, incl. the transposes)
+    #: CPU seconds per multiply-add of the additive product: the grouped numba kernel (inference on
+    #: CPU, :mod:`.grouped`, a scalar gather per multiply-add) and torch's CSR product (MKL) otherwise
+    GROUPED_S_PER_MAC: ClassVar[float] = 1.15e-9
     PRODUCT_S_PER_MAC: ClassVar[float] = 0.123e-9
 
     def write_cost(self) -> float:
         return self.WRITE_S_PER_VALUE * self.shira_weight.numel()
 
     def additive_cost(self, tokens: int) -> float:
-        """K*T multiply-adds. Together with the base class's rule the crossover is
+        """K*T multiply-adds. With the base class's rule the crossover is
 
-            T* = (WRITE_S_PER_VALUE * K + REREAD_S_PER_ENTRY * m * n) / (PRODUCT_S_PER_MAC * K)
-               = 16 + 2.3 * m n / K          (= 16 + 2.3 * m n / (r (m + n)))
+            T* = (WRITE_S_PER_VALUE * K + REREAD_S_PER_ENTRY * m * n) / (S_PER_MAC * K)
+               = 1.7 + 0.49 * m n / K     (grouped kernel: 6 tokens for 512 x 512 at r=32, 13 for 1024 x 2816)
+               = 16 + 4.6 * m n / K       (CSR product: 53 and 124 tokens)
 
-        tokens: 34 for 512 x 512 at r=32, 43 for 512 x 1376, 70 for 1024 x 2816."""
-        return self.PRODUCT_S_PER_MAC * self.shira_weight.numel() * tokens
+        m n / K = m n / (r (m + n)): wide layers with few values keep the sparse product longer."""
+        grouped_kernel = grouped.AVAILABLE and not torch.is_grad_enabled() and self.shira_weight.device.type == "cpu"
+        per_mac = self.GROUPED_S_PER_MAC if grouped_kernel else self.PRODUCT_S_PER_MAC
+        return per_mac * self.shira_weight.numel() * tokens
 
     # ---- scatter merge ----------------------------------------------------------------------
     def _flat(self, weight: torch.Tensor) -> torch.Tensor:
