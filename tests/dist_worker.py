@@ -140,7 +140,25 @@ def run_fsdp(method: str, rank: int, world: int, record: dict, out: Path, keep_a
     # Sharded adapter tensors are gathered while saving, a collective: every rank calls save_adapter
     # (each writes the same bytes, atomically).
     shirakit.save_adapter(model, out / "adapter")
+    if method == "shira" and not keep_adapted_whole:
+        record.update(_merge_check(model, global_batch().chunk(world)[rank]))
     return model
+
+
+def _merge_check(model, ids) -> dict:
+    """Merge into the local shards, compare with the unmerged forward, unmerge: shards bit-exact?"""
+    bases = [m.base_layer.weight for m in model.modules() if isinstance(m, shirakit.AdapterLinear)]
+    before = [w.to_local().clone() for w in bases]
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        shirakit.merge(model)
+        changed = sum(not torch.equal(w.to_local(), b) for w, b in zip(bases, before))
+        merged = model(input_ids=ids).logits
+        shirakit.unmerge(model)
+        again = model(input_ids=ids).logits
+    return {"merge_diff": (merged - unmerged).abs().max().item(), "shards_changed_by_merge": changed,
+            "unmerge_exact": all(torch.equal(w.to_local(), b) for w, b in zip(bases, before)),
+            "after_unmerge_diff": (again - unmerged).abs().max().item()}
 
 
 def run_accelerate(method: str, rank: int, world: int, record: dict, out: Path) -> torch.nn.Module:

@@ -127,12 +127,18 @@ def test_fsdp2_lora_matches_single_process(torchrun_out, reference):
     assert_matches_single_process(torchrun_out, "fsdp:lora", reference)
 
 
-def test_fsdp2_shira_refuses_sharded_base_weights(torchrun_out):
-    """SHiRA lives scattered in the base weight; FSDP2 re-gathers sharded weights at every forward and
-    backward, so the values would be dropped: a clear error, not silently wrong training."""
+def test_fsdp2_shira_on_sharded_base_weights(torchrun_out, reference):
+    """The adapted base weights sharded too: SHiRA writes its values into each forward's gathered copy
+    (and again before the backward), so training equals one process; save on every rank is complete."""
+    assert_matches_single_process(torchrun_out, "fsdp:shira", reference)
+
+
+def test_fsdp2_shira_merge_unmerge_exact_on_local_shards(torchrun_out):
+    """merge scatters into each rank's own rows (global -> local positions); unmerge restores them bit-exactly."""
     for r in records(torchrun_out, "fsdp:shira"):
-        assert r["error"].startswith("RuntimeError: an adapter that lives in the base weight"), r["error"]
-        assert "ignored_params" in r["error"]
+        assert r["shards_changed_by_merge"] > 0, r
+        assert r["merge_diff"] < 1e-5 and r["after_unmerge_diff"] < 1e-5, r
+        assert r["unmerge_exact"], r
 
 
 def test_fsdp2_shira_with_adapted_base_weights_kept_whole(torchrun_out, reference):

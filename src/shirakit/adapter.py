@@ -36,8 +36,10 @@ class LayerGeometry:
 
 
 def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """Adapter parameters of half-precision models are kept in fp32 (as PEFT does) for stable training."""
-    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+    """Adapter parameters of half-precision (and quantized) models are kept in fp32 (as PEFT does)."""
+    if weight_dtype in (torch.float16, torch.bfloat16) or not weight_dtype.is_floating_point:
+        return torch.float32  # half precision, or the integer codes of a quantized weight
+    return weight_dtype
 
 
 class Adapter(nn.Module):
@@ -54,6 +56,8 @@ class Adapter(nn.Module):
     lives_in_weight: ClassVar[bool] = False
     #: True when ``unmerge_from`` restores the weight bit-exactly (saved originals, not subtraction).
     exact_unmerge: ClassVar[bool] = False
+    #: True when the delta depends on the base weight (MiSS bat): not computable on a quantized base.
+    delta_reads_weight: ClassVar[bool] = False
 
     def __init__(self, geometry: LayerGeometry, config: AdapterConfig) -> None:
         super().__init__()

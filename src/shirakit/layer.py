@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter, LayerGeometry
+from .weight_kinds import QUANTIZED_MERGE, fsdp_managed, quantized_kind
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -30,14 +31,12 @@ SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 # with tokens, the two scatters' does not.
 SCATTER_MIN_TOKENS = 256
 
-# FSDP (fully_shard) re-gathers a sharded weight from its shards for every forward and backward, so
-# values scattered into one gathered copy are lost: training would be silently wrong. Refuse instead.
-FSDP_SHARDED_WEIGHT = (
-    "an adapter that lives in the base weight (SHiRA, MiSS bat) cannot be applied to a weight that FSDP "
-    "shards: FSDP re-gathers the weight from its shards at every forward and backward, which drops the "
-    "scattered values. Keep the adapted layers' base parameters out of sharding, e.g. "
-    "fully_shard(module, ignored_params={p for m in model.modules() if isinstance(m, shirakit.AdapterLinear) "
-    "for p in m.base_layer.parameters()}), or use DistributedDataParallel (see docs/distributed.md)"
+# FSDP (fully_shard) turns the weight into shards after inject; values a forward had already written
+# into the whole weight would be sharded as if they were the base.
+LIVE_BEFORE_FSDP = (
+    "this layer's weight was sharded by FSDP while an in-weight adapter (SHiRA, MiSS bat) was written into it "
+    "(a forward ran before fully_shard): the shards now hold adapter values as if they were the base. Call "
+    "model.state_dict() or shirakit.set_adapter(model, ...) before fully_shard; it takes them out"
 )
 
 
@@ -65,6 +64,7 @@ class AdapterLinear(nn.Module):
                 "adapted in place: build or load the model outside inference mode (torch.no_grad() is fine)"
             )
         self.base_layer = base_layer
+        self.quantized = quantized_kind(base_layer.weight)  # e.g. "Params4bit": adapters run beside it
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []  # LIFO: unmerge pops in reverse order, so overlaps restore exactly
@@ -100,6 +100,14 @@ class AdapterLinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         self.withdraw_live()
+        if adapter.lives_in_weight and self.quantized:
+            if adapter.delta_reads_weight:
+                raise ValueError(
+                    f"{type(adapter).__name__} ({adapter.extra_repr()}) computes its delta from the base weight, "
+                    f"which is quantized here ({self.quantized}); dequantize the base or choose a mode whose delta "
+                    "does not read the weight")
+            # the stored values are codes: run beside the base layer (SHiRA: y = base(x) + s x S^T)
+            adapter.lives_in_weight = False
         self.adapters[name] = adapter.to(self.weight.device)
 
     def remove_adapter(self, name: str) -> None:
@@ -140,7 +148,7 @@ class AdapterLinear(nn.Module):
 
     # ---- live (scattered-in) adapters --------------------------------------------------
     def _wanted_live(self) -> list[str]:
-        if self.disabled:
+        if self.disabled or fsdp_managed(self.base_layer):  # FSDP: written per gathered copy instead
             return []
         return [n for n in self.active if n not in self.merged and self.adapters[n].lives_in_weight]
 
@@ -154,19 +162,23 @@ class AdapterLinear(nn.Module):
         wanted = self._wanted_live()
         if wanted == self._live and all(self.adapters[n].applied_is_current() for n in wanted):
             return
-        if wanted and getattr(self.base_layer, "_is_fsdp_managed_module", False):
-            raise RuntimeError(FSDP_SHARDED_WEIGHT)
         self.withdraw_live()
         for name in wanted:
             self._apply_adapter(name)
             self._live.append(name)
 
     # ---- merging ------------------------------------------------------------------------
+    def _check_mergeable(self, names: list[str]) -> None:
+        if self.quantized and names:
+            raise RuntimeError(QUANTIZED_MERGE.format(where=f"a layer with adapters {names}", kind=self.quantized))
+
     def merge_is_finite(self, names: list[str]) -> bool:
+        self._check_mergeable(names)
         self.withdraw_live()
         return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
 
     def merge(self, names: list[str]) -> None:
+        self._check_mergeable(names)
         self.withdraw_live()
         # weight-resident adapters first, in order, as forward writes them in (MiSS bat reads the weight)
         names = sorted(names, key=lambda n: not (n in self.adapters and self.adapters[n].lives_in_weight))
@@ -191,6 +203,8 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
             return self.routed_forward(x, self.routing.groups(x.shape[0], x.device))
+        if fsdp_managed(self.base_layer):
+            return self._gathered_forward(x, *args, **kwargs)
         self.sync_live()
         pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
         live = [n for n in pending if self.adapters[n].lives_in_weight]
@@ -204,6 +218,28 @@ class AdapterLinear(nn.Module):
             adapter = self.adapters[name]
             if not adapter.lives_in_weight:
                 y = y + adapter(x, self.weight).to(y.dtype)
+        return y
+
+    def _gathered_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """FSDP2: the weight is a copy gathered for this forward (and again for its backward).
+
+        A single in-weight adapter that can (SHiRA) writes into that copy and its backward
+        writes again (the cost of the single-process path); several, or one that cannot, run
+        additively, reading the clean gathered weight. Nothing stays in the weight.
+        """
+        if self._live:
+            raise RuntimeError(LIVE_BEFORE_FSDP)
+        pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        in_weight = [n for n in pending if self.adapters[n].lives_in_weight]
+        first = None
+        if len(in_weight) == 1 and hasattr(self.adapters[in_weight[0]], "gathered_forward"):
+            first = in_weight[0]
+            y = self.adapters[first].gathered_forward(self.base_layer, x, self.geometry)
+        else:
+            y = self.base_layer(x, *args, **kwargs)
+        for name in pending:
+            if name != first:
+                y = y + self.adapters[name](x, self.weight).to(y.dtype)
         return y
 
     def routed_forward(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:

@@ -45,19 +45,26 @@ def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: torch.T
 
 
 class _ScatteredLinear(torch.autograd.Function):
-    """y = linear(x, W) where W already holds the adapter values; grads for x and the values."""
+    """y = linear(x, W) where W already holds the adapter values; grads for x and the values.
+
+    ``refill(weight)``, when given, writes the values into ``weight`` again before the backward
+    uses it: FSDP2 frees the gathered weight after the forward and gathers it afresh from the
+    (clean) shards for the backward, so the values scattered into the forward's copy are gone.
+    """
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, pattern, scale, fan_in_fan_out):
+    def forward(ctx, x, values, weight, bias, pattern, scale, fan_in_fan_out, refill=None):
         ctx.save_for_backward(x, weight)
         ctx.pattern, ctx.scale, ctx.fan_in_fan_out = pattern, scale, fan_in_fan_out
-        ctx.values_dtype = values.dtype
+        ctx.values_dtype, ctx.refill = values.dtype, refill
         w_out_in = weight.T if fan_in_fan_out else weight
         return torch.nn.functional.linear(x, w_out_in, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
+        if ctx.refill is not None:
+            ctx.refill(weight)
         w_out_in = weight.T if ctx.fan_in_fan_out else weight
         grad_x = grad_w = grad_b = grad_v = None
         if ctx.needs_input_grad[0]:
@@ -69,7 +76,7 @@ class _ScatteredLinear(torch.autograd.Function):
             grad_w = g.T if ctx.fan_in_fan_out else g
         if ctx.needs_input_grad[3]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_v, grad_w, grad_b, None, None, None
+        return grad_x, grad_v, grad_w, grad_b, None, None, None, None
 
 
 class _ValueGradTap(torch.autograd.Function):
@@ -89,8 +96,73 @@ class _ValueGradTap(torch.autograd.Function):
         return grad_out, None, grad_v, None, None
 
 
-def scattered_linear(x, values, weight, bias, pattern, scale: float, fan_in_fan_out: bool):
-    return _ScatteredLinear.apply(x, values, weight, bias, pattern, scale, fan_in_fan_out)
+def scattered_linear(x, values, weight, bias, pattern, scale: float, fan_in_fan_out: bool, refill=None):
+    return _ScatteredLinear.apply(x, values, weight, bias, pattern, scale, fan_in_fan_out, refill)
+
+
+class SparseLayout:
+    """The index arrays a sparse delta ``S`` (out x in, K values at fixed sorted positions) needs,
+    built once: int32 CSR of S for the product, int32 CSR of S^T (with the permutation that puts
+    S's values in S^T's order) for the input gradient, and the int64 CSR pattern for the SDDMM.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
+        rows, cols = rows.long(), cols.long()
+        self.shape = (n_rows, n_cols)
+        self.pattern = csr_pattern(rows, cols, n_rows, n_cols)
+        self.crow, self.col = self.pattern.crow_indices().int(), self.pattern.col_indices().int()
+        order = torch.argsort(cols * n_rows + rows)  # column-major order = row-major order of S^T
+        self.crow_t = torch.zeros(n_cols + 1, dtype=torch.int32, device=rows.device)
+        self.crow_t[1:] = torch.bincount(cols, minlength=n_cols).cumsum(0)
+        self.col_t, self.perm_t = rows[order].int(), order
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+
+    def csr_t(self, values: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.perm_t],
+                                           self.shape[::-1], check_invariants=False)
+
+
+def _csr_product(csr: torch.Tensor, rows_major: torch.Tensor) -> torch.Tensor:
+    """(T, a) @ csr^T for csr (b, a): contiguous in and out (callers index_add_ the result, ~15x
+    slower from a transposed source)."""
+    return (csr @ rows_major.T.contiguous()).T.contiguous()
+
+
+class _SparseDelta(torch.autograd.Function):
+    """delta_y = s * x S^T; backward dx = s * g S (a product with S^T's CSR), dv = s * SDDMM(g, x)."""
+
+    @staticmethod
+    def forward(ctx, x, values, layout, scale):
+        x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+        ctx.save_for_backward(x2, values)
+        ctx.layout, ctx.scale, ctx.x_dtype, ctx.x_shape = layout, scale, x.dtype, x.shape
+        y = _csr_product(layout.csr(values * scale), x2)
+        return y.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, values = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(values.dtype)
+        grad_x = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _csr_product(layout.csr_t(values * scale), g2).to(ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_v = sampled_value_grad(g2, x2, layout.pattern).mul_(scale).to(values.dtype)
+        return grad_x, grad_v, None, None
+
+
+def sparse_delta(x: torch.Tensor, values: torch.Tensor, layout: SparseLayout, scale: float) -> torch.Tensor:
+    """``s * x S^T`` with S's values ``values`` at ``layout``'s positions (the additive sparse path:
+    no weight is written, so it works on quantized, tied and sharded weights); differentiable in
+    x and the values, never forming a dense m x n tensor."""
+    return _SparseDelta.apply(x, values, layout, scale)
 
 
 def value_grad_tap(y, x, values, pattern, scale: float):

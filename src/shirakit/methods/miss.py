@@ -173,7 +173,7 @@ class MissAdapter(Adapter):
         self.mode, self.r, self.mini_r = mode, r, config.mini_r
         # bat lives in the weight while active (W0 + delta written in, W0 kept aside and put back
         # bit-exactly); balance and mini add their cheap forward and subtract on unmerge.
-        self.lives_in_weight = self.exact_unmerge = mode == "bat"
+        self.lives_in_weight = self.exact_unmerge = self.delta_reads_weight = mode == "bat"
         shape = {"balance": (r, out_f), "bat": (out_f // r, r, r), "mini": (r, config.mini_r)}[mode]
         weight = base_layer.weight
         block = torch.zeros(shape, dtype=adapter_dtype(weight.dtype))

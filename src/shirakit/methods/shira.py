@@ -28,7 +28,8 @@ from ..adapter import Adapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
 from ..registry import register
-from ..sparse import csr_pattern, scatter_values, scattered_linear, value_grad_tap
+from ..sparse import SparseLayout, scatter_values, scattered_linear, sparse_delta, value_grad_tap
+from ..weight_kinds import full_values, is_sharded, shard_positions, sharded_rows
 
 # Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
 # "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
@@ -113,8 +114,7 @@ class ShiraAdapter(Adapter):
             self.register_buffer("shira_indices", torch.empty(2, k, dtype=torch.int32, device=weight.device))
             self.register_buffer("_storage_index", torch.empty(k, dtype=torch.int64, device=weight.device),
                                  persistent=False)
-            self._pattern = None
-            self._product_csr = None
+            self._layout = None
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
@@ -130,43 +130,33 @@ class ShiraAdapter(Adapter):
         self._saved_key: object = None  # the layer's name for the weight state _saved was read from
         self._merged: tuple[object, torch.Tensor] | None = None  # (values state, W0 + s*v) last scattered
         self._applied_state: tuple[tuple[int, int], float] | None = None
+        self._local_map = None  # FSDP2: ((first row, end row), local positions, which values) of a shard
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # FSDP2: (base, written) values
 
     def _set_derived(self, indices: torch.Tensor) -> None:
         """Everything the kernels need, derived once from the (sorted) indices."""
         rows, cols = indices[0].long(), indices[1].long()
         self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
-        self._pattern: torch.Tensor | None = None  # CSR, built on first training forward
-        self._product_csr = None
+        self._layout: SparseLayout | None = None  # built on first use
+        self._local_map = None
+
+    def layout(self) -> SparseLayout:
+        """CSR index arrays of S and S^T and the SDDMM pattern (int32 for the products, int64 for
+        the value gradient: its int32 path is wrong on CPU), built once per mask."""
+        idx = self.shira_indices
+        if self._layout is None or self._layout.pattern.device != idx.device:
+            g = self.geometry
+            self._layout = SparseLayout(idx[0], idx[1], g.out_features, g.in_features)
+        return self._layout
 
     def pattern(self) -> torch.Tensor:
-        idx = self.shira_indices
-        if self._pattern is None or self._pattern.device != idx.device:
-            g = self.geometry
-            self._pattern = csr_pattern(idx[0], idx[1], g.out_features, g.in_features)
-        return self._pattern
+        return self.layout().pattern
 
     # ---- the maths ------------------------------------------------------------------------
-    def _product_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """int32 (crow, col) for the sparse product, built once per pattern.
-
-        The product accepts int32 indices (and converts int64 ones on every call); the
-        value-gradient kernel needs int64 (its int32 path is wrong on CPU), hence two copies.
-        """
-        pattern = self.pattern()
-        if self._product_csr is None or self._product_csr[0] is not pattern:
-            self._product_csr = (pattern, pattern.crow_indices().int(), pattern.col_indices().int())
-        return self._product_csr[1], self._product_csr[2]
-
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """delta_y = s * x S^T by a sparse product (mixed batches, where the weight cannot carry
-        every row's values)."""
-        crow, col = self._product_indices()
-        g = self.geometry
-        values = self.shira_weight * self.scale
-        sparse = torch.sparse_csr_tensor(crow, col, values, (g.out_features, g.in_features), check_invariants=False)
-        x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
-        # contiguous in and out: callers index_add_ the result, ~15x slower from a transposed source
-        return (sparse @ x2.T.contiguous()).T.contiguous().reshape(*x.shape[:-1], -1)
+        """The additive sparse path, delta_y = s * x S^T (differentiable; no weight written): mixed
+        batches, and weights that cannot carry the values (quantized, tied)."""
+        return sparse_delta(x, self.shira_weight, self.layout(), self.scale)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -200,21 +190,75 @@ class ShiraAdapter(Adapter):
             return y
         return value_grad_tap(y, x, self.shira_weight, self.pattern(), self.scale)
 
+    # ---- FSDP2: the gathered copy of a sharded weight -------------------------------------------
+    @torch.no_grad()
+    def write_into_gathered(self, weight: torch.Tensor) -> torch.Tensor:
+        """Scatter W0[idx] + s*v into this forward's gathered copy of an FSDP2-sharded weight.
+
+        The copy is fresh from the clean shards, or (FSDP kept it unsharded since the last
+        forward) still holds what was written last time; reading the K positions tells which, so
+        W0 is never taken from a copy that already carries the values. Returns what was written.
+        """
+        flat = self._flat(weight)
+        current = flat.index_select(0, self._storage_index)
+        kept = self._gathered is not None and torch.equal(current, self._gathered[1])
+        base = self._gathered[0] if kept else current
+        written = self.merged_values(weight, base)
+        self._gathered = (base, written)
+        # index_copy_, not scatter_values' numpy path: numpy pins the storage, and FSDP frees the
+        # gathered copy by resizing its storage to 0
+        flat.index_copy_(0, self._storage_index, written)
+        return written
+
+    def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
+        """FSDP2: the base product on the gathered copy with the values scattered in; the backward
+        (which runs on a copy gathered again from the clean shards) scatters them in again first."""
+        weight = base_layer.weight
+        written = self.write_into_gathered(weight)
+        if not torch.is_grad_enabled():
+            return base_layer(x)
+        index = self._storage_index
+
+        def refill(gathered: torch.Tensor) -> None:
+            with torch.no_grad():
+                self._flat(gathered).index_copy_(0, index, written)
+
+        return scattered_linear(
+            x, self.shira_weight, weight, base_layer.bias, self.pattern(), self.scale, geometry.fan_in_fan_out, refill,
+        )
+
     # ---- scatter merge ----------------------------------------------------------------------
     def _flat(self, weight: torch.Tensor) -> torch.Tensor:
         if not weight.is_contiguous():
             raise RuntimeError("SHiRA merges by scatter into a contiguous weight; this weight is not")
         return weight.view(-1)
 
+    def _target(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(flat storage to write, positions in it, which of the K values go there; None: all).
+
+        An FSDP2-sharded weight is written in this rank's rows only; the global -> local position
+        map is computed once per shard layout.
+        """
+        if not is_sharded(weight):
+            return self._flat(weight), self._storage_index, None
+        local, start, stop = sharded_rows(weight)
+        if self._local_map is None or self._local_map[0] != (start, stop):
+            row_len = weight.shape[1]
+            self._local_map = ((start, stop), *shard_positions(self._storage_index, row_len, start, stop))
+        return self._flat(local), self._local_map[1], self._local_map[2]
+
     @torch.no_grad()
-    def merged_values(self, weight: torch.Tensor, base_values: torch.Tensor) -> torch.Tensor:
-        """W0[idx] + s*v, computed in fp32, in the weight's dtype."""
-        return (base_values.float() + self.scale * self.shira_weight.float()).to(weight.dtype)
+    def merged_values(self, weight: torch.Tensor, base_values: torch.Tensor, which=None) -> torch.Tensor:
+        """W0[idx] + s*v, computed in fp32, in the weight's dtype (``which``: a subset of the K)."""
+        values = full_values(self.shira_weight)
+        values = values if which is None else values.index_select(0, which)
+        return (base_values.float() + self.scale * values.float()).to(weight.dtype)
 
     @torch.no_grad()
     def merged_is_finite(self, weight: torch.Tensor) -> bool:
-        base = self._flat(weight).index_select(0, self._storage_index)
-        return bool(torch.isfinite(self.merged_values(weight, base)).all())
+        flat, index, which = self._target(weight)
+        base = flat.index_select(0, index)
+        return bool(torch.isfinite(self.merged_values(weight, base, which)).all())
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, base_key: object = None) -> None:
@@ -223,16 +267,16 @@ class ShiraAdapter(Adapter):
         When the layer vouches (same ``base_key``) that the weight is the one the saved values
         were read from, the read is skipped: a warm switch is then two scatters.
         """
-        flat = self._flat(weight)
+        flat, index, which = self._target(weight)
         reread = base_key is None or base_key != self._saved_key or self._saved is None
         if reread:
-            self._saved = flat.index_select(0, self._storage_index)
+            self._saved = flat.index_select(0, index)
         self._saved_key = base_key
         state = (values_stamp(self.shira_weight), self.scale)
         # W0 + s*v is kept too (K values in the weight's dtype), so a warm switch does no arithmetic
         if reread or self._merged is None or self._merged[0] != state:
-            self._merged = (state, self.merged_values(weight, self._saved))
-        scatter_values(flat, self._storage_index, self._merged[1])
+            self._merged = (state, self.merged_values(weight, self._saved, which))
+        scatter_values(flat, index, self._merged[1])
         self._applied_state = state
 
     @torch.no_grad()
@@ -240,7 +284,8 @@ class ShiraAdapter(Adapter):
         """Scatter the saved originals back: the base is restored bit-exactly."""
         if self._applied_state is None:
             raise RuntimeError("SHiRA unmerge without a prior merge: no saved base values")
-        scatter_values(self._flat(weight), self._storage_index, self._saved)
+        flat, index, _ = self._target(weight)
+        scatter_values(flat, index, self._saved)
         self._applied_state = None
 
     def applied_is_current(self) -> bool:
@@ -295,10 +340,10 @@ class ShiraAdapter(Adapter):
         self.shira_weight.copy_(values if order is None else values[order])
         self.shira_indices.copy_(indices.to(torch.int32))
         self._set_derived(indices.to(self.shira_indices.device))
-        self._saved, self._saved_key, self._merged = None, None, None
+        self._saved, self._saved_key, self._merged, self._gathered = None, None, None, None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
-        return compact.encode(self.shira_indices, self.shira_weight.detach(), self.geometry.in_features)
+        return compact.encode(self.shira_indices, full_values(self.shira_weight).detach(), self.geometry.in_features)
 
     def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         return compact.decode(tensors, self.geometry.in_features, source)
@@ -310,7 +355,7 @@ class ShiraAdapter(Adapter):
             self._saved = fn(self._saved)
         if self._merged is not None:
             self._merged = (self._merged[0], fn(self._merged[1]))
-        self._pattern = None
+        self._layout, self._local_map, self._gathered = None, None, None
         return self
 
     def extra_repr(self) -> str:
