@@ -53,7 +53,7 @@ def build(args):
     torch.manual_seed(0)
     base = nn.Linear(args.in_, args.out).requires_grad_(False)
     config = MissConfig(r=args.r, init_weights="bat", init_random=True)
-    adapter = MissAdapter(LayerGeometry(args.in_, args.out), config, base, torch.Generator().manual_seed(1))
+    adapter = MissAdapter.build(LayerGeometry(args.in_, args.out), config, base, torch.Generator().manual_seed(1))
     layer = AdapterLinear(base)
     layer.add_adapter("default", adapter)
     layer.set_active(["default"])

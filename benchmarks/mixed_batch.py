@@ -54,7 +54,7 @@ prefill + step). shirakit also checks that the ``adapter_names=`` keyword gives 
 and every method reports how much its adapters move the logits (so the check is not vacuous).
 
 Crossover (shirakit SHiRA only): ``AdapterLinear.routed_forward`` runs a SHiRA group with at least
-``shirakit.layer.SCATTER_MIN_TOKENS`` tokens on the weight with the group's values scattered in,
+``InWeightAdapter.scatter_min_tokens`` tokens on the weight with the group's values scattered in,
 smaller groups through the sparse product. With the constant patched to 1 (always scatter) or
 10**9 (always sparse), one layer's routed forward is timed over token counts, (a) for one group
 holding all rows and (b) for 4 groups of that many tokens each (4 adapters, as in a mixed batch:
@@ -375,7 +375,7 @@ def measure(fns: dict, min_reps: int, min_time: float, max_reps: int = 200) -> d
     return {k: statistics.median(s) for k, s in samples.items()}
 
 
-SPARSE, SCATTER = 10**9, 1  # SCATTER_MIN_TOKENS values that force one path
+SPARSE, SCATTER = 10**9, 1  # scatter_min_tokens values that force one path
 
 
 def scatter_pair(layer, name: str) -> None:
@@ -386,7 +386,7 @@ def scatter_pair(layer, name: str) -> None:
 
 def crossover_worker(args: argparse.Namespace) -> dict:
     import shirakit
-    import shirakit.layer as layer_mod
+    from shirakit.adapter import InWeightAdapter
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
@@ -394,18 +394,18 @@ def crossover_worker(args: argparse.Namespace) -> dict:
     shapes = [(f"q/k/v/o {h}->{h}", h, h), (f"gate/up {h}->{i}", h, i), (f"down {i}->{h}", i, h)]
     if args.quick:
         shapes = shapes[1:2]
-    original = layer_mod.SCATTER_MIN_TOKENS
+    original = InWeightAdapter.scatter_min_tokens
     reps, min_time = (3, 0.01) if args.quick else (5, 0.25)
     out = {"constant": original, "shapes": [], "reps": reps, "min_time": min_time}
 
     def routed(layer, x, groups, threshold: int):
-        """One routed forward with SCATTER_MIN_TOKENS patched to ``threshold`` (1: scatter, 10**9: sparse)."""
+        """One routed forward with scatter_min_tokens patched to ``threshold`` (1: scatter, 10**9: sparse)."""
         def call():
-            layer_mod.SCATTER_MIN_TOKENS = threshold
+            InWeightAdapter.scatter_min_tokens = threshold
             try:
                 return layer.routed_forward(x, groups)
             finally:
-                layer_mod.SCATTER_MIN_TOKENS = original
+                InWeightAdapter.scatter_min_tokens = original
         return call
 
     def base(layer, x):
@@ -624,7 +624,7 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
     if constant is not None:
         parts[-1] += (f"\n- shirakit SHiRA in the mixed batch: groups of {a.rows // N_ADAPTERS * a.seq} tokens "
                       f"(prefill) run on the scattered weight, groups of {a.rows // N_ADAPTERS} tokens (decode) "
-                      f"through the sparse product (`SCATTER_MIN_TOKENS` = {constant}).")
+                      f"through the sparse product (`InWeightAdapter.scatter_min_tokens` = {constant}).")
     parts += [
         f"### Prefill ({a.rows} x {a.seq} tokens)", workload_table(results, "prefill"),
         f"### Decode step ({a.rows} x 1 token, {a.seq}-token cache)", workload_table(results, "decode"),
@@ -637,7 +637,7 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
         parts += [
             "### SHiRA: sparse product vs scattered weight, by group size",
             "One SHiRA layer's `AdapterLinear.routed_forward` under `torch.inference_mode()`, "
-            "`shirakit.layer.SCATTER_MIN_TOKENS` patched to 10**9 (sparse: base product on all rows + CSR "
+            "`InWeightAdapter.scatter_min_tokens` patched to 10**9 (sparse: base product on all rows + CSR "
             "product per group, `index_add_`) or 1 (scatter: per group the K values scattered in, the base "
             "product on the group's rows, the originals scattered back). x is (rows, in), one token per row. "
             "Left: one group of T tokens (all rows one adapter); right: 4 groups of T tokens each (4 "

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import shirakit
 from shirakit.checkpoint import WEIGHTS_NAME
-from shirakit.inject import SHARED_ATTR
+from shirakit.state import SHARED_ATTR
 from tests.models import MODELS, inputs, output
 
 

@@ -60,7 +60,7 @@ def test_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("shirakit: error: ") and err.count("\n") == 1
     assert main(["eval", str(tmp_path)]) == 2
-    assert "shirakit_training.json: not found" in capsys.readouterr().err
+    assert "no adapter_config.json (not an adapter folder)" in capsys.readouterr().err
 
 
 def test_compact_inspect(two_adapters, tmp_path, capsys):

@@ -9,9 +9,10 @@ import torch
 
 import shirakit
 from shirakit.calibration import compute_masks, with_masks
-from shirakit.inject import adapter_layers, find_targets
+from shirakit.inject import find_targets
 from shirakit.layer import geometry_of
 from shirakit.masks import MASKS, _struct_union, struct_indices, struct_stride, top_k_flat
+from shirakit.state import adapter_layers
 from tests.models import MODELS, TARGETS, inputs
 
 ALL_MASKS = ["random", "struct", "wm", "grad", "snip"]

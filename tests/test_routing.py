@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shirakit
-import shirakit.layer
+from shirakit.adapter import InWeightAdapter
 from shirakit.routing import route
 from tests.cases import CASES
 from tests.models import MODELS, TARGETS, inputs, output
@@ -55,7 +55,7 @@ NAMES = ["a", "b", "__base__", "a", "b"]
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("scatter_path", [False, True], ids=["sparse", "scatter"])
 def test_routed_rows_equal_rows_alone(case, scatter_path, monkeypatch):
-    monkeypatch.setattr(shirakit.layer, "SCATTER_MIN_TOKENS", 1 if scatter_path else 10**9)
+    monkeypatch.setattr(InWeightAdapter, "scatter_min_tokens", 1 if scatter_path else 10**9)
     model = _model_with(_case_makers(case))
     ids = inputs(batch=len(NAMES))
     expected = _alone(model, ids, NAMES)

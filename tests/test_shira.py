@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.inject import adapter_layers
 from shirakit.masks import MASKS
+from shirakit.state import adapter_layers
 from tests.models import MODELS, TARGETS, inputs, output
 
 

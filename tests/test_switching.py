@@ -9,8 +9,8 @@ import torch
 
 import shirakit
 from shirakit.fusion import combine_adapters
-from shirakit.inject import adapter_layers
 from shirakit.metrics import adapter_orthogonality
+from shirakit.state import adapter_layers
 from shirakit.switching import switch_adapter
 from tests.models import MODELS, TARGETS, inputs, output
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import shirakit
 from shirakit.checkpoint import WEIGHTS_NAME
-from shirakit.inject import SHARED_ATTR, adapter_layers, shared_of
+from shirakit.state import SHARED_ATTR, adapter_layers, shared_of
 from tests.checks import assert_load_fails, assert_untouched, edit_weights
 from tests.models import MODELS, inputs, output
 

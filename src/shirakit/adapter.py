@@ -2,15 +2,23 @@
 
 An :class:`Adapter` computes the output delta and the weight delta of a layer ``y = x W^T + b``.
 It knows nothing about module names or models; :class:`shirakit.layer.AdapterLinear` owns it.
+
+An :class:`InWeightAdapter` (SHiRA, MiSS "bat") is one whose values ride in the base weight
+while it is active and unmerged: the layer writes it in with ``merge_into``, keeps it there
+across forwards while :meth:`InWeightAdapter.applied_is_current` holds, and takes it out with
+``unmerge_from`` (bit-exact) before anything else reads or writes the weight. Everything the
+layer may call on such an adapter is declared on that class; nothing is left to convention.
 """
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import AdapterConfig
 
@@ -51,11 +59,10 @@ class Adapter(nn.Module):
     """
 
     config_class: ClassVar[type[AdapterConfig]]
-    #: True when the adapter's values live scattered in the base weight while it is active
-    #: (SHiRA): the layer then applies it with ``merge_into`` instead of adding ``forward``.
-    lives_in_weight: ClassVar[bool] = False
     #: True when ``unmerge_from`` restores the weight bit-exactly (saved originals, not subtraction).
     exact_unmerge: ClassVar[bool] = False
+    #: True when the delta depends on the base weight (MiSS bat): not computable on a quantized base.
+    delta_reads_weight: ClassVar[bool] = False
     #: True when the delta depends on the base weight (MiSS bat): not computable on a quantized base.
     delta_reads_weight: ClassVar[bool] = False
 
@@ -64,6 +71,21 @@ class Adapter(nn.Module):
         self.geometry = geometry
         self.config = config
         self.scale = 1.0
+
+    @classmethod
+    def build(
+        cls,
+        geometry: LayerGeometry,
+        config: AdapterConfig,
+        base_layer: nn.Module,
+        generator: torch.Generator | None,
+        source: str = "",
+    ) -> Adapter:
+        """The adapter for one layer, as inject and load ask for it: ``generator`` draws the initial
+        values (None when loading: the values come from a file). ``source`` names the layer for
+        error messages. By default the class itself; a method with variants (MiSS's modes) picks
+        the variant's class from the config here."""
+        return cls(geometry, config, base_layer, generator, source=source)
 
     # ---- shared state across layers (VeRA's projections) -----------------------------------
     @classmethod
@@ -146,3 +168,116 @@ class Adapter(nn.Module):
     def extra_repr(self) -> str:
         g = self.geometry
         return f"in={g.in_features}, out={g.out_features}, scale={self.scale}"
+
+
+# ---- adapters whose values ride in the base weight ----------------------------------------------
+# Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
+# "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
+# misses those updates and the weight would keep stale values: every optimizer step counts too.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def values_stamp(param: torch.Tensor) -> tuple[int, int]:
+    """Changes whenever ``param``'s values may have changed: an in-place write or any optimizer step."""
+    return (param._version, _optimizer_steps)
+
+
+class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
+    """An adapter whose values are written into the base weight while active and unmerged.
+
+    The forward of such a layer is then the base layer's own product (no extra work at
+    inference); training gets the values' gradient from one of two entry points
+    (:meth:`trainable_base_forward`, :meth:`tap_value_grad`). What the base class owns:
+
+    - the saved originals ``_saved`` (what :meth:`unmerge_from` puts back bit-exactly) and the
+      applied state ``_applied_state`` = (values stamp, scale) of what is written in now;
+    - the stamp (:func:`values_stamp`: version counter + optimizer steps) that tells the layer
+      the weight holds stale values (:meth:`applied_is_current`);
+    - the device move: tensors named in ``_device_tensors`` follow ``.to()``/``.cuda()``, and
+      :meth:`drop_device_caches` forgets what was derived for the old device;
+    - ``scatter_min_tokens``: in a mixed batch, a group with at least this many tokens runs the
+      base product with the values written in rather than the method's additive ``forward``.
+
+    Subclasses implement :meth:`trained_values`, :meth:`write_into`, :meth:`restore_into` and
+    the two gradient entry points.
+    """
+
+    exact_unmerge = True
+    #: Measured on CPU (benchmarks/mixed_batch.py, 1024/2816 layers, SHiRA r=32, 4 groups): writing
+    #: the values in wins from 128-256 tokens per group; the additive forward's cost grows with the
+    #: tokens, the two writes' does not.
+    scatter_min_tokens: ClassVar[int] = 256
+    #: attributes holding tensors (or None) that move with the module's parameters
+    _device_tensors: ClassVar[tuple[str, ...]] = ("_saved",)
+
+    def __init__(self, geometry: LayerGeometry, config: AdapterConfig) -> None:
+        super().__init__(geometry, config)
+        self._saved: torch.Tensor | None = None  # the base values this adapter covers while written in
+        self._applied_state: tuple[tuple[int, int], float] | None = None  # (values stamp, scale) written in
+
+    # ---- what a subclass provides ----------------------------------------------------------
+    @abc.abstractmethod
+    def trained_values(self) -> torch.Tensor:
+        """The parameter whose changes require rewriting the weight (SHiRA's values, MiSS's block)."""
+
+    @abc.abstractmethod
+    def write_into(self, weight: torch.Tensor, base_key: object) -> None:
+        """Save what :meth:`restore_into` needs in ``_saved``, then write this adapter into ``weight``."""
+
+    @abc.abstractmethod
+    def restore_into(self, weight: torch.Tensor) -> None:
+        """Put back what :meth:`write_into` saved (bit-exact)."""
+
+    @abc.abstractmethod
+    def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``base_layer(x)`` on the weight holding this adapter, with the values' gradient attached.
+
+        Called for the first live adapter of a layer while grad is enabled. The result must equal
+        ``base_layer(x)``; its backward must add dL/d(values) (and give x and the base parameters
+        their usual gradients)."""
+
+    @abc.abstractmethod
+    def tap_value_grad(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Identity on ``y`` (an output computed on the weight holding this adapter) whose backward
+        adds dL/d(values); for further live adapters of a layer and for hooked base layers."""
+
+    # ---- what the layer calls --------------------------------------------------------------
+    def values_state(self) -> tuple[tuple[int, int], float]:
+        return (values_stamp(self.trained_values()), self.scale)
+
+    def applied_is_current(self) -> bool:
+        """Is the weight holding this adapter's current values (no optimizer step, write or new scale since)?"""
+        return self._applied_state == self.values_state()
+
+    @torch.no_grad()
+    def merge_into(self, weight: torch.Tensor, base_key: object = None) -> None:
+        self.write_into(weight, base_key)
+        self._applied_state = self.values_state()
+
+    @torch.no_grad()
+    def unmerge_from(self, weight: torch.Tensor) -> None:
+        if self._applied_state is None:
+            raise RuntimeError(f"{type(self).__name__}: unmerge without a prior merge: no saved base values")
+        self.restore_into(weight)
+        self._applied_state = None
+
+    # ---- device moves ----------------------------------------------------------------------
+    def drop_device_caches(self) -> None:
+        """Forget tensors derived for the old device (rebuilt on next use)."""
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda() move parameters and buffers; the saved originals must follow them.
+        super()._apply(fn, *args, **kwargs)
+        for attr in self._device_tensors:
+            if getattr(self, attr) is not None:
+                setattr(self, attr, fn(getattr(self, attr)))
+        self.drop_device_caches()
+        return self

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from .adapter import LayerGeometry
-from .inject import find_targets
+from .control import disable_adapters
+from .inject import find_targets, layer_generator, seed_of
 from .layer import AdapterLinear, geometry_of
-from .masks import CALIBRATED_MASKS, MASKS, layer_generator, shira_budget, top_k_flat, validate_indices
+from .masks import CALIBRATED_MASKS, MASKS, shira_budget, top_k_flat, validate_indices
 from .methods.shira import ShiraConfig
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -168,10 +169,8 @@ def _checked(flat: torch.Tensor, geometry: LayerGeometry, k: int, name: str) -> 
 
 def _data_free_masks(config, layers, budgets, adapter_name) -> dict[str, torch.Tensor]:
     """random / struct / wm / a custom mask_fn: what inject would compute, same seed and streams."""
-    from .inject import _seed_of
-
     mask_fn = config.mask_fn or MASKS[config.mask_type]
-    seed = _seed_of(config)
+    seed = seed_of(config)
     return {
         name: _checked(mask_fn(layer, config.r, layer_generator(seed, adapter_name, name)),
                        geometry_of(layer), budgets[name], name)
@@ -201,8 +200,6 @@ def _groups(layers: Mapping[str, nn.Module], max_memory_mb: float | None) -> lis
 @contextlib.contextmanager
 def _calibration_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, every parameter frozen, existing adapters disabled; all restored on exit."""
-    from .control import disable_adapters
-
     training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     with contextlib.ExitStack() as stack:

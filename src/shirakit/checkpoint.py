@@ -23,10 +23,12 @@ from torch import nn
 from .adapter import Adapter
 from .compact import COMPACT_V1, FORMAT_KEY
 from .config import read_config
+from .control import merge as merge_adapters
 from .control import set_adapter
-from .inject import SharedTensors, check_adapter_names, delete_adapter, hosts, inject, shared_of, state_of, unload
+from .inject import delete_adapter, inject, unload
 from .io_utils import atomic_write_bytes
 from .registry import method_for_config
+from .state import SharedTensors, check_adapter_names, hosts, shared_of, state_of
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -150,8 +152,6 @@ def load_adapter(
                 p.requires_grad_(True)
         raise
     if merge:
-        from .control import merge as merge_adapters
-
         merge_adapters(model, [adapter_name])
     return model
 

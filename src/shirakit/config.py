@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .io_utils import atomic_write_bytes
+from .registry import method_for_peft_type
+
 CONFIG_NAME = "adapter_config.json"
 
 # Fields PEFT writes for features shirakit does not implement, with the value that means "off".
@@ -117,8 +120,6 @@ class AdapterConfig:
             raise ValueError(f"{source}: invalid {cls.__name__}: {exc}") from exc
 
     def save(self, directory: str | Path) -> Path:
-        from .io_utils import atomic_write_bytes
-
         path = Path(directory) / CONFIG_NAME
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(path, text.encode())
@@ -127,8 +128,6 @@ class AdapterConfig:
 
 def read_config(directory: str | Path) -> AdapterConfig:
     """Read ``adapter_config.json`` and return the matching method's config."""
-    from .registry import method_for_peft_type
-
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter config here (expected {CONFIG_NAME})")

@@ -8,8 +8,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .inject import adapter_layers, check_adapter_names, hosts, state_of, unload
 from .layer import AdapterLinear
+from .state import adapter_layers, check_adapter_names, hosts, state_of
 
 
 def _as_list(names: str | list[str]) -> list[str]:
@@ -74,13 +74,6 @@ def unmerge(model: nn.Module) -> None:
     """Take every merged adapter back out (SHiRA restores the base values bit-exactly)."""
     for _, layer in adapter_layers(model):
         layer.unmerge()
-
-
-def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
-    """Merge the active adapters and return the plain model with its original layer types."""
-    if safe_merge:
-        merge(model, safe_merge=True)
-    return unload(model, merge=True)
 
 
 def set_scale(model: nn.Module, adapter_name: str, scale: float) -> None:

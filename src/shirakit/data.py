@@ -89,9 +89,16 @@ def shakespeare_text(max_chars: int | None = None) -> str:
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def smollm2_cache(cache: str | Path | None = None) -> Path:
+    """Where :func:`smollm2_dir` keeps the folder: ``$SHIRAKIT_CACHE/smollm2-135m`` (default cache
+    ``~/.cache/shirakit``)."""
+    return Path(cache or os.environ.get("SHIRAKIT_CACHE") or Path.home() / ".cache" / "shirakit") / "smollm2-135m"
+
+
 def smollm2_dir(cache: str | Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a plain safetensors folder (dequantized from GGUF once, cached)."""
-    cache = Path(cache or os.environ.get("SHIRAKIT_CACHE", Path.home() / ".cache" / "shirakit")) / "smollm2-135m"
+    """SmolLM2-135M-Instruct as a plain safetensors folder (dequantized from GGUF once, cached in
+    :func:`smollm2_cache`)."""
+    cache = smollm2_cache(cache)
     if (cache / "model.safetensors").is_file():
         return cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,3 +120,33 @@ def smollm2_dir(cache: str | Path | None = None) -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.replace(cache) if not cache.exists() else None
     return cache
+
+
+# ---- the packaged tasks as presets of ``shirakit train`` ------------------------------------------------
+ENCODER_TARGETS = ["query", "key", "value", "dense"]
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_CLASSIFY = {"task": "classification", "seq_len": 64, "batch_size": 16, "eval_split": 400,
+             "targets": ENCODER_TARGETS}
+# each preset: the flags it sets (the user's flags and recipe override them)
+PRESETS = {
+    "bbc_news": {**_CLASSIFY},
+    "tweet_sentiment": {**_CLASSIFY, "train_rows": 4000},
+    "shakespeare": {"task": "causal-lm", "seq_len": 64, "batch_size": 16, "eval_split": 0.1, "train_rows": 256,
+                    "eval_rows": 32, "targets": DECODER_TARGETS},
+}
+
+
+def preset_model(name: str) -> Path:
+    return smollm2_dir() if name == "shakespeare" else minilm_dir()
+
+
+def preset_table(name: str):
+    """The packaged data of a preset as one ``datasets.Dataset`` (columns ``text``, and ``label``)."""
+    import datasets
+
+    if name == "shakespeare":
+        paragraphs = [p for p in shakespeare_text().split("\n\n") if p.strip()]
+        return datasets.Dataset.from_dict({"text": paragraphs})
+    full = TASKS[name](test_size=0)
+    return datasets.Dataset.from_dict({"text": [t for t, _ in full.train],
+                                       "label": [full.labels[y] for _, y in full.train]})

@@ -7,18 +7,53 @@
 How each method represents the sum exactly is its own business (``Adapter.combine``):
 SHiRA takes the sparse union of positions (values summed where they overlap), LoRA concatenates
 ranks. The result is an ordinary adapter: it can be merged, switched, saved in PEFT's format.
+
+Modules saved whole (``modules_to_save``, e.g. a classification head) cannot be summed
+meaningfully; the fused adapter keeps one adapter's copies: ``modules_from``'s, or the common copy
+when every adapter holding one holds the same values. Different copies and no ``modules_from``
+is an error, never a silently dropped or untrained head.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from torch import nn
 
-from .inject import adapter_layers, check_adapter_names, inject, state_of
+from .inject import inject
+from .layer import ModulesToSave
 from .registry import method_for_config
+from .state import adapter_layers, check_adapter_names, hosts, state_of
 
 
-def combine_adapters(model: nn.Module, names: list[str], weights: list[float], new_name: str) -> nn.Module:
-    """Add ``new_name`` = sum_i weights[i] * adapter names[i]; it becomes the active adapter."""
+def _saved_module_sources(model: nn.Module, names: list[str], modules_from: str | None) -> dict[str, str]:
+    """Which adapter's copy each ModulesToSave host gives the fused adapter (host path -> adapter name)."""
+    if modules_from is not None and modules_from not in names:
+        raise ValueError(f"modules_from={modules_from!r} is not one of the adapters combined {names}")
+    sources = {}
+    for path, host in hosts(model):
+        holders = [n for n in names if isinstance(host, ModulesToSave) and n in host.adapters]
+        if not holders:
+            continue
+        if modules_from is not None:
+            if modules_from not in holders:
+                raise ValueError(f"modules_from={modules_from!r} has no copy of {path}; {holders} have")
+            sources[path] = modules_from
+            continue
+        first = host.adapters[holders[0]].state_dict()
+        for other in holders[1:]:
+            if any(not torch.equal(first[k], v) for k, v in host.adapters[other].state_dict().items()):
+                raise ValueError(f"adapters {holders[0]!r} and {other!r} hold different copies of {path} "
+                                 "(modules_to_save); pass modules_from= the adapter whose copy to keep")
+        sources[path] = holders[0]
+    return sources
+
+
+def combine_adapters(model: nn.Module, names: list[str], weights: list[float], new_name: str,
+                     modules_from: str | None = None) -> nn.Module:
+    """Add ``new_name`` = sum_i weights[i] * adapter names[i]; it becomes the active adapter.
+    Modules saved whole come from ``modules_from`` (see the module docstring)."""
     check_adapter_names(model, names)
     if len(names) != len(weights):
         raise ValueError(f"expected one weight per adapter ({len(names)}), found {len(weights)}")
@@ -37,10 +72,18 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
         for path, layer in adapter_layers(model)
         if any(n in layer.adapters for n in names)
     }
+    sources = _saved_module_sources(model, names, modules_from)
     config, tensors = method.combine(layers, configs, [float(w) for w in weights])
+    saved = sorted({m for c in configs for m in (c.modules_to_save or [])})
+    task_types = {c.task_type for c in configs}
+    config = dataclasses.replace(config, modules_to_save=saved or None,
+                                 task_type=task_types.pop() if len(task_types) == 1 else None)
     config.inference_mode = True
     inject(model, config, new_name, _from_checkpoint=True)
     for path, layer in adapter_layers(model):
         if path in tensors:
             layer.adapters[new_name].load_tensors(tensors[path], source=f"combine_adapters({names}) at {path}")
+    for path, host in hosts(model):
+        if path in sources:
+            host.adapters[new_name].load_state_dict(host.adapters[sources[path]].state_dict())
     return model

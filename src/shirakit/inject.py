@@ -1,120 +1,38 @@
 """Finding target layers (PEFT's matching rules) and putting adapters in and out of a model.
 
-The model is changed in place and keeps its class: targeted layers become
-:class:`~shirakit.layer.AdapterLinear`, ``modules_to_save`` become
-:class:`~shirakit.layer.ModulesToSave`; a small record of configs rides on the model as
-``model.shirakit`` (a plain attribute, not a submodule, so the state dict is unchanged).
-
-Tensors an adapter shares across all its layers (VeRA's projections, :meth:`Adapter.make_shared`)
-are kept once per model and adapter in a :class:`SharedTensors` under ``model.shirakit_shared``:
-a registered submodule, so ``model.to()`` moves them once, holding them as *non-persistent*
-buffers, so ``model.state_dict()`` keeps exactly the base model's keys. Layers hold a plain
-reference to the holder (not a submodule of theirs), so nothing is stored or moved per layer.
+The orchestrator: it finds the targets, wraps them, asks the method for its adapters and
+records the result; the state it records (``model.shirakit``, shared tensors, the wrapped
+layers) is defined in :mod:`shirakit.state`. The model is changed in place and keeps its class:
+targeted layers become :class:`~shirakit.layer.AdapterLinear`, ``modules_to_save`` become
+:class:`~shirakit.layer.ModulesToSave`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig
+from .control import merge, set_adapter
 from .layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
-from .masks import layer_generator
 from .registry import method_for_config
+from .routing import install_keyword_routing, uninstall_keyword_routing
+from .state import (
+    ModelAdapters,
+    SharedStore,
+    adapter_layers,
+    add_shared,
+    check_adapter_names,
+    hosts,
+    remove_shared,
+    state_of,
+)
 
 ALL_LINEAR = "all-linear"
-
-
-@dataclass
-class ModelAdapters:
-    """What shirakit knows about a model: each adapter's config, which are active, seeds used."""
-
-    configs: dict[str, AdapterConfig] = field(default_factory=dict)
-    active: list[str] = field(default_factory=list)
-    trainable: dict[str, bool] = field(default_factory=dict)
-
-
-def state_of(model: nn.Module) -> ModelAdapters:
-    state = getattr(model, "shirakit", None)
-    if not isinstance(state, ModelAdapters):
-        raise ValueError("this model has no shirakit adapters; call shirakit.inject(model, config) first")
-    return state
-
-
-def check_adapter_names(model: nn.Module, names: list[str]) -> None:
-    known = state_of(model).configs
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise KeyError(f"unknown adapter(s) {unknown}; this model has {sorted(known)}")
-
-
-# ---- tensors shared across layers ------------------------------------------------------------
-SHARED_ATTR = "shirakit_shared"
-
-
-class SharedTensors(nn.Module):
-    """One adapter's shared tensors, as non-persistent buffers (moved by ``.to()``, never in the
-    model's state dict; checkpoints write them as ``base_model.<key>``, see checkpoint.py)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        for key, tensor in tensors.items():
-            self.register_buffer(key, tensor, persistent=False)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.named_buffers())
-
-    @torch.no_grad()
-    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Copy validated file tensors in (shapes and finiteness are checked by the caller)."""
-        own = self.tensors()
-        for key, value in tensors.items():
-            own[key].copy_(value.to(own[key].dtype))
-
-
-class SharedStore(nn.ModuleDict):
-    """adapter name -> :class:`SharedTensors`; lives on the model as ``model.shirakit_shared``."""
-
-
-def shared_of(model: nn.Module, adapter_name: str) -> SharedTensors | None:
-    store = getattr(model, SHARED_ATTR, None)
-    if isinstance(store, SharedStore) and adapter_name in store:
-        return store[adapter_name]
-    return None
-
-
-def _add_shared(model: nn.Module, adapter_name: str, tensors: dict, device: torch.device) -> SharedTensors:
-    store = getattr(model, SHARED_ATTR, None)
-    if not isinstance(store, SharedStore):
-        store = SharedStore()
-        setattr(model, SHARED_ATTR, store)
-    store[adapter_name] = SharedTensors(tensors).to(device)
-    return store[adapter_name]
-
-
-def _remove_shared(model: nn.Module, adapter_name: str | None = None) -> None:
-    """Drop one adapter's shared tensors (all of them when ``adapter_name`` is None)."""
-    store = getattr(model, SHARED_ATTR, None)
-    if not isinstance(store, SharedStore):
-        return
-    if adapter_name is not None and adapter_name in store:
-        del store[adapter_name]
-    if adapter_name is None or len(store) == 0:
-        delattr(model, SHARED_ATTR)
-
-
-# ---- walking the model ------------------------------------------------------------------------
-def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
-
-
-def hosts(model: nn.Module) -> list[tuple[str, AdapterLinear | ModulesToSave]]:
-    """Every module holding per-adapter state under ``.adapters`` (the checkpoint key rule)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (AdapterLinear, ModulesToSave))]
 
 
 def _user_modules(model: nn.Module):
@@ -219,7 +137,7 @@ def inject(
         raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or use another name")
     method = method_for_config(config)
     targets = find_targets(model, config)
-    seed = _seed_of(config)
+    seed = seed_of(config)
     layers: list[tuple[str, AdapterLinear]] = []
     wrapped: list[str] = []  # wrappers this call made: taken out again if building the adapters fails
     try:
@@ -245,7 +163,7 @@ def inject(
         for p in model.parameters():
             p.requires_grad_(False)
     if shared:
-        holder = _add_shared(model, adapter_name, shared, layers[0][1].weight.device)
+        holder = add_shared(model, adapter_name, shared, layers[0][1].weight.device)
         for adapter in new_adapters:
             adapter.bind_shared(holder)
     for (_, layer), adapter in zip(layers, new_adapters):
@@ -255,16 +173,12 @@ def inject(
     state.configs[adapter_name] = config
     state.trainable[adapter_name] = not config.inference_mode
     model.shirakit = state
-    from .routing import install_keyword_routing
-
     install_keyword_routing(model)
-    from .control import set_adapter
-
     set_adapter(model, adapter_name)
     return model
 
 
-def _seed_of(config: AdapterConfig) -> int:
+def seed_of(config: AdapterConfig) -> int:
     seed = getattr(config, "random_seed", None)
     if seed is not None:
         return int(seed)
@@ -272,9 +186,17 @@ def _seed_of(config: AdapterConfig) -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+def layer_generator(seed: int, adapter_name: str, layer_name: str) -> torch.Generator:
+    """A CPU generator whose stream depends on (seed, adapter, layer) and nothing else."""
+    digest = hashlib.blake2b(f"{seed}|{adapter_name}|{layer_name}".encode(), digest_size=8).digest()
+    gen = torch.Generator()
+    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return gen
+
+
 def _build_adapter(method, config, layer: AdapterLinear, generator, name: str) -> Adapter:
     layer.withdraw_live()  # masks (e.g. SHiRA-WM) must see the base weight, not live adapter values
-    return method(layer.geometry, config, layer.base_layer, generator, source=name)
+    return method.build(layer.geometry, config, layer.base_layer, generator, source=name)
 
 
 def _check_fan_in_fan_out(config: AdapterConfig, layers) -> None:
@@ -309,7 +231,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for _, host in hosts(model):
         if adapter_name in host.adapters:
             host.remove_adapter(adapter_name)
-    _remove_shared(model, adapter_name)
+    remove_shared(model, adapter_name)
     del state.configs[adapter_name]
     state.trainable.pop(adapter_name, None)
     state.active = [n for n in state.active if n != adapter_name]
@@ -330,9 +252,14 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         else:
             keep = host.current() if merge else host.original_module
             _set_submodule(model, name, keep)
-    _remove_shared(model)
-    from .routing import uninstall_keyword_routing
-
+    remove_shared(model)
     uninstall_keyword_routing(model)
     del model.shirakit
     return model
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge the active adapters and return the plain model with its original layer types."""
+    if safe_merge:
+        merge(model, safe_merge=True)
+    return unload(model, merge=True)

@@ -2,9 +2,11 @@
 
 ``AdapterLinear`` replaces a targeted ``nn.Linear`` (or transformers ``Conv1D``) in place. Its
 forward is ``y = base_layer(x) + sum_{a in active, unmerged} a(x)``. Adapters whose values live in
-the weight (SHiRA) are instead scattered into the base weight while active, so their unmerged
-forward costs nothing beyond the base product; they are withdrawn (originals restored exactly)
-before anything else touches the weight: merge, unmerge, disable, delete, unload, ``state_dict``.
+the weight (:class:`~shirakit.adapter.InWeightAdapter`: SHiRA, MiSS bat) are instead written into
+the base weight while active, so their unmerged forward costs nothing beyond the base product;
+they are withdrawn (originals restored exactly) before anything else touches the weight: merge,
+unmerge, disable, delete, unload, ``state_dict``. The layer calls only what the two adapter
+classes declare.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from .adapter import Adapter, LayerGeometry
+from .adapter import Adapter, InWeightAdapter, LayerGeometry
 from .weight_kinds import QUANTIZED_MERGE, fsdp_managed, quantized_kind
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
@@ -24,12 +26,6 @@ except ImportError:  # pragma: no cover - transformers is a runtime dependency, 
     Conv1D = ()  # type: ignore[assignment]
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
-
-# In a mixed batch, a SHiRA group with at least this many tokens runs on the scattered weight
-# instead of the sparse product. Measured on CPU (benchmarks/mixed_batch.py, 1024/2816 layers,
-# r=32, 4 groups): scatter wins from 128-256 tokens per group; the sparse product's cost grows
-# with tokens, the two scatters' does not.
-SCATTER_MIN_TOKENS = 256
 
 # FSDP (fully_shard) turns the weight into shards after inject; values a forward had already written
 # into the whole weight would be sharded as if they were the base.
@@ -69,7 +65,7 @@ class AdapterLinear(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []  # LIFO: unmerge pops in reverse order, so overlaps restore exactly
         self.disabled = False
-        self._live: list[str] = []  # lives_in_weight adapters currently scattered into the weight
+        self._live: list[str] = []  # in-weight adapters currently written into the weight
         # Bookkeeping that lets a SHiRA merge skip re-reading base values it read before: the
         # generation changes whenever the clean base weight may differ from what it was.
         self._base_generation = 0
@@ -99,15 +95,11 @@ class AdapterLinear(nn.Module):
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        if self.quantized and isinstance(adapter, InWeightAdapter) and adapter.delta_reads_weight:
+            raise ValueError(
+                f"{type(adapter).__name__} computes its delta from the base weight, which is quantized here "
+                f"({self.quantized}); dequantize the base or choose a mode whose delta does not read the weight")
         self.withdraw_live()
-        if adapter.lives_in_weight and self.quantized:
-            if adapter.delta_reads_weight:
-                raise ValueError(
-                    f"{type(adapter).__name__} ({adapter.extra_repr()}) computes its delta from the base weight, "
-                    f"which is quantized here ({self.quantized}); dequantize the base or choose a mode whose delta "
-                    "does not read the weight")
-            # the stored values are codes: run beside the base layer (SHiRA: y = base(x) + s x S^T)
-            adapter.lives_in_weight = False
         self.adapters[name] = adapter.to(self.weight.device)
 
     def remove_adapter(self, name: str) -> None:
@@ -147,10 +139,15 @@ class AdapterLinear(nn.Module):
         self._seen_version = self.weight._version
 
     # ---- live (scattered-in) adapters --------------------------------------------------
+    def _in_weight(self, name: str) -> InWeightAdapter | None:
+        adapter = self.adapters[name] if name in self.adapters else None
+        # a quantized weight holds codes: in-weight adapters run beside it (SHiRA: y = base(x) + s x S^T)
+        return adapter if isinstance(adapter, InWeightAdapter) and not self.quantized else None
+
     def _wanted_live(self) -> list[str]:
         if self.disabled or fsdp_managed(self.base_layer):  # FSDP: written per gathered copy instead
             return []
-        return [n for n in self.active if n not in self.merged and self.adapters[n].lives_in_weight]
+        return [n for n in self.active if n not in self.merged and self._in_weight(n) is not None]
 
     def withdraw_live(self) -> None:
         """Restore the base values under every live adapter (reverse order: exact under overlap)."""
@@ -181,7 +178,7 @@ class AdapterLinear(nn.Module):
         self._check_mergeable(names)
         self.withdraw_live()
         # weight-resident adapters first, in order, as forward writes them in (MiSS bat reads the weight)
-        names = sorted(names, key=lambda n: not (n in self.adapters and self.adapters[n].lives_in_weight))
+        names = sorted(names, key=lambda n: self._in_weight(n) is None)
         for name in names:
             if name in self.merged:
                 warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
@@ -207,34 +204,33 @@ class AdapterLinear(nn.Module):
             return self._gathered_forward(x, *args, **kwargs)
         self.sync_live()
         pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
-        live = [n for n in pending if self.adapters[n].lives_in_weight]
+        live = [self._in_weight(n) for n in pending if self._in_weight(n) is not None]
         if live and torch.is_grad_enabled():
-            y = self.adapters[live[0]].trainable_base_forward(self.base_layer, x, self.geometry)
-            for name in live[1:]:
-                y = self.adapters[name].tap_value_grad(y, x)
+            y = live[0].trainable_base_forward(self.base_layer, x)
+            for adapter in live[1:]:
+                y = adapter.tap_value_grad(y, x)
         else:
             y = self.base_layer(x, *args, **kwargs)
         for name in pending:
-            adapter = self.adapters[name]
-            if not adapter.lives_in_weight:
-                y = y + adapter(x, self.weight).to(y.dtype)
+            if self._in_weight(name) is None:
+                y = y + self.adapters[name](x, self.weight).to(y.dtype)
         return y
 
     def _gathered_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """FSDP2: the weight is a copy gathered for this forward (and again for its backward).
 
-        A single in-weight adapter that can (SHiRA) writes into that copy and its backward
-        writes again (the cost of the single-process path); several, or one that cannot, run
-        additively, reading the clean gathered weight. Nothing stays in the weight.
+        A single in-weight adapter that can (SHiRA) writes into that copy and its backward writes
+        again (the single-process cost); several, or one that cannot (MiSS bat), run additively,
+        reading the clean gathered weight. Nothing stays in the weight or the shards.
         """
         if self._live:
             raise RuntimeError(LIVE_BEFORE_FSDP)
         pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
-        in_weight = [n for n in pending if self.adapters[n].lives_in_weight]
+        in_weight = [n for n in pending if self._in_weight(n) is not None]
         first = None
         if len(in_weight) == 1 and hasattr(self.adapters[in_weight[0]], "gathered_forward"):
             first = in_weight[0]
-            y = self.adapters[first].gathered_forward(self.base_layer, x, self.geometry)
+            y = self.adapters[first].gathered_forward(self.base_layer, x)
         else:
             y = self.base_layer(x, *args, **kwargs)
         for name in pending:
@@ -255,8 +251,8 @@ class AdapterLinear(nn.Module):
         tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
         in_weight = [
             (name, rows) for name, rows in groups
-            if name in self.adapters and self.adapters[name].lives_in_weight
-            and rows.numel() * tokens_per_row >= SCATTER_MIN_TOKENS
+            if self._in_weight(name) is not None
+            and rows.numel() * tokens_per_row >= self._in_weight(name).scatter_min_tokens
         ]
         done = {name for name, _ in in_weight}
         if in_weight:

@@ -4,7 +4,7 @@ A mask function has the signature ``(base_layer, r, generator) -> indices`` and 
 positions directly, never a dense 0/1 matrix: either a (2, K) tensor of (row, col) in the
 weight's logical (out, in) orientation, or a (K,) tensor of flat row-major positions.
 Every layer and every adapter draws from its own generator, derived from one seed
-(:func:`layer_generator`), so two same-shaped layers do not get the same mask.
+(:func:`shirakit.inject.layer_generator`), so two same-shaped layers do not get the same mask.
 
 The five masks of the paper, by ``ShiraConfig.mask_type``:
 
@@ -22,13 +22,13 @@ lower flat (row-major) index, so the masks are deterministic. See docs/masks.md.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .adapter import LayerGeometry
+from .layer import geometry_of
 
 MaskFn = Callable[[nn.Module, int, torch.Generator], torch.Tensor]
 
@@ -47,14 +47,6 @@ def shira_budget(r: int, geometry: LayerGeometry) -> int:
     return k
 
 
-def layer_generator(seed: int, adapter_name: str, layer_name: str) -> torch.Generator:
-    """A CPU generator whose stream depends on (seed, adapter, layer) and nothing else."""
-    digest = hashlib.blake2b(f"{seed}|{adapter_name}|{layer_name}".encode(), digest_size=8).digest()
-    gen = torch.Generator()
-    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return gen
-
-
 def random_mask(base_layer: nn.Module, r: int, generator: torch.Generator) -> torch.Tensor:
     """K distinct flat positions drawn uniformly without replacement.
 
@@ -62,8 +54,6 @@ def random_mask(base_layer: nn.Module, r: int, generator: torch.Generator) -> to
     occurrences (O(K) memory); a dense ``randperm`` of all m*n positions (what PEFT does, plus a
     dense mask) is used only when the mask is dense enough for rejection to be wasteful.
     """
-    from .layer import geometry_of
-
     geometry = geometry_of(base_layer)
     total = geometry.in_features * geometry.out_features
     k = shira_budget(r, geometry)
@@ -107,8 +97,6 @@ def top_k_flat(scores: torch.Tensor, k: int, source: str = "scores") -> torch.Te
 
 def wm_mask(base_layer: nn.Module, r: int, generator: torch.Generator) -> torch.Tensor:
     """SHiRA-WM: the K entries of largest |W| (logical (out, in) positions; Conv1D is transposed)."""
-    from .layer import geometry_of
-
     geometry = geometry_of(base_layer)
     k = shira_budget(r, geometry)
     with torch.no_grad():
@@ -157,8 +145,6 @@ def struct_mask(base_layer: nn.Module, r: int, generator: torch.Generator) -> to
     among the rows and columns off the lattice (a partial block starting at row 1), skipping
     the diagonal. Independent of the generator: same-shaped layers get the same mask.
     """
-    from .layer import geometry_of
-
     geometry = geometry_of(base_layer)
     m, n = geometry.out_features, geometry.in_features
     k = shira_budget(r, geometry)

@@ -13,9 +13,16 @@ proportional to P's non-zeros, not n^2; anything else goes through its dense del
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+from .checkpoint import PREFIX, read_weights
+from .compact import COMPACT_V1, FORMAT_KEY
+from .config import read_config
+from .state import adapter_layers, check_adapter_names
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,9 @@ def orthogonality(layer: str, a1: Delta, a2: Delta) -> Orthogonality:
         raise ValueError(f"{layer}: the adapters' deltas differ in shape: {tuple(shape1)} vs {tuple(shape2)}")
     n = shape1[1]
     if isinstance(a1, SparseDelta) and isinstance(a2, SparseDelta):
-        product = torch.sparse.mm(a1.to_sparse().t().coalesce(), a2.to_sparse()).coalesce().values()
+        with warnings.catch_warnings():  # torch's sparse product warns that CSR support is "beta"
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            product = torch.sparse.mm(a1.to_sparse().t().coalesce(), a2.to_sparse()).coalesce().values()
     else:
         dense1 = a1.to_dense() if isinstance(a1, SparseDelta) else a1.float()
         dense2 = a2.to_dense() if isinstance(a2, SparseDelta) else a2.float()
@@ -74,8 +83,6 @@ def pairwise(deltas1: dict[str, Delta], deltas2: dict[str, Delta]) -> list[Ortho
 
 def model_deltas(model, adapter_name: str) -> dict[str, Delta]:
     """Each layer's delta of an adapter in a model: sparse when the method is (SHiRA)."""
-    from .inject import adapter_layers
-
     out: dict[str, Delta] = {}
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
@@ -87,8 +94,6 @@ def model_deltas(model, adapter_name: str) -> dict[str, Delta]:
 
 def adapter_orthogonality(model, name1: str, name2: str) -> list[Orthogonality]:
     """AWOM/AWOR per layer for two adapters loaded in one model."""
-    from .inject import check_adapter_names
-
     check_adapter_names(model, [name1, name2])
     return pairwise(model_deltas(model, name1), model_deltas(model, name2))
 
@@ -102,10 +107,6 @@ def deltas_from_dir(directory) -> tuple[dict[str, Delta], str]:
     load both adapters into it and use :func:`adapter_orthogonality`.
     Returns the deltas and a note on how shapes were found.
     """
-    from .checkpoint import PREFIX, read_weights
-    from .compact import COMPACT_V1, FORMAT_KEY
-    from .config import read_config
-
     config = read_config(directory)
     path, tensors, metadata = read_weights(directory)
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -147,8 +148,6 @@ def align_shapes(d1: dict[str, Delta], d2: dict[str, Delta]) -> None:
 
 def heatmap(rows: list[Orthogonality], path, title: str = "AWOR per layer") -> None:
     """A PNG: one cell per layer (blocks x projection when names allow), colour = AWOR."""
-    import re
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,8 +165,7 @@ def heatmap(rows: list[Orthogonality], path, title: str = "AWOR per layer") -> N
         grid[blocks.index(block), kinds.index(kind)] = value
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.0 + 0.4 * len(blocks)))
     image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(kinds)), [k.rsplit(".", 1)[-1] if len(k) > 12 else k for k in kinds], rotation=45,
-                  ha="right")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")  # whole names: "dense" alone is ambiguous
     ax.set_yticks(range(len(blocks)), blocks)
     ax.set(xlabel="layer", ylabel="block", title=title)
     fig.colorbar(image, ax=ax, label="AWOR (1 = orthogonal)")

@@ -26,6 +26,7 @@ def method_for_peft_type(peft_type: str, source: str = "config") -> type[Adapter
     except KeyError:
         raise ValueError(
             f"{source}: unknown peft_type {peft_type!r}; shirakit implements {sorted(METHODS)}"
+            + ("" if METHODS else " (no method is registered yet: import shirakit.methods first)")
         ) from None
 
 

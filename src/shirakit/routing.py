@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .inject import adapter_layers, hosts, state_of
+from .state import adapter_layers, hosts, state_of
 
 BASE = "__base__"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .inject import adapter_layers, check_adapter_names, hosts, state_of
+from .state import adapter_layers, check_adapter_names, hosts, state_of
 
 
 def switch_adapter(model: nn.Module, adapter_name: str | None) -> None:

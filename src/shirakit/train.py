@@ -1,4 +1,4 @@
-"""A small, honest training loop for the packaged models (used by ``shirakit train`` and the demo).
+"""The training loop every task shares (``training_loop``), and the demo's packaged-model tasks.
 
 Sequence classification: MiniLM + an adapter + the classification head (trained and saved per
 adapter through ``modules_to_save``). Several tasks can share one model: each task owns a slice
@@ -19,10 +19,7 @@ from torch import nn
 
 import shirakit
 
-from .data import TextDataset
-
-ENCODER_TARGETS = ["query", "key", "value", "dense"]
-DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .data import DECODER_TARGETS, ENCODER_TARGETS, TextDataset, minilm_dir  # noqa: F401  (targets re-exported)
 
 
 def adapter_config(method: str, r: int, targets, modules_to_save=None, mask: str = "random", seed: int = 0):
@@ -87,40 +84,60 @@ def accuracy(model: nn.Module, tokenizer, task: Task, seq_len: int, batch_size: 
     return correct / len(task.data.test)
 
 
-def _train(model: nn.Module, epoch_batches, loss_of, evaluate, *, lr: float, epochs: int, steps_per_epoch: int,
-           max_steps: int | None, desc: str, metric_name: str, progress: bool) -> History:
-    """The loop both tasks share: AdamW on the trainable parameters, curves, a metric per epoch."""
+def _optimizer_steps(micro_batches: int, grad_accum: int) -> int:
+    return math.ceil(micro_batches / grad_accum)
+
+
+def training_loop(model: nn.Module, epoch_batches, loss_of, evaluate, *, lr: float, epochs: int, micro_batches: int,
+           max_steps: int | None, desc: str, metric_name: str, progress: bool, grad_accum: int = 1,
+           on_epoch=None, history: History | None = None) -> History:
+    """The loop every task shares: AdamW on the trainable parameters, curves, a metric per epoch.
+
+    One optimizer step = ``grad_accum`` micro-batches (the loss of each scaled by 1/grad_accum, so the
+    gradient is the mean over the step's micro-batches). ``max_steps`` (optimizer steps) wins over
+    ``epochs`` and runs as many epochs as it takes. ``history`` continues a resumed run: its steps
+    count toward ``max_steps``. ``on_epoch(history)`` runs after each epoch's evaluation (a checkpoint).
+    """
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    total = min(max_steps or steps_per_epoch * epochs, steps_per_epoch * epochs)
-    history, step = History(metric_name=metric_name), 0
-    start = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
-    for _ in range(epochs):
+    history = history or History(metric_name=metric_name)
+    per_epoch = _optimizer_steps(micro_batches, grad_accum)
+    total = max_steps if max_steps else per_epoch * epochs
+    step = history.steps[-1] if history.steps else 0
+    start = time.perf_counter() - history.seconds
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False)
+    while step < total:
         model.train()
-        losses = []
-        for batch in epoch_batches():
-            if step >= total:
-                break
+        losses, pending = [], 0
+        for micro, batch in enumerate(epoch_batches()):
             loss = loss_of(batch)
-            loss.backward()
+            (loss / grad_accum).backward()
+            losses.append(loss.item())
+            pending += 1
+            if pending < grad_accum and micro + 1 < micro_batches:
+                continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(loss.item())
+            step, pending = step + 1, 0
             history.steps.append(step)
-            history.loss.append(loss.item())
+            history.loss.append(sum(losses[-grad_accum:]) / len(losses[-grad_accum:]))
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if losses:
-            history.epoch_loss.append(sum(losses) / len(losses))
-            history.epoch_metric.append(evaluate())
-            if progress:
-                bar.write(f"  epoch {len(history.epoch_loss)}: loss {history.epoch_loss[-1]:.4f}  "
-                          f"test {metric_name} {history.epoch_metric[-1]:.3f}")
+            bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
+            if step >= total:
+                break
+        optimizer.zero_grad(set_to_none=True)  # a partial accumulation cut by max_steps is dropped
+        if not losses:
+            raise ValueError("the training data gave no batch")
+        history.epoch_loss.append(sum(losses) / len(losses))
+        history.epoch_metric.append(evaluate())
+        history.seconds = time.perf_counter() - start
+        if progress:
+            bar.write(f"  epoch {len(history.epoch_loss)}: loss {history.epoch_loss[-1]:.4f}  "
+                      f"eval {metric_name} {history.epoch_metric[-1]:.3f}")
+        if on_epoch is not None:
+            on_epoch(history)
     bar.close()
-    history.seconds = time.perf_counter() - start
     model.eval()
     return history
 
@@ -136,17 +153,15 @@ def train_classifier(
         logits = model(**_encode(tokenizer, [t for t, _ in rows], seq_len)).logits[:, task.label_slice]
         return nn.functional.cross_entropy(logits, torch.tensor([y for _, y in rows]))
 
-    return _train(model, lambda: _batches(task.data.train, batch_size, rng), loss_of,
+    return training_loop(model, lambda: _batches(task.data.train, batch_size, rng), loss_of,
                   lambda: accuracy(model, tokenizer, task, seq_len), lr=lr, epochs=epochs,
-                  steps_per_epoch=math.ceil(len(task.data.train) / batch_size), max_steps=max_steps,
+                  micro_batches=math.ceil(len(task.data.train) / batch_size), max_steps=max_steps,
                   desc=f"train {task.data.name}", metric_name="accuracy", progress=progress)
 
 
 def load_classifier(num_labels: int, seed: int = 0):
     """MiniLM with a fresh classification head (seeded), and its tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
-
-    from .data import minilm_dir
 
     torch.manual_seed(seed)
     verbosity = logging.get_verbosity()
@@ -176,10 +191,10 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> f
 def train_causal_lm(model, train_blocks: torch.Tensor, test_blocks: torch.Tensor, *, lr: float, epochs: int,
                     batch_size: int, max_steps: int | None = None, seed: int = 0, progress: bool = True) -> History:
     gen = torch.Generator().manual_seed(seed)
-    return _train(model, lambda: torch.randperm(len(train_blocks), generator=gen).split(batch_size),
+    return training_loop(model, lambda: torch.randperm(len(train_blocks), generator=gen).split(batch_size),
                   lambda rows: model(input_ids=train_blocks[rows], labels=train_blocks[rows]).loss,
                   lambda: perplexity(model, test_blocks), lr=lr, epochs=epochs,
-                  steps_per_epoch=math.ceil(len(train_blocks) / batch_size), max_steps=max_steps,
+                  micro_batches=math.ceil(len(train_blocks) / batch_size), max_steps=max_steps,
                   desc="train causal-lm", metric_name="perplexity", progress=progress)
 
 

@@ -51,10 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, LayerGeometry, adapter_dtype
+from ..adapter import Adapter, InWeightAdapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig
 from ..registry import register
-from .shira import values_stamp  # version + optimizer steps: fused optimizers skip version bumps
 
 MODES = {True: "balance", False: "balance", "balance": "balance", "bat": "bat", "mini": "mini"}
 
@@ -143,9 +142,10 @@ class _BatGradTap(torch.autograd.Function):
         return grad_out, None, grad_block.mul_(ctx.scale), None, None
 
 
-@register
-class MissAdapter(Adapter):
-    config_class = MissConfig
+class _MissShards:
+    """What every mode shares: the shape checks, the block M (``miss_block``) and its init."""
+
+    mode: ClassVar[str]
 
     def __init__(
         self,
@@ -156,113 +156,149 @@ class MissAdapter(Adapter):
         source: str = "",
     ) -> None:
         super().__init__(geometry, config)
-        r, mode = config.r, config.mode
-        in_f, out_f = geometry.in_features, geometry.out_features
+        self.r, self.mini_r = config.r, config.mini_r
         where = f"{source}: " if source else ""
-        if r > in_f:
-            raise ValueError(f"{where}MiSS r={r} exceeds in_features={in_f}; use r <= {in_f}")
-        if mode == "bat" and (in_f % r or out_f % r):
-            raise ValueError(
-                f"{where}MiSS 'bat' needs in_features and out_features divisible by r={r} "
-                f"(r x r blocks); found in_features={in_f}, out_features={out_f}"
-            )
-        if mode == "mini" and out_f % config.mini_r:
-            raise ValueError(
-                f"{where}MiSS 'mini' needs out_features divisible by mini_r={config.mini_r}; found out_features={out_f}"
-            )
-        self.mode, self.r, self.mini_r = mode, r, config.mini_r
-        # bat lives in the weight while active (W0 + delta written in, W0 kept aside and put back
-        # bit-exactly); balance and mini add their cheap forward and subtract on unmerge.
-        self.lives_in_weight = self.exact_unmerge = self.delta_reads_weight = mode == "bat"
-        shape = {"balance": (r, out_f), "bat": (out_f // r, r, r), "mini": (r, config.mini_r)}[mode]
+        if self.r > geometry.in_features:
+            raise ValueError(f"{where}MiSS r={self.r} exceeds in_features={geometry.in_features}; "
+                             f"use r <= {geometry.in_features}")
+        self.check_shape(where)
+        shape = self.block_shape()
         weight = base_layer.weight
         block = torch.zeros(shape, dtype=adapter_dtype(weight.dtype))
         if generator is not None and (config.init_weights is False or config.init_random):
             bound = 1.0 / math.sqrt(math.prod(shape[1:]))  # kaiming-uniform, a = sqrt(5), like PEFT's
             block = (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(block.dtype)
         self.miss_block = nn.Parameter(block.to(weight.device))
-        self.dropout = nn.Dropout(config.miss_dropout) if config.miss_dropout > 0 and mode != "bat" else nn.Identity()
-        self._saved: torch.Tensor | None = None  # bat: the weight before this adapter was written in
-        self._applied_state: tuple[tuple[int, int], float] | None = None  # bat: (values stamp, scale) written in
+        # bat ignores dropout, as PEFT does: its delta sits in the weight
+        uses_dropout = config.miss_dropout > 0 and self.mode != "bat"
+        self.dropout = nn.Dropout(config.miss_dropout) if uses_dropout else nn.Identity()
 
-    # ---- the maths ------------------------------------------------------------------------
-    def full_block(self, block: torch.Tensor) -> torch.Tensor:
-        """balance/mini: the (r, out) block every shard adds (mini: repeated along out)."""
-        if self.mode == "mini":
-            return block.repeat(1, self.geometry.out_features // self.mini_r)
-        return block
+    def check_shape(self, where: str) -> None:
+        """Raise when this mode cannot take the layer's shape."""
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """balance/mini: s * S(dropout(x)) M. bat (only where the weight cannot carry the delta,
-        e.g. a small group of a mixed-adapter batch): x delta_W^T from the clean ``weight``."""
-        block = self.miss_block
-        x = self.dropout(x.to(block.dtype))
-        if self.mode == "bat":
-            delta = bat_delta(self.geometry.as_out_in(weight).to(block.dtype), block)
-            return F.linear(x, delta) * self.scale
-        y = block_sum(x, self.r) @ block
-        if self.mode == "mini":
-            y = y.repeat(*([1] * (y.dim() - 1)), self.geometry.out_features // self.mini_r)
-        return y * self.scale
-
-    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """Dense (out, in) delta in fp32. bat: relative to ``weight``, or, while the adapter is
-        written in, to the weight it was written into."""
-        block = self.miss_block.detach().float()
-        in_f = self.geometry.in_features
-        if self.mode == "bat":
-            base = self._saved if self._saved is not None else weight
-            with torch.no_grad():
-                return bat_delta(self.geometry.as_out_in(base).float(), block) * self.scale
-        tiled = self.full_block(block).T.repeat(1, -(-in_f // self.r))  # (out, shards*r)
-        return tiled[:, :in_f] * self.scale
-
-    # ---- bat: living in the weight --------------------------------------------------------
-    @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor, base_key: object = None) -> None:
-        """bat: keep W0 aside, write W0 + delta (fp32 sum, rounded once); others: add the delta."""
-        if self.mode != "bat":
-            super().merge_into(weight)
-            return
-        delta = self.delta_weight(weight)
-        self._saved = weight.detach().clone()
-        view = self.geometry.as_out_in(weight)
-        view.copy_((view.float() + delta).to(weight.dtype))
-        self._applied_state = (values_stamp(self.miss_block), self.scale)
-
-    @torch.no_grad()
-    def unmerge_from(self, weight: torch.Tensor) -> None:
-        """bat: put W0 back bit-exactly; others: subtract the delta."""
-        if self.mode != "bat":
-            super().unmerge_from(weight)
-            return
-        if self._saved is None:
-            raise RuntimeError("MiSS bat unmerge without a prior merge: no saved weight")
-        weight.copy_(self._saved)
-        self._saved = None
-        self._applied_state = None
-
-    def applied_is_current(self) -> bool:
-        """Has the block (an optimizer step) or the scale changed since it was written in?"""
-        return self._applied_state == (values_stamp(self.miss_block), self.scale)
-
-    def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor, geometry: LayerGeometry):
-        """The base layer on the weight holding W0 + delta; the block's gradient comes from a tap."""
-        return self.tap_value_grad(base_layer(x), x)
-
-    def tap_value_grad(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if not self.miss_block.requires_grad or self._saved is None:
-            return y
-        w0 = self.geometry.as_out_in(self._saved)
-        return _BatGradTap.apply(y, x, self.miss_block, w0, self.scale)
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to()/.cuda() move parameters; keep the saved weight with them.
-        super()._apply(fn, *args, **kwargs)
-        if self._saved is not None:
-            self._saved = fn(self._saved)
-        return self
+    def block_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         mini = f", mini_r={self.mini_r}" if self.mode == "mini" else ""
         return f"{super().extra_repr()}, mode={self.mode}, r={self.r}{mini}"
+
+
+@register
+class MissAdapter(_MissShards, Adapter):
+    """MiSS; this class is the "balance" mode, and :meth:`build` picks the class of the config's mode."""
+
+    config_class = MissConfig
+    mode = "balance"
+
+    @classmethod
+    def build(cls, geometry, config, base_layer, generator, source=""):
+        mode_class = {"balance": MissAdapter, "mini": MissMiniAdapter, "bat": MissBatAdapter}[config.mode]
+        return mode_class(geometry, config, base_layer, generator, source)
+
+    def block_shape(self) -> tuple[int, ...]:
+        return (self.r, self.geometry.out_features)
+
+    def full_block(self, block: torch.Tensor) -> torch.Tensor:
+        """The (r, out) block every shard adds."""
+        return block
+
+    def tile(self, y: torch.Tensor) -> torch.Tensor:
+        """The block product's (..., block columns) result as (..., out)."""
+        return y
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """s * S(dropout(x)) M."""
+        block = self.miss_block
+        y = block_sum(self.dropout(x.to(block.dtype)), self.r) @ block
+        return self.tile(y) * self.scale
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Dense (out, in) delta in fp32: the full block, repeated over the shards."""
+        block = self.full_block(self.miss_block.detach().float())
+        in_f = self.geometry.in_features
+        tiled = block.T.repeat(1, -(-in_f // self.r))  # (out, shards*r)
+        return tiled[:, :in_f] * self.scale
+
+
+class MissMiniAdapter(MissAdapter):
+    """MiSS "mini": M is (r, mini_r), repeated out/mini_r times along the output features."""
+
+    mode = "mini"
+
+    def check_shape(self, where: str) -> None:
+        out_f = self.geometry.out_features
+        if out_f % self.mini_r:
+            raise ValueError(
+                f"{where}MiSS 'mini' needs out_features divisible by mini_r={self.mini_r}; found out_features={out_f}"
+            )
+
+    def block_shape(self) -> tuple[int, ...]:
+        return (self.r, self.mini_r)
+
+    def full_block(self, block: torch.Tensor) -> torch.Tensor:
+        return block.repeat(1, self.geometry.out_features // self.mini_r)
+
+    def tile(self, y: torch.Tensor) -> torch.Tensor:
+        # the product is taken with the small block, then its (..., mini_r) result is tiled
+        return y.repeat(*([1] * (y.dim() - 1)), self.geometry.out_features // self.mini_r)
+
+
+class MissBatAdapter(_MissShards, InWeightAdapter):
+    """MiSS "bat": W'_bc = W_bc + s * (W_bc M_b + M_b), written into the weight while active."""
+
+    config_class = MissConfig
+    mode = "bat"
+    delta_reads_weight = True
+
+    def check_shape(self, where: str) -> None:
+        in_f, out_f, r = self.geometry.in_features, self.geometry.out_features, self.r
+        if in_f % r or out_f % r:
+            raise ValueError(
+                f"{where}MiSS 'bat' needs in_features and out_features divisible by r={r} "
+                f"(r x r blocks); found in_features={in_f}, out_features={out_f}"
+            )
+
+    def block_shape(self) -> tuple[int, ...]:
+        return (self.geometry.out_features // self.r, self.r, self.r)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x delta_W^T from the clean ``weight``: only where the weight cannot carry the delta,
+        e.g. a small group of a mixed-adapter batch."""
+        block = self.miss_block
+        delta = bat_delta(self.geometry.as_out_in(weight).to(block.dtype), block)
+        return F.linear(x.to(block.dtype), delta) * self.scale
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Dense (out, in) delta in fp32, relative to ``weight``, or, while the adapter is written
+        in, to the weight it was written into."""
+        base = self._saved if self._saved is not None else weight
+        with torch.no_grad():
+            return bat_delta(self.geometry.as_out_in(base).float(), self.miss_block.detach().float()) * self.scale
+
+    # ---- living in the weight (InWeightAdapter) ----------------------------------------------
+    def trained_values(self) -> torch.Tensor:
+        return self.miss_block
+
+    def write_into(self, weight: torch.Tensor, base_key: object) -> None:
+        """Keep W0 aside, write W0 + delta (fp32 sum, rounded once)."""
+        delta = self.delta_weight(weight)
+        self._saved = weight.detach().clone()
+        view = self.geometry.as_out_in(weight)
+        view.copy_((view.float() + delta).to(weight.dtype))
+
+    def restore_into(self, weight: torch.Tensor) -> None:
+        """Put W0 back bit-exactly."""
+        weight.copy_(self._saved)
+        self._saved = None
+
+    def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The base layer on the weight holding W0 + delta; the block's gradient comes from a tap."""
+        return self.tap_value_grad(base_layer(x), x)
+
+    def tap_value_grad(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y unchanged (a copy); backward adds dL/dM_b = s * sum_c (W0_bc^T G_bc + G_bc)."""
+        if not self.miss_block.requires_grad or self._saved is None:
+            return y
+        w0 = self.geometry.as_out_in(self._saved)
+        return _BatGradTap.apply(y, x, self.miss_block, w0, self.scale)

@@ -21,33 +21,15 @@ from typing import Callable, ClassVar
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import compact
-from ..adapter import Adapter, LayerGeometry, adapter_dtype
+from ..adapter import InWeightAdapter, LayerGeometry, adapter_dtype
 from ..config import AdapterConfig, no_serialize
 from ..masks import MASKS, shira_budget, validate_indices
+from ..metrics import SparseDelta
 from ..registry import register
 from ..sparse import SparseLayout, scatter_values, scattered_linear, sparse_delta, value_grad_tap
 from ..weight_kinds import full_values, is_sharded, shard_positions, sharded_rows
-
-# Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
-# "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
-# misses those updates and the weight would keep stale values: every optimizer step counts too.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def values_stamp(param: torch.Tensor) -> tuple[int, int]:
-    """Changes whenever ``param``'s values may have changed: an in-place write or any optimizer step."""
-    return (param._version, _optimizer_steps)
 
 
 @dataclass
@@ -91,11 +73,10 @@ class ShiraConfig(AdapterConfig):
 
 
 @register
-class ShiraAdapter(Adapter):
+class ShiraAdapter(InWeightAdapter):
     config_class = ShiraConfig
-    lives_in_weight = True
-    exact_unmerge = True
     has_compact_layout = True
+    _device_tensors = ("_saved", "_merged_values")
 
     def __init__(
         self,
@@ -126,10 +107,10 @@ class ShiraAdapter(Adapter):
             self.shira_weight = nn.Parameter(init.to(weight.device))
             self.register_buffer("shira_indices", indices.to(device=weight.device, dtype=torch.int32))
             self._set_derived(indices.to(weight.device))
-        self._saved: torch.Tensor | None = None  # base values under the adapter (kept after unmerge)
+        # _saved (the K base values, InWeightAdapter's) is kept after unmerge, for the next merge:
         self._saved_key: object = None  # the layer's name for the weight state _saved was read from
-        self._merged: tuple[object, torch.Tensor] | None = None  # (values state, W0 + s*v) last scattered
-        self._applied_state: tuple[tuple[int, int], float] | None = None
+        self._merged_state: object = None  # the values state W0 + s*v was computed for
+        self._merged_values: torch.Tensor | None = None  # W0 + s*v last scattered (weight dtype)
         self._local_map = None  # FSDP2: ((first row, end row), local positions, which values) of a shard
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # FSDP2: (base, written) values
 
@@ -167,14 +148,16 @@ class ShiraAdapter(Adapter):
 
     def sparse_delta(self):
         """The delta by its non-zeros (for orthogonality metrics without a dense m x n)."""
-        from ..metrics import SparseDelta
-
         g = self.geometry
         values = self.shira_weight.detach().float() * self.scale
         return SparseDelta(self.shira_indices.long(), values, (g.out_features, g.in_features))
 
-    def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor, geometry: LayerGeometry):
-        """The base product on the scattered weight, with value gradients when they are wanted."""
+    # ---- living in the weight (InWeightAdapter) ----------------------------------------------
+    def trained_values(self) -> torch.Tensor:
+        return self.shira_weight
+
+    def trainable_base_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The base product on the scattered weight; backward: dx = g W', dv = s * SDDMM(g, x)."""
         if not self.shira_weight.requires_grad:
             return base_layer(x)
         hooked = base_layer._forward_hooks or base_layer._forward_pre_hooks
@@ -182,10 +165,11 @@ class ShiraAdapter(Adapter):
             return self.tap_value_grad(base_layer(x), x)
         return scattered_linear(
             x, self.shira_weight, base_layer.weight, base_layer.bias, self.pattern(),
-            self.scale, geometry.fan_in_fan_out,
+            self.scale, self.geometry.fan_in_fan_out,
         )
 
     def tap_value_grad(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y unchanged (a copy); backward adds dv = s * SDDMM(g, x) at the K positions."""
         if not self.shira_weight.requires_grad:
             return y
         return value_grad_tap(y, x, self.shira_weight, self.pattern(), self.scale)
@@ -210,7 +194,7 @@ class ShiraAdapter(Adapter):
         flat.index_copy_(0, self._storage_index, written)
         return written
 
-    def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
+    def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """FSDP2: the base product on the gathered copy with the values scattered in; the backward
         (which runs on a copy gathered again from the clean shards) scatters them in again first."""
         weight = base_layer.weight
@@ -224,7 +208,8 @@ class ShiraAdapter(Adapter):
                 self._flat(gathered).index_copy_(0, index, written)
 
         return scattered_linear(
-            x, self.shira_weight, weight, base_layer.bias, self.pattern(), self.scale, geometry.fan_in_fan_out, refill,
+            x, self.shira_weight, weight, base_layer.bias, self.pattern(), self.scale,
+            self.geometry.fan_in_fan_out, refill,
         )
 
     # ---- scatter merge ----------------------------------------------------------------------
@@ -260,8 +245,7 @@ class ShiraAdapter(Adapter):
         base = flat.index_select(0, index)
         return bool(torch.isfinite(self.merged_values(weight, base, which)).all())
 
-    @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor, base_key: object = None) -> None:
+    def write_into(self, weight: torch.Tensor, base_key: object) -> None:
         """Save the K base values, scatter W0 + s*v in their place.
 
         When the layer vouches (same ``base_key``) that the weight is the one the saved values
@@ -272,25 +256,16 @@ class ShiraAdapter(Adapter):
         if reread:
             self._saved = flat.index_select(0, index)
         self._saved_key = base_key
-        state = (values_stamp(self.shira_weight), self.scale)
+        state = self.values_state()
         # W0 + s*v is kept too (K values in the weight's dtype), so a warm switch does no arithmetic
-        if reread or self._merged is None or self._merged[0] != state:
-            self._merged = (state, self.merged_values(weight, self._saved, which))
-        scatter_values(flat, index, self._merged[1])
-        self._applied_state = state
+        if reread or self._merged_values is None or self._merged_state != state:
+            self._merged_state, self._merged_values = state, self.merged_values(weight, self._saved, which)
+        scatter_values(flat, index, self._merged_values)
 
-    @torch.no_grad()
-    def unmerge_from(self, weight: torch.Tensor) -> None:
+    def restore_into(self, weight: torch.Tensor) -> None:
         """Scatter the saved originals back: the base is restored bit-exactly."""
-        if self._applied_state is None:
-            raise RuntimeError("SHiRA unmerge without a prior merge: no saved base values")
         flat, index, _ = self._target(weight)
         scatter_values(flat, index, self._saved)
-        self._applied_state = None
-
-    def applied_is_current(self) -> bool:
-        """Have the values or the scale changed since they were scattered in?"""
-        return self._applied_state == (values_stamp(self.shira_weight), self.scale)
 
     # ---- fusion ------------------------------------------------------------------------------
     @classmethod
@@ -340,7 +315,7 @@ class ShiraAdapter(Adapter):
         self.shira_weight.copy_(values if order is None else values[order])
         self.shira_indices.copy_(indices.to(torch.int32))
         self._set_derived(indices.to(self.shira_indices.device))
-        self._saved, self._saved_key, self._merged, self._gathered = None, None, None, None
+        self._saved, self._saved_key, self._merged_values, self._gathered = None, None, None, None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
         return compact.encode(self.shira_indices, full_values(self.shira_weight).detach(), self.geometry.in_features)
@@ -348,15 +323,8 @@ class ShiraAdapter(Adapter):
     def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         return compact.decode(tensors, self.geometry.in_features, source)
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to()/.cuda() move parameters and buffers; keep the saved originals and pattern with them.
-        super()._apply(fn, *args, **kwargs)
-        if self._saved is not None:
-            self._saved = fn(self._saved)
-        if self._merged is not None:
-            self._merged = (self._merged[0], fn(self._merged[1]))
-        self._layout, self._local_map, self._gathered = None, None, None
-        return self
+    def drop_device_caches(self) -> None:
+        self._layout, self._local_map, self._gathered = None, None, None  # rebuilt on the new device
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, K={self.shira_weight.numel()}, mask={self.config.mask_type}"

@@ -1,0 +1,268 @@
+"""The OpenAI-compatible HTTP API (FastAPI), on vLLM's routes, over a backend.
+
+    GET  /health                      200 when the engine runs
+    GET  /metrics                     Prometheus text
+    GET  /v1/models                   the base model and every adapter
+    POST /v1/completions              prompt -> text (stream: server-sent events)
+    POST /v1/chat/completions         messages -> text, through the tokenizer's chat template
+    POST /v1/load_lora_adapter        {"lora_name", "lora_path"}: any method, not LoRA only
+    POST /v1/unload_lora_adapter      {"lora_name"}
+
+Handlers validate, tokenize and hand the request to the backend; they never touch the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .cache import AdapterLoadError
+from .engine import Output, QueueFull, UnknownModel
+from .metrics import render
+from .protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    Sampling,
+    UnloadAdapterRequest,
+    error_response,
+)
+from .sequence import SamplingParams
+
+
+def api_error_for(exc: Exception) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UnknownModel):
+        return ApiError(404, f"the model {exc.args[0]!r} does not exist; GET /v1/models lists the base model "
+                             f"and the adapters", "model")
+    if isinstance(exc, QueueFull):
+        return ApiError(429, f"the server is busy: {exc}; retry later")
+    if isinstance(exc, (AdapterLoadError, ValueError, FileNotFoundError)):
+        return ApiError(400, str(exc))
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def create_app(backend) -> FastAPI:
+    """The FastAPI application serving ``backend`` (``LocalBackend`` or the Ray ingress's)."""
+    app = FastAPI(title="shirakit serve", version="1")
+    app.state.backend = backend
+    app.state.http_errors = Counter()
+
+    def failed(exc: Exception) -> JSONResponse:
+        error = api_error_for(exc)
+        app.state.http_errors[error.status] += 1
+        return error_response(error.status, error.message, error.param)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, exc: ApiError):
+        return failed(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return failed(ApiError(400, f"invalid request: {where or 'body'}: {first.get('msg', exc)}", where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc: StarletteHTTPException):
+        app.state.http_errors[exc.status_code] += 1
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        text = render(await backend.snapshots(), dict(app.state.http_errors))
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        data = [{"id": name, "object": "model", "created": now, "owned_by": "shirakit",
+                 "root": backend.base_name, "parent": None if name == backend.base_name else backend.base_name}
+                for name in backend.models()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        try:
+            prompt = _completion_prompt(backend, body.prompt)
+            params = _params(backend, body, prompt, body.max_tokens)
+            return await _respond(backend, request, body, prompt, params, chat=False)
+        except Exception as exc:
+            return failed(exc)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        try:
+            prompt = _chat_prompt(backend, body)
+            params = _params(backend, body, prompt, body.max_completion_tokens or body.max_tokens)
+            return await _respond(backend, request, body, prompt, params, chat=True)
+        except Exception as exc:
+            return failed(exc)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(body: LoadAdapterRequest):
+        try:
+            if not Path(body.lora_path).is_dir():
+                raise ApiError(400, f"lora_path {body.lora_path!r} is not a folder on the server", "lora_path")
+            await backend.load_adapter(body.lora_name, body.lora_path)
+        except Exception as exc:
+            return failed(exc)
+        return PlainTextResponse(f"Success: adapter {body.lora_name!r} added.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(body: UnloadAdapterRequest):
+        try:
+            await backend.unload_adapter(body.lora_name)
+        except Exception as exc:
+            return failed(exc)
+        return PlainTextResponse(f"Success: adapter {body.lora_name!r} removed.")
+
+    return app
+
+
+# ---- turning requests into engine work ------------------------------------------------------
+def _completion_prompt(backend, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        ids = backend.tokenizer(prompt).input_ids
+    else:
+        vocab = len(backend.tokenizer)
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"prompt token ids must lie in [0, {vocab}); found {bad[:5]}", "prompt")
+        ids = list(prompt)
+    if not ids:
+        raise ApiError(400, "the prompt is empty", "prompt")
+    return ids
+
+
+def _chat_prompt(backend, body: ChatRequest) -> list[int]:
+    tokenizer = backend.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None) -> SamplingParams:
+    if not backend.knows(body.model):
+        raise UnknownModel(body.model)
+    room = backend.max_context - len(prompt)
+    if room <= 0:
+        raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
+                            f"{backend.max_context} tokens", "prompt")
+    if max_tokens is None:
+        max_tokens = room
+    if max_tokens > room:
+        raise ApiError(400, f"this model's context is {backend.max_context} tokens; the prompt has "
+                            f"{len(prompt)} and max_tokens asks for {max_tokens}", "max_tokens")
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          seed=body.seed, stop=tuple(body.stop or ()))
+
+
+async def _respond(backend, request: Request, body: Sampling, prompt: list[int], params: SamplingParams,
+                   chat: bool):
+    events = backend.generate(body.model, prompt, params, body.n)
+    try:
+        first = await anext(events)  # errors (404, 429, a corrupt adapter) surface before any byte is sent
+    except BaseException:
+        await events.aclose()
+        raise
+    shape = _Shape(body.model, chat, len(prompt))
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(shape, first, events, usage, body.n), media_type="text/event-stream")
+    return await _collect(shape, first, events, request, body.n)
+
+
+class _Shape:
+    """OpenAI's response objects for one request: completion or chat, whole or chunked."""
+
+    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
+        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def whole(self, texts: dict[int, str], reasons: dict[int, str], tokens: int) -> dict:
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": None, "finish_reason": reasons[i]} for i in sorted(texts)]
+        else:
+            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
+                       for i in sorted(texts)]
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, "usage": self.usage(tokens)}
+
+    def chunk(self, index: int, text: str | None, reason: str | None, first: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice]}
+
+
+async def _collect(shape: _Shape, first: Output, events: AsyncIterator[Output], request: Request, n: int):
+    texts, reasons, tokens = {i: "" for i in range(n)}, {}, {}
+
+    def take(event: Output) -> None:
+        texts[event.index] += event.text
+        tokens[event.index] = event.completion_tokens
+        if event.finish_reason:
+            reasons[event.index] = event.finish_reason
+
+    take(first)
+    try:
+        async for event in events:
+            take(event)
+            if await request.is_disconnected():  # the client left: free its rows
+                break
+    finally:
+        await events.aclose()
+    return shape.whole(texts, reasons, sum(tokens.values()))
+
+
+async def _sse(shape: _Shape, first: Output, events: AsyncIterator[Output], usage: bool, n: int):
+    """Server-sent events as OpenAI streams them; closing the stream (disconnect) cancels the request."""
+    tokens = {}
+
+    def frame(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    try:
+        if shape.chat:
+            for i in range(n):
+                yield frame(shape.chunk(i, "", None, first=True))
+        tokens[first.index] = first.completion_tokens
+        yield frame(shape.chunk(first.index, first.text, first.finish_reason))
+        async for event in events:
+            tokens[event.index] = event.completion_tokens
+            yield frame(shape.chunk(event.index, event.text, event.finish_reason))
+        if usage:
+            yield frame({"id": shape.id, "object": "chat.completion.chunk" if shape.chat else "text_completion",
+                         "created": shape.created, "model": shape.model, "choices": [],
+                         "usage": shape.usage(sum(tokens.values()))})
+        yield "data: [DONE]\n\n"
+    finally:
+        await events.aclose()
+

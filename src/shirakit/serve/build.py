@@ -1,0 +1,63 @@
+"""Building an engine from folders: the model (or the packaged SmolLM2-135M), its tokenizer, the
+adapter folders. Shared by the single-process server and the Ray Serve replicas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .engine import FUSE_MIN_STEPS, Engine
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def adapter_folders(directory: str | Path | None) -> dict[str, Path]:
+    """Every subfolder of ``directory`` is one adapter, named by the folder."""
+    if directory is None:
+        return {}
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--adapters {root}: not a folder")
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_model_dir() -> Path:
+    """The packaged SmolLM2-135M (dequantized from its GGUF once, then cached as safetensors)."""
+    from shirakit.data import smollm2_dir
+
+    return smollm2_dir()
+
+
+def load_model(model_dir: str | Path | None, device: torch.device, dtype: str = "auto"):
+    """(model, tokenizer, folder): a local causal-LM folder, or the packaged SmolLM2-135M."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir or default_model_dir())
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: not a folder")
+    if dtype == "auto":  # CPUs run half precision slowly; keep the file's dtype on GPUs
+        torch_dtype = "auto" if device.type == "cuda" else torch.float32
+    else:
+        torch_dtype = DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer, model_dir
+
+
+def build_engine(model_dir=None, adapters=None, served_model_name=None, device="auto", dtype="auto",
+                 max_loaded=8, max_loaded_mb=None, max_batch=32, max_queue=256,
+                 fuse_min_steps=FUSE_MIN_STEPS) -> Engine:
+    model, tokenizer, folder = load_model(model_dir, resolve_device(device), dtype)
+    name = served_model_name or folder.name
+    found = adapter_folders(adapters)
+    if name in found:
+        raise ValueError(f"adapter folder {found[name]} has the served model's name {name!r}; rename one")
+    return Engine(model, tokenizer, name, found, max_loaded=max_loaded, max_loaded_mb=max_loaded_mb,
+                  max_batch=max_batch, max_queue=max_queue, fuse_min_steps=fuse_min_steps)

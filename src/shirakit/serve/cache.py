@@ -1,0 +1,135 @@
+"""The adapter cache: which adapters sit in the model now, which only on disk.
+
+Two tiers. The upper tier is the model itself (adapters injected with ``load_adapter``), an LRU
+bounded by a count (``max_loaded``) and by bytes (``max_bytes``, the adapters' own tensors). The
+lower tier is the disk: every registered adapter has a folder, and a miss loads it from there
+(the compact SHiRA layout expands in one pass, see ``shirakit.compact``).
+
+An adapter is *pinned* while a running sequence uses it; a pinned adapter is never evicted. When
+everything is pinned and the cache is full, :meth:`acquire` says "not now" and the scheduler keeps
+the request waiting until a pin is released. This class does no model work itself: the engine
+passes ``load`` / ``unload`` callables, so the policy can be tested without a model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+class AdapterLoadError(ValueError):
+    """An adapter's folder could not be loaded (missing, corrupt, wrong shapes for this model)."""
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+    load_failures: int = 0
+
+
+class AdapterCache:
+    """LRU of loaded adapters over a registry of adapter folders (name -> path).
+
+    ``load(name, path) -> bytes`` puts the adapter into the model and returns its size;
+    ``unload(name)`` takes it out. Both are called from the engine thread only.
+    """
+
+    def __init__(self, load: Callable[[str, Path], int], unload: Callable[[str], None],
+                 max_loaded: int = 8, max_bytes: int | None = None) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self._load, self._unload = load, unload
+        self.max_loaded, self.max_bytes = max_loaded, max_bytes
+        self.paths: dict[str, Path] = {}
+        self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self.pins: dict[str, int] = {}
+        self.retired: set[str] = set()  # unregistered while pinned: dropped when the last pin goes
+        self.stats = CacheStats()
+
+    # ---- registry (the disk tier) --------------------------------------------------------
+    def register(self, name: str, path: str | Path) -> None:
+        self.paths[name] = Path(path)
+        self.retired.discard(name)
+
+    def unregister(self, name: str) -> None:
+        """Forget ``name``; it leaves the model now, or when its last running sequence ends."""
+        self.paths.pop(name)
+        if self.pins.get(name):
+            self.retired.add(name)
+        elif name in self.loaded:
+            self._drop(name)
+
+    def known(self, name: str) -> bool:
+        return name in self.paths
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(self.loaded.values())
+
+    # ---- the model tier ----------------------------------------------------------------
+    def acquire(self, name: str) -> bool:
+        """Pin ``name``, loading it on a miss. False: no room now (everything loaded is pinned).
+
+        Raises :class:`AdapterLoadError` when the folder cannot be loaded; the cache and the model
+        are then as they were, apart from evictions that made room for it.
+        """
+        if name in self.loaded:
+            self.stats.hits += 1
+            self.loaded.move_to_end(name)
+        else:
+            if not self._make_room(extra_count=1, extra_bytes=0):
+                return False
+            self.stats.misses += 1
+            self.loaded[name] = self._timed_load(name)
+            self._make_room(extra_count=0, extra_bytes=0, keep=name)  # the byte bound, now that size is known
+        self.pins[name] = self.pins.get(name, 0) + 1
+        return True
+
+    def release(self, name: str) -> None:
+        count = self.pins.get(name, 0) - 1
+        if count < 0:
+            raise RuntimeError(f"adapter {name!r} released more often than acquired")
+        if count:
+            self.pins[name] = count
+            return
+        del self.pins[name]
+        if name in self.retired:
+            self.retired.discard(name)
+            self._drop(name)
+
+    def _timed_load(self, name: str) -> int:
+        start = time.perf_counter()
+        try:
+            size = self._load(name, self.paths[name])
+        except Exception as exc:
+            self.stats.load_failures += 1
+            raise AdapterLoadError(f"adapter {name!r} ({self.paths[name]}) could not be loaded: {exc}") from exc
+        self.stats.load_seconds += time.perf_counter() - start
+        return size
+
+    def _over(self, extra_count: int, extra_bytes: int) -> bool:
+        too_many = len(self.loaded) + extra_count > self.max_loaded
+        too_big = self.max_bytes is not None and self.loaded_bytes + extra_bytes > self.max_bytes
+        return too_many or too_big
+
+    def _make_room(self, extra_count: int, extra_bytes: int, keep: str | None = None) -> bool:
+        """Evict unpinned adapters, least recently used first, until the bounds hold."""
+        while self._over(extra_count, extra_bytes):
+            victim = next((n for n in self.loaded if not self.pins.get(n) and n != keep), None)
+            if victim is None:
+                return False
+            self._drop(victim)
+            self.stats.evictions += 1
+        return True
+
+    def _drop(self, name: str) -> None:
+        del self.loaded[name]
+        self._unload(name)

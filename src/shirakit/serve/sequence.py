@@ -1,0 +1,96 @@
+"""One generated sequence: its parameters, tokens, text, and how its next token is chosen.
+
+Greedy (``temperature == 0``) takes the argmax, as ``generate(do_sample=False)`` does. Sampling
+divides the logits by the temperature, keeps the smallest set of tokens whose probability reaches
+``top_p`` (nucleus sampling, Holtzman et al. 2019, arXiv 1904.09751) and draws from it with the
+sequence's own ``torch.Generator``: seeded requests give the same text whatever else is in the
+batch.
+
+Text is the tokenizer's decode of all new tokens (``skip_special_tokens=True``), recomputed per
+token so multi-token characters come out whole; a stream sends the part that is settled: not a
+trailing replacement character, and not a tail that may still become a stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Sequence:
+    """Choice ``index`` of request ``request_id``; the engine's unit of batching."""
+
+    request_id: str
+    index: int
+    adapter: str  # an adapter name, or BASE
+    prompt: list[int]
+    params: SamplingParams
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of text already streamed
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.temperature > 0 and self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.tokens)
+
+    def add(self, token: int, tokenizer, eos_ids: set[int]) -> None:
+        """Record a new token; set ``finish_reason`` when the sequence is done."""
+        self.tokens.append(token)
+        if token in eos_ids:
+            self.finish_reason = "stop"
+            self.text = tokenizer.decode(self.tokens[:-1], skip_special_tokens=True)
+            return
+        self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+        elif self.remaining <= 0:
+            self.finish_reason = "length"
+
+    def settled_delta(self) -> str:
+        """Text not streamed yet that can no longer change; advances ``sent``."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            if self.text.endswith("\ufffd"):  # half of a multi-token character
+                end -= 1
+            hold = max((len(s) - 1 for s in self.params.stop), default=0)
+            end = max(self.sent, end - hold)
+        delta = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return delta
+
+
+def choose_next(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+    """Next token per row of ``logits`` (rows, vocab), following each sequence's parameters."""
+    greedy = logits.argmax(dim=-1).tolist()
+    out = []
+    for row, seq in enumerate(sequences):
+        if seq.params.temperature == 0:
+            out.append(greedy[row])
+            continue
+        probs = torch.softmax(logits[row].float() / seq.params.temperature, dim=-1)
+        if seq.params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above
+            sorted_probs[before >= seq.params.top_p] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+    return out

@@ -1,0 +1,96 @@
+"""Putting it together: engine (``build.py``) + HTTP app, run by uvicorn.
+
+``shirakit serve`` calls :func:`main`; tests and benchmarks use :func:`start_server`, which runs
+uvicorn on a thread bound to 127.0.0.1 and a free port, and :meth:`RunningServer.stop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from .build import DTYPES, build_engine
+from .engine import FUSE_MIN_STEPS, Engine
+
+
+@dataclass
+class RunningServer:
+    url: str
+    engine: Engine
+    server: object
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.engine.stop(timeout)
+
+
+def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> RunningServer:
+    """Start the engine and uvicorn on a thread; returns once the server accepts connections."""
+    import uvicorn
+
+    from .app import create_app
+    from .backend import LocalBackend
+
+    engine.start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(create_app(LocalBackend(engine)), log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="shirakit-http")
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            engine.stop()
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.02)
+    return RunningServer(f"http://{host}:{sock.getsockname()[1]}", engine, server, thread)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder "
+                        "(default: the packaged SmolLM2-135M)")
+    parser.add_argument("--adapters", default=None, help="a folder whose every subfolder is one adapter "
+                        "(any method, PEFT or compact layout), named by the subfolder, loaded on first use")
+    parser.add_argument("--served-model-name", default=None, help="the base model's name in the API "
+                        "(default: the model folder's name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-loaded", type=int, default=8, help="adapters held in the model at once (LRU)")
+    parser.add_argument("--max-loaded-mb", type=float, default=None, help="bound on the loaded adapters' size")
+    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    parser.add_argument("--fuse-min-steps", type=int, default=FUSE_MIN_STEPS,
+                        help="fuse a one-adapter batch when it may still run this many steps")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--ray", action="store_true", help="serve with Ray Serve (pip install shirakit[ray])")
+    parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .ray_app import run_ray
+
+        return run_ray(args)
+    import uvicorn
+
+    from .app import create_app
+    from .backend import LocalBackend
+
+    engine = build_engine(args.model, args.adapters, args.served_model_name, args.device, args.dtype,
+                          args.max_loaded, args.max_loaded_mb, args.max_batch, args.max_queue,
+                          args.fuse_min_steps).start()
+    print(f"serving {engine.base_name} and {len(engine.models()) - 1} adapter(s) on http://{args.host}:{args.port}")
+    try:
+        uvicorn.run(create_app(LocalBackend(engine)), host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.stop()
+    return 0

@@ -1,0 +1,80 @@
+"""The adapter cache's policy without a model: LRU by count and bytes, pins, retirement, failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from shirakit.serve.cache import AdapterCache, AdapterLoadError
+
+
+class FakeModel:
+    def __init__(self, sizes):
+        self.sizes, self.inside, self.loads = sizes, set(), []
+
+    def load(self, name, path):
+        if self.sizes[name] is None:
+            raise ValueError("truncated file")
+        self.inside.add(name)
+        self.loads.append(name)
+        return self.sizes[name]
+
+    def unload(self, name):
+        self.inside.remove(name)
+
+
+def _cache(sizes, **bounds):
+    model = FakeModel(sizes)
+    cache = AdapterCache(model.load, model.unload, **bounds)
+    for name in sizes:
+        cache.register(name, f"/adapters/{name}")
+    return cache, model
+
+
+def test_lru_by_count_evicts_the_least_recently_used():
+    cache, model = _cache({n: 10 for n in "abcd"}, max_loaded=2)
+    for name in "abac":  # a is used again before c arrives: b is the LRU victim
+        assert cache.acquire(name)
+        cache.release(name)
+    assert model.inside == {"a", "c"} and list(cache.loaded) == ["a", "c"]
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (1, 3, 1)
+
+
+def test_byte_bound():
+    cache, model = _cache({"a": 60, "b": 50, "c": 30}, max_loaded=10, max_bytes=100)
+    for name in "abc":
+        assert cache.acquire(name)
+        cache.release(name)
+    assert model.inside == {"b", "c"} and cache.loaded_bytes == 80
+
+
+def test_pinned_adapters_are_never_evicted():
+    cache, model = _cache({n: 1 for n in "abc"}, max_loaded=2)
+    assert cache.acquire("a") and cache.acquire("b")
+    assert cache.acquire("c") is False  # everything pinned: the request must wait
+    assert model.inside == {"a", "b"}
+    cache.release("a")
+    assert cache.acquire("c") and model.inside == {"b", "c"}
+    with pytest.raises(RuntimeError, match="released more often"):
+        cache.release("a")
+
+
+def test_unregister_while_pinned_waits_for_the_last_release():
+    cache, model = _cache({"a": 1}, max_loaded=2)
+    assert cache.acquire("a")
+    cache.unregister("a")
+    assert not cache.known("a") and model.inside == {"a"}
+    cache.release("a")
+    assert model.inside == set() and not cache.loaded
+
+
+def test_failed_load_changes_nothing():
+    cache, model = _cache({"good": 1, "bad": None}, max_loaded=2)
+    assert cache.acquire("good")
+    with pytest.raises(AdapterLoadError, match="'bad'.*truncated file"):
+        cache.acquire("bad")
+    assert list(cache.loaded) == ["good"] and cache.pins == {"good": 1} and cache.stats.load_failures == 1
+
+
+def test_bounds_are_checked():
+    with pytest.raises(ValueError, match="max_loaded"):
+        AdapterCache(lambda n, p: 0, lambda n: None, max_loaded=0)
