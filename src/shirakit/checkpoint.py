@@ -5,15 +5,20 @@ path ``P`` (an AdapterLinear or a ModulesToSave) is ``P.adapters.<name>.<k>`` in
 ``base_model.model.P.<k>`` in the file; a tensor ``k`` the adapter shares across layers
 (:meth:`Adapter.make_shared`, e.g. VeRA's ``vera_A``) is ``base_model.<k>`` in the file, written
 when the method's :meth:`Adapter.shared_in_checkpoint` says so. Files are read with safetensors
-only (no pickle) and written atomically. Loading validates everything before the model is changed
-for good: on any error the half-built adapter is removed again and the error names the file and the key.
+only (no pickle); the pair is written all or nothing (:mod:`shirakit.folder`). Loading validates
+everything before the model is changed for good (layer tensors against the config before anything
+is allocated): on any error the half-built adapter is removed again and the error names the file
+and the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,15 +27,17 @@ from torch import nn
 
 from .adapter import Adapter
 from .compact import COMPACT_V1, FORMAT_KEY
-from .config import read_config
+from .config import CONFIG_NAME, AdapterConfig, read_config
 from .control import merge as merge_adapters
 from .control import set_adapter
-from .inject import delete_adapter, inject, unload
-from .io_utils import atomic_write_bytes
+from .folder import BINDING_KEY, WEIGHTS_NAME, digest, write_adapter_folder
+from .inject import delete_adapter, find_targets, inject, unload
+from .io_utils import check_regular_file
+from .layer import AdapterLinear, geometry_of
 from .registry import method_for_config
 from .state import SharedTensors, check_adapter_names, hosts, shared_of, state_of
+from .validation import check_adapter_name
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
@@ -77,7 +84,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 def save_adapter(
     model: nn.Module, directory: str | Path, adapter_name: str = "default", compact: bool = False
 ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically).
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors``, all or nothing: after a
+    crash or kill at any instant the folder reads as the previous adapter or this one
+    (:mod:`shirakit.folder`).
 
     ``compact=True`` writes methods that have a compact layout (SHiRA: <= 6 bytes per value, see
     :mod:`shirakit.compact`) in it; such a file is for shirakit only, PEFT cannot read it.
@@ -96,24 +105,24 @@ def save_adapter(
                 prefix = _file_key(path, "")
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
                 tensors.update({prefix + k: v.detach().to("cpu").contiguous() for k, v in packed.items()})
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata=metadata))
     config = state.configs[adapter_name]
     name_or_path = config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
-    replace(config, inference_mode=True, base_model_name_or_path=name_or_path or None).save(directory)
+    config_bytes = replace(config, inference_mode=True, base_model_name_or_path=name_or_path or None).to_json_bytes()
+    metadata[BINDING_KEY] = digest(config_bytes)  # binds the pair: see shirakit.folder
+    write_adapter_folder(directory, config_bytes, save(tensors, metadata=metadata))
     return directory
 
 
 def read_weights(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
     """(path, tensors, metadata) of ``adapter_model.safetensors``; safetensors only, no pickle."""
     path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter weights here (expected {WEIGHTS_NAME})")
+    check_regular_file(path, "adapter weights")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file: {exc}") from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file: {exc}") from None
     layout = metadata.get(FORMAT_KEY)
     if layout not in (None, COMPACT_V1):
         raise ValueError(f"{path}: unknown {FORMAT_KEY} {layout!r}; expected none (PEFT's layout) or {COMPACT_V1!r}")
@@ -131,13 +140,16 @@ def load_adapter(
     ``adapter_name``. It becomes the active adapter; its parameters train only with
     ``is_trainable=True``; ``merge=True`` also merges it (fused mode).
     """
+    check_adapter_name(adapter_name)
     config = read_config(directory)
     config.inference_mode = not is_trainable
     path, tensors, metadata = read_weights(directory)
-    had_adapters = getattr(model, "shirakit", None) is not None
-    previous_active = list(model.shirakit.active) if had_adapters else []
-    trainable_before = [p for p in model.parameters() if p.requires_grad]  # inject freezes a fresh model
-    inject(model, config, adapter_name, _from_checkpoint=True)
+    with _naming(Path(directory) / CONFIG_NAME):  # a config the model cannot take: say which file
+        tensors = _check_before_building(model, config, tensors, path)
+        had_adapters = getattr(model, "shirakit", None) is not None
+        previous_active = list(model.shirakit.active) if had_adapters else []
+        trainable_before = [p for p in model.parameters() if p.requires_grad]  # inject freezes a fresh model
+        inject(model, config, adapter_name, _from_checkpoint=True)
     try:
         if metadata.get(FORMAT_KEY) == COMPACT_V1:
             tensors = _expand_compact(model, adapter_name, tensors, path)
@@ -154,6 +166,18 @@ def load_adapter(
     if merge:
         merge_adapters(model, [adapter_name])
     return model
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Errors raised inside name ``path`` (e.g. "target_modules matched no module" comes from inject,
+    which knows nothing of files)."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        if str(path.parent) in str(exc):
+            raise
+        raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"{path}: {exc}") from exc
 
 
 def _expand_compact(model: nn.Module, adapter_name: str, tensors: dict, path: Path) -> dict[str, torch.Tensor]:
@@ -195,8 +219,8 @@ def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
         raise ValueError(f"{path}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
     per_owner: dict[int, tuple[nn.Module, dict[str, torch.Tensor], str]] = {}
     for file_key, (owner, key, own) in expected.items():
-        value = tensors[file_key]
-        _check_tensor(value, own, f"{path}: key {file_key!r}")
+        exact = not isinstance(owner, Adapter)
+        value = _check_tensor(tensors[file_key], own, f"{path}: key {file_key!r}", exact_shape=exact)
         entry = per_owner.setdefault(id(owner), (owner, {}, file_key.rsplit(".", 1)[0]))
         entry[1][key] = value
     for owner, owner_tensors, where in per_owner.values():
@@ -207,18 +231,64 @@ def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
             _copy_in(owner, owner_tensors)
 
 
-def _check_tensor(value: torch.Tensor, own: torch.Tensor, where: str) -> None:
-    if own.dtype.is_floating_point != value.dtype.is_floating_point:
-        kind = "a float" if own.dtype.is_floating_point else "an integer"
-        raise ValueError(f"{where}: expected {kind} tensor, found {value.dtype}")
+def _expected_on_meta(model: nn.Module, config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """File key -> the tensor ``config`` makes for each targeted layer, built on the meta device:
+    shapes and dtypes without a byte of memory (a config's r is not trusted for allocation)."""
+    method = method_for_config(config)
+    expected = {}
+    for module_path in find_targets(model, config):
+        layer = model.get_submodule(module_path)
+        base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
+        weight = base.weight
+        stub = SimpleNamespace(weight=torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
+        with torch.device("meta"):
+            adapter = method.build(geometry_of(base), config, stub, None, source=module_path)
+        for key, tensor in adapter.state_dict().items():
+            expected[_file_key(module_path, key)] = tensor
+    return expected
+
+
+def _check_before_building(model: nn.Module, config: AdapterConfig, tensors: dict, path: Path) -> dict:
+    """Check every layer tensor the file holds against what the config asks for (dtype, shape,
+    finite after the cast) before the adapter is built. Returns the tensors, cast to the adapter's
+    dtypes. Missing float tensors are refused here; keys and index tensors are checked again in
+    :func:`_fill` (compact files hold other index keys)."""
+    checked = dict(tensors)
+    expected = _expected_on_meta(model, config)
+    missing = sorted(k for k, own in expected.items() if k not in tensors and own.dtype.is_floating_point)
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} key(s) the config asks for, e.g. {missing[:3]}")
+    for file_key, own in expected.items():
+        if file_key in tensors:
+            checked[file_key] = _check_tensor(tensors[file_key], own, f"{path}: key {file_key!r}")
+    return checked
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_tensor(value: torch.Tensor, own: torch.Tensor, where: str, exact_shape: bool = False) -> torch.Tensor:
+    """Check a file tensor against the model's and return it in the model's dtype. Float values
+    are checked for finiteness after the cast (float64 1e300 is inf in fp32). Index tensors of
+    adapters may differ in length (the method checks the count with its meaning, e.g. SHiRA's K);
+    ``exact_shape`` asks for the exact shape (whole modules kept in modules_to_save)."""
     if own.dtype.is_floating_point:
+        if value.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where}: expected a float tensor (float16, bfloat16, float32 or float64), "
+                             f"found {value.dtype}")
         if tuple(value.shape) != tuple(own.shape):
             raise ValueError(f"{where}: expected shape {tuple(own.shape)}, found {tuple(value.shape)}")
+        value = value.to(own.dtype)
         if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{where}: contains non-finite values (nan or inf)")
-    elif value.dim() != own.dim() or (value.dim() == 2 and value.shape[0] != own.shape[0]):
-        # index tensors: the count is checked with their meaning by the method (e.g. SHiRA's K)
+            raise ValueError(f"{where}: contains non-finite values (nan or inf) in {own.dtype}")
+        return value
+    if value.dtype not in _INDEX_DTYPES or own.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{where}: expected an integer tensor (int8 to int64 or uint8), found {value.dtype}")
+    relaxed = not exact_shape and value.dim() == own.dim() and (value.dim() != 2 or value.shape[0] == own.shape[0])
+    if tuple(value.shape) != tuple(own.shape) and not relaxed:
         raise ValueError(f"{where}: expected shape {tuple(own.shape)}, found {tuple(value.shape)}")
+    return value
 
 
 @torch.no_grad()

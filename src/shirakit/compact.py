@@ -22,6 +22,7 @@ import torch
 FORMAT_KEY = "shirakit_format"
 COMPACT_V1 = "compact-v1"
 _U16_MAX = 0xFFFF
+_MAX_FLAT = 2**40  # no weight has 2^40 entries; bounds the sum of K gaps far below 2^63
 
 
 def encode(indices: torch.Tensor, values: torch.Tensor, in_features: int) -> dict[str, torch.Tensor]:
@@ -52,6 +53,8 @@ def decode(tensors: dict[str, torch.Tensor], in_features: int, source: str) -> d
     if far.shape[1]:
         if far[0].min() < 0 or far[0].max() >= gaps.numel():
             raise ValueError(f"{source}: shira_index_far points outside the {gaps.numel()} gaps")
+        if far[1].min() < _U16_MAX or far[1].max() > _MAX_FLAT:  # far gaps only; no int64 overflow in cumsum
+            raise ValueError(f"{source}: shira_index_far holds a gap outside [{_U16_MAX}, {_MAX_FLAT}]")
         gaps[far[0]] = far[1]
     flat = torch.cumsum(gaps, 0)
     indices = torch.stack([flat // in_features, flat % in_features])  # range-checked by the loader

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .io_utils import atomic_write_bytes
+from .folder import CONFIG_NAME, bound_config_bytes, write_config_only
+from .io_utils import read_regular_file
 from .registry import method_for_peft_type
+from .validation import check_fields, check_regex, short_repr
 
-CONFIG_NAME = "adapter_config.json"
+#: adapter_config.json files are a few KB; anything this large is not one (and is not read whole).
+MAX_CONFIG_BYTES = 4 << 20
 
 # Fields PEFT writes for features shirakit does not implement, with the value that means "off".
 # A file that has any of them set to something else describes an adapter we cannot reproduce.
@@ -75,12 +78,32 @@ class AdapterConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.modules_to_save, set):
+            self.modules_to_save = sorted(self.modules_to_save)
+        for f in dataclasses.fields(self):  # tuples are lists to the schema (and to JSON)
+            if isinstance(getattr(self, f.name), tuple):
+                setattr(self, f.name, list(getattr(self, f.name)))
+        check_fields(self)  # every field against its annotation: no "false" for a bool, no NaN alpha
+        self._check_targets()
         # PEFT trains the classification head for SEQ_CLS without being asked; users expect the same.
         if self.task_type == "SEQ_CLS":
             extra = [h for h in _SEQ_CLS_HEADS if h not in (self.modules_to_save or [])]
             self.modules_to_save = list(self.modules_to_save or []) + extra
+
+    def _check_targets(self) -> None:
+        """Regex strings must compile; PEFT's rule: layer selection needs a list of targets."""
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() != "all-linear":
+                check_regex(value, name)
+        pattern = getattr(self, "layers_pattern", None)
+        for value in [pattern] if isinstance(pattern, str) else pattern or []:
+            check_regex(value, "layers_pattern")
+        if isinstance(self.target_modules, str):
+            for name in ("layers_to_transform", "layers_pattern"):
+                if getattr(self, name, None) not in (None, [], ""):
+                    raise ValueError(f"{name} cannot be used when target_modules is a string "
+                                     f"({self.target_modules!r}); give target_modules as a list of names")
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -96,11 +119,14 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> AdapterConfig:
         """Build the config; reject PEFT features we do not implement, warn on unknown fields."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, found {type(data).__name__}")
         data = dict(data)
         found_type = data.pop("peft_type", cls.peft_type)
         if found_type != cls.peft_type:
             raise ValueError(f"{source}: expected peft_type {cls.peft_type!r}, found {found_type!r}")
-        ours = {f.name for f in dataclasses.fields(cls) if f.init}
+        # fields kept out of the file (callables, test switches) are not taken from it either
+        ours = {f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("serialize", True)}
         kwargs = {}
         for key, value in data.items():
             if key in ours:
@@ -108,37 +134,63 @@ class AdapterConfig:
             elif key in _PEFT_FEATURES_OFF:
                 if value not in (_PEFT_FEATURES_OFF[key], None, {}, [], False):
                     raise ValueError(
-                        f"{source}: field {key!r} = {value!r} asks for a PEFT feature shirakit does not "
+                        f"{source}: field {key!r} = {short_repr(value)} asks for a PEFT feature shirakit does not "
                         f"implement (expected {_PEFT_FEATURES_OFF[key]!r}); refusing to load it as "
                         "something else"
                     )
             elif key not in _PEFT_BOOKKEEPING:
-                warnings.warn(f"{source}: ignoring unknown config field {key!r} = {value!r}", stacklevel=3)
+                warnings.warn(f"{source}: ignoring unknown config field {key!r} = {short_repr(value)}", stacklevel=3)
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: invalid {cls.__name__}: {exc}") from exc
 
+    def to_json_bytes(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CONFIG_NAME
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(path, text.encode())
-        return path
+        """Write ``adapter_config.json`` alone (:func:`shirakit.save_adapter` writes it with the weights)."""
+        write_config_only(directory, self.to_json_bytes())
+        return Path(directory) / CONFIG_NAME
 
 
 def read_config(directory: str | Path) -> AdapterConfig:
-    """Read ``adapter_config.json`` and return the matching method's config."""
+    """Read ``adapter_config.json`` and return the matching method's config (the one saved with the
+    weights beside it, should a save have been interrupted: see :mod:`shirakit.folder`)."""
+
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter config here (expected {CONFIG_NAME})")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(data, dict) or "peft_type" not in data:
-        raise ValueError(f"{path}: expected a JSON object with a 'peft_type' key")
+    raw = read_regular_file(path, MAX_CONFIG_BYTES, "adapter config")
+    return config_from_bytes(bound_config_bytes(Path(directory), raw), path)
+
+
+def config_from_bytes(raw: bytes, path: Path) -> AdapterConfig:
+    """Parse the bytes of an ``adapter_config.json`` (strict JSON: no NaN/Infinity constants)."""
+    data = parse_json_object(raw, path)
+    if "peft_type" not in data:
+        raise ValueError(f"{path}: expected a 'peft_type' key")
+    if not isinstance(data["peft_type"], str):
+        raise ValueError(f"{path}: field 'peft_type': expected a string, found {short_repr(data['peft_type'])}")
     method = method_for_peft_type(data["peft_type"], source=str(path))
     return method.config_class.from_dict(data, source=str(path))
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_object(raw: bytes, path: Path) -> dict[str, Any]:
+    """A JSON object from ``raw``; every way the text can be wrong is a ValueError naming ``path``."""
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def no_serialize() -> Any:

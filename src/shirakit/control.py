@@ -10,6 +10,7 @@ from torch import nn
 
 from .layer import AdapterLinear
 from .state import adapter_layers, check_adapter_names, hosts, state_of
+from .validation import check_scalar
 
 
 def _as_list(names: str | list[str]) -> list[str]:
@@ -79,6 +80,7 @@ def unmerge(model: nn.Module) -> None:
 def set_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
     """An adapter's strength at inference: SHiRA's scaling (default 1), LoRA's multiplier."""
     check_adapter_names(model, [adapter_name])
+    scale = check_scalar("scale", scale)  # NaN or inf would poison every output (and a merged weight)
     for _, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
             if adapter_name in layer.merged:

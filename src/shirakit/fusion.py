@@ -25,6 +25,7 @@ from .inject import inject
 from .layer import ModulesToSave
 from .registry import method_for_config
 from .state import adapter_layers, check_adapter_names, hosts, state_of
+from .validation import check_scalar
 
 
 def _saved_module_sources(model: nn.Module, names: list[str], modules_from: str | None) -> dict[str, str]:
@@ -73,7 +74,8 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
         if any(n in layer.adapters for n in names)
     }
     sources = _saved_module_sources(model, names, modules_from)
-    config, tensors = method.combine(layers, configs, [float(w) for w in weights])
+    weights = [check_scalar(f"weight of {n!r}", w) for n, w in zip(names, weights)]
+    config, tensors = method.combine(layers, configs, weights)
     saved = sorted({m for c in configs for m in (c.modules_to_save or [])})
     task_types = {c.task_type for c in configs}
     config = dataclasses.replace(config, modules_to_save=saved or None,

@@ -10,7 +10,11 @@ targeted layers become :class:`~shirakit.layer.AdapterLinear`, ``modules_to_save
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+import time
+import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -31,6 +35,7 @@ from .state import (
     remove_shared,
     state_of,
 )
+from .validation import REGEX_TIME_LIMIT, bounded_match, check_adapter_name
 
 ALL_LINEAR = "all-linear"
 
@@ -54,22 +59,24 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (AdapterLinear, *SUPPORTED_LAYERS))
 
 
-def _layer_index(name: str, layers_pattern) -> int | None:
+def _layer_index(name: str, layers_pattern, deadline: float) -> int | None:
     if not layers_pattern:
         match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = None
         for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+            match = bounded_match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name, deadline, "layers_pattern", full=False)
             if match:
                 break
     return int(match.group(1)) if match else None
 
 
-def _matches(spec, name: str) -> bool:
+def _matches(spec, name: str, deadline: float = math.inf, what: str = "target_modules") -> bool:
+    """PEFT's rule: a string is a regex that must match the whole name; a list matches a name or
+    a dotted suffix. Regex matching stops with an error at ``deadline`` (no ReDoS hang)."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return bounded_match(spec, name, deadline, what) is not None
     return name in spec or any(name.endswith("." + s) for s in spec)
 
 
@@ -85,20 +92,21 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     if spec is None:
         raise ValueError("target_modules is required (a list of names, a regex string, or 'all-linear')")
     modules = dict(_user_modules(model))
+    deadline = time.monotonic() + REGEX_TIME_LIMIT
     saved = config.modules_to_save or []
     in_saved = lambda n: any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in saved)  # noqa: E731
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
         heads = _output_head_names(model)
         names = [n for n, m in modules.items() if _is_linear(m) and n not in heads]
     else:
-        names = [n for n in modules if n and _matches(spec, n)]
+        names = [n for n in modules if n and _matches(spec, n, deadline)]
         if not isinstance(spec, str) and getattr(config, "layers_to_transform", None) is not None:
             wanted = config.layers_to_transform
             wanted = [wanted] if isinstance(wanted, int) else list(wanted)
             pattern = getattr(config, "layers_pattern", None)
-            names = [n for n in names if _layer_index(n, pattern) in wanted]
+            names = [n for n in names if _layer_index(n, pattern, deadline) in wanted]
     if config.exclude_modules:
-        names = [n for n in names if not _matches(config.exclude_modules, n)]
+        names = [n for n in names if not _matches(config.exclude_modules, n, deadline, "exclude_modules")]
     names = [n for n in names if not in_saved(n)]
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_linear(m)})
@@ -126,9 +134,9 @@ def inject(
     The base model is frozen; the new adapter becomes the active one and is trainable (unless
     ``config.inference_mode``). Random draws (masks, LoRA's A) come from one seed, split per
     layer, so the result is reproducible and identical on every rank that shares the seed.
+    All or nothing: if any step fails, every change made so far is undone before the error is raised.
     """
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without '.', found {adapter_name!r}")
+    check_adapter_name(adapter_name)
     state = getattr(model, "shirakit", None)
     fresh = state is None
     if fresh:
@@ -137,45 +145,78 @@ def inject(
         raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or use another name")
     method = method_for_config(config)
     targets = find_targets(model, config)
-    seed = seed_of(config)
-    layers: list[tuple[str, AdapterLinear]] = []
-    wrapped: list[str] = []  # wrappers this call made: taken out again if building the adapters fails
+    undo: list[Callable[[], None]] = []  # each change made, as the step that takes it back
     try:
-        for name in targets:
-            module = model.get_submodule(name)
-            if not isinstance(module, AdapterLinear):
-                module = AdapterLinear(module)
-                _set_submodule(model, name, module)
-                wrapped.append(name)
-            layers.append((name, module))
+        layers = _wrap_targets(model, targets, undo)
         _check_fan_in_fan_out(config, layers)
         shared = method.make_shared(config, [layer.geometry for _, layer in layers])
+        seed = seed_of(config)
         generators = [None if _from_checkpoint else layer_generator(seed, adapter_name, name) for name, _ in layers]
         new_adapters = [
             _build_adapter(method, config, layer, generator, name)
             for (name, layer), generator in zip(layers, generators)
         ]
-    except BaseException:  # e.g. a shape the method cannot take: leave the model as it was
-        for name in wrapped:
-            _set_submodule(model, name, model.get_submodule(name).base_layer)
+        _attach(model, state, fresh, config, adapter_name, layers, new_adapters, shared, undo)
+    except BaseException:  # a shape the method cannot take, a failing hook, KeyboardInterrupt, ...
+        _run_undo(undo)
         raise
+    return model
+
+
+def _run_undo(undo: list[Callable[[], None]]) -> None:
+    """Take the recorded changes back, newest first; one failing step does not stop the others."""
+    for step in reversed(undo):
+        try:
+            step()
+        except Exception as exc:  # the original error is the one to raise
+            warnings.warn(f"shirakit: undoing a failed inject was incomplete: {exc!r}", stacklevel=3)
+
+
+def _wrap_targets(model: nn.Module, targets: list[str], undo: list) -> list[tuple[str, AdapterLinear]]:
+    layers = []
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, AdapterLinear):
+            module = AdapterLinear(module)
+            _set_submodule(model, name, module)
+            undo.append(lambda name=name, base=module.base_layer: _set_submodule(model, name, base))
+        layers.append((name, module))
+    return layers
+
+
+def _attach(model, state, fresh, config, adapter_name, layers, new_adapters, shared, undo) -> None:
+    """Put the built adapters into the model and make the new one active, recording each change."""
     if fresh:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        undo.append(lambda: [p.requires_grad_(True) for p in trainable])
         for p in model.parameters():
             p.requires_grad_(False)
     if shared:
+        undo.append(lambda: remove_shared(model, adapter_name))
         holder = add_shared(model, adapter_name, shared, layers[0][1].weight.device)
         for adapter in new_adapters:
             adapter.bind_shared(holder)
     for (_, layer), adapter in zip(layers, new_adapters):
+        undo.append(lambda layer=layer: adapter_name in layer.adapters and layer.remove_adapter(adapter_name))
         layer.add_adapter(adapter_name, adapter)
     for module_name in config.modules_to_save or []:
-        _wrap_module_to_save(model, module_name, adapter_name)
+        _wrap_module_to_save(model, module_name, adapter_name, undo)
+    previous_active = list(state.active)
+    undo.append(lambda: (state.configs.pop(adapter_name, None), state.trainable.pop(adapter_name, None)))
     state.configs[adapter_name] = config
     state.trainable[adapter_name] = not config.inference_mode
+    if fresh:
+        undo.append(lambda: (uninstall_keyword_routing(model), model.__dict__.pop("shirakit", None)))
     model.shirakit = state
     install_keyword_routing(model)
+    undo.append(lambda: _restore_active(model, state, previous_active))
     set_adapter(model, adapter_name)
-    return model
+
+
+def _restore_active(model: nn.Module, state: ModelAdapters, names: list[str]) -> None:
+    state.active = [n for n in names if n in state.configs]
+    for _, host in hosts(model):
+        host.set_active(state.active)
 
 
 def seed_of(config: AdapterConfig) -> int:
@@ -207,7 +248,7 @@ def _check_fan_in_fan_out(config: AdapterConfig, layers) -> None:
         config.fan_in_fan_out = True  # Conv1D: the layout is known from the layer type; record it for PEFT
 
 
-def _wrap_module_to_save(model: nn.Module, module_name: str, adapter_name: str) -> None:
+def _wrap_module_to_save(model: nn.Module, module_name: str, adapter_name: str, undo: list) -> None:
     matches = [n for n, m in _user_modules(model) if n and (n == module_name or n.endswith("." + module_name))]
     matches += [n for n, m in model.named_modules() if isinstance(m, ModulesToSave) and _matches([module_name], n)]
     if not matches:
@@ -217,7 +258,10 @@ def _wrap_module_to_save(model: nn.Module, module_name: str, adapter_name: str) 
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             _set_submodule(model, name, module)
-        module.add_adapter(adapter_name)
+            undo.append(lambda name=name, original=module.original_module: _set_submodule(model, name, original))
+        if adapter_name not in module.adapters:
+            undo.append(lambda module=module: adapter_name in module.adapters and module.remove_adapter(adapter_name))
+            module.add_adapter(adapter_name)
 
 
 # ---- taking adapters out --------------------------------------------------------------------

@@ -61,7 +61,7 @@ class ShiraConfig(AdapterConfig):
         """A saved adapter may name a custom mask shirakit does not know: its indices come from the
         file, so it loads; only drawing a new mask with this config would need the function."""
         mask_type = data.get("mask_type", "random")
-        if mask_type in MASKS or data.get("mask_fn") is not None:
+        if not isinstance(mask_type, str) or mask_type in MASKS:  # a wrong type is refused by name there
             return super().from_dict(data, source)
 
         def unavailable(*args, **kwargs):
