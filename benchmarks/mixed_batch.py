@@ -73,11 +73,8 @@ import contextlib
 import copy
 import functools
 import gc
-import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -86,9 +83,18 @@ from pathlib import Path
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULT_PREFIX = "RESULT "
 BEGIN, END = "<!-- mixed_batch:begin -->", "<!-- mixed_batch:end -->"
-from _report import REPO, cores, cpu_model, replace_section, software, table, today  # noqa: E402
+from _report import (  # noqa: E402
+    add_preset_args,
+    apply_presets,
+    command_line,
+    emit,
+    flags,
+    machine_facts,
+    publish,
+    run_worker_process,
+    table,
+)
 
 ATOL = 1e-4
 N_ADAPTERS = 4
@@ -125,16 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-docs", type=Path, default=None, metavar="FILE",
                    help="write the results section into FILE between the mixed_batch markers")
     p.add_argument("--seed", type=int, default=0)
-    for name, value in PRESETS["full"].items():
-        kind = str if isinstance(value, str) else int
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
-                       help=f"default {value} (--quick: {PRESETS['quick'][name]})")
+    add_preset_args(p, PRESETS)
     # internal: run one row (or the crossover) in this process and print it as JSON
     p.add_argument("--worker", choices=[*METHODS, "crossover"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name, value in PRESETS["quick" if args.quick else "full"].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_presets(args, PRESETS)
     if args.methods is None:
         args.methods = list(DEFAULT_METHODS)
     args.token_counts = [int(t) for t in str(args.tokens).split(",") if t.strip()]
@@ -146,11 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
-    """The resolved settings as explicit flags, so a worker needs no preset logic."""
-    out = []
-    for name in [*PRESETS["full"], "seed"]:
-        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return out + (["--quick"] if args.quick else [])
+    return flags(args, [*PRESETS["full"], "seed"]) + (["--quick"] if args.quick else [])
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -450,23 +447,13 @@ def crossover_worker(args: argparse.Namespace) -> dict:
 
 
 # ---- orchestration --------------------------------------------------------------------------
-def emit(result: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
 def run_worker(key: str, args: argparse.Namespace) -> dict:
     if args.in_process:
         result = crossover_worker(args) if key == "crossover" else method_worker(args, key)
         gc.collect()
         return result
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", key, *worker_argv(args)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise RuntimeError(f"worker {key} failed with exit code {proc.returncode}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    return run_worker_process(__file__, ["--worker", key, *worker_argv(args)], env)
 
 
 def ms(seconds: float) -> str:
@@ -580,15 +567,6 @@ def crossover_section(cross: dict) -> str:
     return "\n\n".join(parts)
 
 
-def machine_facts(args: argparse.Namespace) -> dict[str, str]:
-    return {
-        "date": today(),
-        "machine": (f"{cpu_model()}, {cores()}, {args.threads} torch "
-                    f"thread(s) per worker, one worker at a time; load average at start {os.getloadavg()[0]:.2f}"),
-        "software": software(),
-    }
-
-
 def report(args, facts: dict, results: dict, command: str, load_end: float) -> str:
     a = args
     cross = results.get("crossover")
@@ -656,19 +634,15 @@ def main(argv: list[str] | None = None) -> None:
         return emit(result)
     if args.quick:
         args.in_process = True
-    command = shlex.join(["python", "benchmarks/mixed_batch.py", *(sys.argv[1:] if argv is None else argv)])
-    facts = machine_facts(args)
+    command = command_line("benchmarks/mixed_batch.py", argv)
+    facts = machine_facts(f"{args.threads} torch thread(s) per worker, one worker at a time")
     keys = list(args.methods) + ([] if args.skip_crossover else ["crossover"])
     results = {}
     for key in keys:
         t0 = time.perf_counter()
         results[key] = run_worker(key, args)
         print(f"  {key}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    section = report(args, facts, results, command, os.getloadavg()[0])
-    print(section)
-    if args.write_docs:
-        replace_section(Path(args.write_docs), BEGIN, END, section)
-        print(f"\n(wrote the section into {args.write_docs})", file=sys.stderr)
+    publish(report(args, facts, results, command, os.getloadavg()[0]), args.write_docs, BEGIN, END)
 
 
 if __name__ == "__main__":

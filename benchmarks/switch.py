@@ -52,7 +52,6 @@ import argparse
 import gc
 import os
 import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -66,7 +65,15 @@ import torch
 from torch import nn
 
 BEGIN, END = "<!-- switch:begin -->", "<!-- switch:end -->"
-from _report import cores, cpu_model, replace_section, software, table, today  # noqa: E402
+from _report import (  # noqa: E402
+    add_preset_args,
+    apply_presets,
+    command_line,
+    machine_facts,
+    replace_section,
+    table,
+    today,
+)
 
 SQUARE_TARGETS = ["proj"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -90,13 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-docs", type=Path, default=None, metavar="FILE",
                    help="write the results section into FILE between the switch markers")
     p.add_argument("--seed", type=int, default=0)
-    for name, value in PRESETS["full"].items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"default {value} (--quick: {PRESETS['quick'][name]})")
+    add_preset_args(p, PRESETS)
     args = p.parse_args(argv)
-    for name, value in PRESETS["quick" if args.quick else "full"].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_presets(args, PRESETS)
     if args.threads is None:
         args.threads = [torch.get_num_threads()]
     if args.reps < 1 or args.warmup < 0 or min(args.threads) < 1:
@@ -692,18 +695,16 @@ def section_for(result: dict, args) -> str:
     return "\n\n".join(out)
 
 
-def machine_facts() -> dict[str, str]:
+def switch_machine_facts() -> dict[str, str]:
     mem = "?"
     try:
         kib = int(re.search(r"^MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M).group(1))
         mem = f"{kib / 1024**2:.0f} GiB"
     except (OSError, AttributeError):
         pass
-    return {
-        "date": today(),
-        "machine": f"{cpu_model()}, {cores()}, {mem} RAM, shared",
-        "software": f"{software()}, numpy {np.__version__}",
-    }
+    facts = machine_facts(f"{mem} RAM, shared")
+    facts["software"] += f", numpy {np.__version__}"
+    return facts
 
 
 TITLE = "## Adapter switching in fused mode (`benchmarks/switch.py`)"
@@ -757,14 +758,14 @@ def write_docs(path: Path, new_blocks: dict[str, str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/switch.py", *(sys.argv[1:] if argv is None else argv)])
-    facts = machine_facts()  # imports transformers, peft and shirakit
+    command = command_line("benchmarks/switch.py", argv)
+    facts = switch_machine_facts()  # imports transformers, peft and shirakit
     gc.collect()
     gc.freeze()  # a full collection over transformers' objects costs ~0.5 s; keep them out of later ones
     shapes = ([] if args.no_square else ["square"]) + (["llama"] if args.big else [])
     blocks = {}
     for shape in shapes:
-        facts["date"] = machine_facts()["date"] if blocks else facts["date"]
+        facts["date"] = today() if blocks else facts["date"]
         blocks[shape] = shape_block(args, facts, run_shape(shape, args), command)
     print(build_section(blocks))
     if args.write_docs:

@@ -55,11 +55,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,19 +67,33 @@ from pathlib import Path
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULT_PREFIX = "RESULT "
 BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
-from _report import REPO, cores, cpu_model, replace_section, software, table, today  # noqa: E402
+from _report import (  # noqa: E402
+    add_preset_args,
+    apply_presets,
+    command_line,
+    emit,
+    flags,
+    machine_facts,
+    publish,
+    run_worker_process,
+    table,
+)
 
 MIB = 1024 * 1024
 
-# Sizes and counts per mode; any flag given on the command line wins over these.
+# Counts per mode; any flag given on the command line wins over these.
 PRESETS = {
-    "full": dict(hidden=1024, intermediate=2816, layers=4, heads=16, vocab=8192, batch=4, seq=256,
-                 r=32, warmup=2, steps=7, load_warmup=1, load_repeats=7),
-    "quick": dict(hidden=128, intermediate=352, layers=2, heads=4, vocab=512, batch=2, seq=64,
-                  r=8, warmup=1, steps=3, load_warmup=1, load_repeats=3),
+    "full": dict(layers=2, vocab=8192, batch=2, seq=256, r=16, warmup=2, steps=7, load_warmup=1, load_repeats=7),
+    "quick": dict(layers=2, vocab=512, batch=2, seq=64, r=8, warmup=1, steps=3, load_warmup=1, load_repeats=3),
 }
+# The layer-size axis: (hidden, intermediate, attention heads, key/value heads). 576 x 1536 is SmolLM2-135M's.
+SIZES = {
+    "1024x2816": (1024, 2816, 16, 16),
+    "576x1536": (576, 1536, 9, 3),
+    "128x352": (128, 352, 4, 4),  # --quick
+}
+DEFAULT_ROWS = ["frozen", "shirakit-lora", "shirakit-shira"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,8 @@ class Row:
     with_dropout: bool = False  # LoRA with lora_dropout = --dropout (else 0)
 
     def label(self, args: argparse.Namespace) -> str:
+        if self.method == "frozen":
+            return "frozen base (no adapter)"
         names = {"lora": "LoRA", "shira": "SHiRA", "vera": f"VeRA r={VERA_R}", "miss": f"MiSS r={MISS_R}",
                  "miss-bat": f"MiSS-bat r={MISS_R}"}
         name = f"{self.library} {names[self.method]}"
@@ -99,6 +112,7 @@ class Row:
 
 
 ROWS = {
+    "frozen": Row("transformers", "frozen"),
     "shirakit-lora": Row("shirakit", "lora"),
     "shirakit-lora-dropout": Row("shirakit", "lora", with_dropout=True),
     "shirakit-shira": Row("shirakit", "shira"),
@@ -120,51 +134,52 @@ LIBRARIES = ("shirakit", "peft")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads per worker (default: usable cores / --jobs)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="the threads axis: torch.set_num_threads per worker, one run per value (default 1 2)")
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None,
+                   help="the layer-size axis, hidden x intermediate (default 1024x2816 576x1536; --quick 128x352)")
     p.add_argument("--jobs", type=int, default=None,
                    help="workers run at once (default 1; --quick: 2). Above 1 the timings are not\n"
                         "comparable: only for smoke tests")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every worker this many times (fresh processes, order rotated each round)\n"
                         "and pool their timings; helps on a machine whose load drifts")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="train-step rows to run")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS,
+                   help=f"train-step rows to run (default {' '.join(DEFAULT_ROWS)}; all: {' '.join(ROWS)})")
     p.add_argument("--skip-train", action="store_true", help="skip section 1 (train step)")
     p.add_argument("--skip-load", action="store_true", help="skip section 2 (adapter load)")
     p.add_argument("--write-docs", type=Path, default=None, metavar="FILE",
                    help="write the results section into FILE between the train_step markers")
     p.add_argument("--seed", type=int, default=0)
-    for name, value in PRESETS["full"].items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"default {value} (--quick: {PRESETS['quick'][name]})")
+    add_preset_args(p, PRESETS)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the *-dropout rows")
+    # internal: one point of the axes, set by the driver for its workers
+    for name in ("hidden", "intermediate", "heads", "kv-heads"):
+        p.add_argument(f"--{name}", type=int, default=None, help=argparse.SUPPRESS)
     # internal: run one measurement in this process and print it as JSON
     p.add_argument("--worker", choices=list(ROWS), help=argparse.SUPPRESS)
     p.add_argument("--load-worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name, value in PRESETS["quick" if args.quick else "full"].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_presets(args, PRESETS)
     if args.alpha is None:
         args.alpha = 2.0 * args.r
     if args.jobs is None:
         args.jobs = 2 if args.quick else 1
-    if args.threads is None:
-        args.threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)
-    counts = (args.steps, args.load_repeats, args.jobs, args.threads, args.rounds)
+    args.threads = args.threads or ([1] if args.quick else [1, 2])
+    args.sizes = args.sizes or (["128x352"] if args.quick else ["1024x2816", "576x1536"])
+    counts = (args.steps, args.load_repeats, args.jobs, min(args.threads), args.rounds)
     if min(counts) < 1 or min(args.warmup, args.load_warmup) < 0:
         p.error("--steps, --load-repeats, --jobs, --threads and --rounds must be >= 1, warm-up counts >= 0")
     return args
 
 
-def worker_argv(args: argparse.Namespace) -> list[str]:
-    """The resolved settings as explicit flags, so a worker needs no preset logic."""
-    names = [*PRESETS["full"], "alpha", "dropout", "threads", "seed"]
-    out = []
-    for name in names:
-        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return out
+def worker_argv(args: argparse.Namespace, size: str, threads: int) -> list[str]:
+    """The resolved settings and one point of the axes as explicit flags (a worker needs no presets)."""
+    hidden, intermediate, heads, kv_heads = SIZES[size]
+    point = ["--hidden", str(hidden), "--intermediate", str(intermediate), "--heads", str(heads),
+             "--kv-heads", str(kv_heads), "--threads", str(threads)]
+    return flags(args, [*PRESETS["full"], "alpha", "dropout", "seed"]) + point
 
 
 # ---- measurement helpers ------------------------------------------------------------------
@@ -187,7 +202,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
     config = LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
         max_position_embeddings=max(args.seq, 128), tie_word_embeddings=False,
     )
     torch.manual_seed(args.seed)
@@ -196,6 +211,10 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
 def add_adapter(model: torch.nn.Module, library: str, method: str, dropout: float, args) -> torch.nn.Module:
     """The adapter of ``method`` on TARGETS, by ``library``; returns the model to train."""
+    if method == "frozen":  # the floor: every weight frozen, only the input gradient flows back
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
     if library == "shirakit":
         import shirakit
 
@@ -219,10 +238,6 @@ def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def emit(result: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
 # ---- section 1: one train-step row (runs in its own process) ------------------------------
 def clocks() -> tuple[float, float]:
     """(wall, CPU) seconds; CPU time counts every thread of this process."""
@@ -231,19 +246,22 @@ def clocks() -> tuple[float, float]:
 
 def train_worker(args: argparse.Namespace) -> None:
     row = ROWS[args.worker]
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     dropout = args.dropout if row.with_dropout else 0.0
     model = add_adapter(build_model(args), row.library, row.method, dropout, args)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # the frozen base has nothing to step
     gen = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(args.vocab, (args.batch, args.seq), generator=gen)
 
     def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer:
+            optimizer.zero_grad(set_to_none=True)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
-        optimizer.step()
+        if optimizer:
+            optimizer.step()
         return loss.item()
 
     gc.collect()
@@ -267,10 +285,11 @@ def train_worker(args: argparse.Namespace) -> None:
 
 # ---- section 2: adapter load for one library (runs in its own process) -----------------------
 def save_adapters(base: torch.nn.Module, library: str, args, directory: Path) -> dict[str, dict]:
-    """Save a LoRA and a SHiRA adapter (random values) made by ``library``; return their facts."""
+    """Save a LoRA and a SHiRA adapter (random values) made by ``library`` (shirakit: SHiRA also in its
+    compact layout); return their facts."""
     saved = {}
-    for method in ("lora", "shira"):
-        model = add_adapter(copy.deepcopy(base), library, method, 0.0, args)
+    for method in ("lora", "shira", "shira-compact") if library == "shirakit" else ("lora", "shira"):
+        model = add_adapter(copy.deepcopy(base), library, method.removesuffix("-compact"), 0.0, args)
         gen = torch.Generator().manual_seed(args.seed)
         with torch.no_grad():
             for p in model.parameters():
@@ -280,7 +299,7 @@ def save_adapters(base: torch.nn.Module, library: str, args, directory: Path) ->
         if library == "shirakit":
             import shirakit
 
-            shirakit.save_adapter(model, path)
+            shirakit.save_adapter(model, path, compact=method.endswith("-compact"))
         else:
             model.save_pretrained(str(path))
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
@@ -309,7 +328,7 @@ def load_once(base: torch.nn.Module, library: str, path: str) -> tuple[float, fl
 
 def load_worker(args: argparse.Namespace) -> None:
     library = args.load_worker
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     base = build_model(args)
     with tempfile.TemporaryDirectory(prefix="shirakit-bench-") as tmp:
         saved = save_adapters(base, library, args, Path(tmp))
@@ -333,30 +352,34 @@ def load_worker(args: argparse.Namespace) -> None:
 
 
 # ---- the driver -------------------------------------------------------------------------------
-def run_worker(flag: str, value: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), flag, value, *worker_argv(args)]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-    print(f"  running {flag} {value} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"worker {flag} {value} failed (exit code {proc.returncode}): {shlex.join(cmd)}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+def run_worker(flag: str, value: str, args: argparse.Namespace, size: str, threads: int) -> dict:
+    print(f"  running {flag} {value} ({size}, {threads} thread(s); load {os.getloadavg()[0]:.1f}) ...",
+          file=sys.stderr, flush=True)
+    env = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    return run_worker_process(__file__, [flag, value, *worker_argv(args, size, threads)], env)
 
 
-def run_all(args: argparse.Namespace) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    """Every worker ``--rounds`` times, the order rotated each round; results per row / library."""
-    work = ([] if args.skip_train else [("--worker", key) for key in args.rows]) + (
-        [] if args.skip_load else [("--load-worker", lib) for lib in LIBRARIES])
-    jobs = [job for r in range(args.rounds) for job in work[r % len(work):] + work[: r % len(work)]] if work else []
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # --jobs 1: strictly one after another
-        results = list(pool.map(lambda job: run_worker(*job, args), jobs))
-    train: dict[str, list[dict]] = {key: [] for flag, key in work if flag == "--worker"}
-    load: dict[str, list[dict]] = {lib: [] for flag, lib in work if flag == "--load-worker"}
-    for (flag, key), res in zip(jobs, results):
-        (train if flag == "--worker" else load)[key].append(res)
-    return train, load
+Point = tuple[str, int]  # (layer size, threads): one point of the axes
+
+
+def run_all(args: argparse.Namespace) -> dict[Point, tuple[dict[str, list[dict]], dict[str, list[dict]]]]:
+    """For every (size, threads): every worker ``--rounds`` times, the order rotated each round (the
+    load workers only at the first thread count); per point, results per row / library."""
+    points = [(size, threads) for size in args.sizes for threads in args.threads]
+    out = {}
+    for size, threads in points:
+        work = ([] if args.skip_train else [("--worker", key) for key in args.rows])
+        if not args.skip_load and threads == args.threads[0]:
+            work += [("--load-worker", lib) for lib in LIBRARIES]
+        jobs = [job for r in range(args.rounds) for job in work[r % len(work):] + work[: r % len(work)]] if work else []
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # --jobs 1: strictly one after another
+            results = list(pool.map(lambda job, s=size, t=threads: run_worker(*job, args, s, t), jobs))
+        train: dict[str, list[dict]] = {key: [] for flag, key in work if flag == "--worker"}
+        load: dict[str, list[dict]] = {lib: [] for flag, lib in work if flag == "--load-worker"}
+        for (flag, key), res in zip(jobs, results):
+            (train if flag == "--worker" else load)[key].append(res)
+        out[size, threads] = (train, load)
+    return out
 
 
 def median(values) -> float:
@@ -397,7 +420,8 @@ def train_section(results: dict[str, list[dict]], args: argparse.Namespace) -> s
     out = table(["row", "trainable", "step median (ms)", "min-max (ms)", "CPU/step median (ms)",
                  "peak RSS (MiB)", "RSS before (MiB)", "overhead (MiB)", "load avg"], rows)
     pairs = [
-        ("shirakit-shira", "shirakit-lora"), ("shirakit-shira", "shirakit-lora-dropout"),
+        ("shirakit-shira", "shirakit-lora"), ("shirakit-shira", "frozen"), ("shirakit-lora", "frozen"),
+        ("shirakit-shira", "shirakit-lora-dropout"),
         ("peft-shira", "peft-lora"), ("peft-shira", "peft-lora-dropout"),
         ("shirakit-lora", "peft-lora"), ("shirakit-lora-dropout", "peft-lora-dropout"),
         ("shirakit-shira", "peft-shira"),
@@ -414,6 +438,9 @@ def train_section(results: dict[str, list[dict]], args: argparse.Namespace) -> s
     return out
 
 
+LOAD_NAMES = {"lora": "LoRA", "shira": "SHiRA", "shira-compact": "SHiRA compact layout"}
+
+
 def load_section(results: dict[str, list[dict]]) -> str:
     stats: dict[tuple[str, str], dict[str, float]] = {}
     for library, runs in results.items():
@@ -426,7 +453,7 @@ def load_section(results: dict[str, list[dict]]) -> str:
                 "cpu": median([t for m in ms_ for t in m["cpu_s"]]),
                 "loadavg": statistics.mean(run["loadavg"] for run in runs),
             }
-    names = {"lora": "LoRA", "shira": "SHiRA"}
+    names = LOAD_NAMES
     rows = [[
         f"{library} {names[method]}", f"{s['trainable']:,}", f"{s['bytes'] / MIB:,.1f}", ms(s["wall"]),
         f"{ms(s['wall_min'])}-{ms(s['wall_max'])}", ms(s["cpu"]), ms(s["first"]) if s["first"] is not None else "-",
@@ -434,7 +461,7 @@ def load_section(results: dict[str, list[dict]]) -> str:
     ] for (library, method), s in stats.items()]
     out = table(["adapter", "trainable", "files (MiB)", "load median (ms)", "min-max (ms)", "CPU median (ms)",
                  "first load (ms)", "load avg"], rows)
-    pairs = [((lib, "shira"), (lib, "lora")) for lib in results]
+    pairs = [((lib, m), (lib, "lora")) for lib in results for m in ("shira", "shira-compact") if (lib, m) in stats]
     pairs += [(("shirakit", m), ("peft", m)) for m in names if ("shirakit", m) in stats and ("peft", m) in stats]
     columns = ("wall", "wall_min", "cpu")
     ratio_rows = [[f"{a[0]} {names[a[1]]} / {b[0]} {names[b[1]]}", *(ratio(stats[a][c], stats[b][c]) for c in columns)]
@@ -444,19 +471,27 @@ def load_section(results: dict[str, list[dict]]) -> str:
     return out
 
 
-def machine_facts(args: argparse.Namespace) -> dict[str, str]:
-    return {
-        "date": today(),
-        "machine": (f"{cpu_model()}, {cores()}, "
-                    f"{args.threads} torch thread(s) per worker, {args.jobs} worker(s) at a time; "
-                    f"load average at start {os.getloadavg()[0]:.2f}"),
-        "software": software(),
-    }
+def targets_section(results: dict) -> str:
+    """Issue 13's ratios per point of the axes: median step (wall) and CPU per step."""
+    rows = []
+    for (size, threads), (train, _) in results.items():
+        stats = {key: train_stats(runs) for key, runs in train.items()}
+        cells = []
+        for a, b in (("shirakit-shira", "shirakit-lora"), ("shirakit-shira", "frozen"), ("shirakit-lora", "frozen")):
+            ok = a in stats and b in stats
+            cells.append(f"{ratio(stats[a]['wall'], stats[b]['wall'])} (CPU {ratio(stats[a]['cpu'], stats[b]['cpu'])})"
+                         if ok else "n/a")
+        load = statistics.mean(s["loadavg"] for s in stats.values()) if stats else float("nan")
+        rows.append([size.replace("x", " x "), str(threads), *cells, f"{load:.1f}"])
+    return table(["layers", "threads", "SHiRA / LoRA (target <= 0.95)", "SHiRA / frozen (target <= 1.08)",
+                  "LoRA / frozen", "load avg"], rows)
 
 
-def report(args: argparse.Namespace, facts: dict[str, str], train: dict, load: dict, command: str) -> str:
+def report(args: argparse.Namespace, facts: dict[str, str], results: dict, command: str) -> str:
     a = args
     rounds = f" x {a.rounds} rounds (fresh processes, pooled)" if a.rounds > 1 else ""
+    sizes = "; ".join(f"{s}: hidden {SIZES[s][0]}, intermediate {SIZES[s][1]}, {SIZES[s][2]} heads "
+                      f"({SIZES[s][3]} key/value)" for s in a.sizes)
     parts = [
         "## Training step and adapter load (`benchmarks/train_step.py`)",
         "Written by the script (`--write-docs`); rerun it rather than editing this section by hand. "
@@ -467,35 +502,39 @@ def report(args: argparse.Namespace, facts: dict[str, str], train: dict, load: d
             f"- Machine: {facts['machine']}",
             f"- Software: {facts['software']}",
             f"- Command: `{command}`",
-            f"- Model: Llama (transformers `LlamaConfig`), hidden {a.hidden}, intermediate {a.intermediate}, "
-            f"{a.layers} layers, {a.heads} heads, vocab {a.vocab}, fp32, random weights; adapters on "
-            f"{', '.join(TARGETS)}; r = {a.r}, LoRA alpha = {a.alpha:g}.",
+            f"- Models: Llama (transformers `LlamaConfig`), {a.layers} layers, vocab {a.vocab}, fp32, random "
+            f"weights; {sizes}. Adapters on {', '.join(TARGETS)}; r = {a.r}, LoRA alpha = {a.alpha:g}.",
         ]),
     ]
     if a.jobs > 1:
         parts.append(f"**{a.jobs} workers ran at once (`--jobs {a.jobs}`): the timings below are a smoke "
                      "test, not a measurement.**")
-    if train:
-        parts += [
-            "### Train step",
-            f"Batch {a.batch} x {a.seq} tokens; step = zero_grad + forward with loss + backward + AdamW step; "
-            f"{a.steps} timed steps after {a.warmup} warm-up steps{rounds}; every row in a fresh process. "
-            "CPU/step: process CPU time (all threads). Peak RSS: VmHWM over the timed steps (reset through "
-            "/proc/self/clear_refs before them); RSS before: VmRSS with model, adapter, optimizer and batch "
-            "built, before the first step; overhead = peak - RSS before. Load avg: 1-minute load average "
-            "after the timed steps.",
-            train_section(train, a),
-        ]
-    if load:
-        parts += [
-            "### Adapter load",
-            f"{a.load_repeats} timed loads per adapter{rounds} into a fresh copy of the base model, after "
-            f"{a.load_warmup} untimed warm-up load(s) (the first is shown); LoRA and SHiRA alternate. "
-            "shirakit: `shirakit.load_adapter`; peft: `peft.PeftModel.from_pretrained`. Each library loads "
-            "adapters it saved itself (PEFT file format, r = "
-            f"{a.r}: equal trainable size); one process per library.",
-            load_section(load),
-        ]
+    if not a.skip_train:
+        parts += ["### Targets (issue 13), per layer size and thread count",
+                  "Median step time ratios, CPU-time ratios in brackets; every ratio from workers of the same run.",
+                  targets_section(results)]
+    for (size, threads), (train, load) in results.items():
+        if train:
+            parts += [
+                f"### Train step, {size.replace('x', ' x ')}, {threads} thread(s)",
+                f"Batch {a.batch} x {a.seq} tokens; step = zero_grad + forward with loss + backward + AdamW step "
+                f"(the frozen base: forward + backward only); {a.steps} timed steps after {a.warmup} warm-up "
+                f"steps{rounds}; every row in a fresh process. CPU/step: process CPU time (all threads). Peak "
+                "RSS: VmHWM over the timed steps (reset through /proc/self/clear_refs before them); RSS before: "
+                "VmRSS with model, adapter, optimizer and batch built, before the first step; overhead = peak - "
+                "RSS before. Load avg: 1-minute load average after the timed steps.",
+                train_section(train, a),
+            ]
+        if load:
+            parts += [
+                f"### Adapter load, {size.replace('x', ' x ')}, {threads} thread(s)",
+                f"{a.load_repeats} timed loads per adapter{rounds} into a fresh copy of the base model, after "
+                f"{a.load_warmup} untimed warm-up load(s) (the first is shown); the adapters alternate. "
+                "shirakit: `shirakit.load_adapter`; peft: `peft.PeftModel.from_pretrained`. Each library loads "
+                f"adapters it saved itself (PEFT file format, r = {a.r}: equal trainable size; shirakit SHiRA "
+                "also in its compact layout); one process per library.",
+                load_section(load),
+            ]
     return "\n\n".join(parts)
 
 
@@ -505,14 +544,10 @@ def main(argv: list[str] | None = None) -> None:
         return train_worker(args)
     if args.load_worker:
         return load_worker(args)
-    command = shlex.join(["python", "benchmarks/train_step.py", *(sys.argv[1:] if argv is None else argv)])
-    facts = machine_facts(args)
-    train, load = run_all(args)
-    section = report(args, facts, train, load, command)
-    print(section)
-    if args.write_docs:
-        replace_section(Path(args.write_docs), BEGIN, END, section)
-        print(f"\n(wrote the section into {args.write_docs})", file=sys.stderr)
+    command = command_line("benchmarks/train_step.py", argv)
+    facts = machine_facts(f"torch threads per worker: {', '.join(map(str, args.threads))} (the threads axis), "
+                          f"{args.jobs} worker(s) at a time")
+    publish(report(args, facts, run_all(args), command), args.write_docs, BEGIN, END)
 
 
 if __name__ == "__main__":

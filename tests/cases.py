@@ -1,6 +1,7 @@
 """The contract battery's case table: one row per (method, config) the battery runs.
 
-Adding a method = one row here (plus its file in methods/). ``make(target, init_identity)``
+Adding a method = one row here (plus its file in methods/; tests/toy_method.py is one that lives in
+tests/ only, proving the point). ``make(target, init_identity)``
 returns a config: ``init_identity=False`` asks for a randomized adapter (non-zero delta).
 ``params(in, out)`` is the trainable-parameter count per targeted layer.
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import shirakit
+from tests.toy_method import DiagConfig
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,6 @@ class Case:
     make: Callable[[object, bool], shirakit.AdapterConfig]
     params: Callable[[int, int], int]
     exact_unmerge: bool  # unmerge restores the base weights bit-exactly
-    peft_interop: bool = True
 
 
 CASES = [
@@ -55,7 +56,6 @@ CASES = [
         lambda i, o: o + 4,
         exact_unmerge=False,
     ),
-    # MiSS: peft adapts nn.Linear only, so peft interop holds on llama/bert, not on GPT-2's Conv1D.
     Case(
         "miss-balance-r5",  # 5 divides none of the in_features: exercises the zero-padded last shard
         lambda t, ident: shirakit.MissConfig(r=5, target_modules=t, init_weights=ident),
@@ -73,6 +73,12 @@ CASES = [
         lambda t, ident: shirakit.MissConfig(r=4, mini_r=8, target_modules=t, init_weights="mini",
                                              init_random=not ident),
         lambda i, o: 4 * 8,
+        exact_unmerge=False,
+    ),
+    Case(
+        "toy-diag",  # tests/toy_method.py: a method defined in the test suite alone
+        lambda t, ident: DiagConfig(target_modules=t, init_weights=ident),
+        lambda i, o: min(i, o),
         exact_unmerge=False,
     ),
 ]

@@ -128,3 +128,14 @@ def test_state_helpers_live_in_state():
 
     for helper in ("adapter_layers", "hosts", "state_of", "check_adapter_names"):
         assert getattr(shirakit.state, helper).__module__ == "shirakit.state"
+
+
+def test_toy_method_needs_nothing_in_src():
+    """tests/toy_method.py is a method (a row of tests/cases.py, so the whole contract battery and
+    save/load run on it) that no file under src/ names: adding a method touches no shared code."""
+    from shirakit.registry import METHODS
+    from tests.toy_method import DiagAdapter
+
+    assert METHODS["TOY_DIAG"] is DiagAdapter
+    naming = [p for p in (SRC / PACKAGE).rglob("*.py") if "TOY_DIAG" in p.read_text() or "toy" in p.read_text()]
+    assert not naming, naming

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.calibration import compute_masks, with_masks
 from shirakit.inject import find_targets
 from shirakit.layer import geometry_of
-from shirakit.masks import MASKS, _struct_union, struct_indices, struct_stride, top_k_flat
+from shirakit.methods.shira.calibration import compute_masks, with_masks
+from shirakit.methods.shira.masks import MASKS, _struct_union, struct_indices, struct_stride, top_k_flat
 from shirakit.state import adapter_layers
 from tests.models import MODELS, TARGETS, inputs
 

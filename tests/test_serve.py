@@ -88,7 +88,22 @@ def test_greedy_text_equals_offline_generate(client, oracle, folders, method):
     assert out.usage.completion_tokens >= len(out.choices[0].text)
 
 
-def test_32_concurrent_requests_over_8_adapters(client, oracle, folders):
+@pytest.mark.parametrize("fused", [True, False], ids=["always-fused", "always-routed"])
+def test_fused_and_routed_steps_give_the_same_text(server, client, oracle, folders, fused):
+    """One request at a time is a uniform batch: fused or routed by the policy; force each way."""
+    before = server.engine.snapshot()
+    server.engine.fuse_min_steps = 1 if fused else 10**9
+    try:
+        for name in list(folders[1])[:5]:  # one adapter of every method
+            assert _complete(client, name, "forced").choices[0].text == oracle(name, "forced", 12)
+    finally:
+        server.engine.fuse_min_steps = None
+    after = server.engine.snapshot()
+    grew = "fused_steps" if fused else "routed_steps"
+    assert after[grew] - before[grew] >= 5 * 12
+
+
+def test_32_concurrent_requests_over_8_adapters(server, client, oracle, folders):
     names = list(folders[1])
     jobs = [(names[i % 8], f"request {i}: hello") for i in range(32)]
     with ThreadPoolExecutor(32) as pool:
@@ -96,6 +111,7 @@ def test_32_concurrent_requests_over_8_adapters(client, oracle, folders):
     expected = [oracle(name, prompt, 12) for name, prompt in jobs]
     assert texts == expected
     assert len({t for t in expected}) > 16  # the adapters really differ, so routing is exercised
+    assert server.engine.snapshot()["mixed_steps"] > 0
 
 
 def test_streaming_gives_the_same_text(client, folders):

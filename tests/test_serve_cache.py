@@ -78,3 +78,12 @@ def test_failed_load_changes_nothing():
 def test_bounds_are_checked():
     with pytest.raises(ValueError, match="max_loaded"):
         AdapterCache(lambda n, p: 0, lambda n: None, max_loaded=0)
+
+
+def test_evict_takes_out_only_unpinned_adapters_and_keeps_them_registered():
+    cache, model = _cache({"a": 1, "b": 1}, max_loaded=2)
+    assert cache.acquire("a") and cache.acquire("b")
+    cache.release("b")
+    assert cache.evict("a") is False and cache.evict("b") is True
+    assert model.inside == {"a"} and cache.known("b")
+    assert cache.acquire("b") and model.inside == {"a", "b"}  # a later use loads it again

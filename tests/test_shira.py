@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.masks import MASKS
+from shirakit.methods.shira.masks import MASKS
 from shirakit.state import adapter_layers
 from tests.models import MODELS, TARGETS, inputs, output
 
@@ -62,12 +62,19 @@ def test_hooked_base_layer_gets_same_gradient():
 def test_values_resync_after_in_place_update():
     ids = inputs()
     model = _shira("llama")
-    output(model, ids)
+    before = output(model, ids)  # the values are now scattered into the weights
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.mul_(3.0)
     live = output(model, ids)
+    assert not torch.allclose(live, before, atol=1e-4)
+    # the reference shares no staleness check with the layer: W + the dense delta of the new values
+    ref = MODELS["llama"]()
+    with torch.no_grad():
+        for name, delta in shirakit.delta_weights(model, "default").items():
+            ref.get_submodule(name).weight.add_(delta)
+    torch.testing.assert_close(live, output(ref, ids), atol=1e-5, rtol=1e-5)
     shirakit.merge(model)
     torch.testing.assert_close(output(model, ids), live, atol=0, rtol=0)
 
@@ -164,7 +171,7 @@ def test_merge_is_a_scatter_and_unmerge_bit_exact_in_bf16():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_scatter_values_matches_index_copy(dtype, threads):
-    from shirakit.sparse import scatter_values
+    from shirakit.methods.shira.sparse import scatter_values
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

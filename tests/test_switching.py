@@ -149,7 +149,7 @@ def test_compact_file_is_small_lossless_and_detected(tmp_path):
 
 
 def test_compact_codec_handles_far_gaps():
-    from shirakit.compact import decode, encode
+    from shirakit.methods.shira.compact import decode, encode
 
     rows = torch.tensor([0, 0, 3, 70000 // 10, 99999 // 10])
     cols = torch.tensor([1, 5, 2, 0, 9])

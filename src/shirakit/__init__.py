@@ -18,13 +18,16 @@ import types
 # public name -> the module that defines it
 _EXPORTS = {
     "Adapter": "adapter", "LayerGeometry": "adapter",
-    "calibrate": "calibration", "compute_masks": "calibration",
+    "calibrate": "methods.shira", "compute_masks": "methods.shira",
     "adapter_state_dict": "checkpoint", "load_adapter": "checkpoint", "save_adapter": "checkpoint",
     "AdapterConfig": "config", "read_config": "config",
     "active_adapters": "control", "delta_weights": "control", "disable_adapters": "control", "merge": "control",
     "print_trainable_parameters": "control", "set_adapter": "control",
     "set_scale": "control", "trainable_parameters": "control", "unmerge": "control",
     "combine_adapters": "fusion",
+    "ConcurrentUseError": "guard",
+    "prepare_for_hotswap": "hotswap",
+    "RecompileError": "slots", "RecompileWarning": "slots", "set_recompile_policy": "slots",
     "delete_adapter": "inject", "inject": "inject", "merge_and_unload": "inject", "unload": "inject",
     "AdapterLinear": "layer", "ModulesToSave": "layer",
     "LoraConfig": "methods.lora", "MissConfig": "methods.miss", "ShiraConfig": "methods.shira",

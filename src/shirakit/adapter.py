@@ -13,8 +13,10 @@ layer may call on such an adapter is declared on that class; nothing is left to 
 from __future__ import annotations
 
 import abc
+import contextlib
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -50,12 +52,31 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
+# Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
+# "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
+# misses those updates and the weight would keep stale values: every optimizer step counts too.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def values_stamp(param: torch.Tensor) -> tuple[int, int]:
+    """Changes whenever ``param``'s values may have changed: an in-place write or any optimizer step."""
+    return (param._version, _optimizer_steps)
+
+
 class Adapter(nn.Module):
     """One adapter on one linear layer.
 
-    Subclasses set ``config_class`` and implement ``forward`` and ``delta_weight``. The generic
-    ``merge_into``/``unmerge_from`` add/subtract the dense delta in fp32; methods that can do better
-    (SHiRA's scatter, MiSS-bat's exact restore) override them.
+    Subclasses set ``config_class`` and implement ``init_parameters``, ``forward`` and
+    ``delta_weight``. The generic ``merge_into``/``unmerge_from`` add/subtract the dense delta in
+    fp32; methods that can do better (SHiRA's scatter, MiSS-bat's exact restore) override them.
     """
 
     config_class: ClassVar[type[AdapterConfig]]
@@ -63,29 +84,40 @@ class Adapter(nn.Module):
     exact_unmerge: ClassVar[bool] = False
     #: True when the delta depends on the base weight (MiSS bat): not computable on a quantized base.
     delta_reads_weight: ClassVar[bool] = False
-    #: True when the delta depends on the base weight (MiSS bat): not computable on a quantized base.
-    delta_reads_weight: ClassVar[bool] = False
 
-    def __init__(self, geometry: LayerGeometry, config: AdapterConfig) -> None:
-        super().__init__()
-        self.geometry = geometry
-        self.config = config
-        self.scale = 1.0
-
-    @classmethod
-    def build(
-        cls,
+    def __init__(
+        self,
         geometry: LayerGeometry,
         config: AdapterConfig,
         base_layer: nn.Module,
         generator: torch.Generator | None,
         source: str = "",
-    ) -> Adapter:
-        """The adapter for one layer, as inject and load ask for it: ``generator`` draws the initial
-        values (None when loading: the values come from a file). ``source`` names the layer for
-        error messages. By default the class itself; a method with variants (MiSS's modes) picks
-        the variant's class from the config here."""
-        return cls(geometry, config, base_layer, generator, source=source)
+    ) -> None:
+        """The adapter for one layer: ``generator`` draws the initial values (None when loading: the
+        values come from a file, so no mask, no init, no checks of drawn values); ``source`` names
+        the layer for error messages."""
+        super().__init__()
+        self.geometry = geometry
+        self.config = config
+        self.scale = 1.0
+        self.init_parameters(base_layer, generator, source)
+
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        """Create the adapter's parameters and buffers (on the base weight's device)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def parameter_options(base_layer: nn.Module) -> dict:
+        """dtype and device for new adapter parameters: the base weight's device, fp32 for half weights."""
+        weight = base_layer.weight
+        return {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
+
+    @classmethod
+    def build(cls, *args, **kwargs) -> Adapter:
+        """The adapter for one layer (the constructor's arguments), as inject and load ask for it.
+        By default the class itself; a method with variants (MiSS's modes) picks the variant's
+        class from the config here."""
+        return cls(*args, **kwargs)
 
     # ---- shared state across layers (VeRA's projections) -----------------------------------
     @classmethod
@@ -122,6 +154,42 @@ class Adapter(nn.Module):
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)
 
+    # ---- metrics (shirakit.metrics: AWOM / AWOR) -------------------------------------------
+    def delta_for_metrics(self, weight: torch.Tensor):
+        """The delta the orthogonality metrics use: dense (out, in) fp32 by default; a sparse
+        method returns a :class:`shirakit.metrics.SparseDelta` (its non-zeros) instead."""
+        return self.delta_weight(weight)
+
+    #: The tensor names one layer of this method has in a file (both layouts), when its delta can
+    #: be computed from the file alone (:meth:`file_delta`); empty when it needs the base weight.
+    file_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def file_delta(cls, config: AdapterConfig, tensors: dict[str, torch.Tensor], compact: bool, source: str):
+        """One layer's delta from its file tensors (keys from :attr:`file_keys`), no base model."""
+        raise NotImplementedError(f"{source}: {cls.__name__} needs the base model to compute its delta")
+
+    # ---- hot-swap slots (shirakit.hotswap) ------------------------------------------------
+    #: Config fields a slot pads to the largest value among the adapters taking turns in it.
+    slot_padded: ClassVar[tuple[str, ...]] = ()
+    #: The tensor the output scale multiplies linearly: a slot holds it with the scale folded in.
+    slot_scaled: ClassVar[str] = ""
+
+    def slot_key(self) -> tuple | None:
+        """Adapters with equal keys can take turns in one hot-swap slot (their tensors, padded to the
+        largest, in one adapter of this class; its additive ``forward`` is what a compiled layer
+        runs). An in-weight adapter needs a slot only on a layer where it runs additively (a tied
+        weight); elsewhere the weight is its slot. None: never in a slot."""
+        return (type(self).__name__,)
+
+    def output_scale(self) -> float:
+        """The factor the forward multiplies the delta by."""
+        return self.scale
+
+    def with_unit_output_scale(self) -> None:
+        """Make :meth:`output_scale` 1 (a slot: the scale is folded into ``slot_scaled``)."""
+        self.scale = 1.0
+
     # ---- merging --------------------------------------------------------------------------
     @torch.no_grad()
     def merged_is_finite(self, weight: torch.Tensor) -> bool:
@@ -129,21 +197,66 @@ class Adapter(nn.Module):
         merged = self.geometry.as_out_in(weight).float() + self.delta_weight(weight)
         return bool(torch.isfinite(merged).all())
 
+    def values_state(self) -> tuple:
+        """Changes whenever a value the delta is computed from may have changed: every parameter's
+        :func:`values_stamp` (an in-place write or any optimizer step), and the scale."""
+        return (tuple(values_stamp(p) for p in self.parameters()), self.scale)
+
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, base_key: object = None) -> None:
         """W <- W + delta, computed in fp32 so half-precision weights round once.
 
         ``base_key``, when not None, names the exact state of ``weight`` (the layer guarantees
         equal keys mean bit-identical weights); methods may use it to cache work across merges.
+        The merged values are kept (a copy of the parameters: the adapter's size, not the weight's)
+        with their stamp, so unmerge takes out what went in even if they change meanwhile.
         """
         view = self.geometry.as_out_in(weight)
         view.copy_((view.float() + self.delta_weight(weight)).to(weight.dtype))
+        self._merged_snapshot = (self.values_state(), [p.detach().clone() for p in self.parameters()])
 
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
-        """W <- W - delta (exact up to rounding; methods that save originals restore bit-exactly)."""
+        """W <- W - delta (exact up to rounding; methods that save originals restore bit-exactly),
+        with the delta of the values that were merged (see :meth:`_as_merged`)."""
         view = self.geometry.as_out_in(weight)
-        view.copy_((view.float() - self.delta_weight(weight)).to(weight.dtype))
+        with self._as_merged():
+            view.copy_((view.float() - self.delta_weight(weight)).to(weight.dtype))
+        self._merged_snapshot = None
+
+    @contextlib.contextmanager
+    def _as_merged(self) -> Iterator[None]:
+        """Within, the parameters hold the values that were merged.
+
+        A stray optimizer step or write while merged would otherwise make unmerge subtract a delta
+        that was never added, corrupting the base. The stamp says when to look; the kept copy
+        says whether the values really differ, and provides the merged ones (swapped in, then back).
+        """
+        snapshot = getattr(self, "_merged_snapshot", None)
+        params = list(self.parameters())
+        if snapshot is None or snapshot[0] == self.values_state():
+            yield
+            return
+        merged = [v.to(p.device) for p, v in zip(params, snapshot[1])]
+        if all(torch.equal(p, v) for p, v in zip(params, merged)):
+            yield
+            return
+        warnings.warn(f"{type(self).__name__}: the adapter's values changed while merged (an optimizer step "
+                      "or a write); unmerging the values that were merged, so the base comes back as it was",
+                      stacklevel=5)
+        current = [p.data for p in params]
+        for p, v in zip(params, merged):
+            p.data = v
+        try:
+            yield
+        finally:
+            for p, v in zip(params, current):
+                p.data = v
+
+    def forget_written(self) -> None:
+        """The weight this adapter was written into was overwritten from outside (the layer saw
+        its version change): drop whatever was kept to take the adapter out again, write nothing."""
+        self._merged_snapshot = None
 
     # ---- checkpoints ----------------------------------------------------------------------
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -154,7 +267,7 @@ class Adapter(nn.Module):
             for key, value in tensors.items():
                 own[key].copy_(value)
 
-    #: True when the method has a smaller file layout (:meth:`compact_tensors`, see shirakit.compact).
+    #: True when the method has a smaller file layout (:meth:`compact_tensors`, e.g. shirakit.methods.shira.compact).
     has_compact_layout: ClassVar[bool] = False
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
@@ -171,25 +284,6 @@ class Adapter(nn.Module):
 
 
 # ---- adapters whose values ride in the base weight ----------------------------------------------
-# Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
-# "adamw_torch_fused") write parameters without bumping their version counters, so a version alone
-# misses those updates and the weight would keep stale values: every optimizer step counts too.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def values_stamp(param: torch.Tensor) -> tuple[int, int]:
-    """Changes whenever ``param``'s values may have changed: an in-place write or any optimizer step."""
-    return (param._version, _optimizer_steps)
-
-
 class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     """An adapter whose values are written into the base weight while active and unmerged.
 
@@ -217,11 +311,9 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     scatter_min_tokens: ClassVar[int] = 256
     #: attributes holding tensors (or None) that move with the module's parameters
     _device_tensors: ClassVar[tuple[str, ...]] = ("_saved",)
-
-    def __init__(self, geometry: LayerGeometry, config: AdapterConfig) -> None:
-        super().__init__(geometry, config)
-        self._saved: torch.Tensor | None = None  # the base values this adapter covers while written in
-        self._applied_state: tuple[tuple[int, int], float] | None = None  # (values stamp, scale) written in
+    # per instance once set (class-level defaults, so subclasses need no constructor of their own):
+    _saved: torch.Tensor | None = None  # the base values this adapter covers while written in
+    _applied_state: tuple[tuple[int, int], float] | None = None  # (values stamp, scale) written in
 
     # ---- what a subclass provides ----------------------------------------------------------
     @abc.abstractmethod
@@ -252,6 +344,10 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     # ---- what the layer calls --------------------------------------------------------------
     def values_state(self) -> tuple[tuple[int, int], float]:
         return (values_stamp(self.trained_values()), self.scale)
+
+    def forget_written(self) -> None:
+        """The weight was overwritten from outside: the saved base values are stale (never put back)."""
+        self._saved, self._applied_state = None, None
 
     def applied_is_current(self) -> bool:
         """Is the weight holding this adapter's current values (no optimizer step, write or new scale since)?"""

@@ -26,11 +26,11 @@ from safetensors.torch import save
 from torch import nn
 
 from .adapter import Adapter
-from .compact import COMPACT_V1, FORMAT_KEY
 from .config import CONFIG_NAME, AdapterConfig, read_config
 from .control import merge as merge_adapters
 from .control import set_adapter
 from .folder import BINDING_KEY, WEIGHTS_NAME, digest, write_adapter_folder
+from .guard import writes_weights
 from .inject import delete_adapter, find_targets, inject, unload
 from .io_utils import check_regular_file
 from .layer import AdapterLinear, geometry_of
@@ -39,6 +39,10 @@ from .state import SharedTensors, check_adapter_names, hosts, shared_of, state_o
 from .validation import check_adapter_name
 
 PREFIX = "base_model.model."
+# safetensors metadata naming the file's layout: absent = PEFT's; COMPACT_V1 = methods' compact
+# layouts (Adapter.compact_tensors; SHiRA's is shirakit.methods.shira.compact), shirakit only.
+FORMAT_KEY = "shirakit_format"
+COMPACT_V1 = "compact-v1"
 
 
 def _file_key(module_path: str, key: str) -> str:
@@ -89,7 +93,7 @@ def save_adapter(
     (:mod:`shirakit.folder`).
 
     ``compact=True`` writes methods that have a compact layout (SHiRA: <= 6 bytes per value, see
-    :mod:`shirakit.compact`) in it; such a file is for shirakit only, PEFT cannot read it.
+    :mod:`shirakit.methods.shira.compact`) in it; such a file is for shirakit only, PEFT cannot read it.
     """
     state = state_of(model)
     check_adapter_names(model, [adapter_name])
@@ -129,6 +133,7 @@ def read_weights(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], 
     return path, tensors, metadata
 
 
+@writes_weights
 def load_adapter(
     model: nn.Module,
     directory: str | Path,

@@ -61,13 +61,17 @@ class AdapterConfig:
     """Fields every method shares; subclasses add their own with PEFT's names and defaults."""
 
     peft_type: ClassVar[str] = ""
-    #: Shared fields that PEFT's config for this method lacks: written only when set, so PEFT
-    #: reads our files without "unexpected keyword" warnings.
+    #: Shared fields that PEFT's config for this method lacks: written only when not at their
+    #: default, so PEFT reads our files without "unexpected keyword" warnings.
     absent_in_peft: ClassVar[frozenset[str]] = frozenset()
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False  # weights stored (in, out), as GPT-2's Conv1D; inject records it
+    bias: str = "none"
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -85,10 +89,18 @@ class AdapterConfig:
                 setattr(self, f.name, list(getattr(self, f.name)))
         check_fields(self)  # every field against its annotation: no "false" for a bool, no NaN alpha
         self._check_targets()
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r} is not supported yet; expected 'none'")
         # PEFT trains the classification head for SEQ_CLS without being asked; users expect the same.
         if self.task_type == "SEQ_CLS":
             extra = [h for h in _SEQ_CLS_HEADS if h not in (self.modules_to_save or [])]
             self.modules_to_save = list(self.modules_to_save or []) + extra
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the adapter's random draws when the config fixes one (SHiRA's ``random_seed``);
+        None: inject takes one from torch's global generator."""
+        return None
 
     def _check_targets(self) -> None:
         """Regex strings must compile; PEFT's rule: layer selection needs a list of targets."""
@@ -111,7 +123,7 @@ class AdapterConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.metadata.get("serialize", True) and not (f.name in self.absent_in_peft and value is None):
+            if f.metadata.get("serialize", True) and not (f.name in self.absent_in_peft and value == f.default):
                 out[f.name] = value
         out["peft_type"] = self.peft_type
         return out
@@ -173,6 +185,15 @@ def config_from_bytes(raw: bytes, path: Path) -> AdapterConfig:
     method = method_for_peft_type(data["peft_type"], source=str(path))
     return method.config_class.from_dict(data, source=str(path))
 
+
+def check_rank(name: str, value: Any) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, found {value!r}")
+
+
+def check_dropout(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), found {value}")
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")

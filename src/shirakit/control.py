@@ -8,7 +8,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .guard import writes_weights
 from .layer import AdapterLinear
+from .slots import check_swap
 from .state import adapter_layers, check_adapter_names, hosts, state_of
 from .validation import check_scalar
 
@@ -17,10 +19,12 @@ def _as_list(names: str | list[str]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
+@writes_weights
 def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
     """Make these adapters active (their deltas add up); only active, trainable adapters get grads."""
     names = _as_list(name_or_names)
     check_adapter_names(model, names)
+    check_swap(model, names)
     state = state_of(model)
     state.active = names
     for _, host in hosts(model):
@@ -40,25 +44,34 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block the model computes as the bare base model. Merged adapters are
     unmerged for the block and merged again after it."""
     layers = hosts(model)
-    merged = {name: list(h.merged) for name, h in layers if isinstance(h, AdapterLinear) and h.merged}
-    for name, host in layers:
-        if name in merged:
-            host.unmerge()
-        host.set_disabled(True)
+    guard = state_of(model).guard
+    with guard.writing("disable_adapters()"):
+        merged = {name: list(h.merged) for name, h in layers if isinstance(h, AdapterLinear) and h.merged}
+        for name, host in layers:
+            if name in merged:
+                host.unmerge()
+            host.set_disabled(True)
     try:
         yield
     finally:
-        for name, host in layers:
-            host.set_disabled(False)
-            if name in merged:
-                host.merge(merged[name])
+        with guard.writing("leaving disable_adapters()"):
+            for name, host in layers:
+                host.set_disabled(False)
+                if name in merged:
+                    host.merge(merged[name])
 
 
-def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+@writes_weights
+def merge(
+    model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False, exact: bool = False
+) -> None:
     """Fold adapters into the base weights (the active ones by default).
 
     ``safe_merge=True`` checks every layer for non-finite results first and raises, leaving
-    the model untouched, if any would appear.
+    the model untouched, if any would appear. ``exact=True`` keeps a copy of each weight an additive
+    adapter (LoRA, VeRA, MiSS balance/mini) is merged into, so unmerge restores it bit-exactly rather
+    than by subtraction (which leaves rounding, ~1e-6 after thousands of switches); SHiRA and MiSS
+    bat restore bit-exactly anyway. Costs one weight-sized copy per merged additive adapter.
     """
     names = active_adapters(model) if adapter_names is None else _as_list(adapter_names)
     check_adapter_names(model, names)
@@ -68,15 +81,17 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
         if bad:
             raise ValueError(f"merging {names} would make non-finite weights in {bad}; nothing was merged")
     for _, layer in layers:
-        layer.merge([a for a in names if a in layer.adapters])
+        layer.merge([a for a in names if a in layer.adapters], exact)
 
 
+@writes_weights
 def unmerge(model: nn.Module) -> None:
     """Take every merged adapter back out (SHiRA restores the base values bit-exactly)."""
     for _, layer in adapter_layers(model):
         layer.unmerge()
 
 
+@writes_weights
 def set_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
     """An adapter's strength at inference: SHiRA's scaling (default 1), LoRA's multiplier."""
     check_adapter_names(model, [adapter_name])

@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .guard import writes_weights
 from .inject import inject
 from .layer import ModulesToSave
 from .registry import method_for_config
@@ -51,6 +52,7 @@ def _saved_module_sources(model: nn.Module, names: list[str], modules_from: str 
     return sources
 
 
+@writes_weights
 def combine_adapters(model: nn.Module, names: list[str], weights: list[float], new_name: str,
                      modules_from: str | None = None) -> nn.Module:
     """Add ``new_name`` = sum_i weights[i] * adapter names[i]; it becomes the active adapter.

@@ -9,6 +9,7 @@ targeted layers become :class:`~shirakit.layer.AdapterLinear`, ``modules_to_save
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -20,11 +21,14 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
+from .compiled import forget_compiled, forget_layers
 from .config import AdapterConfig
 from .control import merge, set_adapter
+from .guard import writes_weights
 from .layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
 from .registry import method_for_config
 from .routing import install_keyword_routing, uninstall_keyword_routing
+from .slots import check_new_adapter
 from .state import (
     ModelAdapters,
     SharedStore,
@@ -100,11 +104,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         names = [n for n, m in modules.items() if _is_linear(m) and n not in heads]
     else:
         names = [n for n in modules if n and _matches(spec, n, deadline)]
-        if not isinstance(spec, str) and getattr(config, "layers_to_transform", None) is not None:
+        if not isinstance(spec, str) and config.layers_to_transform is not None:
             wanted = config.layers_to_transform
             wanted = [wanted] if isinstance(wanted, int) else list(wanted)
-            pattern = getattr(config, "layers_pattern", None)
-            names = [n for n in names if _layer_index(n, pattern, deadline) in wanted]
+            names = [n for n in names if _layer_index(n, config.layers_pattern, deadline) in wanted]
     if config.exclude_modules:
         names = [n for n in names if not _matches(config.exclude_modules, n, deadline, "exclude_modules")]
     names = [n for n in names if not in_saved(n)]
@@ -126,6 +129,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # ---- inject ---------------------------------------------------------------------------------
+@writes_weights
 def inject(
     model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, _from_checkpoint: bool = False
 ) -> nn.Module:
@@ -147,8 +151,9 @@ def inject(
     targets = find_targets(model, config)
     undo: list[Callable[[], None]] = []  # each change made, as the step that takes it back
     try:
+        wrapped = [n for n in targets if not isinstance(model.get_submodule(n), AdapterLinear)]
         layers = _wrap_targets(model, targets, undo)
-        _check_fan_in_fan_out(config, layers)
+        config = _recorded_config(config, layers)
         shared = method.make_shared(config, [layer.geometry for _, layer in layers])
         seed = seed_of(config)
         generators = [None if _from_checkpoint else layer_generator(seed, adapter_name, name) for name, _ in layers]
@@ -156,6 +161,7 @@ def inject(
             _build_adapter(method, config, layer, generator, name)
             for (name, layer), generator in zip(layers, generators)
         ]
+        check_new_adapter(model, adapter_name, layers, new_adapters, wrapped)
         _attach(model, state, fresh, config, adapter_name, layers, new_adapters, shared, undo)
     except BaseException:  # a shape the method cannot take, a failing hook, KeyboardInterrupt, ...
         _run_undo(undo)
@@ -196,11 +202,16 @@ def _attach(model, state, fresh, config, adapter_name, layers, new_adapters, sha
         holder = add_shared(model, adapter_name, shared, layers[0][1].weight.device)
         for adapter in new_adapters:
             adapter.bind_shared(holder)
+    sharers = _weight_sharers(model)
+    for name, layer in layers:
+        layer.weight_shared_with = sharers.get(name, ())
     for (_, layer), adapter in zip(layers, new_adapters):
         undo.append(lambda layer=layer: adapter_name in layer.adapters and layer.remove_adapter(adapter_name))
         layer.add_adapter(adapter_name, adapter)
     for module_name in config.modules_to_save or []:
         _wrap_module_to_save(model, module_name, adapter_name, undo)
+    for _, host in hosts(model):
+        host._guard = state.guard
     previous_active = list(state.active)
     undo.append(lambda: (state.configs.pop(adapter_name, None), state.trainable.pop(adapter_name, None)))
     state.configs[adapter_name] = config
@@ -209,6 +220,8 @@ def _attach(model, state, fresh, config, adapter_name, layers, new_adapters, sha
         undo.append(lambda: (uninstall_keyword_routing(model), model.__dict__.pop("shirakit", None)))
     model.shirakit = state
     install_keyword_routing(model)
+    forget_layers(model)  # new layers may have been wrapped
+    undo.append(lambda: forget_layers(model))
     undo.append(lambda: _restore_active(model, state, previous_active))
     set_adapter(model, adapter_name)
 
@@ -219,10 +232,26 @@ def _restore_active(model: nn.Module, state: ModelAdapters, names: list[str]) ->
         host.set_active(state.active)
 
 
+def _weight_sharers(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Adapter layer name -> the other parameters sharing its weight's storage (tied embeddings:
+    ``lm_head.weight`` is ``embed_tokens.weight`` in SmolLM2, Llama 3.2, Gemma, GPT-2)."""
+    by_storage: dict[tuple, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if p.numel():
+            by_storage.setdefault((p.device, p.untyped_storage().data_ptr()), []).append(pname)
+    found = {}
+    for name, layer in adapter_layers(model):
+        w = layer.weight
+        own = {f"{name}.base_layer.weight", f"{name}.weight"}
+        others = [n for n in by_storage.get((w.device, w.untyped_storage().data_ptr()), []) if n not in own]
+        if others:
+            found[name] = tuple(others)
+    return found
+
+
 def seed_of(config: AdapterConfig) -> int:
-    seed = getattr(config, "random_seed", None)
-    if seed is not None:
-        return int(seed)
+    if config.seed is not None:
+        return int(config.seed)
     # No seed given: take one from torch's global RNG, so torch.manual_seed makes runs repeatable.
     return int(torch.randint(0, 2**62, (1,)).item())
 
@@ -240,12 +269,14 @@ def _build_adapter(method, config, layer: AdapterLinear, generator, name: str) -
     return method.build(layer.geometry, config, layer.base_layer, generator, source=name)
 
 
-def _check_fan_in_fan_out(config: AdapterConfig, layers) -> None:
-    if not hasattr(config, "fan_in_fan_out"):
-        return
-    stored_transposed = {layer.geometry.fan_in_fan_out for _, layer in layers}
-    if stored_transposed == {True} and not config.fan_in_fan_out:
-        config.fan_in_fan_out = True  # Conv1D: the layout is known from the layer type; record it for PEFT
+def _recorded_config(config: AdapterConfig, layers) -> AdapterConfig:
+    """The config the model records: a copy, so the user's object is never changed (nor are we by
+    later changes to it). On Conv1D layers the layout is known from the layer type; it is recorded
+    as ``fan_in_fan_out=True`` for PEFT, where PEFT's config for the method has that field."""
+    stored_transposed = {layer.geometry.fan_in_fan_out for _, layer in layers} == {True}
+    if stored_transposed and not config.fan_in_fan_out and "fan_in_fan_out" not in config.absent_in_peft:
+        return dataclasses.replace(config, fan_in_fan_out=True)
+    return dataclasses.replace(config)
 
 
 def _wrap_module_to_save(model: nn.Module, module_name: str, adapter_name: str, undo: list) -> None:
@@ -265,6 +296,7 @@ def _wrap_module_to_save(model: nn.Module, module_name: str, adapter_name: str, 
 
 
 # ---- taking adapters out --------------------------------------------------------------------
+@writes_weights
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter everywhere; refused while it is merged."""
     state = state_of(model)
@@ -281,6 +313,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     state.active = [n for n in state.active if n != adapter_name]
 
 
+@writes_weights
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """Put the original layers back. ``merge=True`` first merges the active adapters (and keeps
     their copies of modules_to_save); otherwise merged adapters are unmerged first."""
@@ -298,6 +331,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             _set_submodule(model, name, keep)
     remove_shared(model)
     uninstall_keyword_routing(model)
+    forget_compiled(model)
     del model.shirakit
     return model
 

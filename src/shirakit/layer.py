@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
 from .adapter import Adapter, InWeightAdapter, LayerGeometry
+from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
 from .weight_kinds import QUANTIZED_MERGE, fsdp_managed, quantized_kind
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
@@ -48,6 +50,17 @@ def geometry_of(layer: nn.Module) -> LayerGeometry:
     )
 
 
+class _WeightUse:
+    """The forwards running products on one layer's weight (a plain object: nn.Module's
+    ``__setattr__`` costs microseconds per call on this per-forward path)."""
+
+    __slots__ = ("users", "plain")
+
+    def __init__(self) -> None:
+        self.users = 0  # products in flight on this weight
+        self.plain = False  # they read the plain state (shared), not a routed one (exclusive)
+
+
 class AdapterLinear(nn.Module):
     """A linear layer with named adapters. See the module docstring for the forward rule."""
 
@@ -69,8 +82,19 @@ class AdapterLinear(nn.Module):
         # Bookkeeping that lets a SHiRA merge skip re-reading base values it read before: the
         # generation changes whenever the clean base weight may differ from what it was.
         self._base_generation = 0
-        self._seen_version = self.weight._version
-        self.routing = None  # a shirakit.routing.Routing while a mixed-adapter batch runs
+        self._note_own_write()
+        self._kept: dict[str, torch.Tensor] = {}  # exact merges: the weight as it was before each
+        # Threads (see shirakit.guard): the model's guard (inject shares one across the model), and
+        # the products running on this layer's weight (a _WeightUse).
+        self._guard = ModelGuard()
+        self._use = _WeightUse()
+        self._has_in_weight = False  # an in-weight adapter here: forwards coordinate (see _enter)
+        # Other parameters sharing this weight's storage (tied embeddings), found by inject: no
+        # adapter is then kept written into it; SHiRA / MiSS bat run additively (see _in_weight).
+        self.weight_shared_with: tuple[str, ...] = ()
+        # shirakit.slots.LayerSlots after prepare_for_hotswap: what a compiled forward reads
+        self.hotswap: nn.Module | None = None
+        self.weight_only = False  # see update_weight_only (read by a compiled forward)
         # model.state_dict() must show the clean base weight, never adapter values riding in it.
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.withdraw_live())
 
@@ -95,54 +119,99 @@ class AdapterLinear(nn.Module):
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        if self.quantized and isinstance(adapter, InWeightAdapter) and adapter.delta_reads_weight:
+        if self.quantized and adapter.delta_reads_weight:
             raise ValueError(
                 f"{type(adapter).__name__} computes its delta from the base weight, which is quantized here "
                 f"({self.quantized}); dequantize the base or choose a mode whose delta does not read the weight")
-        self.withdraw_live()
-        self.adapters[name] = adapter.to(self.weight.device)
+        with self._guard.writing("adding an adapter"):
+            self._withdraw_live()
+            self.adapters[name] = adapter.to(self.weight.device)
+            self._has_in_weight = any(self._in_weight(n) is not None for n in self.adapters)
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge it before deleting")
-        self.withdraw_live()
-        del self.adapters[name]
-        self.active = [n for n in self.active if n != name]
+        with self._guard.writing("deleting an adapter"):
+            self._withdraw_live()
+            del self.adapters[name]
+            self.active = [n for n in self.active if n != name]
+            self._has_in_weight = any(self._in_weight(n) is not None for n in self.adapters)
 
     def set_active(self, names: list[str]) -> None:
-        self.withdraw_live()
-        self.active = [n for n in names if n in self.adapters]
+        with self._guard.writing("set_adapter"):
+            self._withdraw_live()
+            self.active = [n for n in names if n in self.adapters]
 
     def set_disabled(self, disabled: bool) -> None:
-        self.withdraw_live()
-        self.disabled = disabled
+        with self._guard.writing("disable_adapters"):
+            self._withdraw_live()
+            self.disabled = disabled
 
     # ---- weight bookkeeping ---------------------------------------------------------------
-    def _check_external_writes(self) -> None:
-        """A write we did not make (load_state_dict, a user's copy_) starts a new base generation."""
-        if self.weight._version != self._seen_version:
-            self._base_generation += 1
+    def _note_own_write(self) -> None:
+        self._seen_weight = weakref.ref(self.weight)  # a reference that neither registers nor keeps it
+        self._seen_version = self.weight._version
 
-    def _apply_adapter(self, name: str) -> None:
-        self._check_external_writes()
+    def _weight_rewritten(self) -> bool:
+        """Was the weight written (or replaced) by someone else since shirakit last wrote it?"""
+        weight = self.weight
+        return weight._version != self._seen_version or weight is not self._seen_weight()
+
+    def _reconcile(self) -> None:
+        """Take a write we did not make (load_state_dict, a user's copy_) as a new base.
+
+        Whatever shirakit had written into the weight is gone, and the base values it kept are
+        stale: they are dropped, never written back. Live adapters are written in again by the next
+        sync; merged ones are merged onto the new base now (with a warning), so the layer computes
+        what a fresh load followed by the same calls would.
+        """
+        if not self._weight_rewritten():
+            return
+        self._base_generation += 1
+        merged = [(n, n in self._kept) for n in self.merged]
+        for name in self._live + self.merged:
+            self.adapters[name].forget_written()
+        self._live, self.merged, self._kept = [], [], {}
+        self._note_own_write()
+        if merged:
+            warnings.warn(f"the weight under merged adapter(s) {[n for n, _ in merged]} was overwritten from "
+                          "outside (load_state_dict, copy_): taking it as the new base and merging them onto it "
+                          "again", stacklevel=4)
+            for name, exact in merged:
+                self._apply_adapter(name, exact)
+                self.merged.append(name)
+
+    def _apply_adapter(self, name: str, exact: bool = False) -> None:
         clean_below = not self.merged and not self._live
         key = (id(self.weight), self._base_generation) if clean_below else None
-        self.adapters[name].merge_into(self.weight, base_key=key)
-        self._seen_version = self.weight._version
+        adapter = self.adapters[name]
+        if exact and not adapter.exact_unmerge:
+            self._kept[name] = self.weight.detach().clone()
+        adapter.merge_into(self.weight, base_key=key)
+        self._note_own_write()
 
     def _remove_adapter(self, name: str) -> None:
-        self._check_external_writes()
         adapter = self.adapters[name]
-        adapter.unmerge_from(self.weight)
-        if not adapter.exact_unmerge:  # subtraction leaves rounding behind: the base changed
-            self._base_generation += 1
-        self._seen_version = self.weight._version
+        kept = self._kept.pop(name, None)
+        if kept is not None:  # exact mode: the weight as it was before this merge, bit for bit
+            with torch.no_grad():
+                self.weight.copy_(kept)
+            adapter.forget_written()
+        else:
+            adapter.unmerge_from(self.weight)
+            if not adapter.exact_unmerge:  # subtraction leaves rounding behind: the base changed
+                self._base_generation += 1
+        self._note_own_write()
 
     # ---- live (scattered-in) adapters --------------------------------------------------
     def _in_weight(self, name: str) -> InWeightAdapter | None:
+        """The adapter, if it is kept written into the weight while active and unmerged. Never on a
+        weight shared with another module (tied embeddings): writing there would change that module
+        too, so SHiRA / MiSS bat run additively (``y = base(x) + adapter(x)``) on such a layer. Nor on
+        a quantized weight: it holds codes, not values (SHiRA then adds ``s x S^T`` beside it)."""
         adapter = self.adapters[name] if name in self.adapters else None
-        # a quantized weight holds codes: in-weight adapters run beside it (SHiRA: y = base(x) + s x S^T)
-        return adapter if isinstance(adapter, InWeightAdapter) and not self.quantized else None
+        in_weight = isinstance(adapter, InWeightAdapter) and not self.weight_shared_with and not self.quantized
+        return adapter if in_weight else None
 
     def _wanted_live(self) -> list[str]:
         if self.disabled or fsdp_managed(self.base_layer):  # FSDP: written per gathered copy instead
@@ -151,15 +220,30 @@ class AdapterLinear(nn.Module):
 
     def withdraw_live(self) -> None:
         """Restore the base values under every live adapter (reverse order: exact under overlap)."""
+        if self._live:
+            with self._guard.writing("taking live adapters out of the weight (state_dict, unload)"):
+                self._withdraw_live()
+
+    def _withdraw_live(self) -> None:
+        self._reconcile()
         while self._live:
             self._remove_adapter(self._live.pop())
 
+    def _live_current(self) -> bool:
+        """Does the weight hold the wanted live adapters, with their current values?"""
+        wanted = self._wanted_live()
+        return wanted == self._live and all(self.adapters[n].applied_is_current() for n in wanted)
+
+    def _in_sync(self) -> bool:
+        return not self._weight_rewritten() and self._live_current()
+
     def sync_live(self) -> None:
         """Make the weight hold exactly the wanted live adapters with their current values."""
-        wanted = self._wanted_live()
-        if wanted == self._live and all(self.adapters[n].applied_is_current() for n in wanted):
+        self._reconcile()
+        if self._live_current():
             return
-        self.withdraw_live()
+        wanted = self._wanted_live()
+        self._withdraw_live()
         for name in wanted:
             self._apply_adapter(name)
             self._live.append(name)
@@ -171,38 +255,139 @@ class AdapterLinear(nn.Module):
 
     def merge_is_finite(self, names: list[str]) -> bool:
         self._check_mergeable(names)
-        self.withdraw_live()
-        return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
+        with self._guard.writing("merge"):
+            self._withdraw_live()
+            return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
 
-    def merge(self, names: list[str]) -> None:
+    def merge(self, names: list[str], exact: bool = False) -> None:
+        """Fold ``names`` into the weight. ``exact``: keep a copy of the weight before each additive
+        adapter (LoRA, VeRA, MiSS balance/mini), so unmerge restores it bit-exactly instead of
+        subtracting (one weight-sized copy per merged adapter; SHiRA and MiSS bat are always exact)."""
         self._check_mergeable(names)
-        self.withdraw_live()
-        # weight-resident adapters first, in order, as forward writes them in (MiSS bat reads the weight)
-        names = sorted(names, key=lambda n: self._in_weight(n) is None)
-        for name in names:
-            if name in self.merged:
-                warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
-                continue
-            self._apply_adapter(name)
-            self.merged.append(name)
+        with self._guard.writing("merge"):
+            self._withdraw_live()
+            if self.weight_shared_with and names:
+                warnings.warn(f"merging {names} into a weight tied to {list(self.weight_shared_with)}: those "
+                              "modules change too (unmerge restores them)", stacklevel=3)
+            # weight-resident adapters first, in order, as forward writes them in (MiSS bat reads the weight)
+            names = sorted(names, key=lambda n: self._in_weight(n) is None)
+            for name in names:
+                if name in self.merged:
+                    warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=3)
+                    continue
+                self._apply_adapter(name, exact)
+                self.merged.append(name)
 
     def unmerge(self) -> None:
-        self.withdraw_live()
-        while self.merged:
-            self._remove_adapter(self.merged.pop())
+        with self._guard.writing("unmerge"):
+            self._withdraw_live()
+            while self.merged:
+                self._remove_adapter(self.merged.pop())
 
-    def switch(self, names: list[str]) -> None:
+    def switch(self, names: list[str], exact: bool = False) -> None:
         """Fused mode: unmerge whatever is merged, merge ``names`` (SHiRA: scatters only)."""
-        self.unmerge()
-        self.merge([n for n in names if n in self.adapters])
+        with self._guard.writing("switch_adapter"):
+            self.unmerge()
+            self.merge([n for n in names if n in self.adapters], exact)
+
+    # ---- threads: products running on this weight ------------------------------------------
+    def _enter(self, plain: bool) -> None:
+        """Wait until the weight may hold what this forward needs, bring it there, count the user.
+
+        Plain forwards share the weight while it holds the wanted live adapters with current values;
+        a routed forward needs it to itself (it starts from the clean base and scatters per group).
+        """
+        guard, use = self._guard, self._use
+        with guard.lock:
+            if use.users and not (plain and use.plain and self._in_sync()):
+                self._wait_for_weight(plain)
+            if not use.users:
+                if plain:
+                    self.sync_live()
+                else:
+                    self._withdraw_live()
+                use.plain = plain
+            use.users += 1
+            guard.layer_users += 1
+
+    def _wait_for_weight(self, plain: bool) -> None:
+        """Wait (lock released meanwhile) until this forward may use the weight; bounded by WAIT_S."""
+        guard, use = self._guard, self._use
+        waited = 0.0
+        guard.waiting += 1
+        try:
+            while use.users and not (plain and use.plain and self._in_sync()):
+                if waited >= WAIT_S:
+                    raise ConcurrentUseError(
+                        f"a forward waited {WAIT_S:.0f} s for other threads' products on this layer's weight "
+                        "(SHiRA / MiSS bat write adapters into it); is a forward stuck in another thread?")
+                guard.idle.wait(1.0)
+                waited += 1.0
+        finally:
+            guard.waiting -= 1
+
+    def _leave(self) -> None:
+        guard, use = self._guard, self._use
+        with guard.lock:
+            use.users -= 1
+            guard.layer_users -= 1
+            if not use.users and guard.waiting:
+                guard.idle.notify_all()
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routed_forward(x, self.routing.groups(x.shape[0], x.device))
-        if fsdp_managed(self.base_layer):
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x, *args, **kwargs)
+        return self._eager_forward(x, *args, **kwargs)
+
+    def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routing = ROUTES.get().get(self._guard)  # this call's route, if any (per thread / task)
+        if routing is None and fsdp_managed(self.base_layer):
             return self._gathered_forward(x, *args, **kwargs)
-        self.sync_live()
+        if not self._has_in_weight:  # nothing is ever written into this weight by a forward
+            if self.merged and self._weight_rewritten():
+                with self._guard.lock:
+                    self._reconcile()
+            if routing is not None:
+                return self.routed_forward(x, routing.groups(x.shape[0], x.device))
+            return self._plain_forward(x, *args, **kwargs)
+        self._enter(plain=routing is None)
+        try:
+            if routing is not None:
+                return self.routed_forward(x, routing.groups(x.shape[0], x.device))
+            return self._plain_forward(x, *args, **kwargs)
+        finally:
+            self._leave()
+
+    def _compiled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """What torch.compile traces (see shirakit.compiled): bookkeeping stays out of the graph.
+
+        The model's pre-forward hook has already, eagerly, brought every layer's weight up to date
+        and registered this call as a user of it (version counters, optimizer steps, the lock and
+        the route's context variable are Python state dynamo cannot trace or would recompile on);
+        it also set a per-thread flag on the model's guard saying whether this call is routed. A
+        routed call runs each layer's product eagerly (a graph break per layer). A layer prepared
+        for hot swapping reads only its fixed slots, so swapping adapters changes no guard.
+        """
+        if getattr(self._guard.local, "routed", False):
+            return _eager_layer_forward(self, x, *args, **kwargs)
+        slots = self.hotswap
+        if slots is not None and slots.fits and not torch.is_grad_enabled():
+            return slots.forward(self.base_layer, x, *args, **kwargs)
+        if self.weight_only:  # e.g. SHiRA switched in fused mode: no names read, no recompile
+            return self.base_layer(x, *args, **kwargs)
+        return self._plain_forward(x, *args, **kwargs)
+
+    def update_weight_only(self) -> None:
+        """Is this layer's forward, right now, just ``base_layer(x)``? (no additive adapter pending,
+        no in-weight adapter that needs its value gradient). Set by the sync before each call."""
+        pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        live_grads = torch.is_grad_enabled() and any(
+            p.requires_grad for n in self._live for p in self.adapters[n].parameters())
+        self.weight_only = not live_grads and all(self._in_weight(n) is not None for n in pending)
+
+    def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The active adapters: in-weight ones already written in (``_enter``), the others added."""
         pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
         live = [self._in_weight(n) for n in pending if self._in_weight(n) is not None]
         if live and torch.is_grad_enabled():
@@ -219,7 +404,7 @@ class AdapterLinear(nn.Module):
     def _gathered_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """FSDP2: the weight is a copy gathered for this forward (and again for its backward).
 
-        A single in-weight adapter that can (SHiRA) writes into that copy and its backward writes
+        A single in-weight adapter that can (SHiRA) writes into that copy, and its backward writes
         again (the single-process cost); several, or one that cannot (MiSS bat), run additively,
         reading the clean gathered weight. Nothing stays in the weight or the shards.
         """
@@ -244,8 +429,9 @@ class AdapterLinear(nn.Module):
         An adapter that lives in the weight (SHiRA) and has many tokens in its group instead runs
         the base product on its rows with its values scattered in: two K-scatters beat a sparse
         product over that many tokens; small groups (decoding) use the sparse product.
+        Runs with the weight to itself (``_enter(plain=False)``), starting from the clean base.
         """
-        self.withdraw_live()
+        self._withdraw_live()
         if self.disabled:
             return self.base_layer(x)
         tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
@@ -287,6 +473,18 @@ class AdapterLinear(nn.Module):
         return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
 
 
+@torch.compiler.disable
+def _eager_layer_forward(layer: AdapterLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A mixed-adapter batch under torch.compile runs each layer's product eagerly: it reads the
+    route (a context variable), scatters per group and picks adapters by row (a graph break)."""
+    return layer._eager_forward(x, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _eager_module_forward(module: nn.Module, *args, **kwargs):
+    return module._eager_forward(*args, **kwargs)
+
+
 class ModulesToSave(nn.Module):
     """A module trained and saved whole, one copy per adapter (e.g. a classification head).
 
@@ -300,7 +498,7 @@ class ModulesToSave(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.disabled = False
-        self.routing = None  # a shirakit.routing.Routing while a mixed-adapter batch runs
+        self._guard = ModelGuard()  # the model's, set by inject (routes are looked up by it)
 
     def add_adapter(self, name: str) -> None:
         if name in self.adapters:
@@ -326,11 +524,19 @@ class ModulesToSave(nn.Module):
         return self.adapters[self.active[0]]
 
     def forward(self, *args, **kwargs):
-        if self.routing is None or self.disabled:
+        if torch.compiler.is_compiling():  # the route is read eagerly (see AdapterLinear._compiled_forward)
+            if getattr(self._guard.local, "routed", False):
+                return _eager_module_forward(self, *args, **kwargs)
+            return self.current()(*args, **kwargs)
+        return self._eager_forward(*args, **kwargs)
+
+    def _eager_forward(self, *args, **kwargs):
+        routing = ROUTES.get().get(self._guard)
+        if routing is None or self.disabled:
             return self.current()(*args, **kwargs)
         x, rest = args[0], args[1:]
         y = None
-        for name, rows in self.routing.groups(x.shape[0], x.device):
+        for name, rows in routing.groups(x.shape[0], x.device):
             module = self.adapters[name] if name in self.adapters else self.original_module
             out = module(x.index_select(0, rows), *rest, **kwargs)
             if not isinstance(out, torch.Tensor):

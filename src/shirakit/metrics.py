@@ -7,8 +7,10 @@ For two adapters with dense deltas A1, A2 (m x n) on the same layer, with P = A1
     AWOR = 1 - ||P||_0 / n^2           (Adapter Weight Orthogonality Ratio: the share of exact
                                         zeros in P; 1 means fully orthogonal)
 
-Sparse adapters (SHiRA) compute P as a sparse x sparse product, so big layers cost memory
-proportional to P's non-zeros, not n^2; anything else goes through its dense delta.
+Each method gives its own delta (:meth:`Adapter.delta_for_metrics`, and from a saved file
+without a base model :meth:`Adapter.file_delta`): dense, or a :class:`SparseDelta` for sparse
+methods (SHiRA), whose P is then a sparse x sparse product, so big layers cost memory
+proportional to P's non-zeros, not n^2. Nothing here knows a method's tensors or scaling.
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import PREFIX, read_weights
-from .compact import COMPACT_V1, FORMAT_KEY
+from .checkpoint import COMPACT_V1, FORMAT_KEY, PREFIX, read_weights
 from .config import read_config
+from .registry import method_for_config
 from .state import adapter_layers, check_adapter_names
 
 
 @dataclass(frozen=True)
 class SparseDelta:
-    """A delta given by its non-zeros: (2, K) (row, col) indices and values, shape (m, n)."""
+    """A delta given by its non-zeros: (2, K) (row, col) indices and values, shape (m, n).
+
+    ``shape_inferred``: the shape was read off the largest index (a file without its base model),
+    so it is a lower bound that :func:`align_shapes` may grow.
+    """
 
     indices: torch.Tensor
     values: torch.Tensor
     shape: tuple[int, int]
+    shape_inferred: bool = False
 
     def to_sparse(self) -> torch.Tensor:
         # indices come from a validated adapter or file: skip torch's (warning-emitting) invariant checks
@@ -82,14 +89,12 @@ def pairwise(deltas1: dict[str, Delta], deltas2: dict[str, Delta]) -> list[Ortho
 
 
 def model_deltas(model, adapter_name: str) -> dict[str, Delta]:
-    """Each layer's delta of an adapter in a model: sparse when the method is (SHiRA)."""
-    out: dict[str, Delta] = {}
-    for name, layer in adapter_layers(model):
-        if adapter_name in layer.adapters:
-            adapter = layer.adapters[adapter_name]
-            sparse = getattr(adapter, "sparse_delta", None)
-            out[name] = sparse() if sparse is not None else adapter.delta_weight(layer.weight)
-    return out
+    """Each layer's delta of an adapter in a model, as its method gives it (sparse for SHiRA)."""
+    return {
+        name: layer.adapters[adapter_name].delta_for_metrics(layer.weight)
+        for name, layer in adapter_layers(model)
+        if adapter_name in layer.adapters
+    }
 
 
 def adapter_orthogonality(model, name1: str, name2: str) -> list[Orthogonality]:
@@ -101,49 +106,37 @@ def adapter_orthogonality(model, name1: str, name2: str) -> list[Orthogonality]:
 def deltas_from_dir(directory) -> tuple[dict[str, Delta], str]:
     """Each layer's delta read straight from a saved adapter, with no base model.
 
-    SHiRA gives sparse deltas; their shape is inferred from the largest index (a lower bound
-    when the last rows/columns are untouched, which a 1-5% random mask practically never leaves).
-    LoRA gives dense ``s * B A``. Methods whose delta depends on the base weight need a model:
-    load both adapters into it and use :func:`adapter_orthogonality`.
-    Returns the deltas and a note on how shapes were found.
+    The method turns each layer's file tensors into its delta (:meth:`Adapter.file_delta`):
+    SHiRA gives sparse deltas whose shape is inferred from the largest index, LoRA dense
+    ``s * B A``. Methods whose delta depends on the base weight need a model: load both adapters
+    into it and use :func:`adapter_orthogonality`. Returns the deltas and a note on how shapes
+    were found.
     """
     config = read_config(directory)
     path, tensors, metadata = read_weights(directory)
+    method = method_for_config(config)
+    if not method.file_keys:
+        raise ValueError(f"{path}: a {config.peft_type} adapter's delta needs the base model; load both adapters "
+                         "into it and use shirakit.adapter_orthogonality")
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        for leaf in ("shira_weight", "shira_indices", "shira_index_gaps", "shira_index_far",
-                     "lora_A.weight", "lora_B.weight"):
-            if key.startswith(PREFIX) and key.endswith("." + leaf):
-                layers.setdefault(key[len(PREFIX) : -len(leaf) - 1], {})[leaf] = tensor
-    if not layers:
-        raise ValueError(f"{path}: orthogonality from files needs a SHiRA or LoRA adapter, found {config.peft_type}")
-    out: dict[str, Delta] = {}
-    for name, parts in layers.items():
-        if "lora_A.weight" in parts:
-            scaling = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
-            out[name] = parts["lora_B.weight"].float() @ parts["lora_A.weight"].float() * scaling
-            continue
-        if metadata.get(FORMAT_KEY) == COMPACT_V1:
-            raise ValueError(f"{path}: a compact file stores flat positions; its shapes need the base model")
-        idx = parts["shira_indices"].long()
-        shape = (int(idx[0].max()) + 1, int(idx[1].max()) + 1)
-        out[name] = SparseDelta(idx, parts["shira_weight"].float(), shape)
-    note = "shapes inferred from the largest index" if any(isinstance(d, SparseDelta) for d in out.values()) else ""
-    return out, note
+        leaf = next((k for k in method.file_keys if key.startswith(PREFIX) and key.endswith("." + k)), None)
+        if leaf is not None:
+            layers.setdefault(key[len(PREFIX) : -len(leaf) - 1], {})[leaf] = tensor
+    compact = metadata.get(FORMAT_KEY) == COMPACT_V1
+    out = {name: method.file_delta(config, parts, compact, f"{path}: {name}") for name, parts in layers.items()}
+    inferred = any(isinstance(d, SparseDelta) and d.shape_inferred for d in out.values())
+    return out, "shapes inferred from the largest index" if inferred else ""
 
 
 def align_shapes(d1: dict[str, Delta], d2: dict[str, Delta]) -> None:
     """Give two adapters' inferred sparse deltas the larger of the two inferred shapes, per layer."""
     for name in set(d1) & set(d2):
         a, b = d1[name], d2[name]
-        if isinstance(a, SparseDelta) or isinstance(b, SparseDelta):
-            shape_a = a.shape if isinstance(a, SparseDelta) else tuple(a.shape)
-            shape_b = b.shape if isinstance(b, SparseDelta) else tuple(b.shape)
-            shape = (max(shape_a[0], shape_b[0]), max(shape_a[1], shape_b[1]))
-            if isinstance(a, SparseDelta):
-                d1[name] = SparseDelta(a.indices, a.values, shape)
-            if isinstance(b, SparseDelta):
-                d2[name] = SparseDelta(b.indices, b.values, shape)
+        shape = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
+        for deltas, delta in ((d1, a), (d2, b)):
+            if isinstance(delta, SparseDelta) and delta.shape_inferred:
+                deltas[name] = SparseDelta(delta.indices, delta.values, shape, shape_inferred=True)
 
 
 def heatmap(rows: list[Orthogonality], path, title: str = "AWOR per layer") -> None:

@@ -26,7 +26,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .state import adapter_layers, hosts, state_of
+from .compiled import enter_compiled_call, is_compiled_call, leave_compiled_call
+from .guard import ROUTES
+from .state import adapter_layers, state_of
 
 BASE = "__base__"
 
@@ -73,50 +75,78 @@ def _check(model: nn.Module, names: list[str]) -> None:
 
 @contextlib.contextmanager
 def route(model: nn.Module, adapter_names: list[str]) -> Iterator[Routing]:
-    """Within the block, row i of every batch uses adapter ``adapter_names[i]`` (see module doc)."""
+    """Within the block, row i of every batch uses adapter ``adapter_names[i]`` (see module doc).
+
+    The route belongs to this call only (a context variable keyed by the model's guard): other
+    threads' forwards, routed or plain, are not affected, and nothing stays behind on the layers.
+    """
     _check(model, adapter_names)
     routing = Routing(adapter_names)
-    layers = hosts(model)
-    previous = [host.routing for _, host in layers]
-    for _, host in layers:
-        host.routing = routing
+    guard = state_of(model).guard
+    token = ROUTES.set({**ROUTES.get(), guard: routing})
     try:
         yield routing
     finally:
-        for (_, host), before in zip(layers, previous):
-            host.routing = before
+        ROUTES.reset(token)
 
 
 def current_routing(model: nn.Module) -> Routing | None:
-    layers = hosts(model)
-    return layers[0][1].routing if layers else None
+    """The route this thread is running ``model`` under, if any."""
+    return ROUTES.get().get(state_of(model).guard)
 
 
 # ---- the adapter_names= keyword and generate ---------------------------------------------------
+# The top module's pre/post forward hooks also count the model call as "in flight" on the guard, so
+# a call changing the model from another thread is refused while this one runs (shirakit.guard).
+# Before a compiled call they also do, eagerly, what dynamo cannot trace (shirakit.compiled); under
+# torch.compile(model) they are therefore kept out of the graph: a graph break at entry and exit.
 def _pre_forward(module, args, kwargs):
     names = kwargs.pop("adapter_names", None)
-    if names is not None:
-        stack = contextlib.ExitStack()
-        stack.enter_context(route(module, names))
-        module._shirakit_route_stack.append(stack)
-    else:
-        module._shirakit_route_stack.append(None)
+    _enter_model_call(module, names, torch.compiler.is_compiling())
     return args, kwargs
 
 
 def _post_forward(module, args, kwargs, output):
-    stack = module._shirakit_route_stack.pop() if module._shirakit_route_stack else None
-    if stack is not None:
-        stack.close()
+    _leave_model_call(module)
+
+
+@torch.compiler.disable
+def _enter_model_call(module: nn.Module, names: list[str] | None, compiling: bool) -> None:
+    guard = state_of(module).guard
+    guard.enter_call()
+    stack = guard.call_stack()
+    stack.append((None, None))  # first, so the post-hook (called even when this hook raises) pops our entry
+    scope = None
+    if names is not None:
+        scope = route(module, names)
+        scope.__enter__()
+        stack[-1] = (scope, None)
+    if compiling or is_compiled_call(module):
+        stack[-1] = (scope, enter_compiled_call(module, routed=current_routing(module) is not None))
+
+
+@torch.compiler.disable
+def _leave_model_call(module: nn.Module) -> None:
+    guard = state_of(module).guard
+    stack = guard.call_stack()
+    try:
+        scope, compiled = stack.pop()
+        try:
+            if compiled is not None:
+                leave_compiled_call(module, compiled)
+        finally:
+            if scope is not None:
+                scope.__exit__(None, None, None)
+    finally:
+        guard.exit_call()
 
 
 def install_keyword_routing(model: nn.Module) -> None:
     """Let ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` route
     rows; installed once by ``inject`` (hooks on the top module, and an instance-level wrapper
     around ``generate`` that marks the generate call so expanded batches map back to names)."""
-    if getattr(model, "_shirakit_route_stack", None) is not None:
+    if getattr(model, "_shirakit_route_hooks", None) is not None:
         return
-    model._shirakit_route_stack = []
     model._shirakit_route_hooks = [
         model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
         model.register_forward_hook(_post_forward, with_kwargs=True, always_call=True),
@@ -129,20 +159,29 @@ def install_keyword_routing(model: nn.Module) -> None:
 def uninstall_keyword_routing(model: nn.Module) -> None:
     for handle in getattr(model, "_shirakit_route_hooks", []):
         handle.remove()
-    for attr in ("_shirakit_route_stack", "_shirakit_route_hooks", "generate"):
+    for attr in ("_shirakit_route_hooks", "generate"):
         if attr in model.__dict__:
             delattr(model, attr)
 
 
 def _generate_with_routing(model: nn.Module, *args, adapter_names=None, **kwargs):
-    """The model's own ``generate``, with rows routed by ``adapter_names`` or an enclosing route()."""
-    with contextlib.ExitStack() as stack:
-        routing = stack.enter_context(route(model, adapter_names)) if adapter_names is not None else None
-        routing = routing or current_routing(model)
-        if routing is not None:
-            routing.in_generate = True
-        try:
-            return type(model).generate(model, *args, **kwargs)
-        finally:
+    """The model's own ``generate``, with rows routed by ``adapter_names`` or an enclosing route().
+
+    The whole generation counts as one model call in flight (shirakit.guard), so another thread
+    cannot switch adapters between its decoding steps.
+    """
+    guard = state_of(model).guard
+    guard.enter_call()
+    try:
+        with contextlib.ExitStack() as stack:
+            routing = stack.enter_context(route(model, adapter_names)) if adapter_names is not None else None
+            routing = routing or current_routing(model)
             if routing is not None:
-                routing.in_generate = False
+                routing.in_generate = True
+            try:
+                return type(model).generate(model, *args, **kwargs)
+            finally:
+                if routing is not None:
+                    routing.in_generate = False
+    finally:
+        guard.exit_call()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .guard import ModelGuard
 from .layer import AdapterLinear, ModulesToSave
 
 SHARED_ATTR = "shirakit_shared"
@@ -32,6 +33,7 @@ class ModelAdapters:
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     trainable: dict[str, bool] = field(default_factory=dict)
+    guard: ModelGuard = field(default_factory=ModelGuard)  # the model's lock (shirakit.guard)
 
 
 def state_of(model: nn.Module) -> ModelAdapters:

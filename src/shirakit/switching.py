@@ -11,19 +11,25 @@ from __future__ import annotations
 
 from torch import nn
 
+from .guard import writes_weights
+from .slots import check_swap
 from .state import adapter_layers, check_adapter_names, hosts, state_of
 
 
-def switch_adapter(model: nn.Module, adapter_name: str | None) -> None:
+@writes_weights
+def switch_adapter(model: nn.Module, adapter_name: str | None, exact: bool = False) -> None:
     """Make ``adapter_name`` the one adapter merged into the weights (None: the bare base).
 
     Whatever was merged before is unmerged first (SHiRA: restored by scatter, bit-exactly).
+    ``exact=True``: additive adapters (LoRA, VeRA, MiSS balance) are unmerged bit-exactly too, from
+    a copy of the weight kept at merge (see :func:`shirakit.merge`); the default subtracts.
     """
     names = [] if adapter_name is None else [adapter_name]
     check_adapter_names(model, names)
+    check_swap(model, names, merged_after=True)
     state = state_of(model)
     for _, layer in adapter_layers(model):
-        layer.switch(names)
+        layer.switch(names, exact)
     for _, host in hosts(model):
         host.set_active(names)
     state.active = names

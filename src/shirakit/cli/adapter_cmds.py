@@ -249,8 +249,7 @@ def layer_values(tensors: dict) -> tuple[dict[str, int], int]:
 
 def cmd_inspect(args) -> None:
     from .. import methods  # noqa: F401  (registers the methods read_config needs)
-    from ..checkpoint import WEIGHTS_NAME, read_weights
-    from ..compact import FORMAT_KEY
+    from ..checkpoint import FORMAT_KEY, WEIGHTS_NAME, read_weights
     from ..config import read_config
 
     directory = check_adapter_dir(args.adapter)

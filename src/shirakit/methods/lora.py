@@ -16,8 +16,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..adapter import Adapter, LayerGeometry, adapter_dtype
-from ..config import AdapterConfig
+from ..adapter import Adapter
+from ..config import AdapterConfig, check_dropout, check_rank
 from ..registry import register
 
 
@@ -31,20 +31,12 @@ class LoraConfig(AdapterConfig):
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     use_rslora: bool = False
-    fan_in_fan_out: bool = False
-    bias: str = "none"
     init_lora_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, found {self.r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), found {self.lora_dropout}")
-        if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported yet; expected 'none'")
+        check_rank("r", self.r)
+        check_dropout("lora_dropout", self.lora_dropout)
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r}: expected True, False or 'gaussian'"
@@ -58,18 +50,12 @@ class LoraConfig(AdapterConfig):
 @register
 class LoraAdapter(Adapter):
     config_class = LoraConfig
+    slot_padded = ("r",)  # zero rows of A, zero columns of B
+    slot_scaled = "lora_B.weight"
 
-    def __init__(
-        self,
-        geometry: LayerGeometry,
-        config: LoraConfig,
-        base_layer: nn.Module,
-        generator: torch.Generator | None,
-        source: str = "",
-    ) -> None:
-        super().__init__(geometry, config)
-        weight = base_layer.weight
-        kwargs = {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        geometry, config = self.geometry, self.config
+        kwargs = self.parameter_options(base_layer)
         self.lora_A = nn.Linear(geometry.in_features, config.r, bias=False, **kwargs)
         self.lora_B = nn.Linear(config.r, geometry.out_features, bias=False, **kwargs)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -114,9 +100,22 @@ class LoraAdapter(Adapter):
                             fan_in_fan_out=configs[0].fan_in_fan_out)
         return config, tensors
 
+    file_keys = ("lora_A.weight", "lora_B.weight")
+
+    @classmethod
+    def file_delta(cls, config: LoraConfig, tensors: dict[str, torch.Tensor], compact: bool, source: str):
+        """s * B A from the file's two factors."""
+        return tensors["lora_B.weight"].float() @ tensors["lora_A.weight"].float() * config.scaling
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
         return self.lora_B(self.lora_A(self.dropout(x))) * (self.scaling * self.scale)
+
+    def output_scale(self) -> float:
+        return self.scaling * self.scale
+
+    def with_unit_output_scale(self) -> None:
+        self.scaling = self.scale = 1.0
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         b, a = self.lora_B.weight.detach().float(), self.lora_A.weight.detach().float()

@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, InWeightAdapter, LayerGeometry, adapter_dtype
-from ..config import AdapterConfig
+from ..adapter import Adapter, InWeightAdapter, LayerGeometry
+from ..config import AdapterConfig, check_dropout, check_rank
 from ..registry import register
 
 MODES = {True: "balance", False: "balance", "balance": "balance", "bat": "bat", "mini": "mini"}
@@ -65,26 +65,19 @@ class MissConfig(AdapterConfig):
     (shirakit only, not written to the file) draws a random block in any mode, for tests."""
 
     peft_type: ClassVar[str] = "MISS"
+    absent_in_peft: ClassVar[frozenset[str]] = frozenset({"fan_in_fan_out"})
 
     r: int = 64
     miss_dropout: float = 0.0
     mini_r: int = 1
     init_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: str | None = None
-    bias: str = "none"
     init_random: bool = field(default=False, metadata={"serialize": False}, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, found {self.r!r}")
-        if not isinstance(self.mini_r, int) or self.mini_r <= 0:
-            raise ValueError(f"mini_r must be a positive int, found {self.mini_r!r}")
-        if not 0.0 <= self.miss_dropout < 1.0:
-            raise ValueError(f"miss_dropout must be in [0, 1), found {self.miss_dropout}")
-        if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported yet; expected 'none'")
+        check_rank("r", self.r)
+        check_rank("mini_r", self.mini_r)
+        check_dropout("miss_dropout", self.miss_dropout)
         if not isinstance(self.init_weights, bool) and self.init_weights not in ("balance", "bat", "mini"):
             raise ValueError(f"init_weights={self.init_weights!r}: expected True, False, 'balance', 'bat' or 'mini'")
 
@@ -147,15 +140,8 @@ class _MissShards:
 
     mode: ClassVar[str]
 
-    def __init__(
-        self,
-        geometry: LayerGeometry,
-        config: MissConfig,
-        base_layer: nn.Module,
-        generator: torch.Generator | None,
-        source: str = "",
-    ) -> None:
-        super().__init__(geometry, config)
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        geometry, config = self.geometry, self.config
         self.r, self.mini_r = config.r, config.mini_r
         where = f"{source}: " if source else ""
         if self.r > geometry.in_features:
@@ -163,15 +149,21 @@ class _MissShards:
                              f"use r <= {geometry.in_features}")
         self.check_shape(where)
         shape = self.block_shape()
-        weight = base_layer.weight
-        block = torch.zeros(shape, dtype=adapter_dtype(weight.dtype))
+        options = self.parameter_options(base_layer)
+        block = torch.zeros(shape, dtype=options["dtype"])
         if generator is not None and (config.init_weights is False or config.init_random):
             bound = 1.0 / math.sqrt(math.prod(shape[1:]))  # kaiming-uniform, a = sqrt(5), like PEFT's
             block = (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(block.dtype)
-        self.miss_block = nn.Parameter(block.to(weight.device))
+        self.miss_block = nn.Parameter(block.to(options["device"]))
         # bat ignores dropout, as PEFT does: its delta sits in the weight
         uses_dropout = config.miss_dropout > 0 and self.mode != "bat"
         self.dropout = nn.Dropout(config.miss_dropout) if uses_dropout else nn.Identity()
+
+    slot_scaled = "miss_block"
+
+    def slot_key(self) -> tuple | None:
+        """r shapes the shard sum itself: only adapters of one mode, r and mini_r share a hot-swap slot."""
+        return (type(self).__name__, self.r, self.mini_r)
 
     def check_shape(self, where: str) -> None:
         """Raise when this mode cannot take the layer's shape."""
@@ -192,9 +184,9 @@ class MissAdapter(_MissShards, Adapter):
     mode = "balance"
 
     @classmethod
-    def build(cls, geometry, config, base_layer, generator, source=""):
+    def build(cls, geometry: LayerGeometry, config: MissConfig, *args, **kwargs) -> Adapter:
         mode_class = {"balance": MissAdapter, "mini": MissMiniAdapter, "bat": MissBatAdapter}[config.mode]
-        return mode_class(geometry, config, base_layer, generator, source)
+        return mode_class(geometry, config, *args, **kwargs)
 
     def block_shape(self) -> tuple[int, ...]:
         return (self.r, self.geometry.out_features)

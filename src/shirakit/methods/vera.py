@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, LayerGeometry, adapter_dtype
-from ..config import AdapterConfig
+from ..adapter import Adapter, LayerGeometry
+from ..config import AdapterConfig, check_dropout, check_rank
 from ..registry import register
 
 
@@ -43,36 +43,23 @@ class VeraConfig(AdapterConfig):
     """PEFT's VeraConfig fields and defaults (the subset shirakit implements)."""
 
     peft_type: ClassVar[str] = "VERA"
+    absent_in_peft: ClassVar[frozenset[str]] = frozenset({"exclude_modules"})
 
     r: int = 256
     projection_prng_key: int = 0
     save_projection: bool = True
     vera_dropout: float = 0.0
     d_initial: float = 0.1
-    fan_in_fan_out: bool = False
-    bias: str = "none"
     init_weights: bool = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, found {self.r!r}")
+        check_rank("r", self.r)
         if not isinstance(self.projection_prng_key, int):
             raise ValueError(f"projection_prng_key must be an int, found {self.projection_prng_key!r}")
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ValueError(f"vera_dropout must be in [0, 1), found {self.vera_dropout}")
-        if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported yet; expected 'none'")
+        check_dropout("vera_dropout", self.vera_dropout)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is set but layers_to_transform is not; set both or neither")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if out.get("exclude_modules") is None:
-            out.pop("exclude_modules", None)  # not a field of PEFT's VeraConfig: it would warn on read
-        return out
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -88,19 +75,13 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 @register
 class VeraAdapter(Adapter):
     config_class = VeraConfig
+    slot_padded = ("r",)  # zero entries of lambda_d, zero rows/columns of the projections
+    slot_scaled = "vera_lambda_b"
 
-    def __init__(
-        self,
-        geometry: LayerGeometry,
-        config: VeraConfig,
-        base_layer: nn.Module,
-        generator: torch.Generator | None,
-        source: str = "",
-    ) -> None:
-        super().__init__(geometry, config)
-        weight = base_layer.weight
-        kwargs = {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        geometry, config = self.geometry, self.config
         self.r = config.r
+        kwargs = self.parameter_options(base_layer)
         self.vera_lambda_b = nn.Parameter(torch.zeros(geometry.out_features, **kwargs))
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial), **kwargs))
         self.dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import FUSE_MIN_STEPS, Engine
+from .engine import Engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,7 +53,7 @@ def load_model(model_dir: str | Path | None, device: torch.device, dtype: str = 
 
 def build_engine(model_dir=None, adapters=None, served_model_name=None, device="auto", dtype="auto",
                  max_loaded=8, max_loaded_mb=None, max_batch=32, max_queue=256,
-                 fuse_min_steps=FUSE_MIN_STEPS) -> Engine:
+                 fuse_min_steps=None) -> Engine:
     model, tokenizer, folder = load_model(model_dir, resolve_device(device), dtype)
     name = served_model_name or folder.name
     found = adapter_folders(adapters)

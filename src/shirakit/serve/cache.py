@@ -3,7 +3,7 @@
 Two tiers. The upper tier is the model itself (adapters injected with ``load_adapter``), an LRU
 bounded by a count (``max_loaded``) and by bytes (``max_bytes``, the adapters' own tensors). The
 lower tier is the disk: every registered adapter has a folder, and a miss loads it from there
-(the compact SHiRA layout expands in one pass, see ``shirakit.compact``).
+(the compact SHiRA layout expands in one pass, see ``shirakit.methods.shira.compact``).
 
 An adapter is *pinned* while a running sequence uses it; a pinned adapter is never evicted. When
 everything is pinned and the cache is full, :meth:`acquire` says "not now" and the scheduler keeps
@@ -104,6 +104,14 @@ class AdapterCache:
         if name in self.retired:
             self.retired.discard(name)
             self._drop(name)
+
+    def evict(self, name: str) -> bool:
+        """Take ``name`` out of the model if it is loaded and unpinned (it stays registered)."""
+        if name not in self.loaded or self.pins.get(name):
+            return False
+        self._drop(name)
+        self.stats.evictions += 1
+        return True
 
     def _timed_load(self, name: str) -> int:
         start = time.perf_counter()

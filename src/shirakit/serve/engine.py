@@ -14,9 +14,10 @@ step then decodes one token for every running row. Which adapter a row uses:
 - rows want different adapters -> *mixed*: nothing merged, ``shirakit.route`` gives each row its
   adapter's delta.
 
-Fusing costs one switch and saves the per-row delta on every later step, so a uniform batch is
-fused when its horizon (the most tokens a row may still generate) is at least
-``fuse_min_steps``; docs/serving.md gives the measured crossover behind the default.
+Fusing costs a switch in and out and saves the per-row delta on every step in between, so a
+uniform batch is fused when its horizon (the most tokens a row may still generate) is at least
+its method's crossover in steps (``FUSE_MIN_STEPS``, measured by benchmarks/fuse_crossover.py;
+docs/serving.md): SHiRA's switch is two scatters, LoRA's and VeRA's a dense product per layer.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ from .sequence import SamplingParams, Sequence, choose_next
 
 log = logging.getLogger("shirakit.serve")
 
-# Uniform batches are fused when they may still run this many steps (measured: docs/serving.md).
-FUSE_MIN_STEPS = 4
+# A uniform batch is fused when it may still run this many decode steps: the measured crossover
+# (switch in + out) / (routed step - fused step), SmolLM2-135M, 1-32 rows, rounded up (docs/serving.md).
+FUSE_MIN_STEPS = {"SHIRA": 3, "LORA": 38, "VERA": 41, "MISS": 27}
+FUSE_MIN_STEPS_OTHER = 41
 
 
 class QueueFull(RuntimeError):
@@ -89,6 +92,7 @@ class EngineStats:
     prefill_batches: int = 0
     decode_steps: int = 0
     fused_steps: int = 0
+    routed_steps: int = 0
     mixed_steps: int = 0
     switches: int = 0
     waiting: int = 0
@@ -104,7 +108,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, base_name: str, adapters: dict[str, Path] | None = None,
                  max_loaded: int = 8, max_loaded_mb: float | None = None, max_batch: int = 32,
-                 max_queue: int = 256, fuse_min_steps: int = FUSE_MIN_STEPS) -> None:
+                 max_queue: int = 256, fuse_min_steps: int | None = None) -> None:
         self.model, self.tokenizer, self.base_name = model.eval(), tokenizer, base_name
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue, self.fuse_min_steps = max_batch, max_queue, fuse_min_steps
@@ -125,6 +129,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._batch = BatchKV()
         self._fused: str | None = None  # the adapter merged into the weights now
+        self._methods: dict[str, str] = {}  # adapter -> peft_type, for its fusing threshold
         self._ids = itertools.count()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="shirakit-engine", daemon=True)
@@ -210,6 +215,7 @@ class Engine:
     # ---- model-side callbacks of the cache (engine thread) ----------------------------------
     def _load_into_model(self, name: str, path: Path) -> int:
         self._switch(None)
+        self._methods[name] = shirakit.read_config(path).peft_type
         shirakit.load_adapter(self.model, path, name)
         shirakit.switch_adapter(self.model, None)  # loaded, but inactive: rows pick it per step
         return adapter_bytes(self.model, name)
@@ -217,6 +223,7 @@ class Engine:
     def _unload_from_model(self, name: str) -> None:
         self._switch(None)
         shirakit.delete_adapter(self.model, name)
+        self._methods.pop(name, None)
 
     # ---- the engine thread -------------------------------------------------------------
     def _loop(self) -> None:
@@ -341,13 +348,19 @@ class Engine:
         wanted = set(names)
         if len(wanted) == 1:
             target = None if names[0] == BASE else names[0]
-            if target in (self._fused, None) or horizon >= self.fuse_min_steps:
+            if target in (self._fused, None) or horizon >= self._fuse_threshold(target):
                 self._switch(target)
                 self.stats.fused_steps += 1
                 return contextlib.nullcontext()
         self._switch(None)
-        self.stats.mixed_steps += 1
+        self.stats.routed_steps += 1
+        self.stats.mixed_steps += len(wanted) > 1
         return shirakit.route(self.model, names)
+
+    def _fuse_threshold(self, name: str) -> int:
+        if self.fuse_min_steps is not None:
+            return self.fuse_min_steps
+        return FUSE_MIN_STEPS.get(self._methods.get(name, ""), FUSE_MIN_STEPS_OTHER)
 
     def _switch(self, target: str | None) -> None:
         if target == self._fused:

@@ -45,8 +45,10 @@ class _Resident:
     def __del__(self) -> None:
         if not self.gone:
             self.gone = True
+            # Evict from the model tier only: unregistering would make a request already submitted
+            # to this replica for the same adapter fail with 404 (seen under load in the Ray test).
             engine, name = self.engine, self.name
-            engine.call(lambda: engine.unload_adapter(name) if engine.knows(name) else None)
+            engine.call(lambda: engine.cache.evict(name))
 
 
 def engine_deployment(max_loaded: int):

@@ -12,8 +12,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+
 from .build import DTYPES, build_engine
-from .engine import FUSE_MIN_STEPS, Engine
+from .engine import Engine
 
 
 @dataclass
@@ -67,9 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-loaded-mb", type=float, default=None, help="bound on the loaded adapters' size")
     parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
-    parser.add_argument("--fuse-min-steps", type=int, default=FUSE_MIN_STEPS,
-                        help="fuse a one-adapter batch when it may still run this many steps")
+    parser.add_argument("--fuse-min-steps", type=int, default=None,
+                        help="fuse a one-adapter batch when it may still run this many steps "
+                        "(default: the measured crossover of its method, docs/serving.md)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     parser.add_argument("--ray", action="store_true", help="serve with Ray Serve (pip install shirakit[ray])")
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
@@ -85,6 +89,8 @@ def main(args: argparse.Namespace) -> int:
     from .app import create_app
     from .backend import LocalBackend
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine = build_engine(args.model, args.adapters, args.served_model_name, args.device, args.dtype,
                           args.max_loaded, args.max_loaded_mb, args.max_batch, args.max_queue,
                           args.fuse_min_steps).start()

@@ -15,7 +15,7 @@ The five masks of the paper, by ``ShiraConfig.mask_type``:
 - ``grad``    top-K by |dL/dW|, the gradient accumulated over calibration batches.
 - ``snip``    top-K by |W * dL/dW| (SNIP saliency, same accumulated gradient).
 
-``grad`` and ``snip`` need data: run :func:`shirakit.calibration.calibrate` first, which hands
+``grad`` and ``snip`` need data: run :func:`shirakit.calibrate` first, which hands
 inject a ``mask_fn`` that looks the precomputed indices up. Ties in every top-K are broken by the
 lower flat (row-major) index, so the masks are deterministic. See docs/masks.md.
 """
@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adapter import LayerGeometry
-from .layer import geometry_of
+from ...adapter import LayerGeometry
+from ...layer import geometry_of
 
 MaskFn = Callable[[nn.Module, int, torch.Generator], torch.Tensor]
 
@@ -187,7 +187,7 @@ def _needs_calibration(name: str, ranked_by: str) -> MaskFn:
         )
 
     mask.__name__ = f"{name}_mask"
-    mask.__doc__ = f"SHiRA-{name.capitalize()}: top-K by {ranked_by}; computed by shirakit.calibration."
+    mask.__doc__ = f"SHiRA-{name.capitalize()}: top-K by {ranked_by}; computed by shirakit.calibrate."
     return mask
 
 
@@ -203,7 +203,7 @@ MASKS: dict[str, MaskFn] = {
     "grad": grad_mask,
     "snip": snip_mask,
 }
-#: masks ranked by a gradient, computed from data by shirakit.calibration
+#: masks ranked by a gradient, computed from data by shirakit.calibrate
 CALIBRATED_MASKS = ("grad", "snip")
 
 

@@ -10,7 +10,7 @@ originals (bit-exact); switching adapters in fused mode is two scatters and no m
 
 Training here keeps the values scattered into W while the adapter is active (originals saved),
 so the forward is the base product and the backward adds only an SDDMM for the K value
-gradients (see :mod:`shirakit.sparse`); no dense m x n delta or gradient is ever formed.
+gradients (see :mod:`shirakit.methods.shira.sparse`); no dense m x n delta or gradient is ever formed.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .. import compact
-from ..adapter import InWeightAdapter, LayerGeometry, adapter_dtype
-from ..config import AdapterConfig, no_serialize
-from ..masks import MASKS, shira_budget, validate_indices
-from ..metrics import SparseDelta
-from ..registry import register
-from ..sparse import SparseLayout, scatter_values, scattered_linear, sparse_delta, value_grad_tap
-from ..weight_kinds import full_values, is_sharded, shard_positions, sharded_rows
+from ...adapter import InWeightAdapter, adapter_dtype
+from ...config import AdapterConfig, check_rank, no_serialize
+from ...metrics import SparseDelta
+from ...registry import register
+from ...weight_kinds import full_values, is_sharded, shard_positions, sharded_rows
+from . import compact, index_io
+from .masks import MASKS, shira_budget, validate_indices
+from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, sparse_delta, value_grad_tap
 
 
 @dataclass
@@ -38,23 +38,26 @@ class ShiraConfig(AdapterConfig):
     overrides ``mask_type`` (the name is still written to adapter_config.json)."""
 
     peft_type: ClassVar[str] = "SHIRA"
-    absent_in_peft: ClassVar[frozenset[str]] = frozenset({"exclude_modules"})
+    absent_in_peft: ClassVar[frozenset[str]] = frozenset(
+        {"exclude_modules", "layers_to_transform", "layers_pattern", "bias"})
 
     r: int = 32
     mask_type: str = "random"
     random_seed: int | None = None
-    fan_in_fan_out: bool = False
     init_weights: bool = True
     mask_fn: Callable | None = no_serialize()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, found {self.r!r}")
+        check_rank("r", self.r)
         if self.mask_fn is None and self.mask_type not in MASKS:
             raise ValueError(
                 f"unknown mask_type {self.mask_type!r}: expected one of {sorted(MASKS)} or a mask_fn"
             )
+
+    @property
+    def seed(self) -> int | None:
+        return self.random_seed
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> ShiraConfig:
@@ -77,16 +80,13 @@ class ShiraAdapter(InWeightAdapter):
     config_class = ShiraConfig
     has_compact_layout = True
     _device_tensors = ("_saved", "_merged_values")
+    # A hot-swap slot (only where SHiRA runs additively: tied weights) holds the layer's largest K,
+    # r being what sets K = r(m+n); positions past an adapter's K are (0, 0) with value 0.
+    slot_padded = ("r",)
+    slot_scaled = "shira_weight"
 
-    def __init__(
-        self,
-        geometry: LayerGeometry,
-        config: ShiraConfig,
-        base_layer: nn.Module,
-        generator: torch.Generator | None,
-        source: str = "mask",
-    ) -> None:
-        super().__init__(geometry, config)
+    def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
+        geometry, config, source = self.geometry, self.config, source or "mask"
         k = shira_budget(config.r, geometry)
         weight = base_layer.weight
         dtype = adapter_dtype(weight.dtype)
@@ -95,7 +95,7 @@ class ShiraAdapter(InWeightAdapter):
             self.register_buffer("shira_indices", torch.empty(2, k, dtype=torch.int32, device=weight.device))
             self.register_buffer("_storage_index", torch.empty(k, dtype=torch.int64, device=weight.device),
                                  persistent=False)
-            self._layout = None
+            self._pattern = None
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
@@ -118,26 +118,24 @@ class ShiraAdapter(InWeightAdapter):
         """Everything the kernels need, derived once from the (sorted) indices."""
         rows, cols = indices[0].long(), indices[1].long()
         self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
-        self._layout: SparseLayout | None = None  # built on first use
+        self._pattern: SparsePattern | None = None  # built on first use
         self._local_map = None
 
-    def layout(self) -> SparseLayout:
-        """CSR index arrays of S and S^T and the SDDMM pattern (int32 for the products, int64 for
-        the value gradient: its int32 path is wrong on CPU), built once per mask."""
+    def pattern(self) -> SparsePattern:
         idx = self.shira_indices
-        if self._layout is None or self._layout.pattern.device != idx.device:
+        if self._pattern is None or self._pattern.device != idx.device:
             g = self.geometry
-            self._layout = SparseLayout(idx[0], idx[1], g.out_features, g.in_features)
-        return self._layout
-
-    def pattern(self) -> torch.Tensor:
-        return self.layout().pattern
+            self._pattern = SparsePattern(idx[0], idx[1], g.out_features, g.in_features)
+        return self._pattern
 
     # ---- the maths ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The additive sparse path, delta_y = s * x S^T (differentiable; no weight written): mixed
-        batches, and weights that cannot carry the values (quantized, tied)."""
-        return sparse_delta(x, self.shira_weight, self.layout(), self.scale)
+        """delta_y = s * x S^T by a sparse product (mixed batches, and weights that cannot carry the
+        values: tied, quantized). Under torch.compile a gather + index_add instead (dynamo traces no
+        sparse tensor), reading the indices directly: a hot-swap slot rewrites them in place."""
+        if torch.compiler.is_compiling():
+            return gathered_delta(x, self.shira_indices, self.shira_weight * self.scale, self.geometry.out_features)
+        return sparse_delta(x, self.shira_weight, self.pattern(), self.scale)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -146,11 +144,26 @@ class ShiraAdapter(InWeightAdapter):
         delta[idx[0] * g.in_features + idx[1]] = self.shira_weight.detach().float() * self.scale
         return delta.view(g.out_features, g.in_features)
 
-    def sparse_delta(self):
-        """The delta by its non-zeros (for orthogonality metrics without a dense m x n)."""
+    # ---- metrics ------------------------------------------------------------------------------
+    def delta_for_metrics(self, weight: torch.Tensor) -> SparseDelta:
+        """The delta by its non-zeros (orthogonality metrics without a dense m x n)."""
         g = self.geometry
         values = self.shira_weight.detach().float() * self.scale
         return SparseDelta(self.shira_indices.long(), values, (g.out_features, g.in_features))
+
+    file_keys = ("shira_weight", "shira_indices", "shira_index_gaps", "shira_index_far")
+
+    @classmethod
+    def file_delta(cls, config: ShiraConfig, tensors: dict[str, torch.Tensor], compact: bool,
+                   source: str) -> SparseDelta:
+        """The sparse delta from the file's indices, its shape inferred from the largest index (a
+        lower bound when the last rows/columns are untouched, which a 1-5% random mask practically
+        never leaves). A compact file stores flat positions: their rows need the base model."""
+        if compact:
+            raise ValueError(f"{source}: a compact file stores flat positions; its shapes need the base model")
+        idx = tensors["shira_indices"].long()
+        shape = (int(idx[0].max()) + 1, int(idx[1].max()) + 1)
+        return SparseDelta(idx, tensors["shira_weight"].float(), shape, shape_inferred=True)
 
     # ---- living in the weight (InWeightAdapter) ----------------------------------------------
     def trained_values(self) -> torch.Tensor:
@@ -199,7 +212,7 @@ class ShiraAdapter(InWeightAdapter):
         (which runs on a copy gathered again from the clean shards) scatters them in again first."""
         weight = base_layer.weight
         written = self.write_into_gathered(weight)
-        if not torch.is_grad_enabled():
+        if not (torch.is_grad_enabled() and self.shira_weight.requires_grad):
             return base_layer(x)
         index = self._storage_index
 
@@ -207,10 +220,8 @@ class ShiraAdapter(InWeightAdapter):
             with torch.no_grad():
                 self._flat(gathered).index_copy_(0, index, written)
 
-        return scattered_linear(
-            x, self.shira_weight, weight, base_layer.bias, self.pattern(), self.scale,
-            self.geometry.fan_in_fan_out, refill,
-        )
+        return scattered_linear(x, self.shira_weight, weight, base_layer.bias, self.pattern(), self.scale,
+                                self.geometry.fan_in_fan_out, refill)
 
     # ---- scatter merge ----------------------------------------------------------------------
     def _flat(self, weight: torch.Tensor) -> torch.Tensor:
@@ -228,8 +239,7 @@ class ShiraAdapter(InWeightAdapter):
             return self._flat(weight), self._storage_index, None
         local, start, stop = sharded_rows(weight)
         if self._local_map is None or self._local_map[0] != (start, stop):
-            row_len = weight.shape[1]
-            self._local_map = ((start, stop), *shard_positions(self._storage_index, row_len, start, stop))
+            self._local_map = ((start, stop), *shard_positions(self._storage_index, weight.shape[1], start, stop))
         return self._flat(local), self._local_map[1], self._local_map[2]
 
     @torch.no_grad()
@@ -242,8 +252,7 @@ class ShiraAdapter(InWeightAdapter):
     @torch.no_grad()
     def merged_is_finite(self, weight: torch.Tensor) -> bool:
         flat, index, which = self._target(weight)
-        base = flat.index_select(0, index)
-        return bool(torch.isfinite(self.merged_values(weight, base, which)).all())
+        return bool(torch.isfinite(self.merged_values(weight, flat.index_select(0, index), which)).all())
 
     def write_into(self, weight: torch.Tensor, base_key: object) -> None:
         """Save the K base values, scatter W0 + s*v in their place.
@@ -261,6 +270,8 @@ class ShiraAdapter(InWeightAdapter):
         if reread or self._merged_values is None or self._merged_state != state:
             self._merged_state, self._merged_values = state, self.merged_values(weight, self._saved, which)
         scatter_values(flat, index, self._merged_values)
+        if self.shira_weight.requires_grad:
+            self.pattern()  # now, eagerly: a compiled training forward reads it as a plain input
 
     def restore_into(self, weight: torch.Tensor) -> None:
         """Scatter the saved originals back: the base is restored bit-exactly."""
@@ -310,21 +321,37 @@ class ShiraAdapter(InWeightAdapter):
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Validate the indices (range, count, uniqueness), sort them and the values together."""
         k = self.shira_weight.numel()
-        indices, order = validate_indices(tensors["shira_indices"], self.geometry, k, f"{source}: shira_indices")
-        values = tensors["shira_weight"]
-        self.shira_weight.copy_(values if order is None else values[order])
-        self.shira_indices.copy_(indices.to(torch.int32))
-        self._set_derived(indices.to(self.shira_indices.device))
+        values, raw, g = tensors["shira_weight"], tensors["shira_indices"], self.geometry
+        # The common case (sorted, valid) in one pass: the file's own int32 tensor becomes the buffer
+        # (no copy), the storage positions are written as it is checked. Else the reference path.
+        adopt = raw.dtype == torch.int32 and raw.is_contiguous() and raw.shape == self.shira_indices.shape \
+            and raw.device == self.shira_indices.device
+        target = raw if adopt else self.shira_indices
+        if index_io.load_pairs(raw, g.out_features, g.in_features, g.fan_in_fan_out, target,
+                                     self._storage_index):
+            self.shira_indices = target
+        else:
+            indices, order = validate_indices(raw, g, k, f"{source}: shira_indices")
+            values = values if order is None else values[order]
+            self.shira_indices.copy_(indices.to(torch.int32))
+            self._set_derived(indices.to(self.shira_indices.device))
+        self._pattern = None
+        if values.dtype == self.shira_weight.dtype and values.device == self.shira_weight.device \
+                and values.is_contiguous() and values.shape == self.shira_weight.shape:
+            self.shira_weight.data = values  # the file's tensor is ours: take it rather than copy it
+        else:
+            self.shira_weight.copy_(values)
         self._saved, self._saved_key, self._merged_values, self._gathered = None, None, None, None
+        self._local_map = None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
         return compact.encode(self.shira_indices, full_values(self.shira_weight).detach(), self.geometry.in_features)
 
     def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-        return compact.decode(tensors, self.geometry.in_features, source)
+        return compact.decode(tensors, self.geometry.in_features, source, self.geometry.out_features)
 
     def drop_device_caches(self) -> None:
-        self._layout, self._local_map, self._gathered = None, None, None  # rebuilt on the new device
+        self._pattern, self._local_map, self._gathered = None, None, None  # rebuilt on the new device
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, K={self.shira_weight.numel()}, mask={self.config.mask_type}"

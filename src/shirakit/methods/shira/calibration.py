@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,12 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import LayerGeometry
-from .control import disable_adapters
-from .inject import find_targets, layer_generator, seed_of
-from .layer import AdapterLinear, geometry_of
+from ...adapter import LayerGeometry
+from ...control import disable_adapters
+from ...inject import find_targets, layer_generator, seed_of
+from ...layer import AdapterLinear, geometry_of
+from .adapter import ShiraConfig
 from .masks import CALIBRATED_MASKS, MASKS, shira_budget, top_k_flat, validate_indices
-from .methods.shira import ShiraConfig
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -107,21 +108,13 @@ def compute_masks(
     return out
 
 
-def calibrate(
-    model: nn.Module,
-    config: ShiraConfig,
-    batches: Iterable[Any] | None = None,
-    loss_fn: LossFn | None = None,
-    max_batches: int = 8,
-    *,
-    max_memory_mb: float | None = 256.0,
-    adapter_name: str = "default",
-) -> ShiraConfig:
-    """:func:`compute_masks`, then :func:`with_masks`: a config copy ready for ``inject(model, it)``."""
-    masks = compute_masks(
-        model, config, batches, loss_fn, max_batches, max_memory_mb=max_memory_mb, adapter_name=adapter_name
-    )
-    return with_masks(model, config, masks)
+def calibrate(model: nn.Module, config: ShiraConfig, *args: Any, **kwargs: Any) -> ShiraConfig:
+    """:func:`compute_masks` (same arguments), then :func:`with_masks`: a config copy ready for
+    ``inject(model, it)``."""
+    return with_masks(model, config, compute_masks(model, config, *args, **kwargs))
+
+
+calibrate.__signature__ = inspect.signature(compute_masks).replace(return_annotation="ShiraConfig")
 
 
 def with_masks(model: nn.Module, config: ShiraConfig, masks: Mapping[str, torch.Tensor]) -> ShiraConfig:
@@ -138,7 +131,7 @@ class PrecomputedMasks:
     __name__ = "precomputed"
 
     def __init__(self, masks: Mapping[str, tuple[nn.Module, torch.Tensor]]) -> None:
-        self._by_layer = {id(layer): (weakref.ref(layer), name, idx) for name, (layer, idx) in masks.items()}
+        self._by_layer = {id(layer): (weakref.ref(layer), idx) for layer, idx in masks.values()}
         self.names = sorted(masks)
 
     def __call__(self, base_layer: nn.Module, r: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -149,13 +142,7 @@ class PrecomputedMasks:
                 f"{len(self.names)} layers, e.g. {self.names[:3]}); calibrate the model you inject into, "
                 "with the same target_modules"
             )
-        return entry[2]
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        for _, layer_name, idx in self._by_layer.values():
-            if layer_name == name:
-                return idx
-        raise KeyError(name)
+        return entry[1]
 
 
 # ---- internals -----------------------------------------------------------------------------

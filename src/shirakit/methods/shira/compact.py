@@ -12,15 +12,15 @@ row-major flat positions ``f_k = row_k * in_features + col_k`` (sorted, so gaps 
 Decoding is ``f = cumsum(gaps)`` after patching the far gaps: vectorized, no Python loop.
 Bytes per value: 4 + 2 for fp32 values, 2 + 2 for half values (plus 16 per far gap, which a
 1-5% density mask essentially never has). The safetensors metadata ``shirakit_format`` says
-which layout a file uses; the loader reads both.
+which layout a file uses (``shirakit.checkpoint.FORMAT_KEY``); the loader reads both.
 """
 
 from __future__ import annotations
 
 import torch
 
-FORMAT_KEY = "shirakit_format"
-COMPACT_V1 = "compact-v1"
+from . import index_io
+
 _U16_MAX = 0xFFFF
 _MAX_FLAT = 2**40  # no weight has 2^40 entries; bounds the sum of K gaps far below 2^63
 
@@ -38,8 +38,14 @@ def encode(indices: torch.Tensor, values: torch.Tensor, in_features: int) -> dic
     }
 
 
-def decode(tensors: dict[str, torch.Tensor], in_features: int, source: str) -> dict[str, torch.Tensor]:
-    """The compact tensors -> PEFT's (``shira_weight``, ``shira_indices``) for the usual checks."""
+def decode(
+    tensors: dict[str, torch.Tensor], in_features: int, source: str, out_features: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The compact tensors -> PEFT's (``shira_weight``, ``shira_indices``) for the usual checks.
+
+    With ``out_features`` a valid, ordinary file is decoded and range-checked in one numba pass
+    (:mod:`shirakit.methods.shira.index_io`); anything else goes through the torch decoder below.
+    """
     expected = {"shira_weight", "shira_index_gaps", "shira_index_far"}
     if set(tensors) != expected:
         raise ValueError(f"{source}: compact SHiRA layer expects keys {sorted(expected)}, found {sorted(tensors)}")
@@ -49,6 +55,10 @@ def decode(tensors: dict[str, torch.Tensor], in_features: int, source: str) -> d
         raise ValueError(f"{source}: shira_index_gaps must be 1-D int16, found {found}")
     if far.dtype != torch.int64 or far.dim() != 2 or far.shape[0] != 2:
         raise ValueError(f"{source}: shira_index_far must be (2, F) int64, found {far.dtype} {tuple(far.shape)}")
+    if out_features is not None:
+        fast = index_io.decode_compact(gaps_raw, far, out_features, in_features)
+        if fast is not None:
+            return {"shira_weight": tensors["shira_weight"], "shira_indices": fast}
     gaps = gaps_raw.view(torch.uint16).to(torch.int64)  # the stored bits, read unsigned
     if far.shape[1]:
         if far[0].min() < 0 or far[0].max() >= gaps.numel():

@@ -1,0 +1,246 @@
+"""Sparse kernels for SHiRA training: the value gradient at K positions, never a dense m x n one.
+
+While a SHiRA adapter trains, its values are scattered into the base weight ``W`` (with the
+originals kept aside), so the forward is the plain product ``y = x W^T + b``. The backward needs
+
+    dL/dx = g W            (a dense product, as for the frozen base alone)
+    dL/dv_k = s * sum_t g[t, i_k] x[t, j_k]   for the K positions (i_k, j_k)
+
+The second is a sampled dense-dense product (SDDMM), K*T multiply-adds. On CPU it runs in
+:mod:`shirakit.methods.shira.cpu_sddmm` (numba, every core); elsewhere, on fp64, or without numba,
+``torch.sparse.sampled_addmm`` on a fixed CSR pattern computes the same K dots (cuSPARSE on CUDA).
+Known limits of torch 2.13's ``sampled_addmm`` on CPU that shaped this file:
+- with int32 CSR indices it returns wrong values: the pattern uses int64.
+- it rejects bf16/fp16: half-precision inputs are upcast to fp32 for the value gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import cpu_sddmm
+
+
+class SparsePattern:
+    """K positions (rows, cols) of an (m, n) weight, sorted row-major, in the forms the kernels use.
+
+    ``rows``/``cols`` (int64) feed the CPU kernel, ``crow`` (int64 CSR row offsets) with ``cols``
+    the ``sampled_addmm`` path: all dense tensors built here, eagerly, so a compiled graph takes
+    them as plain inputs (``bincount`` inside a graph would break it). The CSR tensor and the int32
+    CSR indices (for the sparse product of mixed batches) are built on first use.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
+        self.rows, self.cols = rows.long().contiguous(), cols.long().contiguous()
+        self.shape = (n_rows, n_cols)
+        self.crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=self.rows.device)
+        self.crow[1:] = torch.bincount(self.rows, minlength=n_rows).cumsum(0)
+        self._csr: torch.Tensor | None = None
+        self._csr_int32: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._transposed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, crow): what :func:`sampled_value_grad` takes."""
+        return self.rows, self.cols, self.crow
+
+    def csr(self) -> torch.Tensor:
+        """fp32 CSR with ones at the positions (int64 indices: the int32 ones are wrong in sampled_addmm)."""
+        if self._csr is None:
+            self._csr = _ones_csr(self.crow, self.cols, self.shape, torch.float32)
+        return self._csr
+
+    def csr_int32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 (crow, col): the sparse product takes them as they are (int64 ones it converts per call)."""
+        if self._csr_int32 is None:
+            self._csr_int32 = (self.crow.int(), self.cols.int())
+        return self._csr_int32
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int32 CSR (crow, col) of S^T and the permutation putting S's values in S^T's order:
+        the input gradient of the additive path, dx = s g S = (S^T g^T)^T, as a sparse product."""
+        if self._transposed is None:
+            n_rows, n_cols = self.shape
+            order = torch.argsort(self.cols * n_rows + self.rows)  # column-major = row-major of S^T
+            crow_t = torch.zeros(n_cols + 1, dtype=torch.int32, device=self.device)
+            crow_t[1:] = torch.bincount(self.cols, minlength=n_cols).cumsum(0)
+            self._transposed = (crow_t, self.rows[order].int(), order)
+        return self._transposed
+
+    def product(self, values: torch.Tensor, x2: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``x2 S^T`` (or ``x2 S`` with ``transpose``) for (T, n) rows ``x2``, S holding ``values``.
+        Contiguous in and out: callers index_add_ the result, ~15x slower from a transposed source."""
+        if transpose:
+            crow, col, order = self.transposed()
+            values, shape = values[order], self.shape[::-1]
+        else:
+            (crow, col), shape = self.csr_int32(), self.shape
+        with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
+            warnings.simplefilter("ignore", UserWarning)
+            sparse = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+        return (sparse @ x2.T.contiguous()).T.contiguous()
+
+
+def _ones_csr(crow: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    values = torch.ones(cols.numel(), dtype=dtype, device=cols.device)
+    with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+@torch.library.custom_op("shirakit::sampled_value_grad", mutates_args=())
+def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       crow: torch.Tensor) -> torch.Tensor:
+    """dL/dv at the pattern's positions: (g^T x) sampled, as a (K,) tensor in pattern order (fp32;
+    fp64 for fp64 inputs off the numba kernel). ``rows, cols, crow``: :meth:`SparsePattern.tensors`.
+
+    A custom op, so torch.compile keeps it whole: dynamo traces neither sparse tensors nor numba,
+    and the pattern's dense int64 tensors are ordinary inputs of the compiled graph.
+    """
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    if cpu_sddmm.usable(g2, x2):
+        return cpu_sddmm.value_grad(g2, x2, rows, cols)
+    if g2.dtype not in (torch.float32, torch.float64):
+        g2, x2 = g2.float(), x2.float()
+    csr = _ones_csr(crow, cols, (g2.shape[1], x2.shape[1]), g2.dtype)
+    return torch.sparse.sampled_addmm(csr, g2.T, x2.to(g2.dtype), beta=0.0).values().clone()
+
+
+@sampled_value_grad.register_fake
+def _(grad_out, x, rows, cols, crow):
+    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32  # numba: no fp64
+    return grad_out.new_empty(cols.shape[0], dtype=dtype)
+
+
+class _ScatteredLinear(torch.autograd.Function):
+    """y = linear(x, W) where W already holds the adapter values; grads for x and the values.
+
+    ``refill(weight)``, when given, writes the values into ``weight`` again before the backward
+    uses it: FSDP2 frees the gathered weight after the forward and gathers it afresh from the
+    (clean) shards for the backward, so the values scattered into the forward's copy are gone.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, weight, bias, rows, cols, crow, scale, fan_in_fan_out, refill=None):
+        ctx.save_for_backward(x, weight, rows, cols, crow)
+        ctx.scale, ctx.fan_in_fan_out = scale, fan_in_fan_out
+        ctx.values_dtype, ctx.refill = values.dtype, refill
+        w_out_in = weight.T if fan_in_fan_out else weight
+        return torch.nn.functional.linear(x, w_out_in, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, *pattern = ctx.saved_tensors
+        if ctx.refill is not None:
+            ctx.refill(weight)
+        w_out_in = weight.T if ctx.fan_in_fan_out else weight
+        grad_x = grad_w = grad_b = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ w_out_in
+        if ctx.needs_input_grad[1]:
+            grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
+        if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient
+            g = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            grad_w = g.T if ctx.fan_in_fan_out else g
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _ValueGradTap(torch.autograd.Function):
+    """Identity on y (returned as a copy) that adds the value gradient; for hooked base layers."""
+
+    @staticmethod
+    def forward(ctx, y, x, values, rows, cols, crow, scale):
+        ctx.save_for_backward(x, rows, cols, crow)
+        ctx.scale, ctx.values_dtype = scale, values.dtype
+        # A custom Function may not return an input as-is (in-place ops on it would be refused).
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *pattern = ctx.saved_tensors
+        grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
+        return grad_out, None, grad_v, None, None, None, None
+
+
+def scattered_linear(x, values, weight, bias, pattern: SparsePattern, scale: float, fan_in_fan_out: bool,
+                     refill=None):
+    return _ScatteredLinear.apply(x, values, weight, bias, *pattern.tensors(), scale, fan_in_fan_out, refill)
+
+
+class _SparseDelta(torch.autograd.Function):
+    """delta_y = s x S^T; backward dx = s g S (a sparse product with S^T), dv = s SDDMM(g, x).
+
+    torch's own backward of a CSR product forms the dense (m, n) gradient and masks it, a full
+    weight-gradient product: this one does K*T work, as the in-weight path does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, pattern, scale):
+        x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+        ctx.save_for_backward(x2, values)
+        ctx.pattern, ctx.scale, ctx.x_dtype, ctx.x_shape = pattern, scale, x.dtype, x.shape
+        return pattern.product(values * scale, x2).reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, values = ctx.saved_tensors
+        pattern, scale = ctx.pattern, ctx.scale
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(values.dtype)
+        grad_x = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = pattern.product(values * scale, g2, transpose=True).to(ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_v = (sampled_value_grad(g2, x2, *pattern.tensors()) * scale).to(values.dtype)
+        return grad_x, grad_v, None, None
+
+
+def sparse_delta(x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, scale: float) -> torch.Tensor:
+    """``s x S^T`` with S's ``values`` at ``pattern``'s positions, differentiable in x and the values
+    without a dense (m, n) tensor: the additive path, for weights that cannot carry the values
+    (quantized, tied, several SHiRA adapters on one FSDP-gathered copy) and mixed batches."""
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
+        return _SparseDelta.apply(x, values, pattern, scale)
+    x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+    return pattern.product(values * scale, x2).reshape(*x.shape[:-1], -1)
+
+
+def value_grad_tap(y, x, values, pattern: SparsePattern, scale: float):
+    return _ValueGradTap.apply(y, x, values, *pattern.tensors(), scale)
+
+
+def gathered_delta(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_out: int) -> torch.Tensor:
+    """delta_y[..., i_k] += v_k * x[..., j_k] for the K positions ``indices`` = (i, j): a gather and
+    an ``index_add`` in T*K work, with no sparse tensor, so torch.compile traces it (and autograd
+    gives the values their gradient). Positions may repeat: zero-valued padding adds nothing."""
+    x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+    contributions = x2.index_select(1, indices[1]) * values
+    delta = x2.new_zeros(x2.shape[0], n_out).index_add_(1, indices[0], contributions)
+    return delta.reshape(*x.shape[:-1], n_out)
+
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def scatter_values(flat: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``flat[index] = values`` (a SHiRA merge, unmerge or switch).
+
+    On a CPU running torch single-threaded, numpy's fancy assignment beats ``index_copy_`` by
+    ~1.5x for these cache-missing writes (benchmarks/switch.py: 29 vs 44 ms for 2 x 1M values
+    into 4 x 4096^2); with more threads ``index_copy_`` parallelizes and wins. The numpy write is
+    a bit copy through a same-width integer view (so bf16 works too); a zero-length in-place op
+    then bumps torch's version counter exactly as ``index_copy_`` would.
+    """
+    if flat.device.type != "cpu" or torch.get_num_threads() > 1 or flat.requires_grad:
+        flat.index_copy_(0, index, values)
+        return
+    bits = _SAME_WIDTH_INT[flat.element_size()]
+    flat.view(bits).numpy()[index.numpy()] = values.to(flat.dtype).view(bits).numpy()
+    flat[:0].zero_()

@@ -1,0 +1,130 @@
+"""SHiRA's CPU value-gradient kernel (shirakit.methods.shira.cpu_sddmm) against sampled_addmm and a dense reference."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+
+import shirakit
+from shirakit.methods.shira import cpu_sddmm
+from shirakit.methods.shira.sparse import SparsePattern, sampled_value_grad
+from shirakit.state import adapter_layers
+from tests.models import MODELS, TARGETS, inputs, output
+
+pytestmark = pytest.mark.skipif(not cpu_sddmm.AVAILABLE, reason="numba is not installed")
+
+
+def _positions(m: int, n: int, k: int, seed: int, empty_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.arange(m * n)
+    if empty_rows:  # leave every third row without positions
+        allowed = allowed[(allowed // n) % 3 != 0]
+    flat = allowed[torch.randperm(allowed.numel(), generator=gen)[:k]].sort().values
+    return flat // n, flat % n
+
+
+def _reference(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    g2, x2 = g.reshape(-1, g.shape[-1]).double(), x.reshape(-1, x.shape[-1]).double()
+    return (g2.T @ x2)[rows, cols]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 7, 16, 33, 128, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_dense_reference(tokens, dtype, threads):
+    m, n, k = 45, 29, 200
+    rows, cols = _positions(m, n, k, seed=tokens, empty_rows=True)
+    gen = torch.Generator().manual_seed(tokens)
+    g = torch.randn(tokens, m, generator=gen).to(dtype)
+    x = torch.randn(tokens, n, generator=gen).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_sddmm.value_grad(g, x, rows, cols)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == torch.float32 and got.shape == (k,)
+    # the inputs are exact in fp32, so the only error is fp32 accumulation over `tokens` terms
+    torch.testing.assert_close(got.double(), _reference(g, x, rows, cols), atol=1e-4 * tokens ** 0.5, rtol=1e-5)
+
+
+def test_kernel_matches_sampled_addmm_on_a_llama_sized_layer():
+    m, n, tokens = 704, 256, 96
+    rows, cols = _positions(m, n, 8 * (m + n), seed=0)
+    g, x = torch.randn(2, tokens // 2, m), torch.randn(2, tokens // 2, n)
+    pattern = SparsePattern(rows, cols, m, n)
+    expected = torch.sparse.sampled_addmm(pattern.csr(), g.reshape(-1, m).T, x.reshape(-1, n), beta=0.0).values()
+    torch.testing.assert_close(cpu_sddmm.value_grad(g, x, rows, cols), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_kernel_edge_cases():
+    torch.manual_seed(0)
+    rows, cols = _positions(8, 6, 10, seed=3)
+    no_tokens = cpu_sddmm.value_grad(torch.zeros(0, 8), torch.zeros(0, 6), rows, cols)
+    assert torch.equal(no_tokens, torch.zeros(10))
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert cpu_sddmm.value_grad(torch.randn(4, 8), torch.randn(4, 6), empty, empty).shape == (0,)
+    # non-contiguous inputs and positions in no particular order are still right (sorted is only faster)
+    g, x = torch.randn(6, 8).T.contiguous().T, torch.randn(11, 6)[::2]
+    shuffle = torch.randperm(10)
+    got = cpu_sddmm.value_grad(g, x, rows[shuffle].contiguous(), cols[shuffle].contiguous())
+    torch.testing.assert_close(got.double(), _reference(g, x, rows[shuffle], cols[shuffle]), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_path_is_used_where_the_kernel_does_not_apply(monkeypatch):
+    rows, cols = _positions(12, 10, 30, seed=4)
+    pattern = SparsePattern(rows, cols, 12, 10)
+    g, x = torch.randn(5, 12, dtype=torch.float64), torch.randn(5, 10, dtype=torch.float64)
+    assert not cpu_sddmm.usable(g, x)  # fp64 stays on sampled_addmm
+    torch.testing.assert_close(sampled_value_grad(g, x, *pattern.tensors()), _reference(g, x, rows, cols))
+    monkeypatch.setattr(cpu_sddmm, "AVAILABLE", False)  # as without numba
+    g, x = g.float(), x.float()
+    assert not cpu_sddmm.usable(g, x)
+    torch.testing.assert_close(sampled_value_grad(g, x, *pattern.tensors()).double(), _reference(g, x, rows, cols),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _shira_grads(model_name: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    model = MODELS[model_name](dtype)
+    shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=TARGETS[model_name], init_weights=False,
+                                                random_seed=5))
+    model.train()
+    output(model, inputs()).float().pow(2).mean().backward()
+    return [layer.adapters["default"].shira_weight.grad for _, layer in adapter_layers(model)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])  # gpt2: Conv1D, the weight stored (in, out)
+def test_shira_gradients_same_with_kernel_and_sampled_addmm(model_name, dtype, monkeypatch):
+    with_kernel = _shira_grads(model_name, dtype)
+    monkeypatch.setattr(cpu_sddmm, "AVAILABLE", False)
+    with_torch = _shira_grads(model_name, dtype)
+    assert len(with_kernel) == len(with_torch) > 0
+    for a, b in zip(with_kernel, with_torch):
+        assert a.dtype == b.dtype == torch.float32  # half models keep fp32 adapter values
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def _kernel_in_child(queue) -> None:
+    torch.set_num_threads(1)  # as a DataLoader worker does: torch's own OpenMP pool is not fork-safe
+    rows, cols = _positions(30, 20, 50, seed=6)
+    g, x = torch.randn(40, 30), torch.randn(40, 20)
+    got = cpu_sddmm.value_grad(g, x, rows, cols, threads=2)  # the kernel's pool, two workers
+    queue.put(bool(torch.allclose(got.double(), _reference(g, x, rows, cols), atol=1e-4)))
+
+
+def test_kernel_works_in_a_forked_child():
+    """A DataLoader worker is a fork: the parent's pool threads do not exist there; the child gets its own."""
+    rows, cols = _positions(30, 20, 50, seed=6)
+    cpu_sddmm.value_grad(torch.randn(40, 30), torch.randn(40, 20), rows, cols, threads=2)  # the parent's pool is up
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_kernel_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the kernel hung in a forked child")
+    assert child.exitcode == 0 and queue.get(timeout=5)
