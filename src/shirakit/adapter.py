@@ -84,6 +84,8 @@ class Adapter(nn.Module):
     exact_unmerge: ClassVar[bool] = False
     #: True when the delta depends on the base weight (MiSS bat): not computable on a quantized base.
     delta_reads_weight: ClassVar[bool] = False
+    #: True when merge_into / unmerge_from can write into this rank's rows of an FSDP2-sharded weight.
+    merges_into_shards: ClassVar[bool] = False
 
     def __init__(
         self,

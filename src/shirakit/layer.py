@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapter import Adapter, InWeightAdapter, LayerGeometry
 from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
-from .weight_kinds import QUANTIZED_MERGE, fsdp_managed, quantized_kind
+from .weight_kinds import QUANTIZED_MERGE, SHARDED_MERGE, fsdp_managed, is_sharded, quantized_kind
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -252,6 +252,10 @@ class AdapterLinear(nn.Module):
     def _check_mergeable(self, names: list[str]) -> None:
         if self.quantized and names:
             raise RuntimeError(QUANTIZED_MERGE.format(where=f"a layer with adapters {names}", kind=self.quantized))
+        refused = [n for n in names if not self.adapters[n].merges_into_shards] if is_sharded(self.weight) else []
+        if refused:
+            kinds = sorted({type(self.adapters[n]).__name__ for n in refused})
+            raise RuntimeError(SHARDED_MERGE.format(names=refused, kinds=", ".join(kinds)))
 
     def merge_is_finite(self, names: list[str]) -> bool:
         self._check_mergeable(names)

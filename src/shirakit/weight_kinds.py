@@ -24,6 +24,13 @@ QUANTIZED_MERGE = (
     "dequantize the base layer to a float nn.Linear, shirakit.merge (or merge_and_unload), then quantize again"
 )
 
+SHARDED_MERGE = (
+    "cannot merge {names} into the FSDP2-sharded weight of this layer: {kinds} would change every element of "
+    "the weight, which here is split across ranks (only SHiRA merges into the shards, by scattering each "
+    "rank's positions). Merge in one process instead: save the adapter (shirakit.save_adapter on every "
+    "rank), load the full base model and the adapter there, then shirakit.merge / merge_and_unload"
+)
+
 
 def fsdp_managed(module: nn.Module) -> bool:
     """Is this module's weight managed by FSDP (``fully_shard`` marks every module it manages)?"""

@@ -79,6 +79,7 @@ class ShiraConfig(AdapterConfig):
 class ShiraAdapter(InWeightAdapter):
     config_class = ShiraConfig
     has_compact_layout = True
+    merges_into_shards = True  # scatters each rank's positions into its own rows (see _target)
     _device_tensors = ("_saved", "_merged_values")
     # A hot-swap slot (only where SHiRA runs additively: tied weights) holds the layer's largest K,
     # r being what sets K = r(m+n); positions past an adapter's K are (0, 0) with value 0.
