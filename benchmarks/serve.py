@@ -205,6 +205,7 @@ async def load(url: str, models: list[str], clients: int, tokens: int) -> dict:
 
 def run_row(url: str, models: list[str], args) -> dict:
     runs = [asyncio.run(load(url, models, args.clients, args.tokens)) for _ in range(args.repeats)]
+    print("  runs, tokens/s:", ", ".join(f"{r['throughput']:.1f}" for r in runs), flush=True)
     median = sorted(runs, key=lambda r: r["throughput"])[len(runs) // 2]
     return dict(median, failed=sum(r["failed"] for r in runs))
 
@@ -246,7 +247,7 @@ def measure(args, root: Path) -> tuple[list[list[str]], dict, str]:
     return results, described
 
 
-def report(results: dict, described: str, args) -> str:
+def report(results: dict, described: str, args, load: tuple[float, float]) -> str:
     one = results["1 adapter"]["throughput"]
     rows = [[label, f"{r['throughput']:.1f}", f"{r['throughput'] / one:.2f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
              str(r["failed"])] for label, r in results.items()]
@@ -256,7 +257,8 @@ def report(results: dict, described: str, args) -> str:
     return (f"{described}; {args.adapters} SHiRA r=8 adapters (q_proj, v_proj, compact files); {args.clients} "
             f"concurrent clients, {args.requests} requests per run, {args.tokens} new tokens each, greedy; median "
             f"of {args.repeats} runs; server and clients on loopback; {_report.cpu_model()}, {_report.cores()}, "
-            f"shared with other jobs; {_report.software()}; {_report.today()}\n\n"
+            f"shared with other jobs (load average {load[0]:.1f} at the start, {load[1]:.1f} at the end); "
+            f"{_report.software()}; {_report.today()}\n\n"
             + _report.table(header, rows)
             + f"\n\nshirakit serve, 16 adapters / PEFT-style baseline, 16 adapters: {ratio:.1f}x throughput")
 
@@ -281,9 +283,10 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.adapters, args.requests, args.tokens, args.repeats, args.clients = 20, 24, 8, 1, 8
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="shirakit-serve-bench-") as tmp:
         results, described = measure(args, Path(tmp))
-    body = report(results, described, args)
+    body = report(results, described, args, (load_before, os.getloadavg()[0]))
     print()
     print(body)
     if args.write_docs:

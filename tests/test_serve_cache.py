@@ -36,7 +36,7 @@ def test_lru_by_count_evicts_the_least_recently_used():
         assert cache.acquire(name)
         cache.release(name)
     assert model.inside == {"a", "c"} and list(cache.loaded) == ["a", "c"]
-    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (1, 3, 1)
+    assert (cache.stats.cache_hits, cache.stats.cache_misses, cache.stats.cache_evictions) == (1, 3, 1)
 
 
 def test_byte_bound():
@@ -72,7 +72,7 @@ def test_failed_load_changes_nothing():
     assert cache.acquire("good")
     with pytest.raises(AdapterLoadError, match="'bad'.*truncated file"):
         cache.acquire("bad")
-    assert list(cache.loaded) == ["good"] and cache.pins == {"good": 1} and cache.stats.load_failures == 1
+    assert list(cache.loaded) == ["good"] and cache.pins == {"good": 1} and cache.stats.adapter_load_failures == 1
 
 
 def test_bounds_are_checked():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -147,22 +147,43 @@ def read_weights(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], 
     return path, tensors, metadata
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter folder's two files, read and checked as files, not yet matched to any model."""
+
+    directory: Path
+    config: AdapterConfig
+    weights_path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def read_adapter_files(directory: str | Path) -> AdapterFiles:
+    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` (no model needed, so a server
+    can do it off the thread that owns the model; :func:`load_adapter` then takes the result)."""
+    config = read_config(directory)
+    path, tensors, metadata = read_weights(directory)
+    return AdapterFiles(Path(directory), config, path, tensors, metadata)
+
+
 @writes_weights
 def load_adapter(
     model: nn.Module,
-    directory: str | Path,
+    directory: str | Path | AdapterFiles,
     adapter_name: str = "default",
     is_trainable: bool = False,
     merge: bool = False,
 ) -> nn.Module:
     """Add the adapter saved in ``directory`` (by shirakit or by PEFT, either layout) under
     ``adapter_name``. It becomes the active adapter; its parameters train only with
-    ``is_trainable=True``; ``merge=True`` also merges it (fused mode).
+    ``is_trainable=True``; ``merge=True`` also merges it (fused mode). ``directory`` may also be
+    the :class:`AdapterFiles` that :func:`read_adapter_files` read before.
     """
     check_adapter_name(adapter_name)
-    config = read_config(directory)
-    config.inference_mode = not is_trainable
-    path, tensors, metadata = read_weights(directory)
+    files = directory if isinstance(directory, AdapterFiles) else read_adapter_files(directory)
+    directory = files.directory
+    config = replace(files.config, inference_mode=not is_trainable)  # files may be loaded again
+    path, tensors, metadata = files.weights_path, files.tensors, files.metadata
     with _naming(Path(directory) / CONFIG_NAME):  # a config the model cannot take: say which file
         tensors = _check_before_building(model, config, tensors, path)
         had_adapters = getattr(model, "shirakit", None) is not None

@@ -38,6 +38,7 @@ from .state import (
     hosts,
     remove_shared,
     state_of,
+    walk_modules,
 )
 from .validation import REGEX_TIME_LIMIT, bounded_match, check_adapter_name
 
@@ -47,16 +48,9 @@ ALL_LINEAR = "all-linear"
 def _user_modules(model: nn.Module):
     """(name, module) for the model as the user sees it: shirakit's internals are skipped and an
     AdapterLinear stands for the layer it wraps."""
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(module, AdapterLinear):
-            skip.append(name)
-        elif isinstance(module, (ModulesToSave, SharedStore)):
-            skip.append(name)
-            continue
-        yield name, module
+    for name, module in walk_modules(model, (AdapterLinear, ModulesToSave, SharedStore)):
+        if not isinstance(module, (ModulesToSave, SharedStore)):
+            yield name, module
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -439,11 +439,11 @@ class AdapterLinear(nn.Module):
         if self.disabled:
             return self.base_layer(x)
         tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-        in_weight = [
-            (name, rows) for name, rows in groups
-            if self._in_weight(name) is not None
-            and rows.numel() * tokens_per_row >= self._in_weight(name).scatter_min_tokens
-        ]
+        in_weight = []
+        for name, rows in groups:
+            live = self._in_weight(name)
+            if live is not None and rows.numel() * tokens_per_row >= live.scatter_min_tokens:
+                in_weight.append((name, rows))
         done = {name for name, _ in in_weight}
         if in_weight:
             rest = [rows for name, rows in groups if name not in done]
@@ -451,10 +451,13 @@ class AdapterLinear(nn.Module):
             y = self._run_chunks(x, chunks)
         else:
             y = self.base_layer(x)
+        by_method: dict[type, list[tuple[Adapter, torch.Tensor]]] = {}
         for name, rows in groups:
             if name in self.adapters and name not in done:
-                delta = self.adapters[name](x.index_select(0, rows), self.weight)
-                y.index_add_(0, rows, delta.to(y.dtype))
+                adapter = self.adapters[name]
+                by_method.setdefault(type(adapter), []).append((adapter, rows))
+        for method, method_groups in by_method.items():  # a method may do all its groups at once
+            method.add_routed_deltas(y, x, method_groups, self.weight)
         return y
 
     def _run_chunks(self, x: torch.Tensor, chunks: list[tuple[torch.Tensor, str | None]]) -> torch.Tensor:

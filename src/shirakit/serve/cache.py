@@ -15,32 +15,25 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from .metrics import Counters
 
 
 class AdapterLoadError(ValueError):
     """An adapter's folder could not be loaded (missing, corrupt, wrong shapes for this model)."""
 
 
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    load_seconds: float = 0.0
-    load_failures: int = 0
-
-
 class AdapterCache:
     """LRU of loaded adapters over a registry of adapter folders (name -> path).
 
-    ``load(name, path) -> bytes`` puts the adapter into the model and returns its size;
+    ``load(name, source) -> bytes`` puts the adapter into the model and returns its size (``source``:
+    the registered folder, or what the caller passed to :meth:`acquire`, e.g. files read ahead);
     ``unload(name)`` takes it out. Both are called from the engine thread only.
     """
 
-    def __init__(self, load: Callable[[str, Path], int], unload: Callable[[str], None],
+    def __init__(self, load: Callable[[str, object], int], unload: Callable[[str], None],
                  max_loaded: int = 8, max_bytes: int | None = None) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
@@ -52,7 +45,7 @@ class AdapterCache:
         self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self.pins: dict[str, int] = {}
         self.retired: set[str] = set()  # unregistered while pinned: dropped when the last pin goes
-        self.stats = CacheStats()
+        self.stats = Counters("cache")
 
     # ---- registry (the disk tier) --------------------------------------------------------
     def register(self, name: str, path: str | Path) -> None:
@@ -75,23 +68,28 @@ class AdapterCache:
         return sum(self.loaded.values())
 
     # ---- the model tier ----------------------------------------------------------------
-    def acquire(self, name: str) -> bool:
-        """Pin ``name``, loading it on a miss. False: no room now (everything loaded is pinned).
+    def acquire(self, name: str, source: object = None) -> bool:
+        """Pin ``name``, loading it on a miss (from ``source`` if given, else its folder). False: no
+        room now (everything loaded is pinned).
 
         Raises :class:`AdapterLoadError` when the folder cannot be loaded; the cache and the model
         are then as they were, apart from evictions that made room for it.
         """
         if name in self.loaded:
-            self.stats.hits += 1
+            self.stats.cache_hits += 1
             self.loaded.move_to_end(name)
         else:
             if not self._make_room(extra_count=1, extra_bytes=0):
                 return False
-            self.stats.misses += 1
-            self.loaded[name] = self._timed_load(name)
+            self.stats.cache_misses += 1
+            self.loaded[name] = self._timed_load(name, self.paths[name] if source is None else source)
             self._make_room(extra_count=0, extra_bytes=0, keep=name)  # the byte bound, now that size is known
         self.pins[name] = self.pins.get(name, 0) + 1
         return True
+
+    def has_room(self) -> bool:
+        """Could one more adapter be loaded now (a free slot, or an unpinned one to evict)?"""
+        return not self._over(extra_count=1, extra_bytes=0) or any(not self.pins.get(n) for n in self.loaded)
 
     def release(self, name: str) -> None:
         count = self.pins.get(name, 0) - 1
@@ -110,17 +108,17 @@ class AdapterCache:
         if name not in self.loaded or self.pins.get(name):
             return False
         self._drop(name)
-        self.stats.evictions += 1
+        self.stats.cache_evictions += 1
         return True
 
-    def _timed_load(self, name: str) -> int:
+    def _timed_load(self, name: str, source: object) -> int:
         start = time.perf_counter()
         try:
-            size = self._load(name, self.paths[name])
+            size = self._load(name, source)
         except Exception as exc:
-            self.stats.load_failures += 1
+            self.stats.adapter_load_failures += 1
             raise AdapterLoadError(f"adapter {name!r} ({self.paths[name]}) could not be loaded: {exc}") from exc
-        self.stats.load_seconds += time.perf_counter() - start
+        self.stats.adapter_load_seconds += time.perf_counter() - start
         return size
 
     def _over(self, extra_count: int, extra_bytes: int) -> bool:
@@ -135,7 +133,7 @@ class AdapterCache:
             if victim is None:
                 return False
             self._drop(victim)
-            self.stats.evictions += 1
+            self.stats.cache_evictions += 1
         return True
 
     def _drop(self, name: str) -> None:

@@ -14,6 +14,10 @@ step then decodes one token for every running row. Which adapter a row uses:
 - rows want different adapters -> *mixed*: nothing merged, ``shirakit.route`` gives each row its
   adapter's delta.
 
+Adapter cache misses (``cache.py``) are split in two: a worker thread reads the adapter's folder
+as soon as a request for it is queued (``prefetch.py``), and the engine thread only puts the read
+tensors into the model; until its files are read, a request waits without holding up the others.
+
 Fusing costs a switch in and out and saves the per-row delta on every step in between, so a
 uniform batch is fused when its horizon (the most tokens a row may still generate) is at least
 its method's crossover in steps (``FUSE_MIN_STEPS``, measured by benchmarks/fuse_crossover.py;
@@ -37,10 +41,13 @@ from typing import Callable
 import torch
 
 import shirakit
+from shirakit.checkpoint import read_adapter_files
 from shirakit.routing import BASE
 
 from .cache import AdapterCache, AdapterLoadError
 from .kv import BatchKV, cache_from
+from .metrics import Counters
+from .prefetch import Prefetcher
 from .sequence import SamplingParams, Sequence, choose_next
 
 log = logging.getLogger("shirakit.serve")
@@ -49,6 +56,9 @@ log = logging.getLogger("shirakit.serve")
 # (switch in + out) / (routed step - fused step), SmolLM2-135M, 1-32 rows, rounded up (docs/serving.md).
 FUSE_MIN_STEPS = {"SHIRA": 3, "LORA": 38, "VERA": 41, "MISS": 27}
 FUSE_MIN_STEPS_OTHER = 41
+
+# what admitting a waiting request found (Engine._pin)
+READY, FAILED, READING, NO_SLOT = "ready", "failed", "reading", "no slot"
 
 
 class QueueFull(RuntimeError):
@@ -82,23 +92,6 @@ class Request:
     pinned: bool = False
 
 
-@dataclass
-class EngineStats:
-    requests_finished: int = 0
-    requests_failed: int = 0
-    requests_cancelled: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    prefill_batches: int = 0
-    decode_steps: int = 0
-    fused_steps: int = 0
-    routed_steps: int = 0
-    mixed_steps: int = 0
-    switches: int = 0
-    waiting: int = 0
-    running: int = 0
-
-
 def adapter_bytes(model: torch.nn.Module, name: str) -> int:
     return sum(t.numel() * t.element_size() for t in shirakit.adapter_state_dict(model, name).values())
 
@@ -120,7 +113,8 @@ class Engine:
         self.max_context = _context_length(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.stats = EngineStats()
+        self.stats = Counters("engine")
+        self.prefetch = Prefetcher(max_ready=max_batch)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -145,6 +139,7 @@ class Engine:
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.prefetch.close()
 
     def models(self) -> list[str]:
         """The served base name first, then every registered adapter."""
@@ -153,12 +148,9 @@ class Engine:
 
     def snapshot(self) -> dict[str, float]:
         """Counters and gauges for /metrics (plain numbers: they cross process boundaries under Ray)."""
-        numbers = {k: v for k, v in vars(self.stats).items() if isinstance(v, (int, float))}
-        cache = self.cache.stats
-        numbers.update(cache_hits=cache.hits, cache_misses=cache.misses, cache_evictions=cache.evictions,
-                       adapter_load_seconds=cache.load_seconds, adapter_load_failures=cache.load_failures,
-                       adapters_loaded=len(self.cache.loaded), adapters_loaded_bytes=self.cache.loaded_bytes)
-        return numbers
+        return {**self.stats.numbers(), **self.cache.stats.numbers(),
+                "adapter_read_seconds": self.prefetch.read_seconds,
+                "adapters_loaded": len(self.cache.loaded), "adapters_loaded_bytes": self.cache.loaded_bytes}
 
     def knows(self, name: str) -> bool:
         with self._lock:
@@ -175,6 +167,9 @@ class Engine:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (the limit is {self.max_queue})")
             self._waiting.append(request)
             self.stats.waiting = len(self._waiting)
+            path = self.cache.paths.get(model)
+            if path is not None and model not in self.cache.loaded:
+                self.prefetch.want(model, path)  # read its folder now, while it waits
             self._lock.notify_all()
         return request.request_id
 
@@ -211,12 +206,15 @@ class Engine:
             if not self.cache.known(name):
                 raise UnknownModel(name)
             self.cache.unregister(name)
+            self.prefetch.forget(name)
 
     # ---- model-side callbacks of the cache (engine thread) ----------------------------------
-    def _load_into_model(self, name: str, path: Path) -> int:
+    def _load_into_model(self, name: str, source: Path | Future) -> int:
+        """``source``: the folder, or the Future of its files read ahead (raises what the read raised)."""
+        files = source.result() if isinstance(source, Future) else read_adapter_files(source)
         self._switch(None)
-        self._methods[name] = shirakit.read_config(path).peft_type
-        shirakit.load_adapter(self.model, path, name)
+        self._methods[name] = files.config.peft_type
+        shirakit.load_adapter(self.model, files, name)
         shirakit.switch_adapter(self.model, None)  # loaded, but inactive: rows pick it per step
         return adapter_bytes(self.model, name)
 
@@ -253,52 +251,82 @@ class Engine:
                 future.set_exception(exc)
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch while rows and adapter slots allow (FIFO)."""
+        """Move waiting requests into the batch while rows and adapter slots allow.
+
+        In arrival order, except that a request whose adapter folder is still being read (on the
+        prefetch thread) is passed over, not waited for: the requests behind it go on. A request
+        that needs an adapter slot while every loaded adapter is pinned stops the scan (slots go
+        first come, first served).
+        """
+        self._read_ahead()
         admitted: list[Sequence] = []
+        index = 0
         while True:
             with self._lock:
-                if not self._waiting:
+                if index >= len(self._waiting):
                     break
-                request = self._waiting[0]
+                request = self._waiting[index]
                 if request.request_id in self._cancelled:
                     self._cancelled.discard(request.request_id)
-                    self._waiting.popleft()
+                    self._remove_waiting(index)
                     self.stats.requests_cancelled += 1
                     continue
                 full = len(self._running) + len(admitted) + request.n > self.max_batch
                 if full and (self._running or admitted):
                     break
             verdict = self._pin(request)
-            if verdict is None:  # no free adapter slot: wait for running rows to finish
+            if verdict == NO_SLOT:
                 break
-            self._pop_waiting()
-            if verdict:
+            if verdict == READING:
+                index += 1
+                continue
+            with self._lock:
+                self._remove_waiting(index)
+            if verdict == READY:
                 admitted.extend(self._sequences(request))
         if admitted:
             self._prefill(admitted)
 
-    def _pop_waiting(self) -> None:
-        with self._lock:
-            self._waiting.popleft()
-            self.stats.waiting = len(self._waiting)
+    def _remove_waiting(self, index: int) -> None:  # with self._lock held
+        del self._waiting[index]
+        self.stats.waiting = len(self._waiting)
 
-    def _pin(self, request: Request) -> bool | None:
-        """True: ready to run; False: failed (the sink was told); None: no adapter slot free yet."""
-        if request.model == self.base_name:
-            return True
+    def _read_ahead(self) -> None:
+        """Have the folders of waiting requests' unloaded adapters read, in queue order, as many as
+        the prefetcher holds; drop reads that no waiting request wants any more."""
         with self._lock:
-            known = self.cache.known(request.model)
-        if not known:
+            wanted = {r.model: self.cache.paths[r.model] for r in self._waiting
+                      if r.model in self.cache.paths and r.model not in self.cache.loaded}
+        self.prefetch.keep_only(wanted)
+        for name, path in wanted.items():
+            if not self.prefetch.want(name, path):
+                break
+
+    def _pin(self, request: Request) -> str:
+        """READY: pinned, can run; FAILED: the sink was told; READING: its adapter's folder is not
+        read yet; NO_SLOT: no adapter slot free (every loaded adapter is pinned)."""
+        if request.model == self.base_name:
+            return READY
+        with self._lock:
+            path = self.cache.paths.get(request.model)
+        if path is None:
             self._fail(request, UnknownModel(request.model))
-            return False
+            return FAILED
+        source = None
+        if request.model not in self.cache.loaded:
+            if not self.cache.has_room():
+                return NO_SLOT
+            source = self.prefetch.take(request.model, path)
+            if source is None:
+                return READING
         try:
-            if not self.cache.acquire(request.model):
-                return None
+            if not self.cache.acquire(request.model, source):
+                return NO_SLOT
         except AdapterLoadError as exc:
             self._fail(request, exc)
-            return False
+            return FAILED
         request.adapter, request.pinned = request.model, True
-        return True
+        return READY
 
     def _sequences(self, request: Request) -> list[Sequence]:
         request.open = request.n

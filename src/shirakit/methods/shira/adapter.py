@@ -27,7 +27,7 @@ from ...config import AdapterConfig, check_rank, no_serialize
 from ...metrics import SparseDelta
 from ...registry import register
 from ...weight_kinds import full_values, is_sharded, shard_positions, sharded_rows
-from . import compact, index_io
+from . import compact, grouped, index_io
 from .masks import MASKS, shira_budget, validate_indices
 from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, sparse_delta, value_grad_tap
 
@@ -137,6 +137,15 @@ class ShiraAdapter(InWeightAdapter):
         if torch.compiler.is_compiling():
             return gathered_delta(x, self.shira_indices, self.shira_weight * self.scale, self.geometry.out_features)
         return sparse_delta(x, self.shira_weight, self.pattern(), self.scale)
+
+    @classmethod
+    def add_routed_deltas(cls, y, x, groups, weight) -> None:
+        """Every SHiRA group of a routed batch in one kernel call where it applies (inference on
+        CPU: :mod:`.grouped`), else one sparse product per group."""
+        if grouped.can_group(y, x, [adapter for adapter, _ in groups]):
+            grouped.add_grouped(y, x, groups)
+        else:
+            super().add_routed_deltas(y, x, groups, weight)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry
