@@ -12,7 +12,9 @@ does every group: the adapters' CSR arrays are laid end to end (``crow`` offsets
 and each row walks its own adapter's part. The sum runs in CSR order and multiplies each value by
 its scale first, as the per-group sparse product does. The laid-out arrays are kept per layer (for
 all its SHiRA adapters, so ~8 bytes per value more) and laid out again only when an adapter comes,
-goes or changes (its values' and indices' storage and version, and its scale, are compared).
+goes or changes (its values' and indices' storage and version, and its scale, are compared; the
+arena holds its adapters, so a deleted adapter's id or memory cannot be taken by a new one while
+the arena could still match it).
 
 Used for inference on CPU (no gradient: training keeps the sparse product, whose values get their
 gradient from autograd), fp32/fp64, when numba imports; anything else takes the per-group path.
@@ -88,6 +90,7 @@ class _Arena:
     """A layer's SHiRA adapters' CSR arrays laid end to end, and where each one starts."""
 
     key: tuple
+    adapters: tuple  # held, so no other object can take an id (or a tensor address) in ``key``
     position: dict[int, int]  # id(adapter) -> its index in the arrays below
     crow: np.ndarray
     col: np.ndarray
@@ -118,7 +121,7 @@ def _arena(layer, kind: type) -> _Arena:
     crow_start = np.cumsum([0] + [c.numel() for c in crows[:-1]], dtype=np.int64)
     nnz_start = np.cumsum([0] + [c.numel() for c in cols[:-1]], dtype=np.int64)
     dtype = adapters[0].shira_weight.dtype
-    arena = _Arena(key, {id(a): i for i, a in enumerate(adapters)}, torch.cat(crows).numpy(),
+    arena = _Arena(key, tuple(adapters), {id(a): i for i, a in enumerate(adapters)}, torch.cat(crows).numpy(),
                    torch.cat(cols).numpy(), torch.cat([a.shira_weight.detach() for a in adapters]).numpy(),
                    np.array([a.scale for a in adapters], dtype=_NUMPY[dtype]), crow_start, nnz_start)
     _ARENAS[layer] = arena
