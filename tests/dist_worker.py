@@ -45,12 +45,18 @@ def build(method: str) -> torch.nn.Module:
     """The same model and adapter on every process: tiny_llama seeds torch's global RNG, and the
     adapter's seed (no random_seed given) is then drawn from it, so every rank draws the same masks."""
     model = tiny_llama(seed=0)
-    if method == "shira":
-        config = shirakit.ShiraConfig(r=4, target_modules="all-linear")
-    else:
-        config = shirakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    shirakit.inject(model, config)
+    shirakit.inject(model, CONFIGS[method]())
     return model.train()
+
+
+# Non-zero starting deltas (init off) so the first step's gradients reach every adapter tensor.
+CONFIGS = {
+    "shira": lambda: shirakit.ShiraConfig(r=4, target_modules="all-linear"),
+    "lora": lambda: shirakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    "vera": lambda: shirakit.VeraConfig(r=8, target_modules="all-linear", init_weights=False),
+    "miss": lambda: shirakit.MissConfig(r=4, target_modules="all-linear", init_random=True),
+    "missbat": lambda: shirakit.MissConfig(r=4, target_modules="all-linear", init_weights="bat", init_random=True),
+}
 
 
 def global_batch() -> torch.Tensor:
@@ -73,22 +79,39 @@ def init_digest(model: torch.nn.Module, method: str) -> str:
     """SHiRA: its masks (shira_indices); LoRA: its initial A and B (drawn from the same seed)."""
     if method == "shira":
         return digest(b for n, b in model.named_buffers() if n.endswith("shira_indices"))
+    # the others: their initial trainable values (drawn from the same seed)
     return digest(p for n, p in model.named_parameters() if p.requires_grad)
 
 
-def train_single(method: str) -> tuple[torch.nn.Module, list[float]]:
-    """The reference: one process, the mean loss over the whole global batch, the same steps."""
+def train_single(method: str, resume_dir: Path | None = None) -> tuple[torch.nn.Module, list[float]]:
+    """The reference: one process, the mean loss over the whole global batch, the same steps.
+    ``resume_dir``: save after RESUME_AT steps, load the save into a fresh base, train on (a fresh
+    optimizer: what is resumed here is the adapter, the optimizer state is torch's own checkpoint)."""
     model = build(method)
     optimizer = optimizer_for(model)
     ids = global_batch()
     losses = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        if resume_dir is not None and step == RESUME_AT:
+            model = resumed(model, resume_dir)
+            optimizer = optimizer_for(model)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     return model, losses
+
+
+RESUME_AT = 2
+
+
+def resumed(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """Save the adapter, then a fresh base model loads it, trainable: a restart from a checkpoint."""
+    shirakit.save_adapter(model, folder)
+    fresh = tiny_llama(seed=0)
+    shirakit.load_adapter(fresh, folder, is_trainable=True)
+    return fresh.train()
 
 
 # ---- the distributed jobs (run inside the launched processes) ----------------------------------
@@ -140,6 +163,57 @@ def run_fsdp(method: str, rank: int, world: int, record: dict, out: Path, keep_a
     # Sharded adapter tensors are gathered while saving, a collective: every rank calls save_adapter
     # (each writes the same bytes, atomically).
     shirakit.save_adapter(model, out / "adapter")
+    if method == "shira" and not keep_adapted_whole:
+        record.update(_merge_check(model, global_batch().chunk(world)[rank]))
+    elif method == "lora" and not keep_adapted_whole:
+        try:  # a dense delta cannot be added to a shard: refused, clearly, before any write
+            shirakit.merge(model)
+        except RuntimeError as exc:
+            record["merge_error"] = str(exc)
+    return model
+
+
+def _merge_check(model, ids) -> dict:
+    """Merge into the local shards, compare with the unmerged forward, unmerge: shards bit-exact?"""
+    bases = [m.base_layer.weight for m in model.modules() if isinstance(m, shirakit.AdapterLinear)]
+    before = [w.to_local().clone() for w in bases]
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        shirakit.merge(model)
+        changed = sum(not torch.equal(w.to_local(), b) for w, b in zip(bases, before))
+        merged = model(input_ids=ids).logits
+        shirakit.unmerge(model)
+        again = model(input_ids=ids).logits
+    return {"merge_diff": (merged - unmerged).abs().max().item(), "shards_changed_by_merge": changed,
+            "unmerge_exact": all(torch.equal(w.to_local(), b) for w, b in zip(bases, before)),
+            "after_unmerge_diff": (again - unmerged).abs().max().item()}
+
+
+def run_fsdp_resume(method: str, rank: int, world: int, record: dict, out: Path) -> torch.nn.Module:
+    """FSDP2 training interrupted after RESUME_AT steps: save on every rank, a fresh model loads the
+    save, is sharded again and trains on; must equal the same restart in one process."""
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded(model):
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+
+    model = build(method)
+    record["init"] = init_digest(model, method)
+    model = sharded(model)
+    optimizer, local, losses = optimizer_for(model), global_batch().chunk(world)[rank], []
+    for step in range(STEPS):
+        if step == RESUME_AT:
+            model = sharded(resumed(model, out / "checkpoint"))
+            optimizer = optimizer_for(model)
+        loss = model(input_ids=local, labels=local).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(_mean_over_ranks(loss.item()))
+    record["losses"] = losses
+    shirakit.save_adapter(model, out / "adapter")
     return model
 
 
@@ -176,6 +250,7 @@ RUNS = {
     "accelerate": run_accelerate,
     "fsdp": lambda *a: run_fsdp(*a, keep_adapted_whole=False),
     "fsdp-ignored": lambda *a: run_fsdp(*a, keep_adapted_whole=True),
+    "fsdp-resume": run_fsdp_resume,
 }
 
 
@@ -184,7 +259,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("jobs", nargs="+", help=f"<mode>:<method>, mode in {sorted(RUNS)}, method in shira|lora")
+    parser.add_argument("jobs", nargs="+", help=f"<mode>:<method>, mode in {sorted(RUNS)}, method in {sorted(CONFIGS)}")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if all(job.startswith("accelerate:") for job in args.jobs):

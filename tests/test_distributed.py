@@ -32,7 +32,8 @@ from tests import dist_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "dist_worker.py")
-TORCHRUN_JOBS = ["ddp:shira", "ddp:lora", "fsdp:lora", "fsdp:shira", "fsdp-ignored:shira"]
+TORCHRUN_JOBS = ["ddp:shira", "ddp:lora", "fsdp:lora", "fsdp:shira", "fsdp:vera", "fsdp:miss", "fsdp:missbat",
+                 "fsdp-ignored:shira", "fsdp-resume:shira", "fsdp-resume:lora"]
 ACCELERATE_JOBS = ["accelerate:shira", "accelerate:lora"]
 LAUNCH_TIMEOUT_S = 300  # generous: the machine is shared; a normal run takes ~15-30 s per launch
 
@@ -73,16 +74,17 @@ def accelerate_out(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tmp_path_factory):
     """method -> (adapter tensors, losses, init digest), trained in this process on the global batch."""
     cache = {}
 
-    def get(method: str):
-        if method not in cache:
+    def get(method: str, resume: bool = False):
+        if (method, resume) not in cache:
             initial = dist_worker.init_digest(dist_worker.build(method), method)
-            model, losses = dist_worker.train_single(method)
-            cache[method] = (shirakit.adapter_state_dict(model), losses, initial)
-        return cache[method]
+            folder = tmp_path_factory.mktemp("resume") if resume else None
+            model, losses = dist_worker.train_single(method, folder)
+            cache[method, resume] = (shirakit.adapter_state_dict(model), losses, initial)
+        return cache[method, resume]
 
     return get
 
@@ -95,8 +97,8 @@ def records(out: Path, job: str) -> list[dict]:
 
 
 def assert_matches_single_process(out: Path, job: str, reference) -> None:
-    method = job.split(":")[1]
-    expected, expected_losses, expected_init = reference(method)
+    mode, method = job.split(":")
+    expected, expected_losses, expected_init = reference(method, resume=mode == "fsdp-resume")
     ranks = records(out, job)
     for r in ranks:
         assert "error" not in r, f"rank {r['rank']}: {r['error']}\n{r.get('traceback', '')}"
@@ -127,12 +129,36 @@ def test_fsdp2_lora_matches_single_process(torchrun_out, reference):
     assert_matches_single_process(torchrun_out, "fsdp:lora", reference)
 
 
-def test_fsdp2_shira_refuses_sharded_base_weights(torchrun_out):
-    """SHiRA lives scattered in the base weight; FSDP2 re-gathers sharded weights at every forward and
-    backward, so the values would be dropped: a clear error, not silently wrong training."""
+def test_fsdp2_shira_on_sharded_base_weights(torchrun_out, reference):
+    """The adapted base weights sharded too: SHiRA writes its values into each forward's gathered copy
+    (and again before the backward), so training equals one process; save on every rank is complete."""
+    assert_matches_single_process(torchrun_out, "fsdp:shira", reference)
+
+
+def test_fsdp2_merging_lora_into_shards_is_refused_with_the_way_out(torchrun_out):
+    for r in records(torchrun_out, "fsdp:lora"):
+        assert "FSDP2-sharded weight" in r["merge_error"] and "Merge in one process" in r["merge_error"], r
+
+
+@pytest.mark.parametrize("method", ["vera", "miss", "missbat"])
+def test_fsdp2_other_methods_on_sharded_base_weights(method, torchrun_out, reference):
+    """VeRA, MiSS balance and MiSS bat (which reads the gathered weight, additively) under FSDP2."""
+    assert_matches_single_process(torchrun_out, f"fsdp:{method}", reference)
+
+
+@pytest.mark.parametrize("method", ["shira", "lora"])
+def test_fsdp2_resume_from_a_saved_adapter_continues_identically(method, torchrun_out, reference):
+    """Save on every rank after 2 steps, load into a fresh model, shard it, train on: the same losses and
+    adapter as that restart in one process (every rank's part was saved, none reverted)."""
+    assert_matches_single_process(torchrun_out, f"fsdp-resume:{method}", reference)
+
+
+def test_fsdp2_shira_merge_unmerge_exact_on_local_shards(torchrun_out):
+    """merge scatters into each rank's own rows (global -> local positions); unmerge restores them bit-exactly."""
     for r in records(torchrun_out, "fsdp:shira"):
-        assert r["error"].startswith("RuntimeError: an adapter that lives in the base weight"), r["error"]
-        assert "ignored_params" in r["error"]
+        assert r["shards_changed_by_merge"] > 0, r
+        assert r["merge_diff"] < 1e-5 and r["after_unmerge_diff"] < 1e-5, r
+        assert r["unmerge_exact"], r
 
 
 def test_fsdp2_shira_with_adapted_base_weights_kept_whole(torchrun_out, reference):

@@ -46,8 +46,10 @@ class LayerGeometry:
 
 
 def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """Adapter parameters of half-precision models are kept in fp32 (as PEFT does) for stable training."""
-    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+    """Adapter parameters of half-precision (and quantized) models are kept in fp32 (as PEFT does)."""
+    if weight_dtype in (torch.float16, torch.bfloat16) or not weight_dtype.is_floating_point:
+        return torch.float32  # half precision, or the integer codes of a quantized weight
+    return weight_dtype
 
 
 # Fused optimizer kernels (torch's fused AdamW/Adam/SGD; transformers' Trainer defaults to
@@ -80,6 +82,10 @@ class Adapter(nn.Module):
     config_class: ClassVar[type[AdapterConfig]]
     #: True when ``unmerge_from`` restores the weight bit-exactly (saved originals, not subtraction).
     exact_unmerge: ClassVar[bool] = False
+    #: True when the delta depends on the base weight (MiSS bat): not computable on a quantized base.
+    delta_reads_weight: ClassVar[bool] = False
+    #: True when merge_into / unmerge_from can write into this rank's rows of an FSDP2-sharded weight.
+    merges_into_shards: ClassVar[bool] = False
 
     def __init__(
         self,

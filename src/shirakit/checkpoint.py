@@ -37,6 +37,7 @@ from .layer import AdapterLinear, geometry_of
 from .registry import method_for_config
 from .state import SharedTensors, check_adapter_names, hosts, shared_of, state_of
 from .validation import check_adapter_name
+from .weight_kinds import full_values, is_sharded
 
 PREFIX = "base_model.model."
 # safetensors metadata naming the file's layout: absent = PEFT's; COMPACT_V1 = methods' compact
@@ -63,10 +64,9 @@ def _shared_saved(model: nn.Module, adapter_name: str) -> tuple[SharedTensors | 
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU, contiguous, plain tensor; an FSDP2-sharded parameter (a DTensor) is gathered whole first."""
-    if hasattr(tensor, "full_tensor"):  # DTensor: a collective, so every rank must make this call
-        tensor = tensor.full_tensor()
-    return tensor.detach().to("cpu").contiguous()
+    """A CPU, contiguous, plain tensor; an FSDP2-sharded parameter (a DTensor) is gathered whole first
+    (a collective, so every rank must make this call)."""
+    return full_values(tensor).detach().to("cpu").contiguous()
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -94,10 +94,15 @@ def save_adapter(
 
     ``compact=True`` writes methods that have a compact layout (SHiRA: <= 6 bytes per value, see
     :mod:`shirakit.methods.shira.compact`) in it; such a file is for shirakit only, PEFT cannot read it.
+
+    Under FSDP2 the adapter's sharded tensors are gathered, a collective: call it on every rank
+    (as accelerate and Trainer do). Rank 0 writes the complete adapter, the others wait for it, so
+    no rank returns before the folder is there and no two ranks race to rename into one folder.
     """
     state = state_of(model)
     check_adapter_names(model, [adapter_name])
     directory = Path(directory)
+    sharded = _sharded(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
     metadata = {"format": "pt"}
     if compact:
@@ -113,8 +118,17 @@ def save_adapter(
     name_or_path = config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
     config_bytes = replace(config, inference_mode=True, base_model_name_or_path=name_or_path or None).to_json_bytes()
     metadata[BINDING_KEY] = digest(config_bytes)  # binds the pair: see shirakit.folder
-    write_adapter_folder(directory, config_bytes, save(tensors, metadata=metadata))
+    if not sharded or torch.distributed.get_rank() == 0:
+        write_adapter_folder(directory, config_bytes, save(tensors, metadata=metadata))
+    if sharded:
+        torch.distributed.barrier()
     return directory
+
+
+def _sharded(model: nn.Module, adapter_name: str) -> bool:
+    """Is any of the adapter's tensors an FSDP2 shard (so every rank takes part in saving it)?"""
+    return any(is_sharded(t) for _, host in hosts(model) if adapter_name in host.adapters
+               for t in host.adapters[adapter_name].state_dict().values())
 
 
 def read_weights(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .adapter import Adapter, InWeightAdapter, LayerGeometry
 from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
+from .weight_kinds import QUANTIZED_MERGE, SHARDED_MERGE, fsdp_managed, is_sharded, quantized_kind
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -28,14 +29,12 @@ except ImportError:  # pragma: no cover - transformers is a runtime dependency, 
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
-# FSDP (fully_shard) re-gathers a sharded weight from its shards for every forward and backward, so
-# values scattered into one gathered copy are lost: training would be silently wrong. Refuse instead.
-FSDP_SHARDED_WEIGHT = (
-    "an adapter that lives in the base weight (SHiRA, MiSS bat) cannot be applied to a weight that FSDP "
-    "shards: FSDP re-gathers the weight from its shards at every forward and backward, which drops the "
-    "scattered values. Keep the adapted layers' base parameters out of sharding, e.g. "
-    "fully_shard(module, ignored_params={p for m in model.modules() if isinstance(m, shirakit.AdapterLinear) "
-    "for p in m.base_layer.parameters()}), or use DistributedDataParallel (see docs/distributed.md)"
+# FSDP (fully_shard) turns the weight into shards after inject; values a forward had already written
+# into the whole weight would be sharded as if they were the base.
+LIVE_BEFORE_FSDP = (
+    "this layer's weight was sharded by FSDP while an in-weight adapter (SHiRA, MiSS bat) was written into it "
+    "(a forward ran before fully_shard): the shards now hold adapter values as if they were the base. Call "
+    "model.state_dict() or shirakit.set_adapter(model, ...) before fully_shard; it takes them out"
 )
 
 
@@ -74,6 +73,7 @@ class AdapterLinear(nn.Module):
                 "adapted in place: build or load the model outside inference mode (torch.no_grad() is fine)"
             )
         self.base_layer = base_layer
+        self.quantized = quantized_kind(base_layer.weight)  # e.g. "Params4bit": adapters run beside it
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []  # LIFO: unmerge pops in reverse order, so overlaps restore exactly
@@ -119,6 +119,10 @@ class AdapterLinear(nn.Module):
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        if self.quantized and adapter.delta_reads_weight:
+            raise ValueError(
+                f"{type(adapter).__name__} computes its delta from the base weight, which is quantized here "
+                f"({self.quantized}); dequantize the base or choose a mode whose delta does not read the weight")
         with self._guard.writing("adding an adapter"):
             self._withdraw_live()
             self.adapters[name] = adapter.to(self.weight.device)
@@ -203,12 +207,14 @@ class AdapterLinear(nn.Module):
     def _in_weight(self, name: str) -> InWeightAdapter | None:
         """The adapter, if it is kept written into the weight while active and unmerged. Never on a
         weight shared with another module (tied embeddings): writing there would change that module
-        too, so SHiRA / MiSS bat run additively (``y = base(x) + adapter(x)``) on such a layer."""
+        too, so SHiRA / MiSS bat run additively (``y = base(x) + adapter(x)``) on such a layer. Nor on
+        a quantized weight: it holds codes, not values (SHiRA then adds ``s x S^T`` beside it)."""
         adapter = self.adapters[name] if name in self.adapters else None
-        return adapter if isinstance(adapter, InWeightAdapter) and not self.weight_shared_with else None
+        in_weight = isinstance(adapter, InWeightAdapter) and not self.weight_shared_with and not self.quantized
+        return adapter if in_weight else None
 
     def _wanted_live(self) -> list[str]:
-        if self.disabled:
+        if self.disabled or fsdp_managed(self.base_layer):  # FSDP: written per gathered copy instead
             return []
         return [n for n in self.active if n not in self.merged and self._in_weight(n) is not None]
 
@@ -237,15 +243,22 @@ class AdapterLinear(nn.Module):
         if self._live_current():
             return
         wanted = self._wanted_live()
-        if wanted and getattr(self.base_layer, "_is_fsdp_managed_module", False):
-            raise RuntimeError(FSDP_SHARDED_WEIGHT)
         self._withdraw_live()
         for name in wanted:
             self._apply_adapter(name)
             self._live.append(name)
 
     # ---- merging ------------------------------------------------------------------------
+    def _check_mergeable(self, names: list[str]) -> None:
+        if self.quantized and names:
+            raise RuntimeError(QUANTIZED_MERGE.format(where=f"a layer with adapters {names}", kind=self.quantized))
+        refused = [n for n in names if not self.adapters[n].merges_into_shards] if is_sharded(self.weight) else []
+        if refused:
+            kinds = sorted({type(self.adapters[n]).__name__ for n in refused})
+            raise RuntimeError(SHARDED_MERGE.format(names=refused, kinds=", ".join(kinds)))
+
     def merge_is_finite(self, names: list[str]) -> bool:
+        self._check_mergeable(names)
         with self._guard.writing("merge"):
             self._withdraw_live()
             return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
@@ -254,6 +267,7 @@ class AdapterLinear(nn.Module):
         """Fold ``names`` into the weight. ``exact``: keep a copy of the weight before each additive
         adapter (LoRA, VeRA, MiSS balance/mini), so unmerge restores it bit-exactly instead of
         subtracting (one weight-sized copy per merged adapter; SHiRA and MiSS bat are always exact)."""
+        self._check_mergeable(names)
         with self._guard.writing("merge"):
             self._withdraw_live()
             if self.weight_shared_with and names:
@@ -332,6 +346,8 @@ class AdapterLinear(nn.Module):
 
     def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routing = ROUTES.get().get(self._guard)  # this call's route, if any (per thread / task)
+        if routing is None and fsdp_managed(self.base_layer):
+            return self._gathered_forward(x, *args, **kwargs)
         if not self._has_in_weight:  # nothing is ever written into this weight by a forward
             if self.merged and self._weight_rewritten():
                 with self._guard.lock:
@@ -386,6 +402,28 @@ class AdapterLinear(nn.Module):
             y = self.base_layer(x, *args, **kwargs)
         for name in pending:
             if self._in_weight(name) is None:
+                y = y + self.adapters[name](x, self.weight).to(y.dtype)
+        return y
+
+    def _gathered_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """FSDP2: the weight is a copy gathered for this forward (and again for its backward).
+
+        A single in-weight adapter that can (SHiRA) writes into that copy, and its backward writes
+        again (the single-process cost); several, or one that cannot (MiSS bat), run additively,
+        reading the clean gathered weight. Nothing stays in the weight or the shards.
+        """
+        if self._live:
+            raise RuntimeError(LIVE_BEFORE_FSDP)
+        pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        in_weight = [n for n in pending if self._in_weight(n) is not None]
+        first = None
+        if len(in_weight) == 1 and hasattr(self.adapters[in_weight[0]], "gathered_forward"):
+            first = in_weight[0]
+            y = self.adapters[first].gathered_forward(self.base_layer, x)
+        else:
+            y = self.base_layer(x, *args, **kwargs)
+        for name in pending:
+            if name != first:
                 y = y + self.adapters[name](x, self.weight).to(y.dtype)
         return y
 

@@ -241,6 +241,7 @@ class MissBatAdapter(_MissShards, InWeightAdapter):
 
     config_class = MissConfig
     mode = "bat"
+    delta_reads_weight = True
 
     def check_shape(self, where: str) -> None:
         in_f, out_f, r = self.geometry.in_features, self.geometry.out_features, self.r

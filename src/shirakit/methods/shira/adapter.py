@@ -26,9 +26,10 @@ from ...adapter import InWeightAdapter, adapter_dtype
 from ...config import AdapterConfig, check_rank, no_serialize
 from ...metrics import SparseDelta
 from ...registry import register
+from ...weight_kinds import full_values, is_sharded, shard_positions, sharded_rows
 from . import compact, grouped, index_io
 from .masks import MASKS, shira_budget, validate_indices
-from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, value_grad_tap
+from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, sparse_delta, value_grad_tap
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ShiraConfig(AdapterConfig):
 class ShiraAdapter(InWeightAdapter):
     config_class = ShiraConfig
     has_compact_layout = True
+    merges_into_shards = True  # scatters each rank's positions into its own rows (see _target)
     _device_tensors = ("_saved", "_merged_values")
     # A hot-swap slot (only where SHiRA runs additively: tied weights) holds the layer's largest K,
     # r being what sets K = r(m+n); positions past an adapter's K are (0, 0) with value 0.
@@ -110,12 +112,15 @@ class ShiraAdapter(InWeightAdapter):
         self._saved_key: object = None  # the layer's name for the weight state _saved was read from
         self._merged_state: object = None  # the values state W0 + s*v was computed for
         self._merged_values: torch.Tensor | None = None  # W0 + s*v last scattered (weight dtype)
+        self._local_map = None  # FSDP2: ((first row, end row), local positions, which values) of a shard
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # FSDP2: (base, written) values
 
     def _set_derived(self, indices: torch.Tensor) -> None:
         """Everything the kernels need, derived once from the (sorted) indices."""
         rows, cols = indices[0].long(), indices[1].long()
         self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
         self._pattern: SparsePattern | None = None  # built on first use
+        self._local_map = None
 
     def pattern(self) -> SparsePattern:
         idx = self.shira_indices
@@ -126,18 +131,12 @@ class ShiraAdapter(InWeightAdapter):
 
     # ---- the maths ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """delta_y = s * x S^T by a sparse product (mixed batches and tied weights, where the weight
-        cannot carry the values). Under torch.compile a gather + index_add instead (dynamo traces no
+        """delta_y = s * x S^T by a sparse product (mixed batches, and weights that cannot carry the
+        values: tied, quantized). Under torch.compile a gather + index_add instead (dynamo traces no
         sparse tensor), reading the indices directly: a hot-swap slot rewrites them in place."""
         if torch.compiler.is_compiling():
             return gathered_delta(x, self.shira_indices, self.shira_weight * self.scale, self.geometry.out_features)
-        crow, col = self.pattern().csr_int32()
-        g = self.geometry
-        values = self.shira_weight * self.scale
-        sparse = torch.sparse_csr_tensor(crow, col, values, (g.out_features, g.in_features), check_invariants=False)
-        x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
-        # contiguous in and out: callers index_add_ the result, ~15x slower from a transposed source
-        return (sparse @ x2.T.contiguous()).T.contiguous().reshape(*x.shape[:-1], -1)
+        return sparse_delta(x, self.shira_weight, self.pattern(), self.scale)
 
     @classmethod
     def add_routed_deltas(cls, layer, y, x, groups) -> None:
@@ -198,21 +197,72 @@ class ShiraAdapter(InWeightAdapter):
             return y
         return value_grad_tap(y, x, self.shira_weight, self.pattern(), self.scale)
 
+    # ---- FSDP2: the gathered copy of a sharded weight -------------------------------------------
+    @torch.no_grad()
+    def write_into_gathered(self, weight: torch.Tensor) -> torch.Tensor:
+        """Scatter W0[idx] + s*v into this forward's gathered copy of an FSDP2-sharded weight.
+
+        The copy is fresh from the clean shards, or (FSDP kept it unsharded since the last
+        forward) still holds what was written last time; reading the K positions tells which, so
+        W0 is never taken from a copy that already carries the values. Returns what was written.
+        """
+        flat = self._flat(weight)
+        current = flat.index_select(0, self._storage_index)
+        kept = self._gathered is not None and torch.equal(current, self._gathered[1])
+        base = self._gathered[0] if kept else current
+        written = self.merged_values(weight, base)
+        self._gathered = (base, written)
+        # index_copy_, not scatter_values' numpy path: numpy pins the storage, and FSDP frees the
+        # gathered copy by resizing its storage to 0
+        flat.index_copy_(0, self._storage_index, written)
+        return written
+
+    def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """FSDP2: the base product on the gathered copy with the values scattered in; the backward
+        (which runs on a copy gathered again from the clean shards) scatters them in again first."""
+        weight = base_layer.weight
+        written = self.write_into_gathered(weight)
+        if not (torch.is_grad_enabled() and self.shira_weight.requires_grad):
+            return base_layer(x)
+        index = self._storage_index
+
+        def refill(gathered: torch.Tensor) -> None:
+            with torch.no_grad():
+                self._flat(gathered).index_copy_(0, index, written)
+
+        return scattered_linear(x, self.shira_weight, weight, base_layer.bias, self.pattern(), self.scale,
+                                self.geometry.fan_in_fan_out, refill)
+
     # ---- scatter merge ----------------------------------------------------------------------
     def _flat(self, weight: torch.Tensor) -> torch.Tensor:
         if not weight.is_contiguous():
             raise RuntimeError("SHiRA merges by scatter into a contiguous weight; this weight is not")
         return weight.view(-1)
 
+    def _target(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(flat storage to write, positions in it, which of the K values go there; None: all).
+
+        An FSDP2-sharded weight is written in this rank's rows only; the global -> local position
+        map is computed once per shard layout.
+        """
+        if not is_sharded(weight):
+            return self._flat(weight), self._storage_index, None
+        local, start, stop = sharded_rows(weight)
+        if self._local_map is None or self._local_map[0] != (start, stop):
+            self._local_map = ((start, stop), *shard_positions(self._storage_index, weight.shape[1], start, stop))
+        return self._flat(local), self._local_map[1], self._local_map[2]
+
     @torch.no_grad()
-    def merged_values(self, weight: torch.Tensor, base_values: torch.Tensor) -> torch.Tensor:
-        """W0[idx] + s*v, computed in fp32, in the weight's dtype."""
-        return (base_values.float() + self.scale * self.shira_weight.float()).to(weight.dtype)
+    def merged_values(self, weight: torch.Tensor, base_values: torch.Tensor, which=None) -> torch.Tensor:
+        """W0[idx] + s*v, computed in fp32, in the weight's dtype (``which``: a subset of the K)."""
+        values = full_values(self.shira_weight)
+        values = values if which is None else values.index_select(0, which)
+        return (base_values.float() + self.scale * values.float()).to(weight.dtype)
 
     @torch.no_grad()
     def merged_is_finite(self, weight: torch.Tensor) -> bool:
-        base = self._flat(weight).index_select(0, self._storage_index)
-        return bool(torch.isfinite(self.merged_values(weight, base)).all())
+        flat, index, which = self._target(weight)
+        return bool(torch.isfinite(self.merged_values(weight, flat.index_select(0, index), which)).all())
 
     def write_into(self, weight: torch.Tensor, base_key: object) -> None:
         """Save the K base values, scatter W0 + s*v in their place.
@@ -220,22 +270,23 @@ class ShiraAdapter(InWeightAdapter):
         When the layer vouches (same ``base_key``) that the weight is the one the saved values
         were read from, the read is skipped: a warm switch is then two scatters.
         """
-        flat = self._flat(weight)
+        flat, index, which = self._target(weight)
         reread = base_key is None or base_key != self._saved_key or self._saved is None
         if reread:
-            self._saved = flat.index_select(0, self._storage_index)
+            self._saved = flat.index_select(0, index)
         self._saved_key = base_key
         state = self.values_state()
         # W0 + s*v is kept too (K values in the weight's dtype), so a warm switch does no arithmetic
         if reread or self._merged_values is None or self._merged_state != state:
-            self._merged_state, self._merged_values = state, self.merged_values(weight, self._saved)
-        scatter_values(flat, self._storage_index, self._merged_values)
+            self._merged_state, self._merged_values = state, self.merged_values(weight, self._saved, which)
+        scatter_values(flat, index, self._merged_values)
         if self.shira_weight.requires_grad:
             self.pattern()  # now, eagerly: a compiled training forward reads it as a plain input
 
     def restore_into(self, weight: torch.Tensor) -> None:
         """Scatter the saved originals back: the base is restored bit-exactly."""
-        scatter_values(self._flat(weight), self._storage_index, self._saved)
+        flat, index, _ = self._target(weight)
+        scatter_values(flat, index, self._saved)
 
     # ---- fusion ------------------------------------------------------------------------------
     @classmethod
@@ -300,16 +351,17 @@ class ShiraAdapter(InWeightAdapter):
             self.shira_weight.data = values  # the file's tensor is ours: take it rather than copy it
         else:
             self.shira_weight.copy_(values)
-        self._saved, self._saved_key, self._merged_values = None, None, None
+        self._saved, self._saved_key, self._merged_values, self._gathered = None, None, None, None
+        self._local_map = None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
-        return compact.encode(self.shira_indices, self.shira_weight.detach(), self.geometry.in_features)
+        return compact.encode(self.shira_indices, full_values(self.shira_weight).detach(), self.geometry.in_features)
 
     def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         return compact.decode(tensors, self.geometry.in_features, source, self.geometry.out_features)
 
     def drop_device_caches(self) -> None:
-        self._pattern = None  # rebuilt on the new device (the int32 product copy follows it)
+        self._pattern, self._local_map, self._gathered = None, None, None  # rebuilt on the new device
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, K={self.shira_weight.numel()}, mask={self.config.mask_type}"

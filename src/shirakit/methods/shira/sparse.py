@@ -39,6 +39,7 @@ class SparsePattern:
         self.crow[1:] = torch.bincount(self.rows, minlength=n_rows).cumsum(0)
         self._csr: torch.Tensor | None = None
         self._csr_int32: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._transposed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -59,6 +60,30 @@ class SparsePattern:
         if self._csr_int32 is None:
             self._csr_int32 = (self.crow.int(), self.cols.int())
         return self._csr_int32
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int32 CSR (crow, col) of S^T and the permutation putting S's values in S^T's order:
+        the input gradient of the additive path, dx = s g S = (S^T g^T)^T, as a sparse product."""
+        if self._transposed is None:
+            n_rows, n_cols = self.shape
+            order = torch.argsort(self.cols * n_rows + self.rows)  # column-major = row-major of S^T
+            crow_t = torch.zeros(n_cols + 1, dtype=torch.int32, device=self.device)
+            crow_t[1:] = torch.bincount(self.cols, minlength=n_cols).cumsum(0)
+            self._transposed = (crow_t, self.rows[order].int(), order)
+        return self._transposed
+
+    def product(self, values: torch.Tensor, x2: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``x2 S^T`` (or ``x2 S`` with ``transpose``) for (T, n) rows ``x2``, S holding ``values``.
+        Contiguous in and out: callers index_add_ the result, ~15x slower from a transposed source."""
+        if transpose:
+            crow, col, order = self.transposed()
+            values, shape = values[order], self.shape[::-1]
+        else:
+            (crow, col), shape = self.csr_int32(), self.shape
+        with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
+            warnings.simplefilter("ignore", UserWarning)
+            sparse = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+        return (sparse @ x2.T.contiguous()).T.contiguous()
 
 
 def _ones_csr(crow: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -94,19 +119,26 @@ def _(grad_out, x, rows, cols, crow):
 
 
 class _ScatteredLinear(torch.autograd.Function):
-    """y = linear(x, W) where W already holds the adapter values; grads for x and the values."""
+    """y = linear(x, W) where W already holds the adapter values; grads for x and the values.
+
+    ``refill(weight)``, when given, writes the values into ``weight`` again before the backward
+    uses it: FSDP2 frees the gathered weight after the forward and gathers it afresh from the
+    (clean) shards for the backward, so the values scattered into the forward's copy are gone.
+    """
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, rows, cols, crow, scale, fan_in_fan_out):
+    def forward(ctx, x, values, weight, bias, rows, cols, crow, scale, fan_in_fan_out, refill=None):
         ctx.save_for_backward(x, weight, rows, cols, crow)
         ctx.scale, ctx.fan_in_fan_out = scale, fan_in_fan_out
-        ctx.values_dtype = values.dtype
+        ctx.values_dtype, ctx.refill = values.dtype, refill
         w_out_in = weight.T if fan_in_fan_out else weight
         return torch.nn.functional.linear(x, w_out_in, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, *pattern = ctx.saved_tensors
+        if ctx.refill is not None:
+            ctx.refill(weight)
         w_out_in = weight.T if ctx.fan_in_fan_out else weight
         grad_x = grad_w = grad_b = grad_v = None
         if ctx.needs_input_grad[0]:
@@ -118,7 +150,7 @@ class _ScatteredLinear(torch.autograd.Function):
             grad_w = g.T if ctx.fan_in_fan_out else g
         if ctx.needs_input_grad[3]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None, None
 
 
 class _ValueGradTap(torch.autograd.Function):
@@ -138,8 +170,46 @@ class _ValueGradTap(torch.autograd.Function):
         return grad_out, None, grad_v, None, None, None, None
 
 
-def scattered_linear(x, values, weight, bias, pattern: SparsePattern, scale: float, fan_in_fan_out: bool):
-    return _ScatteredLinear.apply(x, values, weight, bias, *pattern.tensors(), scale, fan_in_fan_out)
+def scattered_linear(x, values, weight, bias, pattern: SparsePattern, scale: float, fan_in_fan_out: bool,
+                     refill=None):
+    return _ScatteredLinear.apply(x, values, weight, bias, *pattern.tensors(), scale, fan_in_fan_out, refill)
+
+
+class _SparseDelta(torch.autograd.Function):
+    """delta_y = s x S^T; backward dx = s g S (a sparse product with S^T), dv = s SDDMM(g, x).
+
+    torch's own backward of a CSR product forms the dense (m, n) gradient and masks it, a full
+    weight-gradient product: this one does K*T work, as the in-weight path does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, pattern, scale):
+        x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+        ctx.save_for_backward(x2, values)
+        ctx.pattern, ctx.scale, ctx.x_dtype, ctx.x_shape = pattern, scale, x.dtype, x.shape
+        return pattern.product(values * scale, x2).reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, values = ctx.saved_tensors
+        pattern, scale = ctx.pattern, ctx.scale
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(values.dtype)
+        grad_x = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = pattern.product(values * scale, g2, transpose=True).to(ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_v = (sampled_value_grad(g2, x2, *pattern.tensors()) * scale).to(values.dtype)
+        return grad_x, grad_v, None, None
+
+
+def sparse_delta(x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, scale: float) -> torch.Tensor:
+    """``s x S^T`` with S's ``values`` at ``pattern``'s positions, differentiable in x and the values
+    without a dense (m, n) tensor: the additive path, for weights that cannot carry the values
+    (quantized, tied, several SHiRA adapters on one FSDP-gathered copy) and mixed batches."""
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
+        return _SparseDelta.apply(x, values, pattern, scale)
+    x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+    return pattern.product(values * scale, x2).reshape(*x.shape[:-1], -1)
 
 
 def value_grad_tap(y, x, values, pattern: SparsePattern, scale: float):

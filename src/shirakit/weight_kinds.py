@@ -1,0 +1,87 @@
+"""What kind of tensor a base layer's weight is, and what an adapter may do to it in place.
+
+In-weight adapters (SHiRA, MiSS bat) write into the base weight. Two kinds of weight cannot take
+that write as it is:
+
+- **FSDP2-sharded** (``torch.distributed.fsdp.fully_shard``): outside a forward the weight is a
+  DTensor holding this rank's rows; inside a forward it is a full copy gathered from every rank's
+  rows for that forward only (and gathered again for the backward). A merge writes into the local
+  rows (:func:`sharded_rows`, :func:`shard_positions`); training writes into each gathered copy.
+- **quantized** (bitsandbytes ``Params4bit``/``Int8Params``, torchao's quantized tensor
+  subclasses): the stored values are codes, not weights; an adapter runs beside the base layer
+  instead (SHiRA: ``y = base(x) + s x S^T``), and merging is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZED_MERGE = (
+    "cannot merge into the quantized weight of {where} ({kind}): the sum would be re-quantized, which "
+    "moves every value of the block it falls in, not only the adapter's, and could not be unmerged. Keep "
+    "the adapter unmerged (it runs beside the quantized base at the same outputs), or fold it in by hand: "
+    "dequantize the base layer to a float nn.Linear, shirakit.merge (or merge_and_unload), then quantize again"
+)
+
+SHARDED_MERGE = (
+    "cannot merge {names} into the FSDP2-sharded weight of this layer: {kinds} would change every element of "
+    "the weight, which here is split across ranks (only SHiRA merges into the shards, by scattering each "
+    "rank's positions). Merge in one process instead: save the adapter (shirakit.save_adapter on every "
+    "rank), load the full base model and the adapter there, then shirakit.merge / merge_and_unload"
+)
+
+
+def fsdp_managed(module: nn.Module) -> bool:
+    """Is this module's weight managed by FSDP (``fully_shard`` marks every module it manages)?"""
+    return bool(getattr(module, "_is_fsdp_managed_module", False))
+
+
+def is_sharded(weight: torch.Tensor) -> bool:
+    """A DTensor (FSDP2's sharded parameter outside a forward)."""
+    return hasattr(weight, "to_local") and hasattr(weight, "placements")
+
+
+def quantized_kind(weight: torch.Tensor) -> str | None:
+    """The weight's type name if it is a quantized tensor (not plain floating values), else None."""
+    if is_sharded(weight):
+        return None
+    if type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype.is_floating_point:
+        return None
+    return type(weight).__name__ if type(weight) not in (torch.Tensor, nn.Parameter) else f"{weight.dtype} codes"
+
+
+def sharded_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(this rank's rows as a writable tensor, first row, end row) of a dim-0 sharded DTensor.
+
+    FSDP2 shards dim 0 like ``torch.chunk``: ``ceil(rows / world)`` rows per rank, the last ranks
+    possibly short or empty. The local tensor is a view of the storage FSDP all-gathers from, so
+    writing into it changes every later gathered copy.
+    """
+    placements = tuple(weight.placements)
+    if len(placements) != 1 or not placements[0].is_shard(0):
+        raise RuntimeError(
+            f"expected a weight sharded along dim 0 on a 1-D mesh (FSDP2's default), found placements {placements}; "
+            "shirakit writes SHiRA values into local shards only for that layout"
+        )
+    local = weight.to_local()
+    world, rank = weight.device_mesh.size(), weight.device_mesh.get_local_rank()
+    rows = weight.shape[0]
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    stop = min(start + chunk, rows)
+    if local.shape[0] != stop - start:
+        raise RuntimeError(f"rank {rank} holds {local.shape[0]} rows of {rows}; expected {stop - start} (chunked)")
+    return local, start, stop
+
+
+def shard_positions(flat_index: torch.Tensor, row_len: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global flat positions -> (positions in the local rows [start, stop), which of the K fall there)."""
+    lo, hi = start * row_len, stop * row_len
+    selected = ((flat_index >= lo) & (flat_index < hi)).nonzero().squeeze(1)
+    return flat_index[selected] - lo, selected
+
+
+def full_values(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: FSDP shards adapter parameters too (gathering is a collective)."""
+    return param.full_tensor() if is_sharded(param) else param

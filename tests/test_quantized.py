@@ -1,0 +1,157 @@
+"""Adapters over a quantized base (bitsandbytes 4-bit NF4 and 8-bit, on CPU).
+
+The reference is the same network in fp32 holding the *dequantized* weights: an adapter over the
+quantized layer must compute what it computes over those values. Tolerance 1e-5 absolute (fp32
+rounding of products of ~1e-1 values over 64-128 terms; the 4-bit kernels dequantize to fp32
+before their product).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import shirakit
+
+bnb = pytest.importorskip("bitsandbytes")
+
+TOL = 1e-5
+CONFIGS = {
+    "shira": lambda: shirakit.ShiraConfig(r=4, target_modules=["0", "2"], random_seed=1, init_weights=False),
+    "lora": lambda: shirakit.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False),
+    "vera": lambda: shirakit.VeraConfig(r=8, target_modules=["0", "2"], init_weights=False),
+    "miss": lambda: shirakit.MissConfig(r=8, target_modules=["0", "2"], init_weights=False),
+}
+
+
+def dequantized(layer: nn.Module) -> torch.Tensor:
+    weight = layer.weight
+    if isinstance(weight, bnb.nn.Params4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0  # Int8Params: row-scaled codes
+
+
+class MLP(nn.Module):
+    """Layers "0" and "2" as in a Sequential, but a forward of its own (VeRA adds a shared-store
+    submodule to the model, which a Sequential would call as a layer)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return getattr(self, str(i))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[2](self[1](self[0](x)))
+
+
+def inject(model: nn.Module, config: shirakit.AdapterConfig, name: str = "default") -> None:
+    torch.manual_seed(5)  # the adapter's random draws: the same in the quantized and the reference model
+    shirakit.inject(model, config, name)
+
+
+def quantized_pair(kind: str) -> tuple[nn.Module, nn.Module]:
+    """(quantized MLP, fp32 MLP holding the dequantized weights), same biases."""
+    torch.manual_seed(0)
+    dense = MLP([nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)])
+    if kind == "nf4":
+        make = lambda i, o: bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, quant_type="nf4")  # noqa: E731
+    else:
+        make = lambda i, o: bnb.nn.Linear8bitLt(i, o, has_fp16_weights=False)  # noqa: E731
+    quant = MLP([make(64, 128), nn.ReLU(), make(128, 32)])
+    quant.load_state_dict(dense.state_dict())
+    quant = quant.to("cpu")  # bitsandbytes quantizes on the move to a device
+    with torch.no_grad():
+        for i in (0, 2):
+            dense[i].weight.copy_(dequantized(quant[i]))
+    return quant, dense
+
+
+def train(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def assert_adapters_close(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = shirakit.adapter_state_dict(a), shirakit.adapter_state_dict(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=0, atol=TOL, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_adapter_on_quantized_base_trains_like_the_dequantized_reference(kind, method):
+    quant, dense = quantized_pair(kind)
+    for model in (quant, dense):
+        inject(model, CONFIGS[method]())
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(quant(x), dense(x), rtol=0, atol=TOL)
+    train(quant, x)
+    train(dense, x)
+    assert_adapters_close(quant, dense)
+    torch.testing.assert_close(quant(x), dense(x), rtol=0, atol=TOL)
+    assert any(v.abs().max() > 1e-3 for v in shirakit.adapter_state_dict(quant).values() if v.is_floating_point())
+
+
+def test_shira_keeps_no_dequantized_copy_and_leaves_the_codes_alone():
+    quant, _ = quantized_pair("nf4")
+    codes = [quant[i].weight.data.clone() for i in (0, 2)]
+    inject(quant, CONFIGS["shira"]())
+    train(quant, torch.randn(8, 64))
+    for i, layer in enumerate(m for m in quant.modules() if isinstance(m, shirakit.AdapterLinear)):
+        assert torch.equal(layer.weight.data, codes[i]), "the quantized codes were written"
+        dense_numel = layer.in_features * layer.out_features
+        held = [t for t in list(layer.adapters.parameters()) + list(layer.adapters.buffers()) if t.is_floating_point()]
+        held += [v for v in vars(layer.adapters["default"]).values() if isinstance(v, torch.Tensor)]
+        assert all(t.numel() < dense_numel // 4 for t in held), [tuple(t.shape) for t in held]
+
+
+def test_merge_into_a_quantized_weight_is_refused_with_the_way_out():
+    quant, _ = quantized_pair("nf4")
+    inject(quant, CONFIGS["lora"]())
+    before = quant[0].weight.data.clone()
+    with pytest.raises(RuntimeError, match="quantized weight.*dequantize the base layer"):
+        shirakit.merge(quant)
+    assert torch.equal(quant[0].weight.data, before)
+
+
+def test_miss_bat_needs_the_weight_and_is_refused_on_a_quantized_base():
+    quant, _ = quantized_pair("nf4")
+    config = shirakit.MissConfig(r=8, target_modules=["0", "2"], init_weights="bat")
+    with pytest.raises(ValueError, match="quantized"):
+        shirakit.inject(quant, config)
+    assert not any(isinstance(m, shirakit.AdapterLinear) for m in quant.modules())  # rolled back
+
+
+def test_load_adapter_and_route_on_a_quantized_base(tmp_path):
+    quant, dense = quantized_pair("nf4")
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
+    for name, seed in (("a", 1), ("b", 2)):
+        donor = quantized_pair("nf4")[1]
+        shirakit.inject(donor, shirakit.ShiraConfig(r=4, target_modules=["0", "2"], random_seed=seed,
+                                                    init_weights=False))
+        shirakit.save_adapter(donor, tmp_path / name)
+        for model in (quant, dense):
+            shirakit.load_adapter(model, tmp_path / name, adapter_name=name)
+    for name in ("a", "b"):
+        for model in (quant, dense):
+            shirakit.set_adapter(model, name)
+        with torch.no_grad():
+            torch.testing.assert_close(quant(x), dense(x), rtol=0, atol=TOL)
+    # bitsandbytes' eval-mode CPU kernel differs from its train-mode one (~3e-3 here, the base alone):
+    # the routed batch is compared with the same quantized model, one row and one adapter at a time
+    names = ["a", "b", "a", "b", "b", "a"]
+    quant.eval()
+    with torch.no_grad(), shirakit.route(quant, names):
+        mixed = quant(x)
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            shirakit.set_adapter(quant, name)
+            torch.testing.assert_close(mixed[row], quant(x[row: row + 1])[0], rtol=0, atol=TOL)
