@@ -70,7 +70,7 @@ def test_training_and_half_precision_keep_the_sparse_product(monkeypatch):
 def test_adapters_that_come_and_go_are_never_served_stale(monkeypatch, tmp_path):
     """Churn, as a server's cache does it: delete an adapter, load another of the same shapes into
     the same layers, route again: every step equals the per-adapter sparse product."""
-    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "scatter_min_tokens", 10**9)
+    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
     model = _model(torch.float32)
     ids = inputs(batch=len(NAMES), length=1)
     for step in range(4):
