@@ -65,3 +65,21 @@ def test_training_and_half_precision_keep_the_sparse_product(monkeypatch):
     half = _model(torch.bfloat16)
     with torch.inference_mode(), route(half, NAMES):
         assert torch.isfinite(half(input_ids=ids).logits).all()
+
+
+def test_adapters_that_come_and_go_are_never_served_stale(monkeypatch, tmp_path):
+    """Churn, as a server's cache does it: delete an adapter, load another of the same shapes into
+    the same layers, route again: every step equals the per-adapter sparse product."""
+    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "scatter_min_tokens", 10**9)
+    model = _model(torch.float32)
+    ids = inputs(batch=len(NAMES), length=1)
+    for step in range(4):
+        shirakit.delete_adapter(model, "d")
+        config = shirakit.ShiraConfig(r=5, target_modules=TARGETS["llama"], init_weights=False, random_seed=100 + step)
+        shirakit.inject(model, config, "d")
+        shirakit.switch_adapter(model, None)
+        if step == 2:  # and a write into a loaded adapter's values
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "adapters.a." in n).mul_(3)
+        together = _routed(model, ids, True, monkeypatch)
+        assert torch.equal(together, _routed(model, ids, False, monkeypatch))

@@ -122,13 +122,14 @@ class Adapter(nn.Module):
         return cls(*args, **kwargs)
 
     @classmethod
-    def add_routed_deltas(cls, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[Adapter, torch.Tensor]],
-                          weight: torch.Tensor) -> None:
+    def add_routed_deltas(cls, layer: nn.Module, y: torch.Tensor, x: torch.Tensor,
+                          groups: list[tuple[Adapter, torch.Tensor]]) -> None:
         """``y[rows] += adapter(x[rows])`` for each (adapter of this class, row indices) group of a
-        routed batch, in place. Called once per layer and method, so a method can do all its groups
-        in one go (SHiRA: :mod:`shirakit.methods.shira.grouped`); by default one group at a time."""
+        routed batch through ``layer`` (an AdapterLinear), in place. Called once per layer and
+        method, so a method can do all its groups in one go (SHiRA:
+        :mod:`shirakit.methods.shira.grouped`); by default one group at a time."""
         for adapter, rows in groups:
-            delta = adapter(x.index_select(0, rows), weight)
+            delta = adapter(x.index_select(0, rows), layer.weight)
             y.index_add_(0, rows, delta.to(y.dtype))
 
     # ---- shared state across layers (VeRA's projections) -----------------------------------

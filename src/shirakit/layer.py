@@ -457,7 +457,7 @@ class AdapterLinear(nn.Module):
                 adapter = self.adapters[name]
                 by_method.setdefault(type(adapter), []).append((adapter, rows))
         for method, method_groups in by_method.items():  # a method may do all its groups at once
-            method.add_routed_deltas(y, x, method_groups, self.weight)
+            method.add_routed_deltas(self, y, x, method_groups)
         return y
 
     def _run_chunks(self, x: torch.Tensor, chunks: list[tuple[torch.Tensor, str | None]]) -> torch.Tensor:

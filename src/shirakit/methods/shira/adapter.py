@@ -139,13 +139,13 @@ class ShiraAdapter(InWeightAdapter):
         return sparse_delta(x, self.shira_weight, self.pattern(), self.scale)
 
     @classmethod
-    def add_routed_deltas(cls, y, x, groups, weight) -> None:
+    def add_routed_deltas(cls, layer, y, x, groups) -> None:
         """Every SHiRA group of a routed batch in one kernel call where it applies (inference on
         CPU: :mod:`.grouped`), else one sparse product per group."""
         if grouped.can_group(y, x, [adapter for adapter, _ in groups]):
-            grouped.add_grouped(y, x, groups)
+            grouped.add_grouped(layer, y, x, groups, ShiraAdapter)
         else:
-            super().add_routed_deltas(y, x, groups, weight)
+            super().add_routed_deltas(layer, y, x, groups)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry
