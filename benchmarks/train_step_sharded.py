@@ -118,17 +118,21 @@ def measure(args: argparse.Namespace, setting: str, method: str) -> dict:
     return run_torchrun(argv)
 
 
-def run_torchrun(argv: list[str]) -> dict:
-    """This script's worker on 2 processes under torchrun: the RESULT line rank 0 printed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(Path(__file__).resolve()), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_report.REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_report.RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
+def run_torchrun(argv: list[str], tries: int = 2) -> dict:
+    """This script's worker on 2 processes under torchrun: the RESULT line rank 0 printed. A launch
+    that dies is tried once more (once, on the loaded machine, both ranks aborted mid-run with
+    "terminate called without an active exception"; not reproduced since), and the retry is reported."""
+    for attempt in range(1, tries + 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               str(Path(__file__).resolve()), *argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_report.REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_report.RESULT_PREFIX)]
+        if proc.returncode == 0 and lines:
+            return json.loads(lines[-1][len(_report.RESULT_PREFIX):])
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"torchrun worker failed (exit code {proc.returncode})")
-    return json.loads(lines[-1][len(_report.RESULT_PREFIX):])
+        print(f"torchrun launch {attempt}/{tries} failed (exit code {proc.returncode}): {argv}", file=sys.stderr)
+    raise SystemExit("torchrun worker failed")
 
 
 def _free_port() -> int:
