@@ -382,17 +382,21 @@ class AdapterLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         return self._plain_forward(x, *args, **kwargs)
 
+    def _pending(self) -> list[str]:
+        """The active adapters a forward must apply (not merged into the weight, not disabled)."""
+        return [] if self.disabled else [n for n in self.active if n not in self.merged]
+
     def update_weight_only(self) -> None:
         """Is this layer's forward, right now, just ``base_layer(x)``? (no additive adapter pending,
         no in-weight adapter that needs its value gradient). Set by the sync before each call."""
-        pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        pending = self._pending()
         live_grads = torch.is_grad_enabled() and any(
             p.requires_grad for n in self._live for p in self.adapters[n].parameters())
         self.weight_only = not live_grads and all(self._in_weight(n) is not None for n in pending)
 
     def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The active adapters: in-weight ones already written in (``_enter``), the others added."""
-        pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        pending = self._pending()
         live = [self._in_weight(n) for n in pending if self._in_weight(n) is not None]
         if live and torch.is_grad_enabled():
             y = live[0].trainable_base_forward(self.base_layer, x)
@@ -414,7 +418,7 @@ class AdapterLinear(nn.Module):
         """
         if self._live:
             raise RuntimeError(LIVE_BEFORE_FSDP)
-        pending = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        pending = self._pending()
         in_weight = [n for n in pending if self._in_weight(n) is not None]
         first = None
         if len(in_weight) == 1 and hasattr(self.adapters[in_weight[0]], "gathered_forward"):
