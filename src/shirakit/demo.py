@@ -92,7 +92,9 @@ def run(out_dir: str | Path = "demo_out", steps: int = 80, r: int = 8, seq_len: 
     fusion_rows, fused = [], {}
     for method in METHODS:
         names = [f"{method}-{t}" for t in tasks]
-        combine_adapters(model, names, [1.0, 1.0], f"{method}-fused")
+        # each task keeps its own classifier head in the evaluation below (_eval_with_head), so which
+        # head copy the fused adapter carries does not matter: keep the first task's
+        combine_adapters(model, names, [1.0, 1.0], f"{method}-fused", modules_from=names[0])
         for task_name, task in tasks.items():
             alone = _eval_with_head(model, tokenizer, task, f"{method}-{task_name}", f"{method}-{task_name}", seq_len)
             both = _eval_with_head(model, tokenizer, task, f"{method}-fused", f"{method}-{task_name}", seq_len)
