@@ -362,6 +362,17 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     def additive_cost(self, tokens: int) -> float:
         """Estimated CPU seconds of :meth:`forward` (and adding it in) on ``tokens`` tokens."""
 
+    # ---- optional: FSDP2 ----------------------------------------------------------------------
+    #: Can :meth:`gathered_forward` write this adapter into an FSDP2-gathered copy of the weight?
+    #: When False, an FSDP2-sharded layer runs this adapter additively (its :meth:`forward`).
+    writes_gathered_copy: ClassVar[bool] = False
+
+    def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """FSDP2: ``base_layer(x)`` on this forward's gathered copy of the weight with this adapter
+        written into that copy (and, when training, again into the copy its backward gathers).
+        Only called when :attr:`writes_gathered_copy` is True."""
+        raise NotImplementedError(f"{type(self).__name__} does not write into gathered FSDP2 copies")
+
     # ---- what the layer calls --------------------------------------------------------------
     def prefers_weight(self, tokens: int) -> bool:
         """Should a mixed batch's group of ``tokens`` tokens run on the weight with this adapter

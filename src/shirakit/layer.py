@@ -445,7 +445,7 @@ class AdapterLinear(nn.Module):
         pending = self._pending()
         in_weight = [n for n in pending if self._in_weight(n) is not None]
         first = None
-        if len(in_weight) == 1 and hasattr(self.adapters[in_weight[0]], "gathered_forward"):
+        if len(in_weight) == 1 and self.adapters[in_weight[0]].writes_gathered_copy:
             first = in_weight[0]
             y = self.adapters[first].gathered_forward(self.base_layer, x)
         else:

@@ -240,6 +240,8 @@ class ShiraAdapter(InWeightAdapter):
         flat.index_copy_(0, self._storage_index, written)
         return written
 
+    writes_gathered_copy = True
+
     def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """FSDP2: the base product on the gathered copy with the values scattered in; the backward
         (which runs on a copy gathered again from the clean shards) scatters them in again first."""
