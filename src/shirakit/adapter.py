@@ -373,6 +373,19 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
         Only called when :attr:`writes_gathered_copy` is True."""
         raise NotImplementedError(f"{type(self).__name__} does not write into gathered FSDP2 copies")
 
+    # ---- optional: a quantized base ---------------------------------------------------------
+    #: Can :meth:`dequantized_forward` write this adapter into a dense copy of a quantized weight
+    #: dequantized for one product? When False, a quantized layer runs this adapter additively.
+    writes_dequantized_copy: ClassVar[bool] = False
+
+    def dequantized_forward(self, base_layer: nn.Module, x: torch.Tensor, dequantizer) -> torch.Tensor:
+        """Training on a quantized base whose library multiplies by a freshly dequantized dense copy
+        (``dequantizer``: :class:`shirakit.weight_kinds.Dequantizer`): ``base_layer(x)`` computed on
+        such a copy with this adapter written into it, the values' gradient attached, and no dense
+        copy kept for the backward (it dequantizes and writes again). Only called when
+        :attr:`writes_dequantized_copy` is True."""
+        raise NotImplementedError(f"{type(self).__name__} does not write into dequantized copies")
+
     # ---- what the layer calls --------------------------------------------------------------
     def prefers_weight(self, tokens: int) -> bool:
         """Should a mixed batch's group of ``tokens`` tokens run on the weight with this adapter
@@ -430,16 +443,3 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
                 setattr(self, attr, fn(getattr(self, attr)))
         self.drop_device_caches()
         return self
-
-    # ---- optional: a quantized base ---------------------------------------------------------
-    #: Can :meth:`dequantized_forward` write this adapter into a dense copy of a quantized weight
-    #: dequantized for one product? When False, a quantized layer runs this adapter additively.
-    writes_dequantized_copy: ClassVar[bool] = False
-
-    def dequantized_forward(self, base_layer: nn.Module, x: torch.Tensor, dequantizer) -> torch.Tensor:
-        """Training on a quantized base whose library multiplies by a freshly dequantized dense copy
-        (``dequantizer``: :class:`shirakit.weight_kinds.Dequantizer`): ``base_layer(x)`` computed on
-        such a copy with this adapter written into it, the values' gradient attached, and no dense
-        copy kept for the backward (it dequantizes and writes again). Only called when
-        :attr:`writes_dequantized_copy` is True."""
-        raise NotImplementedError(f"{type(self).__name__} does not write into dequantized copies")
