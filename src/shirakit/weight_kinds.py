@@ -115,7 +115,8 @@ def dequantizer(layer: nn.Module, x: torch.Tensor) -> Dequantizer | None:
         return None
     kind = type(weight).__name__
     if kind == "Params4bit":
-        state = getattr(weight, "quant_state", None) or getattr(layer, "quant_state", None)
+        state = getattr(weight, "quant_state", None)
+        state = getattr(layer, "quant_state", None) if state is None else state  # as Linear4bit.forward finds it
         if state is None or getattr(state, "packing_format_for_cpu", False):
             return None
         from bitsandbytes.functional import dequantize_4bit
