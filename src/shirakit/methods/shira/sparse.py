@@ -140,12 +140,11 @@ class _ScatteredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, *pattern = ctx.saved_tensors
-        if ctx.refill is not None:
+        if ctx.refill is not None and ctx.needs_input_grad[0]:  # only dx reads the weight
             weight = ctx.refill(weight)
-        w_out_in = weight.T if ctx.fan_in_fan_out else weight
         grad_x = grad_w = grad_b = grad_v = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ w_out_in
+            grad_x = grad_out @ (weight.T if ctx.fan_in_fan_out else weight)
         if ctx.needs_input_grad[1]:
             grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient
