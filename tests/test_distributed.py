@@ -34,7 +34,8 @@ from tests.models import inputs, tiny_llama  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "dist_worker.py")
 TORCHRUN_JOBS = ["ddp:shira", "ddp:lora", "fsdp:lora", "fsdp:shira", "fsdp:vera", "fsdp:miss", "fsdp:missbat",
-                 "fsdp-ignored:shira", "fsdp-resume:shira", "fsdp-resume:lora"]
+                 "fsdp-ignored:shira", "fsdp-resume:shira", "fsdp-resume:lora",
+                 "fsdp-meta:shira", "fsdp-meta:lora", "fsdp-meta:vera", "fsdp-meta:missbat"]
 ACCELERATE_JOBS = ["accelerate:shira", "accelerate:lora"]
 TRAINER_WORKER = str(ROOT / "tests" / "dist_trainer_worker.py")
 TRAINER_JOBS = ["shira-sgd", "lora-sgd", "shira-adamw", "lora-adamw"]
@@ -178,6 +179,17 @@ def test_fsdp2_shira_merge_unmerge_exact_on_local_shards(torchrun_out):
 def test_fsdp2_shira_with_adapted_base_weights_kept_whole(torchrun_out, reference):
     """The documented way: the adapted layers' base parameters stay unsharded (``ignored_params``)."""
     assert_matches_single_process(torchrun_out, "fsdp-ignored:shira", reference)
+
+
+@pytest.mark.parametrize("method", ["shira", "lora", "vera", "missbat"])
+def test_fsdp2_meta_device_model_with_reset_adapter_parameters(method, torchrun_out, reference):
+    """Never whole on a rank: built and injected on the meta device, sharded, to_empty, base weights
+    copied into the shards, reset_adapter_parameters: the same masks / initial values, losses and
+    saved adapter as one process. Before the reset, a forward is refused (no uninitialized adapter runs)."""
+    assert_matches_single_process(torchrun_out, f"fsdp-meta:{method}", reference)
+    for r in records(torchrun_out, f"fsdp-meta:{method}"):
+        assert r["base_sharded"], r
+        assert "reset_adapter_parameters" in r["meta_before_reset"], r
 
 
 # ---- accelerate launch + FSDP2 config file + transformers.Trainer --------------------------------
