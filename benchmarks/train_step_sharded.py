@@ -11,10 +11,11 @@ global batch of 2 x 256 tokens (FSDP2: 1 x 256 per rank, 1 thread each; one proc
 SGD, and reports the median step time and its peak memory: resident memory above what the process
 held before it built the model (Linux VmHWM, reset after imports), the highest of the ranks.
 Ratios are taken within one repeat and the median over repeats is shown. ``--settings`` runs a
-subset; its section gets markers of its own in ``--write-docs`` (the full run's stays). On the NF4 base SHiRA is
-measured twice: as it trains there (its values written into the dense copy bitsandbytes dequantizes
-for each product) and forced onto the additive path (``base(x) + s x S^T``, what runs where no
-such copy exists), each beside LoRA.
+subset (``int8``, bitsandbytes ``Linear8bitLt``, only on request); a subset's section gets markers
+of its own in ``--write-docs``, so the full run's stays. On a quantized base SHiRA is measured
+twice: as it trains there (its values written into the dense copy bitsandbytes dequantizes for each
+product) and forced onto the additive path (``base(x) + s x S^T``, what runs where no such copy
+exists), each beside LoRA.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ import _report  # noqa: E402
 
 BEGIN, END = "<!-- train_step_sharded:begin -->", "<!-- train_step_sharded:end -->"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SETTINGS = ("single", "fsdp2", "nf4")
-METHODS = {"single": ("shira", "lora"), "fsdp2": ("shira", "lora"), "nf4": ("shira", "shira-additive", "lora")}
+SETTINGS = ("single", "fsdp2", "nf4", "int8")
+DEFAULT_SETTINGS = ("single", "fsdp2", "nf4")  # int8 (bitsandbytes Linear8bitLt) on request
+QUANTIZED = ("nf4", "int8")
+METHODS = {"single": ("shira", "lora"), "fsdp2": ("shira", "lora"), "nf4": ("shira", "shira-additive", "lora"),
+           "int8": ("shira", "shira-additive", "lora")}
 
 
 def proc_kib(field: str) -> int:
@@ -45,7 +49,7 @@ def proc_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def build(args: argparse.Namespace, method: str, quantized: bool) -> torch.nn.Module:
+def build(args: argparse.Namespace, method: str, quantized: str | None) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import shirakit
@@ -56,21 +60,26 @@ def build(args: argparse.Namespace, method: str, quantized: bool) -> torch.nn.Mo
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     if quantized:
-        quantize_nf4(model)
+        quantize(model, quantized)
     r = args.adapter_rank
     adapter = (shirakit.ShiraConfig(r=r, target_modules=TARGETS, random_seed=0) if method.startswith("shira") else
                shirakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
     return shirakit.inject(model, adapter).train()
 
 
-def quantize_nf4(model: torch.nn.Module) -> None:
-    """Every targeted projection becomes a bitsandbytes NF4 Linear4bit (fp32 compute)."""
+def quantize(model: torch.nn.Module, kind: str) -> None:
+    """Every targeted projection becomes a bitsandbytes NF4 ``Linear4bit`` (fp32 compute) or an 8-bit
+    ``Linear8bitLt`` (int8 codes, no fp16 copy)."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in TARGETS:
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4")
+            if kind == "nf4":
+                q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+            else:
+                q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                        has_fp16_weights=False)
             q.load_state_dict(module.state_dict())
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, q.to("cpu"))  # quantized on the move
@@ -93,12 +102,12 @@ def worker(args: argparse.Namespace) -> None:
 
         shirakit.layer.dequantizer = lambda layer, x: None
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports are not the model's memory)
-    if args.worker == "nf4":
+    if args.worker in QUANTIZED:
         import bitsandbytes  # noqa: F401
     with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on
         f.write("5")
     before = proc_kib("VmRSS")
-    model = build(args, args.method, quantized=args.worker == "nf4")
+    model = build(args, args.method, quantized=args.worker if args.worker in QUANTIZED else None)
     if distributed:
         for layer in model.model.layers:
             fully_shard(layer)
@@ -182,7 +191,7 @@ def report(args: argparse.Namespace, runs: list[dict], facts: dict[str, str], co
     body = _report.table(["setting", "method", "step (median)", "peak memory (max over ranks)",
                           "SHiRA / LoRA step", "memory / one process"], rows)
     return "\n".join([
-        "## Train step on a sharded (FSDP2) and a quantized (NF4) base" if args.settings == SETTINGS else
+        "## Train step on a sharded (FSDP2) and a quantized (NF4) base" if args.settings == DEFAULT_SETTINGS else
         f"## Train step, settings {', '.join(args.settings)}, {args.layers} layers", "",
         f"- Date: {facts['date']}", f"- Machine: {facts['machine']}", f"- Software: {facts['software']}",
         f"- Command: `{command}`", f"- Repeats: {args.repeats} (medians; ratios within a repeat, then the median)",
@@ -191,8 +200,9 @@ def report(args: argparse.Namespace, runs: list[dict], facts: dict[str, str], co
         f"{args.steps} timed steps after {args.warmup} warm-up",
         "- single: one process, 1 thread; fsdp2: `torchrun --nproc_per_node=2`, gloo, `fully_shard` per decoder "
         f"layer and at the root (adapted weights sharded), 1 x {args.seq} tokens and 1 thread per rank; nf4: one "
-        "process, the 7 projections as bitsandbytes `Linear4bit` (NF4, fp32 compute); shira-additive: SHiRA forced "
-        "onto its additive path there (`base(x) + s x S^T`) instead of writing into the dequantized copy",
+        "process, the 7 projections as bitsandbytes `Linear4bit` (NF4, fp32 compute); int8: the same with "
+        "`Linear8bitLt` (int8 codes); shira-additive: SHiRA forced onto its additive path there "
+        "(`base(x) + s x S^T`) instead of writing into the dequantized copy",
         "- Peak memory: resident memory above the process's own before it built the model (VmHWM)", "",
         "Targets (issue 15): SHiRA/LoRA step <= 1.1 under FSDP2 and on the quantized base; FSDP2 peak memory per "
         "rank <= 0.6 x the one-process run's.", "", body])
@@ -211,8 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--settings", type=_settings, default=SETTINGS,
-                        help="comma-separated subset of " + ",".join(SETTINGS) + " (default: all)")
+    parser.add_argument("--settings", type=_settings, default=DEFAULT_SETTINGS,
+                        help="comma-separated subset of " + ",".join(SETTINGS) + " (default: "
+                        + ",".join(DEFAULT_SETTINGS) + ")")
     parser.add_argument("--write-docs", type=Path)
     args = parser.parse_args(argv)
     if args.worker:
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append({(s, m): measure(args, s, m) for s in args.settings for m in METHODS[s]})
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
     begin, end = BEGIN, END
-    if args.settings != SETTINGS:  # a subset: its own section, so the full run's rows stay
+    if args.settings != DEFAULT_SETTINGS:  # a subset: its own section, so the full run's rows stay
         key = f"[{','.join(args.settings)} {args.layers} layers]"
         begin, end = (marker.replace(":", key + ":") for marker in (BEGIN, END))
     _report.publish(report(args, runs, facts, _report.command_line("benchmarks/train_step_sharded.py", argv)),
