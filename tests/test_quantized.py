@@ -22,6 +22,7 @@ from torch import nn
 
 import shirakit
 import shirakit.layer
+import shirakit.weight_kinds
 from shirakit.weight_kinds import Dequantizer
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -247,3 +248,28 @@ def test_load_adapter_and_route_on_a_quantized_base(tmp_path):
         for row, name in enumerate(names):
             shirakit.set_adapter(quant, name)
             torch.testing.assert_close(mixed[row], quant(x[row: row + 1])[0], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("method", ["shira", "lora"])
+def test_training_after_bitsandbytes_repacked_the_weight_for_inference_is_refused(method):
+    """An eval-mode forward without gradients lets bitsandbytes (CPUs with AVX512-BF16) repack a 4-bit
+    weight for inference; its product there has no backward, so training on would silently give the
+    layers below no gradient. The next forward that needs an input gradient is refused; evaluating
+    in train mode under no_grad keeps the layout trainable."""
+    quant, dense = quantized_pair("nf4")
+    for model in (quant, dense):
+        inject(model, CONFIGS[method]())
+    x = torch.randn(8, 64)
+    with torch.no_grad():  # train mode: nothing is repacked, training goes on as before
+        quant(x)
+    train(quant, x, steps=1)
+    train(dense, x, steps=1)
+    assert_adapters_close(quant, dense)
+    quant.eval()
+    with torch.no_grad():
+        quant(x)
+    if not shirakit.weight_kinds.repacked_for_inference(quant[0]):
+        pytest.skip("bitsandbytes did not repack here (no AVX512-BF16 on this CPU)")
+    quant.train()
+    with pytest.raises(RuntimeError, match="repacked for CPU inference.*train mode under torch.no_grad"):
+        quant(x.requires_grad_())

@@ -20,7 +20,16 @@ from torch import nn
 
 from .adapter import Adapter, InWeightAdapter, LayerGeometry
 from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
-from .weight_kinds import QUANTIZED_MERGE, SHARDED_MERGE, dequantizer, fsdp_managed, is_sharded, quantized_kind
+from .weight_kinds import (
+    QUANTIZED_MERGE,
+    REPACKED_FOR_INFERENCE,
+    SHARDED_MERGE,
+    dequantizer,
+    fsdp_managed,
+    is_sharded,
+    quantized_kind,
+    repacked_for_inference,
+)
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -417,6 +426,8 @@ class AdapterLinear(nn.Module):
         dequantizes for this product anyway (:func:`~shirakit.weight_kinds.dequantizer`: bitsandbytes
         on CPU): ``y = x (deq(W) + delta)^T + b``, its backward dequantizing again. The codes are
         never written; no dense copy outlives its product."""
+        if torch.is_grad_enabled() and x.requires_grad and repacked_for_inference(self.base_layer):
+            raise RuntimeError(REPACKED_FOR_INFERENCE)
         first, copy_of = None, None
         if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not (
                 self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks):

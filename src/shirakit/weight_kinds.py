@@ -91,6 +91,20 @@ def full_values(param: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value: FSDP shards adapter parameters too (gathering is a collective)."""
     return param.full_tensor() if is_sharded(param) else param
 
+REPACKED_FOR_INFERENCE = (
+    "this layer's bitsandbytes 4-bit weight was repacked for CPU inference by an eval-mode forward without "
+    "gradients (bitsandbytes 0.50 does that on CPUs with AVX512-BF16, rounding the block scales to bf16); its "
+    "product on that layout has no backward, so the input would get no gradient and every layer below would "
+    "train on a wrong one. To evaluate between training steps, keep the model in train mode under "
+    "torch.no_grad() (bitsandbytes repacks only in eval mode), or reload the quantized base"
+)
+
+
+def repacked_for_inference(layer: nn.Module) -> bool:
+    """Has bitsandbytes repacked this 4-bit layer's weight into its CPU inference layout?"""
+    state = getattr(layer.weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
 
 class Dequantizer(NamedTuple):
     """How a quantized layer's library computes its training product: ``linear(x.to(dtype), weight(), b)``."""
