@@ -363,6 +363,30 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     def additive_cost(self, tokens: int) -> float:
         """Estimated CPU seconds of :meth:`forward` (and adding it in) on ``tokens`` tokens."""
 
+    # ---- optional: FSDP2 ----------------------------------------------------------------------
+    #: Can :meth:`gathered_forward` write this adapter into an FSDP2-gathered copy of the weight?
+    #: When False, an FSDP2-sharded layer runs this adapter additively (its :meth:`forward`).
+    writes_gathered_copy: ClassVar[bool] = False
+
+    def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """FSDP2: ``base_layer(x)`` on this forward's gathered copy of the weight with this adapter
+        written into that copy (and, when training, again into the copy its backward gathers).
+        Only called when :attr:`writes_gathered_copy` is True."""
+        raise NotImplementedError(f"{type(self).__name__} does not write into gathered FSDP2 copies")
+
+    # ---- optional: a quantized base ---------------------------------------------------------
+    #: Can :meth:`dequantized_forward` write this adapter into a dense copy of a quantized weight
+    #: dequantized for one product? When False, a quantized layer runs this adapter additively.
+    writes_dequantized_copy: ClassVar[bool] = False
+
+    def dequantized_forward(self, base_layer: nn.Module, x: torch.Tensor, dequantizer) -> torch.Tensor:
+        """Training on a quantized base whose library multiplies by a freshly dequantized dense copy
+        (``dequantizer``: :class:`shirakit.weight_kinds.Dequantizer`): ``base_layer(x)`` computed on
+        such a copy with this adapter written into it, the values' gradient attached, and no dense
+        copy kept for the backward (it dequantizes and writes again). Only called when
+        :attr:`writes_dequantized_copy` is True."""
+        raise NotImplementedError(f"{type(self).__name__} does not write into dequantized copies")
+
     # ---- what the layer calls --------------------------------------------------------------
     def prefers_weight(self, tokens: int) -> bool:
         """Should a mixed batch's group of ``tokens`` tokens run on the weight with this adapter

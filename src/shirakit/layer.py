@@ -20,7 +20,16 @@ from torch import nn
 
 from .adapter import Adapter, InWeightAdapter, LayerGeometry
 from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
-from .weight_kinds import QUANTIZED_MERGE, SHARDED_MERGE, fsdp_managed, is_sharded, quantized_kind
+from .weight_kinds import (
+    QUANTIZED_MERGE,
+    REPACKED_FOR_INFERENCE,
+    SHARDED_MERGE,
+    dequantizer,
+    fsdp_managed,
+    is_sharded,
+    quantized_kind,
+    repacked_for_inference,
+)
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -400,6 +409,8 @@ class AdapterLinear(nn.Module):
     def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The active adapters: in-weight ones already written in (``_enter``), the others added."""
         pending = self._pending()
+        if self.quantized:
+            return self._quantized_forward(x, pending, *args, **kwargs)
         live = [self._in_weight(n) for n in pending if self._in_weight(n) is not None]
         if live and torch.is_grad_enabled():
             y = live[0].trainable_base_forward(self.base_layer, x)
@@ -409,6 +420,30 @@ class AdapterLinear(nn.Module):
             y = self.base_layer(x, *args, **kwargs)
         for name in pending:
             if self._in_weight(name) is None:
+                y = y + self.adapters[name](x, self.weight).to(y.dtype)
+        return y
+
+    def _quantized_forward(self, x: torch.Tensor, pending: list[str], *args, **kwargs) -> torch.Tensor:
+        """A quantized base: ``y = base(x) + sum a(x)`` over the pending adapters, except that while
+        training, the first one that can (SHiRA) writes itself into the dense copy the library
+        dequantizes for this product anyway (:func:`~shirakit.weight_kinds.dequantizer`: bitsandbytes
+        on CPU): ``y = x (deq(W) + delta)^T + b``, its backward dequantizing again. The codes are
+        never written; no dense copy outlives its product."""
+        if torch.is_grad_enabled() and x.requires_grad and repacked_for_inference(self.base_layer):
+            raise RuntimeError(REPACKED_FOR_INFERENCE)
+        first, copy_of = None, None
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not (
+                self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks):
+            writers = [n for n in pending if isinstance(self.adapters[n], InWeightAdapter)
+                       and self.adapters[n].writes_dequantized_copy and self.adapters[n].trained_values().requires_grad]
+            copy_of = dequantizer(self.base_layer, x) if writers else None
+            first = writers[0] if copy_of is not None else None
+        if first is None:
+            y = self.base_layer(x, *args, **kwargs)
+        else:
+            y = self.adapters[first].dequantized_forward(self.base_layer, x, copy_of)
+        for name in pending:
+            if name != first:
                 y = y + self.adapters[name](x, self.weight).to(y.dtype)
         return y
 
@@ -424,7 +459,7 @@ class AdapterLinear(nn.Module):
         pending = self._pending()
         in_weight = [n for n in pending if self._in_weight(n) is not None]
         first = None
-        if len(in_weight) == 1 and hasattr(self.adapters[in_weight[0]], "gathered_forward"):
+        if len(in_weight) == 1 and self.adapters[in_weight[0]].writes_gathered_copy:
             first = in_weight[0]
             y = self.adapters[first].gathered_forward(self.base_layer, x)
         else:

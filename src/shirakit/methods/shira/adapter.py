@@ -250,6 +250,8 @@ class ShiraAdapter(InWeightAdapter):
         flat.index_copy_(0, self._storage_index, written)
         return written
 
+    writes_gathered_copy = True
+
     def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """FSDP2: the base product on the gathered copy with the values scattered in; the backward
         (which runs on a copy gathered again from the clean shards) scatters them in again first."""
@@ -259,12 +261,43 @@ class ShiraAdapter(InWeightAdapter):
             return base_layer(x)
         index = self._storage_index
 
-        def refill(gathered: torch.Tensor) -> None:
+        def refill(gathered: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 self._flat(gathered).index_copy_(0, index, written)
+            return gathered
 
         return scattered_linear(x, self.shira_weight, weight, base_layer.bias, self.pattern(), self.scale,
                                 self.geometry.fan_in_fan_out, refill)
+
+    # ---- a quantized base: the dequantized copy of one product ---------------------------------
+    writes_dequantized_copy = True
+
+    def dequantized_forward(self, base_layer: nn.Module, x: torch.Tensor, dequantizer) -> torch.Tensor:
+        """y = x (deq(W) + s S)^T + b, on a dense copy the library would dequantize for this product
+        anyway (bitsandbytes on CPU), with W0[idx] + s*v written into it; the backward dequantizes
+        again and writes the same K values (dx = g (deq(W) + s S)), then dv = s * SDDMM(g, x).
+
+        The codes are never written and no dense copy outlives its product: a layer holds one only
+        while its own forward or backward multiplies by it, as bitsandbytes' own path does. Costs
+        over the frozen quantized base: two K-value writes and the SDDMM, where the additive path
+        adds two sparse products as well (``benchmarks/train_step_sharded.py``, ``nf4`` rows).
+        """
+        index = self._storage_index
+        dense = dequantizer.weight()
+        flat = self._flat(dense)
+        written = self.merged_values(dense, flat.index_select(0, index))  # K values, kept for the backward
+        flat.index_copy_(0, index, written)
+
+        def refill(_: None) -> torch.Tensor:
+            again = dequantizer.weight()
+            self._flat(again).index_copy_(0, index, written)
+            return again
+
+        bias = base_layer.bias
+        bias = None if bias is None else bias.to(dequantizer.dtype)
+        y = scattered_linear(x.to(dequantizer.dtype), self.shira_weight, dense, bias, self.pattern(), self.scale,
+                             False, refill, transient=True)
+        return y.to(x.dtype)
 
     # ---- scatter merge ----------------------------------------------------------------------
     def _flat(self, weight: torch.Tensor) -> torch.Tensor:
