@@ -219,8 +219,11 @@ class AdapterLinear(nn.Module):
         too, so SHiRA / MiSS bat run additively (``y = base(x) + adapter(x)``) on such a layer. Nor on
         a quantized weight: it holds codes, not values (SHiRA then adds ``s x S^T`` beside it)."""
         adapter = self.adapters[name] if name in self.adapters else None
-        in_weight = isinstance(adapter, InWeightAdapter) and not self.weight_shared_with and not self.quantized
-        return adapter if in_weight else None
+        return adapter if isinstance(adapter, InWeightAdapter) and self._weight_writable() else None
+
+    def _weight_writable(self) -> bool:
+        """May adapters be kept written into this weight? (see :meth:`_in_weight`)"""
+        return not self.weight_shared_with and not self.quantized
 
     def _wanted_live(self) -> list[str]:
         if self.disabled or gathered_per_call(self.base_layer):  # FSDP, ZeRO-3: written per gathered copy
@@ -479,24 +482,27 @@ class AdapterLinear(nn.Module):
         self._withdraw_live()
         if self.disabled:
             return self.base_layer(x)
-        tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-        in_weight = []
+        tokens_per_row = x.numel() // (x.shape[0] * x.shape[-1]) if x.dim() > 1 and x.numel() else 1
+        adapters = self.adapters
+        writable = self._weight_writable()
+        in_weight: list[tuple[str, torch.Tensor]] = []
+        by_method: dict[type, list[tuple[Adapter, torch.Tensor]]] = {}
         for name, rows in groups:
-            live = self._in_weight(name)
-            if live is not None and live.prefers_weight(rows.numel() * tokens_per_row):
+            adapter = adapters[name] if name in adapters else None
+            if adapter is None:
+                continue
+            tokens = rows.numel() * tokens_per_row
+            if writable and isinstance(adapter, InWeightAdapter) and adapter.prefers_weight(tokens):
                 in_weight.append((name, rows))
-        done = {name for name, _ in in_weight}
+            else:
+                by_method.setdefault(type(adapter), []).append((adapter, rows))
         if in_weight:
+            done = {name for name, _ in in_weight}
             rest = [rows for name, rows in groups if name not in done]
             chunks = ([(torch.cat(rest), None)] if rest else []) + [(rows, name) for name, rows in in_weight]
             y = self._run_chunks(x, chunks)
         else:
             y = self.base_layer(x)
-        by_method: dict[type, list[tuple[Adapter, torch.Tensor]]] = {}
-        for name, rows in groups:
-            if name in self.adapters and name not in done:
-                adapter = self.adapters[name]
-                by_method.setdefault(type(adapter), []).append((adapter, rows))
         for method, method_groups in by_method.items():  # a method may do all its groups at once
             method.add_routed_deltas(self, y, x, method_groups)
         return y
