@@ -337,6 +337,8 @@ def method_worker(args: argparse.Namespace, method: str) -> dict:
     ids = torch.randint(args.vocab, (args.rows, args.seq), generator=gen)
     next_ids = torch.randint(args.vocab, (args.rows, 1), generator=gen)
     result = {"method": method, "label": METHODS[method][1]}
+    if method == "shira":
+        result["routes"] = weight_routes(runner.model, args)
     with torch.inference_mode():
         if runner.has_adapters:
             runner.activate(runner.adapters[0])
@@ -363,6 +365,19 @@ def method_worker(args: argparse.Namespace, method: str) -> dict:
             decode["mixed"] = (lambda: None, lambda: step("mixed"))
         result["decode"] = time_workload(decode, args.decode_block, args, self_timed=True)
     return result
+
+
+def weight_routes(model, args: argparse.Namespace) -> dict[str, list[int]]:
+    """Per workload, [layers whose cost model puts a group on the scattered weight, layers]: what
+    ``prefers_weight`` answers in inference for a group's tokens (prefill: rows / 4 x seq; decode:
+    rows / 4)."""
+    from shirakit.state import adapter_layers
+
+    layers = [layer.adapters["a0"] for _, layer in adapter_layers(model)]
+    group_rows = args.rows // N_ADAPTERS
+    with torch.inference_mode():
+        return {workload: [sum(a.prefers_weight(tokens) for a in layers), len(layers)]
+                for workload, tokens in (("prefill", group_rows * args.seq), ("decode", group_rows))}
 
 
 # ---- SHiRA crossover: sparse product vs scattered weight, per token count ---------------------
@@ -631,10 +646,12 @@ def width_section(args, results: dict) -> str:
             single, mixed = (statistics.median(w[m]["cpu"]) for m in ("single", "mixed"))
             ratio = mixed / single
             cells += [f"{ms(single)} / {ms(mixed)}", f"**{ratio:.2f}x**", "yes" if ratio <= WIDTH_TARGET else "**no**"]
+        routes = res.get("routes")
+        cells.append(" / ".join(f"{routes[w][0]} of {routes[w][1]}" for w in ("prefill", "decode")) if routes else "-")
         rows.append(cells)
     return table(["method", "hidden x intermediate", "prefill CPU single / mixed (ms)", "prefill mixed / single",
                   f"<= {WIDTH_TARGET}x", "decode CPU single / mixed (ms)", "decode mixed / single",
-                  f"<= {WIDTH_TARGET}x"], rows)
+                  f"<= {WIDTH_TARGET}x", "layers on the written-in weight, prefill / decode"], rows)
 
 
 def report(args, facts: dict, results: dict, command: str, load_end: float) -> str:
@@ -668,10 +685,15 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
             f"max abs diff <= {ATOL:g} on all prefill logits and on the decode step's logits.",
         ]),
     ]
+    routes = results.get("shira", {}).get("routes")
+    picked = ""
+    if routes:
+        picked = (f"; here groups of {a.rows // N_ADAPTERS * a.seq} tokens (prefill) go on the scattered weight in "
+                  f"{routes['prefill'][0]} of {routes['prefill'][1]} layers, groups of {a.rows // N_ADAPTERS} tokens "
+                  f"(decode) in {routes['decode'][0]} of {routes['decode'][1]} (the others: the sparse product)")
     parts[-1] += ("\n- shirakit SHiRA in the mixed batch: each layer picks, per group, the scattered weight or the "
                   "sparse product by its cost model (`InWeightAdapter.prefers_weight`: the layer's m, n, K and the "
-                  f"group's tokens); here groups of {a.rows // N_ADAPTERS * a.seq} tokens (prefill) run on the "
-                  f"scattered weight, groups of {a.rows // N_ADAPTERS} tokens (decode) through the sparse product.")
+                  f"group's tokens){picked}.")
     parts += [
         f"### Prefill ({a.rows} x {a.seq} tokens)", workload_table(results, "prefill"),
         f"### Decode step ({a.rows} x 1 token, {a.seq}-token cache)", workload_table(results, "decode"),

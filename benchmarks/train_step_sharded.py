@@ -2,14 +2,20 @@
 the adapted weights sharded too) and a quantized base (bitsandbytes NF4), each next to the plain
 one-process run of the same model (issue 15's targets).
 
-    python benchmarks/train_step_sharded.py [--steps 5] [--repeats 3] [--write-docs docs/benchmarks.md]
+    python benchmarks/train_step_sharded.py [--steps 5] [--repeats 3] [--settings single,nf4]
+                                            [--write-docs docs/benchmarks.md]
 
 Every measurement is a fresh process (FSDP2: a ``torchrun --nproc_per_node=2`` launch) that trains
 one Llama-shaped model (hidden 1024, MLP 2816, 2 layers, the 7 projections adapted, r=16) on a
 global batch of 2 x 256 tokens (FSDP2: 1 x 256 per rank, 1 thread each; one process: 1 thread),
 SGD, and reports the median step time and its peak memory: resident memory above what the process
 held before it built the model (Linux VmHWM, reset after imports), the highest of the ranks.
-Ratios are taken within one repeat and the median over repeats is shown.
+Ratios are taken within one repeat and the median over repeats is shown. ``--settings`` runs a
+subset (``int8``, bitsandbytes ``Linear8bitLt``, only on request); a subset's section gets markers
+of its own in ``--write-docs``, so the full run's stays. On a quantized base SHiRA is measured
+twice: as it trains there (its values written into the dense copy bitsandbytes dequantizes for each
+product) and forced onto the additive path (``base(x) + s x S^T``, what runs where no such copy
+exists), each beside LoRA.
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ import _report  # noqa: E402
 
 BEGIN, END = "<!-- train_step_sharded:begin -->", "<!-- train_step_sharded:end -->"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SETTINGS = ("single", "fsdp2", "nf4")
+SETTINGS = ("single", "fsdp2", "nf4", "int8")
+DEFAULT_SETTINGS = ("single", "fsdp2", "nf4")  # int8 (bitsandbytes Linear8bitLt) on request
+QUANTIZED = ("nf4", "int8")
+METHODS = {"single": ("shira", "lora"), "fsdp2": ("shira", "lora"), "nf4": ("shira", "shira-additive", "lora"),
+           "int8": ("shira", "shira-additive", "lora")}
 
 
 def proc_kib(field: str) -> int:
@@ -39,7 +49,7 @@ def proc_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def build(args: argparse.Namespace, method: str, quantized: bool) -> torch.nn.Module:
+def build(args: argparse.Namespace, method: str, quantized: str | None) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import shirakit
@@ -50,21 +60,26 @@ def build(args: argparse.Namespace, method: str, quantized: bool) -> torch.nn.Mo
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     if quantized:
-        quantize_nf4(model)
+        quantize(model, quantized)
     r = args.adapter_rank
-    adapter = (shirakit.ShiraConfig(r=r, target_modules=TARGETS, random_seed=0) if method == "shira" else
+    adapter = (shirakit.ShiraConfig(r=r, target_modules=TARGETS, random_seed=0) if method.startswith("shira") else
                shirakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
     return shirakit.inject(model, adapter).train()
 
 
-def quantize_nf4(model: torch.nn.Module) -> None:
-    """Every targeted projection becomes a bitsandbytes NF4 Linear4bit (fp32 compute)."""
+def quantize(model: torch.nn.Module, kind: str) -> None:
+    """Every targeted projection becomes a bitsandbytes NF4 ``Linear4bit`` (fp32 compute) or an 8-bit
+    ``Linear8bitLt`` (int8 codes, no fp16 copy)."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in TARGETS:
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4")
+            if kind == "nf4":
+                q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+            else:
+                q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                        has_fp16_weights=False)
             q.load_state_dict(module.state_dict())
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, q.to("cpu"))  # quantized on the move
@@ -82,13 +97,17 @@ def worker(args: argparse.Namespace) -> None:
     else:
         rank, world = 0, 1
     batch = torch.randint(args.vocab, (2, args.seq), generator=torch.Generator().manual_seed(1)).chunk(world)[rank]
+    if args.method == "shira-additive":  # no dequantized copy found: SHiRA runs beside the quantized base
+        import shirakit.layer
+
+        shirakit.layer.dequantizer = lambda layer, x: None
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports are not the model's memory)
-    if args.worker == "nf4":
+    if args.worker in QUANTIZED:
         import bitsandbytes  # noqa: F401
     with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on
         f.write("5")
     before = proc_kib("VmRSS")
-    model = build(args, args.method, quantized=args.worker == "nf4")
+    model = build(args, args.method, quantized=args.worker if args.worker in QUANTIZED else None)
     if distributed:
         for layer in model.model.layers:
             fully_shard(layer)
@@ -141,10 +160,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _settings(text: str) -> tuple[str, ...]:
+    chosen = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in SETTINGS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(SETTINGS)}, found {text!r}")
+    return tuple(s for s in SETTINGS if s in chosen)
+
+
 SIZE_FLAGS = ("hidden", "intermediate", "layers", "vocab", "seq", "adapter_rank", "steps", "warmup")
 
 
 def report(args: argparse.Namespace, runs: list[dict], facts: dict[str, str], command: str) -> str:
+    """The section's text (``publish`` puts the markers around it)."""
     def med(setting: str, method: str, key: str) -> float:
         return statistics.median(run[setting, method][key] for run in runs)
 
@@ -152,16 +180,19 @@ def report(args: argparse.Namespace, runs: list[dict], facts: dict[str, str], co
         return f"{statistics.median(run[num][key] / run[den][key] for run in runs):.2f}"
 
     rows = []
-    for setting in SETTINGS:
-        for method in ("shira", "lora"):
+    for setting in args.settings:
+        for method in METHODS[setting]:
+            single = ("single", method.split("-")[0])
             rows.append([setting, method, f"{med(setting, method, 'step_s') * 1e3:.0f} ms",
                          f"{med(setting, method, 'peak_kib') / 1024:.0f} MiB",
-                         ratio((setting, "shira"), (setting, "lora"), "step_s") if method == "shira" else "",
-                         ratio((setting, method), ("single", method), "peak_kib") if setting != "single" else ""])
+                         ratio((setting, method), (setting, "lora"), "step_s") if method != "lora" else "",
+                         ratio((setting, method), single, "peak_kib")
+                         if setting != "single" and "single" in args.settings else ""])
     body = _report.table(["setting", "method", "step (median)", "peak memory (max over ranks)",
                           "SHiRA / LoRA step", "memory / one process"], rows)
     return "\n".join([
-        BEGIN, "## Train step on a sharded (FSDP2) and a quantized (NF4) base", "",
+        "## Train step on a sharded (FSDP2) and a quantized (NF4) base" if args.settings == DEFAULT_SETTINGS else
+        f"## Train step, settings {', '.join(args.settings)}, {args.layers} layers", "",
         f"- Date: {facts['date']}", f"- Machine: {facts['machine']}", f"- Software: {facts['software']}",
         f"- Command: `{command}`", f"- Repeats: {args.repeats} (medians; ratios within a repeat, then the median)",
         f"- Model: Llama-shaped, hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, vocab "
@@ -169,16 +200,18 @@ def report(args: argparse.Namespace, runs: list[dict], facts: dict[str, str], co
         f"{args.steps} timed steps after {args.warmup} warm-up",
         "- single: one process, 1 thread; fsdp2: `torchrun --nproc_per_node=2`, gloo, `fully_shard` per decoder "
         f"layer and at the root (adapted weights sharded), 1 x {args.seq} tokens and 1 thread per rank; nf4: one "
-        "process, the 7 projections as bitsandbytes `Linear4bit` (NF4, fp32 compute)",
+        "process, the 7 projections as bitsandbytes `Linear4bit` (NF4, fp32 compute); int8: the same with "
+        "`Linear8bitLt` (int8 codes); shira-additive: SHiRA forced onto its additive path there "
+        "(`base(x) + s x S^T`) instead of writing into the dequantized copy",
         "- Peak memory: resident memory above the process's own before it built the model (VmHWM)", "",
         "Targets (issue 15): SHiRA/LoRA step <= 1.1 under FSDP2 and on the quantized base; FSDP2 peak memory per "
-        "rank <= 0.6 x the one-process run's.", "", body, END])
+        "rank <= 0.6 x the one-process run's.", "", body])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
-    parser.add_argument("--method", choices=("shira", "lora"), help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=("shira", "shira-additive", "lora"), help=argparse.SUPPRESS)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--layers", type=int, default=2)
@@ -188,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--settings", type=_settings, default=DEFAULT_SETTINGS,
+                        help="comma-separated subset of " + ",".join(SETTINGS) + " (default: "
+                        + ",".join(DEFAULT_SETTINGS) + ")")
     parser.add_argument("--write-docs", type=Path)
     args = parser.parse_args(argv)
     if args.worker:
@@ -196,10 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     facts = _report.machine_facts("each row a fresh process (FSDP2: 2 processes), 1 thread per process")
     runs = []
     for repeat in range(args.repeats):
-        runs.append({(s, m): measure(args, s, m) for s in SETTINGS for m in ("shira", "lora")})
+        runs.append({(s, m): measure(args, s, m) for s in args.settings for m in METHODS[s]})
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+    begin, end = BEGIN, END
+    if args.settings != DEFAULT_SETTINGS:  # a subset: its own section, so the full run's rows stay
+        key = f"[{','.join(args.settings)} {args.layers} layers]"
+        begin, end = (marker.replace(":", key + ":") for marker in (BEGIN, END))
     _report.publish(report(args, runs, facts, _report.command_line("benchmarks/train_step_sharded.py", argv)),
-                    args.write_docs, BEGIN, END)
+                    args.write_docs, begin, end)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ The test trains :func:`train_single` on the whole global batch in one process an
 Modes: ``ddp`` (DistributedDataParallel, defaults: find_unused_parameters=False,
 broadcast_buffers=True), ``accelerate`` (Accelerator().prepare(model, optimizer, dataloader)),
 ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer and at the root), ``fsdp-ignored`` (the same, with
-the adapted layers' base parameters passed as ``ignored_params``: kept whole on every rank).
+the adapted layers' base parameters passed as ``ignored_params``: kept whole on every rank),
+``fsdp-resume`` (save, fresh model, shard again, train on), ``fsdp-meta`` (built and injected on the
+meta device, sharded, ``to_empty``, base weights copied into the shards, ``reset_adapter_parameters``).
 """
 
 from __future__ import annotations
@@ -217,6 +219,48 @@ def run_fsdp_resume(method: str, rank: int, world: int, record: dict, out: Path)
     return model
 
 
+def run_fsdp_meta(method: str, rank: int, world: int, record: dict, out: Path) -> torch.nn.Module:
+    """The model is never whole on a rank: built and injected on the meta device, sharded, given
+    storage (to_empty), the base weights copied into each rank's shards, the adapter drawn by
+    shirakit.reset_adapter_parameters; then trained as the ``fsdp`` job."""
+    from torch.distributed.fsdp import fully_shard
+
+    from shirakit.materialize import copy_tensors
+
+    # stands for the checkpoint on disk; the global RNG is then where build() leaves it (LoRA's seed)
+    pretrained = tiny_llama(seed=0)
+    rng = torch.get_rng_state()
+    with torch.device("meta"):
+        model = tiny_llama(seed=0)
+    torch.set_rng_state(rng)
+    shirakit.inject(model, CONFIGS[method]())
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    bases = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if ".adapters." not in n and not n.startswith("shirakit_shared.")}  # the base model's own
+    sources = dict([*pretrained.named_parameters(), *pretrained.named_buffers()])  # buffers: rotary inv_freq
+    copy_tensors(bases, {n: sources[n.replace(".base_layer.", ".")] for n in bases}, "base model")
+    record["meta_before_reset"] = _refusal(lambda: model(input_ids=global_batch()[:1]))
+    shirakit.reset_adapter_parameters(model)
+    record["init"] = init_digest(model, method) if method == "shira" else digest(  # whole tensors, as build()'s
+        p.full_tensor() for p in model.parameters() if p.requires_grad)
+    record["base_sharded"] = all(p.to_local().shape != p.shape for n, p in model.named_parameters()
+                                 if n.endswith("q_proj.base_layer.weight"))
+    record["losses"] = _torch_loop(model.train(), model, rank, world)
+    shirakit.save_adapter(model, out / "adapter")
+    return model
+
+
+def _refusal(call) -> str:
+    try:
+        call()
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
 def run_accelerate(method: str, rank: int, world: int, record: dict, out: Path) -> torch.nn.Module:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -251,6 +295,7 @@ RUNS = {
     "fsdp": lambda *a: run_fsdp(*a, keep_adapted_whole=False),
     "fsdp-ignored": lambda *a: run_fsdp(*a, keep_adapted_whole=True),
     "fsdp-resume": run_fsdp_resume,
+    "fsdp-meta": run_fsdp_meta,
 }
 
 

@@ -28,13 +28,17 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 
-from tests import dist_worker  # noqa: E402
+from tests import dist_trainer_worker, dist_worker  # noqa: E402
+from tests.models import inputs, tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "dist_worker.py")
 TORCHRUN_JOBS = ["ddp:shira", "ddp:lora", "fsdp:lora", "fsdp:shira", "fsdp:vera", "fsdp:miss", "fsdp:missbat",
-                 "fsdp-ignored:shira", "fsdp-resume:shira", "fsdp-resume:lora"]
+                 "fsdp-ignored:shira", "fsdp-resume:shira", "fsdp-resume:lora",
+                 "fsdp-meta:shira", "fsdp-meta:lora", "fsdp-meta:vera", "fsdp-meta:missbat"]
 ACCELERATE_JOBS = ["accelerate:shira", "accelerate:lora"]
+TRAINER_WORKER = str(ROOT / "tests" / "dist_trainer_worker.py")
+TRAINER_JOBS = ["shira-sgd", "lora-sgd", "shira-adamw", "lora-adamw"]
 LAUNCH_TIMEOUT_S = 300  # generous: the machine is shared; a normal run takes ~15-30 s per launch
 
 
@@ -70,6 +74,17 @@ def accelerate_out(tmp_path_factory) -> Path:
     launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port()), WORKER, "--out", str(out), *ACCELERATE_JOBS], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp2_trainer_out(tmp_path_factory) -> Path:
+    """One ``accelerate launch --config_file <FSDP2 config>`` running Trainer jobs (tests/dist_trainer_worker.py)."""
+    pytest.importorskip("accelerate")
+    out = tmp_path_factory.mktemp("fsdp2-trainer")
+    config = dist_trainer_worker.write_fsdp2_config(out / "fsdp2.yaml")
+    launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+            "--main_process_port", str(free_port()), TRAINER_WORKER, "--out", str(out), *TRAINER_JOBS], out)
     return out
 
 
@@ -164,3 +179,105 @@ def test_fsdp2_shira_merge_unmerge_exact_on_local_shards(torchrun_out):
 def test_fsdp2_shira_with_adapted_base_weights_kept_whole(torchrun_out, reference):
     """The documented way: the adapted layers' base parameters stay unsharded (``ignored_params``)."""
     assert_matches_single_process(torchrun_out, "fsdp-ignored:shira", reference)
+
+
+@pytest.mark.parametrize("method", ["shira", "lora", "vera", "missbat"])
+def test_fsdp2_meta_device_model_with_reset_adapter_parameters(method, torchrun_out, reference):
+    """Never whole on a rank: built and injected on the meta device, sharded, to_empty, base weights
+    copied into the shards, reset_adapter_parameters: the same masks / initial values, losses and
+    saved adapter as one process. Before the reset, a forward is refused (no uninitialized adapter runs)."""
+    assert_matches_single_process(torchrun_out, f"fsdp-meta:{method}", reference)
+    for r in records(torchrun_out, f"fsdp-meta:{method}"):
+        assert r["base_sharded"], r
+        assert "reset_adapter_parameters" in r["meta_before_reset"], r
+
+
+# ---- accelerate launch + FSDP2 config file + transformers.Trainer --------------------------------
+@pytest.fixture(scope="module")
+def trainer_reference(tmp_path_factory):
+    """job -> (trained adapter tensors, logged losses, adapter before training, trained model): Trainer
+    in this process on the whole batch, the same arguments otherwise."""
+    cache = {}
+
+    def get(job: str):
+        if job not in cache:
+            before = shirakit.adapter_state_dict(dist_trainer_worker.build(job.split("-")[0]))
+            trainer, losses = dist_trainer_worker.train(job, tmp_path_factory.mktemp(job), processes=1,
+                                                        configured_state=False)
+            cache[job] = (shirakit.adapter_state_dict(trainer.model), losses, before, trainer.model.eval())
+        return cache[job]
+
+    return get
+
+
+def trainer_records(out: Path, job: str) -> list[dict]:
+    found = [json.loads((out / job / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in found:
+        assert "error" not in r, f"rank {r['rank']}: {r['error']}\n{r.get('traceback', '')}"
+        setting = (r["world"], r["backend"], r["distributed_type"], r["fsdp_version"])
+        assert setting == (2, "gloo", "DistributedType.FSDP", 2), r
+        assert r["wrapped"].startswith("FSDP") and r["base_weight_sharded"], r  # FSDP2 really sharded the base
+    return found
+
+
+def assert_same_tensors(found: dict, expected: dict, atol: float) -> None:
+    assert found.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(found[key], value, rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("job", TRAINER_JOBS)
+def test_accelerate_fsdp2_trainer_trains_like_one_process(job, fsdp2_trainer_out, trainer_reference):
+    """`accelerate launch --config_file` (FSDP2) + Trainer: the same losses and trained adapter as Trainer
+    in one process on the whole batch (SGD and Trainer's default fused AdamW), and the adapter that
+    `save_adapter` wrote on every rank is complete: every tensor's second FSDP shard (rank 1's rows)
+    trained and equal to the one-process values, not rank 1's initial values (accelerate#4206)."""
+    expected, expected_losses, before, _ = trainer_reference(job)
+    ranks = trainer_records(fsdp2_trainer_out, job)
+    assert len(ranks[0]["losses"]) == dist_trainer_worker.STEPS
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(expected_losses), rtol=0, atol=1e-5)
+    assert expected_losses[-1] < expected_losses[0]
+
+    saved = load_file(str(fsdp2_trainer_out / job / "adapter" / "adapter_model.safetensors"))
+    assert_same_tensors(saved, expected, atol=1e-5)
+    for key, value in saved.items():
+        if value.dtype.is_floating_point:
+            assert not torch.equal(value.chunk(2)[1], before[key].chunk(2)[1]), f"{key}: rank 1's part not trained"
+
+
+@pytest.mark.parametrize("job", TRAINER_JOBS)
+def test_accelerate_fsdp2_trainer_save_model_is_complete_and_clean(job, fsdp2_trainer_out, trainer_reference):
+    """Trainer's own save (`save_model`: accelerate gathers the full state dict) holds the clean base
+    weights, bit for bit, and the complete trained adapter; a fresh injected model loading it
+    gives the one-process model's outputs."""
+    method = job.split("-")[0]
+    expected, _, _, model = trainer_reference(job)
+    saved = load_file(str(fsdp2_trainer_out / job / "trainer" / "model.safetensors"))
+    clean = tiny_llama(seed=0).state_dict()
+    base = {k.replace(".base_layer.", "."): v for k, v in saved.items() if ".adapters." not in k}
+    assert base.keys() == clean.keys()
+    for key, value in base.items():
+        assert torch.equal(value, clean[key]), f"{key}: the checkpoint must hold the clean base weight"
+    fresh = dist_trainer_worker.build(method)
+    fresh.load_state_dict(saved)
+    assert_same_tensors(shirakit.adapter_state_dict(fresh), expected, atol=1e-5)
+    ids = inputs(seed=7, batch=2, length=9)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("job", ["shira-sgd", "lora-sgd"])
+def test_accelerate_fsdp2_trainer_adapter_loads_in_shirakit_and_peft(job, fsdp2_trainer_out, trainer_reference):
+    """The adapter saved under FSDP2 loads into a plain base with shirakit and with PEFT: identical
+    outputs, equal to the one-process trained model's."""
+    peft = pytest.importorskip("peft")
+    _, _, _, model = trainer_reference(job)
+    folder = fsdp2_trainer_out / job / "adapter"
+    ours = tiny_llama(seed=0)
+    shirakit.load_adapter(ours, folder)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(seed=0), folder).eval()
+    ids = inputs(seed=7, batch=2, length=9)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        torch.testing.assert_close(ours.eval()(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=0, atol=1e-5)

@@ -4,15 +4,26 @@ The reference is the same network in fp32 holding the *dequantized* weights: an 
 quantized layer must compute what it computes over those values. Tolerance 1e-5 absolute (fp32
 rounding of products of ~1e-1 values over 64-128 terms; the 4-bit kernels dequantize to fp32
 before their product).
+
+SHiRA trains on a bitsandbytes base (CPU) by writing its values into the dense copy the library
+dequantizes for each product (``dequantized_forward``), and additively (``base(x) + s x S^T``)
+wherever that copy does not exist; both are checked against the reference, with no dense copy
+outliving its product.
 """
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 import shirakit
+import shirakit.layer
+import shirakit.weight_kinds
+from shirakit.weight_kinds import Dequantizer
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -100,8 +111,90 @@ def test_adapter_on_quantized_base_trains_like_the_dequantized_reference(kind, m
     assert any(v.abs().max() > 1e-3 for v in shirakit.adapter_state_dict(quant).values() if v.is_floating_point())
 
 
-def test_shira_keeps_no_dequantized_copy_and_leaves_the_codes_alone():
-    quant, _ = quantized_pair("nf4")
+@pytest.fixture
+def dense_copies(monkeypatch):
+    """Every dense copy the layers dequantize, as weak references (a live one is being kept)."""
+    made: list[weakref.ref] = []
+    real = shirakit.layer.dequantizer
+
+    def spying(layer, x):
+        found = real(layer, x)
+        if found is None:
+            return None
+
+        def weight():
+            dense = found.weight()
+            made.append(weakref.ref(dense))
+            return dense
+
+        return Dequantizer(found.dtype, weight)
+
+    monkeypatch.setattr(shirakit.layer, "dequantizer", spying)
+    return made
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_shira_trains_in_the_dequantized_copy_like_the_reference_and_keeps_none(kind, dense_copies):
+    """The dequantized-copy path: the reference's values after 5 SGD steps; every dense copy is
+    made for one product and freed with it: per step, one per layer in the forward and one in the
+    backward of layer 2 (layer 0's input needs no gradient, so its backward needs no weight)."""
+    quant, dense = quantized_pair(kind)
+    for model in (quant, dense):
+        inject(model, CONFIGS["shira"]())
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    saved_numels: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved_numels.append(t.numel() if t.is_floating_point() else 0)
+        return t
+
+    opt = torch.optim.SGD([p for p in quant.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(5):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = quant(x).pow(2).mean()
+        gc.collect()
+        assert all(ref() is None for ref in dense_copies), "a dequantized copy is kept for the backward"
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        gc.collect()
+        assert all(ref() is None for ref in dense_copies), "a dequantized copy outlived its step"
+    assert len(dense_copies) == 5 * 3
+    assert max(saved_numels) < 64 * 128 // 4  # nothing weight-sized is saved for the backward
+    train(dense, x, steps=5)
+    assert_adapters_close(quant, dense)
+    with torch.no_grad():
+        torch.testing.assert_close(quant(x), dense(x), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_shira_additive_path_trains_like_the_reference(kind, monkeypatch):
+    """Where no dequantized copy exists (other devices or libraries), SHiRA adds s x S^T beside the
+    base: the same values after the same steps."""
+    monkeypatch.setattr(shirakit.layer, "dequantizer", lambda layer, x: None)
+    quant, dense = quantized_pair(kind)
+    for model in (quant, dense):
+        inject(model, CONFIGS["shira"]())
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+    train(quant, x, steps=5)
+    train(dense, x, steps=5)
+    assert_adapters_close(quant, dense)
+
+
+def test_no_dequantized_copy_without_gradients(dense_copies):
+    """Inference keeps bitsandbytes' own product (its CPU inference kernels) plus the sparse delta."""
+    quant, dense = quantized_pair("nf4")
+    for model in (quant, dense):
+        inject(model, CONFIGS["shira"]())
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(quant(x), dense(x), rtol=0, atol=TOL)
+    assert dense_copies == []
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_shira_keeps_no_dequantized_copy_and_leaves_the_codes_alone(kind):
+    quant, _ = quantized_pair(kind)
     codes = [quant[i].weight.data.clone() for i in (0, 2)]
     inject(quant, CONFIGS["shira"]())
     train(quant, torch.randn(8, 64))
@@ -155,3 +248,28 @@ def test_load_adapter_and_route_on_a_quantized_base(tmp_path):
         for row, name in enumerate(names):
             shirakit.set_adapter(quant, name)
             torch.testing.assert_close(mixed[row], quant(x[row: row + 1])[0], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("method", ["shira", "lora"])
+def test_training_after_bitsandbytes_repacked_the_weight_for_inference_is_refused(method):
+    """An eval-mode forward without gradients lets bitsandbytes (CPUs with AVX512-BF16) repack a 4-bit
+    weight for inference; its product there has no backward, so training on would silently give the
+    layers below no gradient. The next forward that needs an input gradient is refused; evaluating
+    in train mode under no_grad keeps the layout trainable."""
+    quant, dense = quantized_pair("nf4")
+    for model in (quant, dense):
+        inject(model, CONFIGS[method]())
+    x = torch.randn(8, 64)
+    with torch.no_grad():  # train mode: nothing is repacked, training goes on as before
+        quant(x)
+    train(quant, x, steps=1)
+    train(dense, x, steps=1)
+    assert_adapters_close(quant, dense)
+    quant.eval()
+    with torch.no_grad():
+        quant(x)
+    if not shirakit.weight_kinds.repacked_for_inference(quant[0]):
+        pytest.skip("bitsandbytes did not repack here (no AVX512-BF16 on this CPU)")
+    quant.train()
+    with pytest.raises(RuntimeError, match="repacked for CPU inference.*train mode under torch.no_grad"):
+        quant(x.requires_grad_())

@@ -3,6 +3,7 @@ adapter's rows gives bit for bit what one sparse product per adapter gives, and 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,59 @@ def test_adapters_that_come_and_go_are_never_served_stale(monkeypatch, tmp_path)
                 next(p for n, p in model.named_parameters() if "adapters.a." in n).mul_(3)
         together = _routed(model, ids, True, monkeypatch)
         assert torch.equal(together, _routed(model, ids, False, monkeypatch))
+
+
+def _layer_with_adapters(in_f, out_f, ranks, dtype=torch.float32):
+    holder = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype)).eval()
+    for i, r in enumerate(ranks):
+        config = shirakit.ShiraConfig(r=r, target_modules=["0"], init_weights=False, random_seed=i)
+        shirakit.inject(holder, config, f"a{i}")
+    shirakit.set_scale(holder, "a1", -0.75)
+    layer = holder[0]
+    layer.withdraw_live()
+    return layer
+
+
+@pytest.mark.parametrize("columns", ["uint16", "int32"])
+def test_every_group_size_and_token_layout_is_bit_identical(columns, monkeypatch):
+    """The kernel's blocks of 8 and 4 tokens (padded lanes, odd output rows, groups of 1-19 tokens,
+    rows of several tokens each) give what one sparse product per adapter gives, bit for bit."""
+    if columns == "int32":  # the layout for inputs wider than 65,536
+        monkeypatch.setattr(grouped, "_narrow", lambda cols: cols)
+    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
+    layer = _layer_with_adapters(24, 13, [1, 2, 3])
+    g = torch.Generator().manual_seed(0)
+    for rows_per, tokens in [(1, 1), (2, 1), (4, 1), (5, 1), (8, 1), (9, 1), (12, 1), (13, 1), (19, 1), (3, 3), (2, 7)]:
+        names = [f"a{i % 3}" for i in range(3 * rows_per)] + ["__base__"]
+        x = torch.randn(len(names), tokens, 24, generator=g)
+        groups = [(n, torch.tensor([i for i, m in enumerate(names) if m == n])) for n in dict.fromkeys(names)]
+        with torch.inference_mode():
+            monkeypatch.setattr(grouped, "AVAILABLE", True)
+            together = layer.routed_forward(x, groups)
+            monkeypatch.setattr(grouped, "AVAILABLE", False)
+            one_by_one = layer.routed_forward(x, groups)
+        assert torch.equal(together, one_by_one), (rows_per, tokens)
+        assert grouped._ARENAS[layer].col.dtype == getattr(np, columns)
+
+
+def test_kernel_reads_only_the_adapters_of_the_call_and_refits_stale_ones(monkeypatch):
+    """A call checks only its own adapters; one changed since the layout (a new scale) is laid out
+    again before use, and the others stay correct."""
+    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
+    layer = _layer_with_adapters(16, 10, [2, 2, 2, 2])
+    x = torch.randn(4, 16)
+    groups = [("a0", torch.tensor([0, 2])), ("a3", torch.tensor([1, 3]))]
+
+    def both():
+        with torch.inference_mode():
+            monkeypatch.setattr(grouped, "AVAILABLE", True)
+            together = layer.routed_forward(x, groups)
+            monkeypatch.setattr(grouped, "AVAILABLE", False)
+            return together, layer.routed_forward(x, groups)
+
+    together, reference = both()
+    assert torch.equal(together, reference)
+    arena = grouped._ARENAS[layer]
+    layer.adapters["a3"].set_scale(2.5)  # a used adapter changed: laid out again
+    together, reference = both()
+    assert torch.equal(together, reference) and grouped._ARENAS[layer] is not arena

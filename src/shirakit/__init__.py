@@ -30,6 +30,7 @@ _EXPORTS = {
     "RecompileError": "slots", "RecompileWarning": "slots", "set_recompile_policy": "slots",
     "delete_adapter": "inject", "inject": "inject", "merge_and_unload": "inject", "unload": "inject",
     "AdapterLinear": "layer", "ModulesToSave": "layer",
+    "reset_adapter_parameters": "materialize",
     "LoraConfig": "methods.lora", "MissConfig": "methods.miss", "ShiraConfig": "methods.shira",
     "VeraConfig": "methods.vera",
     "adapter_orthogonality": "metrics",

@@ -327,6 +327,7 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     # per instance once set (class-level defaults, so subclasses need no constructor of their own):
     _saved: torch.Tensor | None = None  # the base values this adapter covers while written in
     _applied_state: tuple[tuple[int, int], float] | None = None  # (values stamp, scale) written in
+    _route_choices: dict | None = None  # (tokens, cost_mode()) -> prefers_weight's answer
 
     # ---- what a subclass provides ----------------------------------------------------------
     @abc.abstractmethod
@@ -362,6 +363,30 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     def additive_cost(self, tokens: int) -> float:
         """Estimated CPU seconds of :meth:`forward` (and adding it in) on ``tokens`` tokens."""
 
+    # ---- optional: FSDP2 ----------------------------------------------------------------------
+    #: Can :meth:`gathered_forward` write this adapter into an FSDP2-gathered copy of the weight?
+    #: When False, an FSDP2-sharded layer runs this adapter additively (its :meth:`forward`).
+    writes_gathered_copy: ClassVar[bool] = False
+
+    def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """FSDP2: ``base_layer(x)`` on this forward's gathered copy of the weight with this adapter
+        written into that copy (and, when training, again into the copy its backward gathers).
+        Only called when :attr:`writes_gathered_copy` is True."""
+        raise NotImplementedError(f"{type(self).__name__} does not write into gathered FSDP2 copies")
+
+    # ---- optional: a quantized base ---------------------------------------------------------
+    #: Can :meth:`dequantized_forward` write this adapter into a dense copy of a quantized weight
+    #: dequantized for one product? When False, a quantized layer runs this adapter additively.
+    writes_dequantized_copy: ClassVar[bool] = False
+
+    def dequantized_forward(self, base_layer: nn.Module, x: torch.Tensor, dequantizer) -> torch.Tensor:
+        """Training on a quantized base whose library multiplies by a freshly dequantized dense copy
+        (``dequantizer``: :class:`shirakit.weight_kinds.Dequantizer`): ``base_layer(x)`` computed on
+        such a copy with this adapter written into it, the values' gradient attached, and no dense
+        copy kept for the backward (it dequantizes and writes again). Only called when
+        :attr:`writes_dequantized_copy` is True."""
+        raise NotImplementedError(f"{type(self).__name__} does not write into dequantized copies")
+
     # ---- what the layer calls --------------------------------------------------------------
     def prefers_weight(self, tokens: int) -> bool:
         """Should a mixed batch's group of ``tokens`` tokens run on the weight with this adapter
@@ -376,13 +401,29 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
             weight route  <=>  write_cost() + REREAD_S_PER_ENTRY * m * n  <  additive_cost(tokens)
 
         Constants: fitted to one layer's ``routed_forward`` with 4 groups, both routes forced, on
-        CPU, 1 thread, fp32, 8 layers from 512 x 512 to 2816 x 1024, r = 8 and 32, 4-256 tokens
-        per group (SHiRA: the model's choice cost at most 1.04x the faster route there);
-        ``benchmarks/mixed_batch.py``'s crossover section re-measures and checks the choice.
+        CPU, 1 thread, fp32, layers from 512 x 512 to 2816 x 1024, r = 8 and 32, 1-256 tokens per
+        group (SHiRA: ``benchmarks/route_costs.py`` measures and fits them, and reports the worst
+        regret: 1.05x the faster route, 2026-11-28); ``benchmarks/mixed_batch.py``'s crossover
+        section re-measures and checks the choice in a model's layer shapes.
+
+        The answer is kept per (tokens, :meth:`cost_mode`): a decoding step asks it for every group
+        of every layer, and the arithmetic costs a few microseconds in Python.
         """
-        g = self.geometry
-        reread = self.REREAD_S_PER_ENTRY * g.out_features * g.in_features
-        return self.write_cost() + reread < self.additive_cost(tokens)
+        choices = self._route_choices
+        if choices is None or len(choices) > 4096:  # bounded: prefill lengths vary
+            choices = self._route_choices = {}
+        key = (tokens, self.cost_mode())
+        choice = choices.get(key)
+        if choice is None:
+            g = self.geometry
+            reread = self.REREAD_S_PER_ENTRY * g.out_features * g.in_features
+            choice = choices[key] = self.write_cost() + reread < self.additive_cost(tokens)
+        return choice
+
+    def cost_mode(self) -> object:
+        """What, besides a group's tokens, the route's costs depend on at the moment (not the device:
+        a move forgets the kept answers). By default whether gradients are enabled."""
+        return torch.is_grad_enabled()
 
     def values_state(self) -> tuple[tuple[int, int], float]:
         return (values_stamp(self.trained_values()), self.scale)
@@ -423,5 +464,6 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
         for attr in self._device_tensors:
             if getattr(self, attr) is not None:
                 setattr(self, attr, fn(getattr(self, attr)))
+        self._route_choices = None  # the costs were the old device's
         self.drop_device_caches()
         return self

@@ -35,7 +35,7 @@ from .inject import delete_adapter, find_targets, inject, unload
 from .io_utils import check_regular_file
 from .layer import AdapterLinear, geometry_of
 from .registry import method_for_config
-from .state import SharedTensors, check_adapter_names, hosts, shared_of, state_of
+from .state import SharedTensors, check_adapter_names, check_drawn, hosts, shared_of, state_of
 from .validation import check_adapter_name
 from .weight_kinds import full_values, is_sharded
 
@@ -73,6 +73,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """The adapter's tensors under PEFT's file keys (CPU, contiguous). Under FSDP2 (fully_shard) the
     sharded tensors are gathered, a collective: call it (or :func:`save_adapter`) on every rank."""
     check_adapter_names(model, [adapter_name])
+    check_drawn(model, "save the adapter")
     out = {}
     for path, host in hosts(model):
         if adapter_name in host.adapters:

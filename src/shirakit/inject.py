@@ -150,13 +150,20 @@ def inject(
         config = _recorded_config(config, layers)
         shared = method.make_shared(config, [layer.geometry for _, layer in layers])
         seed = seed_of(config)
-        generators = [None if _from_checkpoint else layer_generator(seed, adapter_name, name) for name, _ in layers]
+        # on the meta device nothing can be drawn (nor kept): placeholders, drawn by reset_adapter_parameters
+        undrawn = not _from_checkpoint and any(layer.weight.is_meta for _, layer in layers)
+        generators = [None if _from_checkpoint or undrawn else layer_generator(seed, adapter_name, name)
+                      for name, _ in layers]
         new_adapters = [
             _build_adapter(method, config, layer, generator, name)
             for (name, layer), generator in zip(layers, generators)
         ]
         check_new_adapter(model, adapter_name, layers, new_adapters, wrapped)
         _attach(model, state, fresh, config, adapter_name, layers, new_adapters, shared, undo)
+        if not _from_checkpoint:  # reset_adapter_parameters repeats these draws (meta-device models)
+            state.seeds[adapter_name] = seed
+        if undrawn:
+            state.undrawn.add(adapter_name)
     except BaseException:  # a shape the method cannot take, a failing hook, KeyboardInterrupt, ...
         _run_undo(undo)
         raise
@@ -304,6 +311,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     remove_shared(model, adapter_name)
     del state.configs[adapter_name]
     state.trainable.pop(adapter_name, None)
+    state.seeds.pop(adapter_name, None)
+    state.undrawn.discard(adapter_name)
     state.active = [n for n in state.active if n != adapter_name]
 
 

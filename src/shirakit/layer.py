@@ -20,7 +20,16 @@ from torch import nn
 
 from .adapter import Adapter, InWeightAdapter, LayerGeometry
 from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
-from .weight_kinds import QUANTIZED_MERGE, SHARDED_MERGE, fsdp_managed, is_sharded, quantized_kind
+from .weight_kinds import (
+    QUANTIZED_MERGE,
+    REPACKED_FOR_INFERENCE,
+    SHARDED_MERGE,
+    dequantizer,
+    fsdp_managed,
+    is_sharded,
+    quantized_kind,
+    repacked_for_inference,
+)
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -210,8 +219,11 @@ class AdapterLinear(nn.Module):
         too, so SHiRA / MiSS bat run additively (``y = base(x) + adapter(x)``) on such a layer. Nor on
         a quantized weight: it holds codes, not values (SHiRA then adds ``s x S^T`` beside it)."""
         adapter = self.adapters[name] if name in self.adapters else None
-        in_weight = isinstance(adapter, InWeightAdapter) and not self.weight_shared_with and not self.quantized
-        return adapter if in_weight else None
+        return adapter if isinstance(adapter, InWeightAdapter) and self._weight_writable() else None
+
+    def _weight_writable(self) -> bool:
+        """May adapters be kept written into this weight? (see :meth:`_in_weight`)"""
+        return not self.weight_shared_with and not self.quantized
 
     def _wanted_live(self) -> list[str]:
         if self.disabled or fsdp_managed(self.base_layer):  # FSDP: written per gathered copy instead
@@ -400,6 +412,8 @@ class AdapterLinear(nn.Module):
     def _plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The active adapters: in-weight ones already written in (``_enter``), the others added."""
         pending = self._pending()
+        if self.quantized:
+            return self._quantized_forward(x, pending, *args, **kwargs)
         live = [self._in_weight(n) for n in pending if self._in_weight(n) is not None]
         if live and torch.is_grad_enabled():
             y = live[0].trainable_base_forward(self.base_layer, x)
@@ -409,6 +423,30 @@ class AdapterLinear(nn.Module):
             y = self.base_layer(x, *args, **kwargs)
         for name in pending:
             if self._in_weight(name) is None:
+                y = y + self.adapters[name](x, self.weight).to(y.dtype)
+        return y
+
+    def _quantized_forward(self, x: torch.Tensor, pending: list[str], *args, **kwargs) -> torch.Tensor:
+        """A quantized base: ``y = base(x) + sum a(x)`` over the pending adapters, except that while
+        training, the first one that can (SHiRA) writes itself into the dense copy the library
+        dequantizes for this product anyway (:func:`~shirakit.weight_kinds.dequantizer`: bitsandbytes
+        on CPU): ``y = x (deq(W) + delta)^T + b``, its backward dequantizing again. The codes are
+        never written; no dense copy outlives its product."""
+        if torch.is_grad_enabled() and x.requires_grad and repacked_for_inference(self.base_layer):
+            raise RuntimeError(REPACKED_FOR_INFERENCE)
+        first, copy_of = None, None
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not (
+                self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks):
+            writers = [n for n in pending if isinstance(self.adapters[n], InWeightAdapter)
+                       and self.adapters[n].writes_dequantized_copy and self.adapters[n].trained_values().requires_grad]
+            copy_of = dequantizer(self.base_layer, x) if writers else None
+            first = writers[0] if copy_of is not None else None
+        if first is None:
+            y = self.base_layer(x, *args, **kwargs)
+        else:
+            y = self.adapters[first].dequantized_forward(self.base_layer, x, copy_of)
+        for name in pending:
+            if name != first:
                 y = y + self.adapters[name](x, self.weight).to(y.dtype)
         return y
 
@@ -424,7 +462,7 @@ class AdapterLinear(nn.Module):
         pending = self._pending()
         in_weight = [n for n in pending if self._in_weight(n) is not None]
         first = None
-        if len(in_weight) == 1 and hasattr(self.adapters[in_weight[0]], "gathered_forward"):
+        if len(in_weight) == 1 and self.adapters[in_weight[0]].writes_gathered_copy:
             first = in_weight[0]
             y = self.adapters[first].gathered_forward(self.base_layer, x)
         else:
@@ -447,24 +485,27 @@ class AdapterLinear(nn.Module):
         self._withdraw_live()
         if self.disabled:
             return self.base_layer(x)
-        tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-        in_weight = []
+        tokens_per_row = x.numel() // (x.shape[0] * x.shape[-1]) if x.dim() > 1 and x.numel() else 1
+        adapters = self.adapters
+        writable = self._weight_writable()
+        in_weight: list[tuple[str, torch.Tensor]] = []
+        by_method: dict[type, list[tuple[Adapter, torch.Tensor]]] = {}
         for name, rows in groups:
-            live = self._in_weight(name)
-            if live is not None and live.prefers_weight(rows.numel() * tokens_per_row):
+            adapter = adapters[name] if name in adapters else None
+            if adapter is None:
+                continue
+            tokens = rows.numel() * tokens_per_row
+            if writable and isinstance(adapter, InWeightAdapter) and adapter.prefers_weight(tokens):
                 in_weight.append((name, rows))
-        done = {name for name, _ in in_weight}
+            else:
+                by_method.setdefault(type(adapter), []).append((adapter, rows))
         if in_weight:
+            done = {name for name, _ in in_weight}
             rest = [rows for name, rows in groups if name not in done]
             chunks = ([(torch.cat(rest), None)] if rest else []) + [(rows, name) for name, rows in in_weight]
             y = self._run_chunks(x, chunks)
         else:
             y = self.base_layer(x)
-        by_method: dict[type, list[tuple[Adapter, torch.Tensor]]] = {}
-        for name, rows in groups:
-            if name in self.adapters and name not in done:
-                adapter = self.adapters[name]
-                by_method.setdefault(type(adapter), []).append((adapter, rows))
         for method, method_groups in by_method.items():  # a method may do all its groups at once
             method.add_routed_deltas(self, y, x, method_groups)
         return y

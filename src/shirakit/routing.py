@@ -28,7 +28,7 @@ from torch import nn
 
 from .compiled import enter_compiled_call, is_compiled_call, leave_compiled_call
 from .guard import ROUTES
-from .state import adapter_layers, state_of
+from .state import adapter_layers, check_drawn, state_of
 
 BASE = "__base__"
 
@@ -116,6 +116,7 @@ def _enter_model_call(module: nn.Module, names: list[str] | None, compiling: boo
     guard.enter_call()
     stack = guard.call_stack()
     stack.append((None, None))  # first, so the post-hook (called even when this hook raises) pops our entry
+    check_drawn(module, "run the model")
     scope = None
     if names is not None:
         scope = route(module, names)

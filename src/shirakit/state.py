@@ -35,6 +35,9 @@ class ModelAdapters:
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     trainable: dict[str, bool] = field(default_factory=dict)
+    seeds: dict[str, int] = field(default_factory=dict)  # the seed inject drew from (not for loaded adapters)
+    # injected on the meta device: nothing drawn yet (shirakit.materialize.reset_adapter_parameters draws)
+    undrawn: set[str] = field(default_factory=set)
     guard: ModelGuard = field(default_factory=ModelGuard)  # the model's lock (shirakit.guard)
 
 
@@ -43,6 +46,15 @@ def state_of(model: nn.Module) -> ModelAdapters:
     if not isinstance(state, ModelAdapters):
         raise ValueError("this model has no shirakit adapters; call shirakit.inject(model, config) first")
     return state
+
+
+def check_drawn(model: nn.Module, doing: str) -> None:
+    """Refuse to use adapters injected on the meta device whose initial state was never drawn."""
+    undrawn = state_of(model).undrawn
+    if undrawn:
+        raise RuntimeError(f"cannot {doing}: adapter(s) {sorted(undrawn)} were injected on the meta device and hold "
+                           "no values yet; after model.to_empty(...) and loading the base weights, call "
+                           "shirakit.reset_adapter_parameters(model)")
 
 
 def check_adapter_names(model: nn.Module, names: list[str]) -> None:

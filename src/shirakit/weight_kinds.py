@@ -8,11 +8,16 @@ that write as it is:
   rows for that forward only (and gathered again for the backward). A merge writes into the local
   rows (:func:`sharded_rows`, :func:`shard_positions`); training writes into each gathered copy.
 - **quantized** (bitsandbytes ``Params4bit``/``Int8Params``, torchao's quantized tensor
-  subclasses): the stored values are codes, not weights; an adapter runs beside the base layer
-  instead (SHiRA: ``y = base(x) + s x S^T``), and merging is refused.
+  subclasses): the stored values are codes, not weights, and are never written; merging is
+  refused. An adapter runs beside the base layer (SHiRA: ``y = base(x) + s x S^T``), except where
+  the library itself multiplies by a dense copy dequantized for that one product (bitsandbytes on
+  CPU while training, :func:`dequantizer`): SHiRA then writes its values into that transient copy,
+  as into an FSDP2-gathered one.
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -85,3 +90,57 @@ def shard_positions(flat_index: torch.Tensor, row_len: int, start: int, stop: in
 def full_values(param: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value: FSDP shards adapter parameters too (gathering is a collective)."""
     return param.full_tensor() if is_sharded(param) else param
+
+REPACKED_FOR_INFERENCE = (
+    "this layer's bitsandbytes 4-bit weight was repacked for CPU inference by an eval-mode forward without "
+    "gradients (bitsandbytes 0.50 does that on CPUs with AVX512-BF16, rounding the block scales to bf16); its "
+    "product on that layout has no backward, so the input would get no gradient and every layer below would "
+    "train on a wrong one. To evaluate between training steps, keep the model in train mode under "
+    "torch.no_grad() (bitsandbytes repacks only in eval mode), or reload the quantized base"
+)
+
+
+def repacked_for_inference(layer: nn.Module) -> bool:
+    """Has bitsandbytes repacked this 4-bit layer's weight into its CPU inference layout?"""
+    state = getattr(layer.weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+class Dequantizer(NamedTuple):
+    """How a quantized layer's library computes its training product: ``linear(x.to(dtype), weight(), b)``."""
+
+    dtype: torch.dtype  # the compute dtype (inputs are cast to it, outputs cast back)
+    weight: Callable[[], torch.Tensor]  # a fresh dense (out, in) copy in that dtype, exactly the library's
+
+
+def dequantizer(layer: nn.Module, x: torch.Tensor) -> Dequantizer | None:
+    """The library's dense product of a quantized ``layer`` on ``x``, where that is what it runs.
+
+    bitsandbytes 0.50 on CPU has no 4-bit or 8-bit training kernel: ``Linear4bit`` (``gemm_4bit``'s
+    default kernel, and ``MatMul4Bit``'s backward) and ``Linear8bitLt`` in training mode
+    (``MatMul8bitFp``) dequantize the whole weight into a dense transient and call a dense product,
+    once in the forward and again for dx in the backward. Where it runs something else (CUDA kernels,
+    the eval-mode CPU packing of 4-bit weights, 8-bit int8 products outside training, a 4-bit
+    weight already repacked for CPU inference, other libraries), None: adapters then run beside
+    ``layer(x)`` as it is.
+    """
+    weight = layer.weight
+    if x.device.type != "cpu" or weight.device.type != "cpu" or not type(weight).__module__.startswith("bitsandbytes"):
+        return None
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        state = getattr(weight, "quant_state", None)
+        state = getattr(layer, "quant_state", None) if state is None else state  # as Linear4bit.forward finds it
+        if state is None or getattr(state, "packing_format_for_cpu", False):
+            return None
+        from bitsandbytes.functional import dequantize_4bit
+
+        dtype = getattr(layer, "compute_dtype", None) or x.dtype
+        return Dequantizer(dtype, lambda: dequantize_4bit(weight.data, state).to(dtype))
+    if kind == "Int8Params" and layer.training and weight.dtype == torch.int8:
+        scales = weight.SCB if weight.SCB is not None else getattr(getattr(layer, "state", None), "SCB", None)
+        if scales is None:
+            return None
+        dtype = x.dtype  # MatMul8bitFp: codes * (row scale / 127), in the input's dtype
+        return Dequantizer(dtype, lambda: weight.data.to(dtype).mul_(scales.unsqueeze(1).mul(1.0 / 127.0)))
+    return None

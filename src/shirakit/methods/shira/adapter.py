@@ -142,9 +142,7 @@ class ShiraAdapter(InWeightAdapter):
     def add_routed_deltas(cls, layer, y, x, groups) -> None:
         """Every SHiRA group of a routed batch in one kernel call where it applies (inference on
         CPU: :mod:`.grouped`), else one sparse product per group."""
-        if grouped.can_group(y, x, [adapter for adapter, _ in groups]):
-            grouped.add_grouped(layer, y, x, groups, ShiraAdapter)
-        else:
+        if not (grouped.can_group(y, x) and grouped.add_grouped(layer, y, x, groups, ShiraAdapter)):
             super().add_routed_deltas(layer, y, x, groups)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -200,25 +198,37 @@ class ShiraAdapter(InWeightAdapter):
     # ---- cost model of a mixed-batch group (InWeightAdapter.prefers_weight) ------------------
     #: CPU seconds per value for the two scatters (in, then the originals back; random positions)
     WRITE_S_PER_VALUE: ClassVar[float] = 2.0e-9
-    #: CPU seconds per multiply-add of the additive product: the grouped numba kernel (inference on
-    #: CPU, :mod:`.grouped`, a scalar gather per multiply-add) and torch's CSR product (MKL) otherwise
-    GROUPED_S_PER_MAC: ClassVar[float] = 1.15e-9
+    #: CPU seconds per value of the grouped numba kernel (inference on CPU, :mod:`.grouped`) for one
+    #: block of 8 tokens and one of 4 (a block reads each value once, with a vector of its tokens).
+    #: Fitted by ``benchmarks/route_costs.py`` (6 layer shapes 512-2816, r 8 and 32, 1-256 tokens
+    #: per group, 4 groups, 1 thread, fp32, loaded 2-core machine): the ratio by least squares on
+    #: the kernel's cost (0.98 and 0.68 ns alone), the scale for the smallest regret against the
+    #: write and re-read constants (kept): the choice cost at most 1.05x the faster route there.
+    GROUPED_S_PER_VALUE_8: ClassVar[float] = 0.65e-9
+    GROUPED_S_PER_VALUE_4: ClassVar[float] = 0.45e-9
+    #: CPU seconds per multiply-add of torch's CSR product (MKL), the path otherwise
     PRODUCT_S_PER_MAC: ClassVar[float] = 0.123e-9
 
     def write_cost(self) -> float:
         return self.WRITE_S_PER_VALUE * self.shira_weight.numel()
 
+    def cost_mode(self) -> object:
+        return (torch.is_grad_enabled(), grouped.AVAILABLE)
+
     def additive_cost(self, tokens: int) -> float:
-        """K*T multiply-adds. With the base class's rule the crossover is
+        """The grouped kernel: K values read once per block of 8 (or, the last <= 4 tokens, 4)
+        tokens, ``K * (S_8 * blocks of 8 + S_4 * blocks of 4)``; torch's CSR product: K*T
+        multiply-adds. With the base class's rule a group goes into the weight from about
 
-            T* = (WRITE_S_PER_VALUE * K + REREAD_S_PER_ENTRY * m * n) / (S_PER_MAC * K)
-               = 1.7 + 0.49 * m n / K     (grouped kernel: 6 tokens for 512 x 512 at r=32, 13 for 1024 x 2816)
-               = 16 + 4.6 * m n / K       (CSR product: 53 and 124 tokens)
+            T* = 8 (WRITE_S_PER_VALUE * K + REREAD_S_PER_ENTRY * m * n) / (S_8 * K)
 
-        m n / K = m n / (r (m + n)): wide layers with few values keep the sparse product longer."""
-        grouped_kernel = grouped.AVAILABLE and not torch.is_grad_enabled() and self.shira_weight.device.type == "cpu"
-        per_mac = self.GROUPED_S_PER_MAC if grouped_kernel else self.PRODUCT_S_PER_MAC
-        return per_mac * self.shira_weight.numel() * tokens
+        tokens: wide layers with few values (m n / K = m n / (r (m + n)) large) keep the sparse
+        product longer."""
+        k = self.shira_weight.numel()
+        if grouped.AVAILABLE and not torch.is_grad_enabled() and self.shira_weight.device.type == "cpu":
+            eights, fours = grouped.blocks(tokens)
+            return k * (self.GROUPED_S_PER_VALUE_8 * eights + self.GROUPED_S_PER_VALUE_4 * fours)
+        return self.PRODUCT_S_PER_MAC * k * tokens
 
     # ---- FSDP2: the gathered copy of a sharded weight -------------------------------------------
     @torch.no_grad()
@@ -240,6 +250,8 @@ class ShiraAdapter(InWeightAdapter):
         flat.index_copy_(0, self._storage_index, written)
         return written
 
+    writes_gathered_copy = True
+
     def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """FSDP2: the base product on the gathered copy with the values scattered in; the backward
         (which runs on a copy gathered again from the clean shards) scatters them in again first."""
@@ -249,12 +261,43 @@ class ShiraAdapter(InWeightAdapter):
             return base_layer(x)
         index = self._storage_index
 
-        def refill(gathered: torch.Tensor) -> None:
+        def refill(gathered: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 self._flat(gathered).index_copy_(0, index, written)
+            return gathered
 
         return scattered_linear(x, self.shira_weight, weight, base_layer.bias, self.pattern(), self.scale,
                                 self.geometry.fan_in_fan_out, refill)
+
+    # ---- a quantized base: the dequantized copy of one product ---------------------------------
+    writes_dequantized_copy = True
+
+    def dequantized_forward(self, base_layer: nn.Module, x: torch.Tensor, dequantizer) -> torch.Tensor:
+        """y = x (deq(W) + s S)^T + b, on a dense copy the library would dequantize for this product
+        anyway (bitsandbytes on CPU), with W0[idx] + s*v written into it; the backward dequantizes
+        again and writes the same K values (dx = g (deq(W) + s S)), then dv = s * SDDMM(g, x).
+
+        The codes are never written and no dense copy outlives its product: a layer holds one only
+        while its own forward or backward multiplies by it, as bitsandbytes' own path does. Costs
+        over the frozen quantized base: two K-value writes and the SDDMM, where the additive path
+        adds two sparse products as well (``benchmarks/train_step_sharded.py``, ``nf4`` rows).
+        """
+        index = self._storage_index
+        dense = dequantizer.weight()
+        flat = self._flat(dense)
+        written = self.merged_values(dense, flat.index_select(0, index))  # K values, kept for the backward
+        flat.index_copy_(0, index, written)
+
+        def refill(_: None) -> torch.Tensor:
+            again = dequantizer.weight()
+            self._flat(again).index_copy_(0, index, written)
+            return again
+
+        bias = base_layer.bias
+        bias = None if bias is None else bias.to(dequantizer.dtype)
+        y = scattered_linear(x.to(dequantizer.dtype), self.shira_weight, dense, bias, self.pattern(), self.scale,
+                             False, refill, transient=True)
+        return y.to(x.dtype)
 
     # ---- scatter merge ----------------------------------------------------------------------
     def _flat(self, weight: torch.Tensor) -> torch.Tensor:

@@ -121,14 +121,17 @@ def _(grad_out, x, rows, cols, crow):
 class _ScatteredLinear(torch.autograd.Function):
     """y = linear(x, W) where W already holds the adapter values; grads for x and the values.
 
-    ``refill(weight)``, when given, writes the values into ``weight`` again before the backward
-    uses it: FSDP2 frees the gathered weight after the forward and gathers it afresh from the
-    (clean) shards for the backward, so the values scattered into the forward's copy are gone.
+    ``refill(weight) -> weight``, when given, writes the values into the weight again before the
+    backward uses it: FSDP2 frees the gathered weight after the forward and gathers it afresh from
+    the (clean) shards for the backward, so the values scattered into the forward's copy are gone.
+    ``transient``: the weight is a copy made for this product only (a quantized weight dequantized
+    by :func:`shirakit.weight_kinds.dequantizer`); it is not kept for the backward, which gets a
+    fresh one from ``refill(None)``, so no dense copy lives between forward and backward.
     """
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, rows, cols, crow, scale, fan_in_fan_out, refill=None):
-        ctx.save_for_backward(x, weight, rows, cols, crow)
+    def forward(ctx, x, values, weight, bias, rows, cols, crow, scale, fan_in_fan_out, refill=None, transient=False):
+        ctx.save_for_backward(x, None if transient else weight, rows, cols, crow)
         ctx.scale, ctx.fan_in_fan_out = scale, fan_in_fan_out
         ctx.values_dtype, ctx.refill = values.dtype, refill
         w_out_in = weight.T if fan_in_fan_out else weight
@@ -137,12 +140,11 @@ class _ScatteredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, *pattern = ctx.saved_tensors
-        if ctx.refill is not None:
-            ctx.refill(weight)
-        w_out_in = weight.T if ctx.fan_in_fan_out else weight
+        if ctx.refill is not None and ctx.needs_input_grad[0]:  # only dx reads the weight
+            weight = ctx.refill(weight)
         grad_x = grad_w = grad_b = grad_v = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ w_out_in
+            grad_x = grad_out @ (weight.T if ctx.fan_in_fan_out else weight)
         if ctx.needs_input_grad[1]:
             grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient
@@ -150,7 +152,7 @@ class _ScatteredLinear(torch.autograd.Function):
             grad_w = g.T if ctx.fan_in_fan_out else g
         if ctx.needs_input_grad[3]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _ValueGradTap(torch.autograd.Function):
@@ -171,8 +173,9 @@ class _ValueGradTap(torch.autograd.Function):
 
 
 def scattered_linear(x, values, weight, bias, pattern: SparsePattern, scale: float, fan_in_fan_out: bool,
-                     refill=None):
-    return _ScatteredLinear.apply(x, values, weight, bias, *pattern.tensors(), scale, fan_in_fan_out, refill)
+                     refill=None, transient: bool = False):
+    return _ScatteredLinear.apply(x, values, weight, bias, *pattern.tensors(), scale, fan_in_fan_out, refill,
+                                  transient)
 
 
 class _SparseDelta(torch.autograd.Function):
