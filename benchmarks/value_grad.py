@@ -9,7 +9,9 @@ positions (sorted row-major, as SHiRA keeps them), g (T, m) and x (T, n) fp32. C
 
 - ``sampled_addmm``: ``torch.sparse.sampled_addmm`` on the CSR pattern (int64 indices), what
   shirakit used before and still uses on CUDA, for fp64 and without numba;
-- ``shirakit``: :func:`shirakit.methods.shira.cpu_sddmm.value_grad` (numba; transposes + 8-wide dots, a thread pool);
+- ``shirakit``: :func:`shirakit.methods.shira.cpu_sddmm.value_grad` (numba; transposes + 8-wide dots, a thread pool),
+  with x transposed afresh, and ``shirakit, x shared`` with x's transpose kept from the call before
+  (what k and v get after q, and up after gate);
 - ``gather-bmm``: a torch-ops reformulation, the rows of g^T and x^T gathered for 4096 positions at a
   time and multiplied by a batched ``bmm`` of (1 x T) by (T x 1).
 
@@ -74,12 +76,14 @@ def candidates(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern) -> dict
     csr = pattern.csr()
     out = {
         "sampled_addmm": lambda: torch.sparse.sampled_addmm(csr, g.T, x, beta=0.0).values(),
-        "shirakit": lambda: cpu_sddmm.value_grad(g, x, pattern.rows, pattern.cols),
+        "shirakit": lambda: (cpu_sddmm.forget_inputs(), cpu_sddmm.value_grad(g, x, pattern.rows, pattern.cols))[1],
+        # as for k and v after q (or up after gate): x's transpose is the one kept from the last call
+        "shirakit, x shared": lambda: cpu_sddmm.value_grad(g, x, pattern.rows, pattern.cols),
         "gather-bmm": lambda: gather_bmm(g, x, pattern),
         "dense g^T x (scale)": lambda: g.T @ x,
     }
     if not cpu_sddmm.AVAILABLE:
-        del out["shirakit"]
+        del out["shirakit"], out["shirakit, x shared"]
     return out
 
 
@@ -111,7 +115,7 @@ def run(args: argparse.Namespace) -> str:
             g, x = torch.randn(tokens, m, generator=gen), torch.randn(tokens, n, generator=gen)
             fns = candidates(g, x, pattern)
             expected = fns["sampled_addmm"]()
-            for name in ("shirakit", "gather-bmm"):
+            for name in ("shirakit", "shirakit, x shared", "gather-bmm"):
                 if name in fns:
                     torch.testing.assert_close(fns[name](), expected, atol=1e-3, rtol=1e-4)
             for threads in args.threads:

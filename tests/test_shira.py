@@ -207,3 +207,27 @@ def test_custom_named_mask_saves_and_loads(tmp_path):
     torch.testing.assert_close(output(fresh, ids), expected, atol=0, rtol=0)
     with pytest.raises(ValueError, match="'every_other' is not a shirakit mask; pass its mask_fn"):
         shirakit.inject(MODELS["llama"](), shirakit.read_config(tmp_path), "new")
+
+
+def test_training_steps_write_new_values_over_old_and_keep_the_base_exact():
+    """Each step's new values are written over the last ones (one scatter, from the saved base values):
+    the weight holds exactly W0 + s*v at the positions and W0 elsewhere, and the base comes back bit-exact."""
+    base = MODELS["llama"]().state_dict()
+    model = _shira("llama")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        output(model, inputs()).pow(2).mean().backward()
+        optimizer.step()
+    output(model, inputs())  # the stepped values written in
+    for name, layer in adapter_layers(model):
+        adapter = layer.adapters["default"]
+        expected = base[f"{name}.weight"].clone().view(-1)
+        index = adapter._storage_index
+        expected[index] = expected[index].float() + adapter.scale * adapter.shira_weight.detach().float()
+        assert torch.equal(layer.weight.detach().view(-1), expected), name
+    shirakit.unload(model)
+    unloaded = model.state_dict()
+    assert unloaded.keys() == base.keys()
+    for key, value in base.items():
+        assert torch.equal(unloaded[key], value), key

@@ -128,3 +128,25 @@ def test_kernel_works_in_a_forked_child():
         child.kill()
         pytest.fail("the kernel hung in a forked child")
     assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+def test_kept_input_transpose_is_reused_only_for_the_same_unchanged_input():
+    """q, k and v share their input's transpose; an in-place write, or another tensor, is never served stale."""
+    rows, cols = _positions(40, 24, 120, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(33, 24, generator=gen)
+    grads = [torch.randn(33, 40, generator=gen) for _ in range(3)]
+    for g in grads:  # the second and third reuse the first's transpose of x
+        torch.testing.assert_close(cpu_sddmm.value_grad(g, x, rows, cols).double(), _reference(g, x, rows, cols),
+                                   atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        x[3:5].mul_(-2.0)  # through a view: the version counter is shared
+    torch.testing.assert_close(cpu_sddmm.value_grad(grads[0], x, rows, cols).double(),
+                               _reference(grads[0], x, rows, cols), atol=1e-4, rtol=1e-5)
+    other = x.clone()  # same shape, same values, other memory
+    other[0] += 1.0
+    torch.testing.assert_close(cpu_sddmm.value_grad(grads[0], other, rows, cols).double(),
+                               _reference(grads[0], other, rows, cols), atol=1e-4, rtol=1e-5)
+    cpu_sddmm.forget_inputs()
+    torch.testing.assert_close(cpu_sddmm.value_grad(grads[1], x, rows, cols).double(),
+                               _reference(grads[1], x, rows, cols), atol=1e-4, rtol=1e-5)

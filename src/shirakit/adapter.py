@@ -441,6 +441,12 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
         self.write_into(weight, base_key)
         self._applied_state = self.values_state()
 
+    def refresh_in(self, weight: torch.Tensor) -> bool:
+        """The adapter is written in and alone in ``weight``, only its values changed (an optimizer
+        step): write the new ones over the old. Returns False where the method cannot (then the
+        layer restores the base and writes again, two writes instead of one)."""
+        return False
+
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
         if self._applied_state is None:

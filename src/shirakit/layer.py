@@ -255,6 +255,9 @@ class AdapterLinear(nn.Module):
         if self._live_current():
             return
         wanted = self._wanted_live()
+        if wanted == self._live and len(wanted) == 1 and self.adapters[wanted[0]].refresh_in(self.weight):
+            self._note_own_write()  # one adapter, new values (a training step): written over the old
+            return
         self._withdraw_live()
         for name in wanted:
             self._apply_adapter(name)

@@ -349,6 +349,19 @@ class ShiraAdapter(InWeightAdapter):
         if self.shira_weight.requires_grad:
             self.pattern()  # now, eagerly: a compiled training forward reads it as a plain input
 
+    @torch.no_grad()
+    def refresh_in(self, weight: torch.Tensor) -> bool:
+        """W0[idx] + s*v over the values written last, from the saved W0: one scatter per training
+        step instead of two (restore, write). The positions are the same, so nothing else changes."""
+        if self._applied_state is None or self._saved is None:
+            return False
+        flat, index, which = self._target(weight)
+        state = self.values_state()
+        self._merged_state, self._merged_values = state, self.merged_values(weight, self._saved, which)
+        scatter_values(flat, index, self._merged_values)
+        self._applied_state = state
+        return True
+
     def restore_into(self, weight: torch.Tensor) -> None:
         """Scatter the saved originals back: the base is restored bit-exactly."""
         flat, index, _ = self._target(weight)
