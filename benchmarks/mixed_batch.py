@@ -716,8 +716,8 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
         parts += [
             "### SHiRA: sparse product vs scattered weight, by group size",
             "One SHiRA layer's `AdapterLinear.routed_forward` under `torch.inference_mode()`, "
-            "`InWeightAdapter.prefers_weight` patched to answer False (sparse: base product on all rows + CSR "
-            "product per group, `index_add_`) or True (scatter: per group the K values scattered in, the base "
+            "`InWeightAdapter.prefers_weight` patched to answer False (sparse: base product on all rows + every "
+            "group's delta in one grouped-kernel call) or True (scatter: per group the K values scattered in, the base "
             "product on the group's rows, the originals scattered back). x is (rows, in), one token per row. "
             "Left: one group of T tokens (all rows one adapter); right: 4 groups of T tokens each (4 "
             "adapters, 4T rows, interleaved: the mixed-batch case). Median CPU ms (round-robin, >= "
