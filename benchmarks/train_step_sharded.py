@@ -2,14 +2,19 @@
 the adapted weights sharded too) and a quantized base (bitsandbytes NF4), each next to the plain
 one-process run of the same model (issue 15's targets).
 
-    python benchmarks/train_step_sharded.py [--steps 5] [--repeats 3] [--settings single,nf4]
-                                            [--write-docs docs/benchmarks.md]
+    python benchmarks/train_step_sharded.py [--steps 5] [--repeats 3] [--settings single,fsdp2-meta]
+                                            [--tensor-memory] [--write-docs docs/benchmarks.md]
 
 Every measurement is a fresh process (FSDP2: a ``torchrun --nproc_per_node=2`` launch) that trains
 one Llama-shaped model (hidden 1024, MLP 2816, 2 layers, the 7 projections adapted, r=16) on a
 global batch of 2 x 256 tokens (FSDP2: 1 x 256 per rank, 1 thread each; one process: 1 thread),
 SGD, and reports the median step time and its peak memory: resident memory above what the process
-held before it built the model (Linux VmHWM, reset after imports), the highest of the ranks.
+held before it built the model (Linux VmHWM, reset after imports and a warm-up step of a tiny model
+that loads the compiled kernels), the highest of the ranks. ``fsdp2`` builds the model whole on
+each rank, then shards it; ``fsdp2-meta`` never has it whole (meta device, ``fully_shard``,
+``to_empty``, each rank reads its rows of a safetensors checkpoint, ``reset_adapter_parameters``).
+``--tensor-memory`` adds, from one more run per row, the peak of live tensor bytes (what tensors
+need, without allocator caches; benchmarks/_tensor_memory.py).
 Ratios are taken within one repeat and the median over repeats is shown. ``--settings`` runs a
 subset (``int8``, bitsandbytes ``Linear8bitLt``, only on request); a subset's section gets markers
 of its own in ``--write-docs``, so the full run's stays. On a quantized base SHiRA is measured
@@ -21,12 +26,14 @@ exists), each beside LoRA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,14 +41,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
+from _tensor_memory import LiveTensorBytes  # noqa: E402
 
 BEGIN, END = "<!-- train_step_sharded:begin -->", "<!-- train_step_sharded:end -->"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SETTINGS = ("single", "fsdp2", "nf4", "int8")
-DEFAULT_SETTINGS = ("single", "fsdp2", "nf4")  # int8 (bitsandbytes Linear8bitLt) on request
+SETTINGS = ("single", "fsdp2", "fsdp2-meta", "nf4", "int8")
+DEFAULT_SETTINGS = ("single", "fsdp2", "fsdp2-meta", "nf4")  # int8 (bitsandbytes Linear8bitLt) on request
 QUANTIZED = ("nf4", "int8")
-METHODS = {"single": ("shira", "lora"), "fsdp2": ("shira", "lora"), "nf4": ("shira", "shira-additive", "lora"),
-           "int8": ("shira", "shira-additive", "lora")}
+SHARDED = ("fsdp2", "fsdp2-meta")
+METHODS = {"single": ("shira", "lora"), "fsdp2": ("shira", "lora"), "fsdp2-meta": ("shira", "lora"),
+           "nf4": ("shira", "shira-additive", "lora"), "int8": ("shira", "shira-additive", "lora")}
 
 
 def proc_kib(field: str) -> int:
@@ -49,16 +58,20 @@ def proc_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def build(args: argparse.Namespace, method: str, quantized: str | None) -> torch.nn.Module:
+def base_model(args: argparse.Namespace) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    import shirakit
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=16, num_key_value_heads=16, vocab_size=args.vocab,
                          max_position_embeddings=max(args.seq, 128), tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def build(args: argparse.Namespace, method: str, quantized: str | None) -> torch.nn.Module:
+    import shirakit
+
+    model = base_model(args)
     if quantized:
         quantize(model, quantized)
     r = args.adapter_rank
@@ -85,12 +98,65 @@ def quantize(model: torch.nn.Module, kind: str) -> None:
             setattr(model.get_submodule(parent), child, q.to("cpu"))  # quantized on the move
 
 
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def build_from_meta(args: argparse.Namespace, method: str) -> torch.nn.Module:
+    """torchtitan's recipe: the model is never whole on a rank. Built and injected on the meta device,
+    sharded, given storage for its shards only (``to_empty``), each rank reads its rows of the base
+    weights from the safetensors checkpoint, HF's rotary buffers are made again, and shirakit draws
+    the adapter into the shards (``reset_adapter_parameters``)."""
+    import shirakit
+
+    with torch.device("meta"):
+        model = build(args, method, quantized=None)
+    shard(model).to_empty(device="cpu")
+    load_base_shards(model, args.checkpoint)
+    for module in list(model.modules()):
+        if hasattr(module, "original_inv_freq"):  # non-persistent buffers: not in any checkpoint
+            fresh = type(module)(config=model.config)
+            for key, buffer in fresh.named_buffers():
+                module.get_buffer(key).copy_(buffer)
+    return shirakit.reset_adapter_parameters(model)
+
+
+@torch.no_grad()
+def load_base_shards(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Copy the base weights in; a sharded parameter reads only its own rows from the file."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    from shirakit.weight_kinds import sharded_rows
+
+    with safe_open(str(checkpoint), "pt") as f:
+        for name, param in model.named_parameters():
+            if ".adapters." in name:
+                continue
+            stored = f.get_slice(name.replace(".base_layer.", "."))
+            if isinstance(param, DTensor):
+                local, start, stop = sharded_rows(param)
+                local.copy_(stored[start:stop])
+            else:
+                param.copy_(stored[:])
+
+
+def write_checkpoint(args: argparse.Namespace, path: Path) -> None:
+    """The base model as a safetensors file (what a pretrained checkpoint on disk is)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in base_model(args).state_dict().items()}, str(path))
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    distributed = args.worker == "fsdp2"
+    distributed = args.worker in SHARDED
     if distributed:
         import torch.distributed as dist
-        from torch.distributed.fsdp import fully_shard
 
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -101,17 +167,52 @@ def worker(args: argparse.Namespace) -> None:
         import shirakit.layer
 
         shirakit.layer.dequantizer = lambda layer, x: None
-    import transformers.models.llama.modeling_llama  # noqa: F401  (imports are not the model's memory)
-    if args.worker in QUANTIZED:
-        import bitsandbytes  # noqa: F401
+    warm_up(args, batch)
     with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on
         f.write("5")
     before = proc_kib("VmRSS")
-    model = build(args, args.method, quantized=args.worker if args.worker in QUANTIZED else None)
+    with LiveTensorBytes() if args.track_tensors else contextlib.nullcontext() as tracker:
+        times = train(args, batch)
+    result = {"step_s": statistics.median(times[args.warmup:]), "peak_kib": proc_kib("VmHWM") - before}
+    if tracker is not None:  # the highest total of live tensor bytes it saw (torch's own accounting)
+        result["tensor_peak_kib"] = tracker.peak // 1024
     if distributed:
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, result)
+        dist.destroy_process_group()
+        result = {key: max(r[key] for r in gathered) for key in result}
+    if rank == 0:
+        _report.emit(result)
+
+
+def warm_up(args: argparse.Namespace, batch: torch.Tensor) -> None:
+    """Imports, and compiled kernels (numba's SHiRA kernels load or compile on first use: ~50 MB), are
+    the process's, not the model's memory: one step of a tiny model of the same kind before the
+    peak is reset. (Measured without it, a 2-layer tiny model already "peaked" at 74 MB for LoRA and
+    129 MB for SHiRA, as much as the 2-layer benchmark model itself.)"""
+    import gc
+
+    import safetensors  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+
+    import shirakit.materialize  # noqa: F401
+
+    tiny = argparse.Namespace(**{**vars(args), "hidden": 64, "intermediate": 128, "layers": 1})
+    model = build(tiny, args.method, quantized=args.worker if args.worker in QUANTIZED else None)
+    model(input_ids=batch[:, :16], labels=batch[:, :16]).loss.backward()
+    del model
+    gc.collect()
+
+
+def train(args: argparse.Namespace, batch: torch.Tensor) -> list[float]:
+    """Build (as the setting says), then the timed SGD steps; returns each step's seconds."""
+    if args.worker == "fsdp2-meta":
+        model = build_from_meta(args, args.method)
+    else:
+        model = build(args, args.method, quantized=args.worker if args.worker in QUANTIZED else None)
+        if args.worker == "fsdp2":  # built whole on every rank, then sharded (the full model is its peak)
+            shard(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
     for _ in range(args.warmup + args.steps):
@@ -120,19 +221,16 @@ def worker(args: argparse.Namespace) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    result = {"step_s": statistics.median(times[args.warmup:]), "peak_kib": proc_kib("VmHWM") - before}
-    if distributed:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, result)
-        dist.destroy_process_group()
-        result = {"step_s": max(r["step_s"] for r in gathered), "peak_kib": max(r["peak_kib"] for r in gathered)}
-    if rank == 0:
-        _report.emit(result)
+    return times
 
 
-def measure(args: argparse.Namespace, setting: str, method: str) -> dict:
+def measure(args: argparse.Namespace, setting: str, method: str, track_tensors: bool = False) -> dict:
     argv = [f"--worker={setting}", f"--method={method}", *_report.flags(args, SIZE_FLAGS)]
-    if setting != "fsdp2":
+    if setting == "fsdp2-meta":
+        argv.append(f"--checkpoint={args.checkpoint}")
+    if track_tensors:  # a run of its own: the tracker slows every op, so its step times are not used
+        argv += ["--track-tensors", "--steps=1"]
+    if setting not in SHARDED:
         return _report.run_worker_process(__file__, argv)
     return run_torchrun(argv)
 
@@ -171,8 +269,9 @@ def _settings(text: str) -> tuple[str, ...]:
 SIZE_FLAGS = ("hidden", "intermediate", "layers", "vocab", "seq", "adapter_rank", "steps", "warmup")
 
 
-def report(args: argparse.Namespace, runs: list[dict], facts: dict[str, str], command: str) -> str:
-    """The section's text (``publish`` puts the markers around it)."""
+def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dict[str, str], command: str) -> str:
+    """The section's text (``publish`` puts the markers around it). ``tensors``: (setting, method) ->
+    the tracked run's result (``--tensor-memory``), or empty."""
     def med(setting: str, method: str, key: str) -> float:
         return statistics.median(run[setting, method][key] for run in runs)
 
@@ -188,8 +287,13 @@ def report(args: argparse.Namespace, runs: list[dict], facts: dict[str, str], co
                          ratio((setting, method), (setting, "lora"), "step_s") if method != "lora" else "",
                          ratio((setting, method), single, "peak_kib")
                          if setting != "single" and "single" in args.settings else ""])
-    body = _report.table(["setting", "method", "step (median)", "peak memory (max over ranks)",
-                          "SHiRA / LoRA step", "memory / one process"], rows)
+            if tensors:
+                peak = tensors[setting, method]["tensor_peak_kib"]
+                rows[-1] += [f"{peak / 1024:.0f} MiB", f"{peak / tensors[single]['tensor_peak_kib']:.2f}"
+                             if setting != "single" and "single" in args.settings else ""]
+    header = ["setting", "method", "step (median)", "peak memory (max over ranks)", "SHiRA / LoRA step",
+              "memory / one process"]
+    body = _report.table(header + (["tensor peak (max over ranks)", "tensors / one process"] if tensors else []), rows)
     return "\n".join([
         "## Train step on a sharded (FSDP2) and a quantized (NF4) base" if args.settings == DEFAULT_SETTINGS else
         f"## Train step, settings {', '.join(args.settings)}, {args.layers} layers", "",
@@ -199,11 +303,18 @@ def report(args: argparse.Namespace, runs: list[dict], facts: dict[str, str], co
         f"{args.vocab}; the 7 projections adapted, r={args.adapter_rank}; global batch 2 x {args.seq} tokens; SGD; "
         f"{args.steps} timed steps after {args.warmup} warm-up",
         "- single: one process, 1 thread; fsdp2: `torchrun --nproc_per_node=2`, gloo, `fully_shard` per decoder "
-        f"layer and at the root (adapted weights sharded), 1 x {args.seq} tokens and 1 thread per rank; nf4: one "
+        f"layer and at the root (adapted weights sharded), 1 x {args.seq} tokens and 1 thread per rank, the model "
+        "built whole on each rank and then sharded; fsdp2-meta: the same, but built and injected on the meta "
+        "device, sharded, `to_empty`, each rank reading its rows of the base weights from a safetensors file, "
+        "`shirakit.reset_adapter_parameters` (the model is never whole on a rank); nf4: one "
         "process, the 7 projections as bitsandbytes `Linear4bit` (NF4, fp32 compute); int8: the same with "
         "`Linear8bitLt` (int8 codes); shira-additive: SHiRA forced onto its additive path there "
         "(`base(x) + s x S^T`) instead of writing into the dequantized copy",
-        "- Peak memory: resident memory above the process's own before it built the model (VmHWM)", "",
+        "- Peak memory: resident memory above the process's own before it built the model (VmHWM; imports and "
+        "compiled kernels warmed up first by one step of a 1-layer, hidden-64 model of the same kind)"
+        + ("; tensor peak: the highest total of live tensor storages from building the model through "
+           "1 step after the warm-up, counted by a TorchDispatchMode (`benchmarks/_tensor_memory.py`) in a run of its "
+           "own: what the tensors need, without the allocator's cached or unreturned pages" if tensors else ""), "",
         "Targets (issue 15): SHiRA/LoRA step <= 1.1 under FSDP2 and on the quantized base; FSDP2 peak memory per "
         "rank <= 0.6 x the one-process run's.", "", body])
 
@@ -224,22 +335,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", type=_settings, default=DEFAULT_SETTINGS,
                         help="comma-separated subset of " + ",".join(SETTINGS) + " (default: "
                         + ",".join(DEFAULT_SETTINGS) + ")")
+    parser.add_argument("--tensor-memory", action="store_true",
+                        help="also measure each row's peak of live tensor bytes (a TorchDispatchMode), one run each")
     parser.add_argument("--write-docs", type=Path)
+    parser.add_argument("--track-tensors", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return
     facts = _report.machine_facts("each row a fresh process (FSDP2: 2 processes), 1 thread per process")
-    runs = []
-    for repeat in range(args.repeats):
-        runs.append({(s, m): measure(args, s, m) for s in args.settings for m in METHODS[s]})
-        print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as folder:
+        args.checkpoint = Path(folder) / "base.safetensors"
+        if "fsdp2-meta" in args.settings:
+            write_checkpoint(args, args.checkpoint)
+        runs, tensors = measure_all(args)
     begin, end = BEGIN, END
     if args.settings != DEFAULT_SETTINGS:  # a subset: its own section, so the full run's rows stay
         key = f"[{','.join(args.settings)} {args.layers} layers]"
         begin, end = (marker.replace(":", key + ":") for marker in (BEGIN, END))
-    _report.publish(report(args, runs, facts, _report.command_line("benchmarks/train_step_sharded.py", argv)),
-                    args.write_docs, begin, end)
+    _report.publish(report(args, runs, tensors, facts,
+                           _report.command_line("benchmarks/train_step_sharded.py", argv)), args.write_docs, begin, end)
+
+
+def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    rows = [(s, m) for s in args.settings for m in METHODS[s]]
+    runs = []
+    for repeat in range(args.repeats):
+        runs.append({row: measure(args, *row) for row in rows})
+        print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+    tensors = {row: measure(args, *row, track_tensors=True) for row in rows} if args.tensor_memory else {}
+    return runs, tensors
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Deselect with ``-k "not distributed"``; skipped where torch.distributed or gloo 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -36,6 +37,10 @@ WORKER = str(ROOT / "tests" / "dist_worker.py")
 TORCHRUN_JOBS = ["ddp:shira", "ddp:lora", "fsdp:lora", "fsdp:shira", "fsdp:vera", "fsdp:miss", "fsdp:missbat",
                  "fsdp-ignored:shira", "fsdp-resume:shira", "fsdp-resume:lora",
                  "fsdp-meta:shira", "fsdp-meta:lora", "fsdp-meta:vera", "fsdp-meta:missbat"]
+# DeepSpeed ZeRO-3 on its CPU accelerator (gloo), last in the launch (deepspeed is a dev dependency)
+ZERO3_JOBS = ["zero3:shira", "zero3:lora", "zero3-release:shira", "zero3-release:missbat"] \
+    if importlib.util.find_spec("deepspeed") else []
+TORCHRUN_JOBS += ZERO3_JOBS
 ACCELERATE_JOBS = ["accelerate:shira", "accelerate:lora"]
 TRAINER_WORKER = str(ROOT / "tests" / "dist_trainer_worker.py")
 TRAINER_JOBS = ["shira-sgd", "lora-sgd", "shira-adamw", "lora-adamw"]
@@ -190,6 +195,19 @@ def test_fsdp2_meta_device_model_with_reset_adapter_parameters(method, torchrun_
     for r in records(torchrun_out, f"fsdp-meta:{method}"):
         assert r["base_sharded"], r
         assert "reset_adapter_parameters" in r["meta_before_reset"], r
+
+
+@pytest.mark.parametrize("job", ["zero3:shira", "zero3:lora", "zero3-release:shira", "zero3-release:missbat"])
+def test_deepspeed_zero3_matches_single_process(job, torchrun_out, reference):
+    """ZeRO-3, every parameter partitioned (adapter ones too): SHiRA writes its values into the weight
+    ZeRO gathers for each forward; same losses and adapter as one process; the adapter saved inside
+    GatheredParameters is complete. ``zero3-release``: every weight released after its forward and
+    gathered again, clean, for its backward (SHiRA writes its values in again there, as under FSDP2)."""
+    if not ZERO3_JOBS:
+        pytest.skip("deepspeed is not installed (it is in the dev extra)")
+    assert_matches_single_process(torchrun_out, job, reference)
+    for r in records(torchrun_out, job):
+        assert r["partitioned"], r  # the base weight was really partitioned away outside forward
 
 
 # ---- accelerate launch + FSDP2 config file + transformers.Trainer --------------------------------

@@ -115,3 +115,15 @@ def test_reset_of_a_merged_adapter_is_refused():
     shirakit.merge(model)
     with pytest.raises(RuntimeError, match="unmerge"):
         shirakit.reset_adapter_parameters(model)
+
+
+@pytest.mark.parametrize("case", ["shira", "lora"])
+def test_inject_inside_a_meta_device_context(case):
+    """`with torch.device("meta"):` around both the model and inject (the seed is still drawn on CPU)."""
+    real = injected("llama", case, meta=False)
+    with torch.device("meta"):
+        model = injected("llama", case, meta=True)
+    shirakit.reset_adapter_parameters(materialized(model, real))
+    expected, found = shirakit.adapter_state_dict(real), shirakit.adapter_state_dict(model)
+    for key in expected:
+        assert torch.equal(found[key], expected[key]), key

@@ -254,7 +254,7 @@ def seed_of(config: AdapterConfig) -> int:
     if config.seed is not None:
         return int(config.seed)
     # No seed given: take one from torch's global RNG, so torch.manual_seed makes runs repeatable.
-    return int(torch.randint(0, 2**62, (1,)).item())
+    return int(torch.randint(0, 2**62, (1,), device="cpu").item())  # cpu: also inside `with torch.device("meta")`
 
 
 def layer_generator(seed: int, adapter_name: str, layer_name: str) -> torch.Generator:

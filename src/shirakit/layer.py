@@ -25,7 +25,7 @@ from .weight_kinds import (
     REPACKED_FOR_INFERENCE,
     SHARDED_MERGE,
     dequantizer,
-    fsdp_managed,
+    gathered_per_call,
     is_sharded,
     quantized_kind,
     repacked_for_inference,
@@ -226,7 +226,7 @@ class AdapterLinear(nn.Module):
         return not self.weight_shared_with and not self.quantized
 
     def _wanted_live(self) -> list[str]:
-        if self.disabled or fsdp_managed(self.base_layer):  # FSDP: written per gathered copy instead
+        if self.disabled or gathered_per_call(self.base_layer):  # FSDP, ZeRO-3: written per gathered copy
             return []
         return [n for n in self.active if n not in self.merged and self._in_weight(n) is not None]
 
@@ -361,7 +361,7 @@ class AdapterLinear(nn.Module):
 
     def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routing = ROUTES.get().get(self._guard)  # this call's route, if any (per thread / task)
-        if routing is None and fsdp_managed(self.base_layer):
+        if routing is None and gathered_per_call(self.base_layer):
             return self._gathered_forward(x, *args, **kwargs)
         if not self._has_in_weight:  # nothing is ever written into this weight by a forward
             if self.merged and self._weight_rewritten():
@@ -451,7 +451,7 @@ class AdapterLinear(nn.Module):
         return y
 
     def _gathered_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """FSDP2: the weight is a copy gathered for this forward (and again for its backward).
+        """FSDP2, ZeRO-3: the weight is a copy gathered for this forward (and again for its backward).
 
         A single in-weight adapter that can (SHiRA) writes into that copy, and its backward writes
         again (the single-process cost); several, or one that cannot (MiSS bat), run additively,

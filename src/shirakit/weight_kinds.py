@@ -42,6 +42,19 @@ def fsdp_managed(module: nn.Module) -> bool:
     return bool(getattr(module, "_is_fsdp_managed_module", False))
 
 
+def zero3_partitioned(module: nn.Module) -> bool:
+    """Is this module's weight partitioned by DeepSpeed ZeRO-3 (an empty placeholder outside the
+    module's forward and backward, gathered into the same Parameter around each)? ZeRO-3 marks
+    every parameter it manages with a ``ds_id``."""
+    return hasattr(getattr(module, "weight", None), "ds_id")
+
+
+def gathered_per_call(module: nn.Module) -> bool:
+    """Is this module's weight a copy gathered for each forward (and again for the backward) from
+    shards that must stay clean: FSDP2 (``fully_shard``) or DeepSpeed ZeRO-3?"""
+    return fsdp_managed(module) or zero3_partitioned(module)
+
+
 def is_sharded(weight: torch.Tensor) -> bool:
     """A DTensor (FSDP2's sharded parameter outside a forward)."""
     return hasattr(weight, "to_local") and hasattr(weight, "placements")
