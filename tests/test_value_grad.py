@@ -59,6 +59,20 @@ def test_kernel_matches_sampled_addmm_on_a_llama_sized_layer():
     torch.testing.assert_close(cpu_sddmm.value_grad(g, x, rows, cols), expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_both_transposes_match_the_reference(threads):
+    """Sources up to cpu_sddmm._TILED_MAX_COLUMNS wide take the tiled transpose, wider ones the
+    element-wise one: g is narrow and x wide here, then the other way round; 37 tokens leave a
+    partial 16-token block and padding."""
+    narrow, wide, tokens = 40, cpu_sddmm._TILED_MAX_COLUMNS + 37, 37
+    for m, n in [(narrow, wide), (wide, narrow)]:
+        rows, cols = _positions(m, n, 600, seed=m)
+        g, x = torch.randn(tokens, m), torch.randn(tokens, n)
+        cpu_sddmm.forget_inputs()
+        got = cpu_sddmm.value_grad(g, x, rows, cols, threads=threads)
+        torch.testing.assert_close(got.double(), _reference(g, x, rows, cols), atol=1e-4 * tokens ** 0.5, rtol=1e-5)
+
+
 def test_kernel_edge_cases():
     torch.manual_seed(0)
     rows, cols = _positions(8, 6, 10, seed=3)
