@@ -28,16 +28,16 @@ after another, so a worker slowed by another process on a shared core takes fewe
 of holding the others at a barrier. There is no spinning OpenMP barrier, which on a shared
 machine is what makes ``torch.sparse.sampled_addmm`` slower with more threads than with one.
 
-Measured against ``torch.sparse.sampled_addmm`` (``benchmarks/value_grad.py``, 2026-11-28, a
-shared 2-core machine at load 1.2-1.6): with x's transpose shared (k, v, up) 0.46-0.80x of its
-time at 1 thread and 0.70-1.04x at 2; with x transposed afresh 0.96-1.22x at 1 thread and
-1.36-1.82x at 2 (those 2-thread timings mostly measure the other processes). It stays the CPU
-path whenever numba imports, since in a training step 3 of a layer's 7 calls share x, and unlike
+Measured against ``torch.sparse.sampled_addmm`` (``benchmarks/value_grad.py``, 2026-11-28 12:42, a
+shared 2-core machine at load 1.2; CPU-time ratios): with x's transpose shared (k, v, up) 0.45-0.79x
+at 1 thread and 0.41-1.46x at 2; with x transposed afresh 0.76-1.13x at 1 thread (0.76-0.79x on the
+2816-wide shapes) and 0.89-4.1x at 2 (those 2-thread timings mostly measure the other processes). It
+stays the CPU path whenever numba imports, since in a training step 3 of a layer's 7 calls share x, and unlike
 sampled_addmm it handles bf16/fp16. fp64 inputs and other devices (CUDA: cuSPARSE's
 sampled_addmm) keep the torch path. Half-precision g and x are upcast to fp32 (exact), and the
 accumulation is fp32.
 
-Compilation: numba compiles the three kernels on first use (about a second) and caches the machine
+Compilation: numba compiles the kernels on first use (about a second) and caches the machine
 code next to this file, or in numba's user cache when that folder is read-only
 (``NUMBA_CACHE_DIR`` overrides both); the cache is keyed by this file's path and timestamp.
 """
