@@ -407,6 +407,21 @@ def measure(fns: dict, min_reps: int, min_time: float, max_reps: int = 200) -> d
 SPARSE, SCATTER = False, True  # what the patched InWeightAdapter.prefers_weight answers
 
 
+def forced_route(layer, x, groups, scatter: bool):
+    """One routed forward with the route forced (prefers_weight patched to answer ``scatter``)."""
+    from shirakit.adapter import InWeightAdapter
+
+    original = InWeightAdapter.prefers_weight
+
+    def call():
+        InWeightAdapter.prefers_weight = lambda self, tokens: scatter
+        try:
+            return layer.routed_forward(x, groups)
+        finally:
+            InWeightAdapter.prefers_weight = original
+    return call
+
+
 def scatter_pair(layer, name: str) -> None:
     """The scatter path's fixed cost: the K values scattered in and the originals scattered back."""
     layer._apply_adapter(name)
@@ -415,7 +430,6 @@ def scatter_pair(layer, name: str) -> None:
 
 def crossover_worker(args: argparse.Namespace) -> dict:
     import shirakit
-    from shirakit.adapter import InWeightAdapter
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
@@ -423,19 +437,8 @@ def crossover_worker(args: argparse.Namespace) -> dict:
     shapes = [(f"q/k/v/o {h}->{h}", h, h), (f"gate/up {h}->{i}", h, i), (f"down {i}->{h}", i, h)]
     if args.quick:
         shapes = shapes[1:2]
-    original = InWeightAdapter.prefers_weight
     reps, min_time = (3, 0.01) if args.quick else (5, 0.25)
     out = {"shapes": [], "reps": reps, "min_time": min_time}
-
-    def routed(layer, x, groups, scatter: bool):
-        """One routed forward with the route forced (prefers_weight patched to answer ``scatter``)."""
-        def call():
-            InWeightAdapter.prefers_weight = lambda self, tokens: scatter
-            try:
-                return layer.routed_forward(x, groups)
-            finally:
-                InWeightAdapter.prefers_weight = original
-        return call
 
     def base(layer, x):
         return lambda: layer.base_layer(x)
@@ -465,15 +468,15 @@ def crossover_worker(args: argparse.Namespace) -> dict:
                 g4 = [(n, torch.arange(j, N_ADAPTERS * t, N_ADAPTERS)) for j, n in enumerate(names)]
                 # correctness of both paths against each other
                 for x, g in ((x1, g1), (x4, g4)):
-                    d = max_diff(routed(layer, x, g, SPARSE)(), routed(layer, x, g, SCATTER)())
+                    d = max_diff(forced_route(layer, x, g, SPARSE)(), forced_route(layer, x, g, SCATTER)())
                     assert d <= ATOL, f"SHiRA sparse and scatter paths differ by {d:.3g} ({label}, {t} tokens)"
                 m = measure({
                     "base1": base(layer, x1),
-                    "sparse1": routed(layer, x1, g1, SPARSE),
-                    "scatter1": routed(layer, x1, g1, SCATTER),
+                    "sparse1": forced_route(layer, x1, g1, SPARSE),
+                    "scatter1": forced_route(layer, x1, g1, SCATTER),
                     "base4": base(layer, x4),
-                    "sparse4": routed(layer, x4, g4, SPARSE),
-                    "scatter4": routed(layer, x4, g4, SCATTER),
+                    "sparse4": forced_route(layer, x4, g4, SPARSE),
+                    "scatter4": forced_route(layer, x4, g4, SCATTER),
                 }, reps, min_time)
                 rows_out.append({"tokens": t, **m})
             out["shapes"].append({"label": label, "k": k, "pair": pair, "rows": rows_out, "model_from": model_from})

@@ -28,33 +28,20 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mixed_batch import SCATTER, SPARSE, forced_route, measure  # noqa: E402  (its timing loop and forced routes)
+
 SHAPES = [(512, 512), (512, 1376), (1376, 512), (1024, 1024), (1024, 2816), (2816, 1024)]
 QUICK_SHAPES = [(256, 256), (256, 704)]
 TOKENS = [1, 4, 8, 16, 32, 64, 128, 256]
 RANKS = [8, 32]
 GROUPS = 4
-
-
-def cpu_median(fns: dict, min_reps: int, min_time: float) -> dict[str, float]:
-    """Round-robin calls (drift hits all alike); median process CPU seconds per fn."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    while True:
-        for key, fn in fns.items():
-            c0 = time.process_time()
-            fn()
-            samples[key].append(time.process_time() - c0)
-        n = len(samples[next(iter(fns))])
-        if n >= 200 or (n >= min_reps and all(sum(s) >= min_time for s in samples.values())):
-            return {k: statistics.median(s) for k, s in samples.items()}
 
 
 def one_layer(in_f: int, out_f: int, r: int):
@@ -70,24 +57,11 @@ def one_layer(in_f: int, out_f: int, r: int):
 
 
 def measure_point(layer, tokens: int, min_reps: int, min_time: float) -> dict[str, float]:
-    from shirakit.adapter import InWeightAdapter
-
-    original = InWeightAdapter.prefers_weight
     x = torch.randn(GROUPS * tokens, layer.base_layer.in_features)
     groups = [(f"a{j}", torch.arange(j, GROUPS * tokens, GROUPS)) for j in range(GROUPS)]
-
-    def routed(answer: bool):
-        def call():
-            InWeightAdapter.prefers_weight = lambda self, t: answer
-            try:
-                return layer.routed_forward(x, groups)
-            finally:
-                InWeightAdapter.prefers_weight = original
-        return call
-
     with torch.inference_mode():
-        return cpu_median({"base4": lambda: layer.base_layer(x), "sparse4": routed(False),
-                           "scatter4": routed(True)}, min_reps, min_time)
+        return measure({"base4": lambda: layer.base_layer(x), "sparse4": forced_route(layer, x, groups, SPARSE),
+                        "scatter4": forced_route(layer, x, groups, SCATTER)}, min_reps, min_time)
 
 
 def fit(points: list[dict], current: dict[str, float]) -> dict[str, float]:

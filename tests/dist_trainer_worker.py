@@ -20,9 +20,7 @@ On CPU accelerate does not turn FSDP on by itself: see :func:`fsdp2_state_on_cpu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ if __package__ in (None, ""):  # run as a script by accelerate: make `tests` imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shirakit  # noqa: E402
+from tests.dist_worker import run_and_record  # noqa: E402
 from tests.models import inputs, tiny_llama  # noqa: E402
 
 STEPS = 3
@@ -153,16 +152,7 @@ def main() -> None:
     fsdp2_state_on_cpu()
     rank, world = dist.get_rank(), dist.get_world_size()
     for job in args.jobs:
-        out = args.out / job
-        out.mkdir(parents=True, exist_ok=True)
-        record: dict = {"job": job, "rank": rank, "world": world, "backend": dist.get_backend()}
-        try:
-            run_job(job, out, rank, world, record)
-        except Exception as exc:  # recorded for the test to show
-            record["error"] = f"{type(exc).__name__}: {exc}"
-            record["traceback"] = traceback.format_exc()
-        (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
-        dist.barrier()
+        run_and_record(job, args.out / job, lambda record, out, job=job: run_job(job, out, rank, world, record))
     dist.destroy_process_group()
 
 

@@ -351,23 +351,35 @@ def main() -> None:
         PartialState(cpu=True)  # accelerate sets the process group up itself (gloo on CPU)
     else:
         dist.init_process_group("gloo")  # torchrun set the env:// variables
-    record_backend = dist.get_backend()
     rank, world = dist.get_rank(), dist.get_world_size()
     for job in args.jobs:
         mode, method = job.split(":")
-        out = args.out / job.replace(":", "-")
-        out.mkdir(parents=True, exist_ok=True)
-        record: dict = {"job": job, "rank": rank, "world": world, "backend": record_backend}
-        try:
+
+        def run(record: dict, out: Path, mode=mode, method=method) -> None:
             model = RUNS[mode](method, rank, world, record, out)
             if "trained" not in record:  # every rank's trained values (gathered under FSDP: every rank calls it)
                 record["trained"] = digest(shirakit.adapter_state_dict(model).values())
-        except Exception as exc:  # recorded for the test to judge (FSDP + SHiRA must refuse clearly)
-            record["error"] = f"{type(exc).__name__}: {exc}"
-            record["traceback"] = traceback.format_exc()
-        (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
-        dist.barrier()
+
+        run_and_record(job, args.out / job.replace(":", "-"), run)
     dist.destroy_process_group()
+
+
+def run_and_record(job: str, out: Path, run) -> None:
+    """``run(record, out)`` on this rank; ``record`` (with the error, if it raised: FSDP + SHiRA
+    must refuse clearly, and the test shows what failed) goes to ``out/rank<r>.json``; then all
+    ranks meet at a barrier, so no rank starts the next job while another still writes."""
+    import torch.distributed as dist
+
+    out.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank()
+    record: dict = {"job": job, "rank": rank, "world": dist.get_world_size(), "backend": dist.get_backend()}
+    try:
+        run(record, out)
+    except Exception as exc:  # recorded for the test to judge
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()
+    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+    dist.barrier()
 
 
 if __name__ == "__main__":
