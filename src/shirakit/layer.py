@@ -421,9 +421,12 @@ class AdapterLinear(nn.Module):
                 y = adapter.tap_value_grad(y, x)
         else:
             y = self.base_layer(x, *args, **kwargs)
-        for name in pending:
-            if self._in_weight(name) is None:
-                y = y + self.adapters[name](x, self.weight).to(y.dtype)
+        return self._add_deltas(y, x, [n for n in pending if self._in_weight(n) is None])
+
+    def _add_deltas(self, y: torch.Tensor, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``y + sum a(x)`` over the adapters ``names``, each run as its additive forward."""
+        for name in names:
+            y = y + self.adapters[name](x, self.weight).to(y.dtype)
         return y
 
     def _quantized_forward(self, x: torch.Tensor, pending: list[str], *args, **kwargs) -> torch.Tensor:
@@ -445,10 +448,7 @@ class AdapterLinear(nn.Module):
             y = self.base_layer(x, *args, **kwargs)
         else:
             y = self.adapters[first].dequantized_forward(self.base_layer, x, copy_of)
-        for name in pending:
-            if name != first:
-                y = y + self.adapters[name](x, self.weight).to(y.dtype)
-        return y
+        return self._add_deltas(y, x, [n for n in pending if n != first])
 
     def _gathered_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """FSDP2, ZeRO-3: the weight is a copy gathered for this forward (and again for its backward).
@@ -467,10 +467,7 @@ class AdapterLinear(nn.Module):
             y = self.adapters[first].gathered_forward(self.base_layer, x)
         else:
             y = self.base_layer(x, *args, **kwargs)
-        for name in pending:
-            if name != first:
-                y = y + self.adapters[name](x, self.weight).to(y.dtype)
-        return y
+        return self._add_deltas(y, x, [n for n in pending if n != first])
 
     def routed_forward(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """Row group g gets adapter g: the base product once, each delta added to its rows only.
