@@ -11,6 +11,7 @@ classes declare.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
@@ -29,6 +30,7 @@ from .weight_kinds import (
     is_sharded,
     quantized_kind,
     repacked_for_inference,
+    whole_weight,
 )
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
@@ -272,9 +274,16 @@ class AdapterLinear(nn.Module):
             kinds = sorted({type(self.adapters[n]).__name__ for n in refused})
             raise RuntimeError(SHARDED_MERGE.format(names=refused, kinds=", ".join(kinds)))
 
+    def _whole_weight(self, names: list[str], what: str, write: bool = True):
+        """ZeRO-3: the weight and these adapters' parameters gathered around a merge (see
+        :func:`~shirakit.weight_kinds.whole_weight`); elsewhere, or with no names, nothing."""
+        if not names:  # the same on every rank: the model's state is
+            return contextlib.nullcontext()
+        return whole_weight(self.base_layer, [self.adapters[n] for n in names], what, write)
+
     def merge_is_finite(self, names: list[str]) -> bool:
         self._check_mergeable(names)
-        with self._guard.writing("merge"):
+        with self._guard.writing("merge"), self._whole_weight(names, "merge", write=False):
             self._withdraw_live()
             return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
 
@@ -283,7 +292,7 @@ class AdapterLinear(nn.Module):
         adapter (LoRA, VeRA, MiSS balance/mini), so unmerge restores it bit-exactly instead of
         subtracting (one weight-sized copy per merged adapter; SHiRA and MiSS bat are always exact)."""
         self._check_mergeable(names)
-        with self._guard.writing("merge"):
+        with self._guard.writing("merge"), self._whole_weight([n for n in names if n not in self.merged], "merge"):
             self._withdraw_live()
             if self.weight_shared_with and names:
                 warnings.warn(f"merging {names} into a weight tied to {list(self.weight_shared_with)}: those "
@@ -298,7 +307,7 @@ class AdapterLinear(nn.Module):
                 self.merged.append(name)
 
     def unmerge(self) -> None:
-        with self._guard.writing("unmerge"):
+        with self._guard.writing("unmerge"), self._whole_weight(list(self.merged), "unmerge"):
             self._withdraw_live()
             while self.merged:
                 self._remove_adapter(self.merged.pop())

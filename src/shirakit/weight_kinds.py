@@ -17,7 +17,8 @@ that write as it is:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import contextlib
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -37,6 +38,15 @@ SHARDED_MERGE = (
 )
 
 
+ZERO3_ALREADY_GATHERED = (
+    "cannot {what} while the weight of this layer is gathered by ZeRO-3 outside a forward (inside "
+    "deepspeed.zero.GatheredParameters?): a write there is thrown away when that context ends unless it "
+    "names a modifier_rank, and shirakit cannot tell which. Call shirakit.{what} outside any "
+    "GatheredParameters context, on every rank (it gathers each layer's weight itself and writes the "
+    "result back into the partitions)"
+)
+
+
 def fsdp_managed(module: nn.Module) -> bool:
     """Is this module's weight managed by FSDP (``fully_shard`` marks every module it manages)?"""
     return bool(getattr(module, "_is_fsdp_managed_module", False))
@@ -53,6 +63,32 @@ def gathered_per_call(module: nn.Module) -> bool:
     """Is this module's weight a copy gathered for each forward (and again for the backward) from
     shards that must stay clean: FSDP2 (``fully_shard``) or DeepSpeed ZeRO-3?"""
     return fsdp_managed(module) or zero3_partitioned(module)
+
+
+@contextlib.contextmanager
+def whole_weight(module: nn.Module, readers: list[nn.Module], what: str, write: bool = True) -> Iterator[None]:
+    """Around a merge or unmerge: under ZeRO-3, the whole weight of ``module`` and the parameters of
+    the adapters ``readers`` (partitioned too), gathered on every rank; with ``write``, the weight as
+    left by rank 0 goes back into every rank's partition at the end (every rank writes the same, so
+    each adapter's own record of what it wrote holds everywhere). A collective: every rank must make
+    the same calls in the same order, as for saving. Elsewhere nothing happens.
+
+    Without this a merge under ZeRO-3 wrote into the empty placeholder that stands for the weight
+    outside a forward: LoRA's "succeeded" and its delta was silently lost, SHiRA's failed with an
+    IndexError."""
+    if not zero3_partitioned(module):
+        yield
+        return
+    import deepspeed  # present: the weight carries its marks
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    weight = module.weight
+    if weight.ds_status != ZeroParamStatus.NOT_AVAILABLE and not getattr(weight, "ds_persist", False):
+        raise RuntimeError(ZERO3_ALREADY_GATHERED.format(what=what))
+    reads = [p for reader in readers for p in reader.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(reads), \
+            deepspeed.zero.GatheredParameters([weight], modifier_rank=0 if write else None):
+        yield
 
 
 def is_sharded(weight: torch.Tensor) -> bool:
