@@ -73,6 +73,22 @@ def test_both_transposes_match_the_reference(threads):
         torch.testing.assert_close(got.double(), _reference(g, x, rows, cols), atol=1e-4 * tokens ** 0.5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int32_positions_give_the_same_values_as_int64(threads):
+    """A pattern may keep its indices as int32 (half the memory): the kernel reads them as they are."""
+    m, n, tokens = 300, 2100, 45  # x wider than _TILED_MAX_COLUMNS: both transposes run
+    rows, cols = _positions(m, n, 3000, seed=11)
+    g, x = torch.randn(tokens, m), torch.randn(tokens, n)
+    wide = cpu_sddmm.value_grad(g, x, rows, cols, threads=threads)
+    narrow = cpu_sddmm.value_grad(g, x, rows.int(), cols.int(), threads=threads)
+    assert torch.equal(wide, narrow)
+    torch.testing.assert_close(narrow.double(), _reference(g, x, rows, cols), atol=1e-4 * tokens ** 0.5, rtol=1e-5)
+    with pytest.raises(TypeError, match="both int64 or both int32"):
+        cpu_sddmm.value_grad(g, x, rows, cols.int())
+    with pytest.raises(TypeError, match="both int64 or both int32"):
+        cpu_sddmm.value_grad(g, x, rows.short(), cols.short())
+
+
 def test_kernel_edge_cases():
     torch.manual_seed(0)
     rows, cols = _positions(8, 6, 10, seed=3)

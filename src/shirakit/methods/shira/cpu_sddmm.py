@@ -66,6 +66,7 @@ _PAD = 16  # a row holds T rounded up to this many floats (one AVX-512 vector)
 # tokens), ties at 576-1536, and is slower on wider sources (2816: 2.4 vs 1.4 ms; 4096: 4.1 vs
 # 3.5; 5632: 6.9 vs 5.9), 1 thread, this project's machine, 2026-11-28.
 _TILED_MAX_COLUMNS = 2048
+_INDEX_TYPES = ("int64", "int32")  # position indices the kernel is compiled for (int32: half the bytes)
 _TASKS_PER_THREAD = 3  # enough for a free worker to take over a slow one's share, few enough to dispatch
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -128,8 +129,8 @@ def _kernels():
                     for t in range(t0, t1):
                         dst[c, t] = src[t, c]
 
-    @numba.njit("void(float32[:, ::1], float32[:, ::1], int64[::1], int64[::1], float32[::1], int64, int64)",
-                fastmath=True, **options)
+    @numba.njit([f"void(float32[:, ::1], float32[:, ::1], {index}[::1], {index}[::1], float32[::1], int64, int64)"
+                 for index in _INDEX_TYPES], fastmath=True, **options)
     def dots(a_rows, b_rows, ia, ib, out, start, stop):
         """out[k] = a_rows[ia[k]] . b_rows[ib[k]] for k in [start, stop); runs of equal ia share loads."""
         width = a_rows.shape[1]
@@ -271,10 +272,13 @@ def value_grad(
 ) -> torch.Tensor:
     """(K,) fp32: out[k] = sum_t grad_out[t, rows[k]] * x[t, cols[k]] over all leading dims of the inputs.
 
-    ``rows``/``cols``: int64, contiguous, on CPU, sorted row-major (so equal rows are adjacent; any
-    order is correct, sorted is fast). ``threads``: default ``torch.get_num_threads()``. Callers
-    check :func:`usable` first.
+    ``rows``/``cols``: both int64 or both int32, contiguous, on CPU, sorted row-major (so equal rows
+    are adjacent; any order is correct, sorted is fast). ``threads``: default
+    ``torch.get_num_threads()``. Callers check :func:`usable` first.
     """
+    if rows.dtype != cols.dtype or rows.dtype not in (torch.int64, torch.int32) or rows.shape != cols.shape:
+        raise TypeError(f"value_grad takes rows and cols of one shape, both int64 or both int32; found "
+                        f"{rows.dtype} {tuple(rows.shape)} and {cols.dtype} {tuple(cols.shape)}")
     g2 = grad_out.detach().reshape(-1, grad_out.shape[-1])
     x2 = x.detach().reshape(-1, x.shape[-1])
     count = rows.numel()
@@ -287,5 +291,6 @@ def value_grad(
     g_rows = _columns_as_rows(g2, threads, slot="grad")
     x_rows = _input_rows(x2, threads)
     *_, dots = _kernels()
-    _run_tasks(dots, (g_rows, x_rows, rows.numpy(), cols.numpy(), out.numpy()), count, threads, align=8)
+    positions = (rows.contiguous().numpy(), cols.contiguous().numpy())
+    _run_tasks(dots, (g_rows, x_rows, *positions, out.numpy()), count, threads, align=8)
     return out
