@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from . import native_sddmm
 from .lazy import once
 
 try:  # numba is a dependency, but the torch path must keep working without it
@@ -237,8 +238,12 @@ def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> np.ndarra
     width = _padded_width(tokens)
     dst = _scratch_buffer(slot, cols * width).view(cols, width)
     if src.dtype == torch.float32:
-        tiled, wide, _ = _kernels()
-        transpose = tiled if cols <= _TILED_MAX_COLUMNS else wide
+        native = native_sddmm.kernels()
+        if native is not None:
+            transpose = native.transpose_fp32
+        else:
+            tiled, wide, _ = _kernels()
+            transpose = tiled if cols <= _TILED_MAX_COLUMNS else wide
         _run_tasks(transpose, (src.contiguous().numpy(), dst.numpy()), cols, threads, align=16)
     else:  # bf16/fp16: torch converts exactly while it transposes
         dst[:, tokens:].zero_()
@@ -290,7 +295,8 @@ def value_grad(
     threads = threads or torch.get_num_threads()
     g_rows = _columns_as_rows(g2, threads, slot="grad")
     x_rows = _input_rows(x2, threads)
-    *_, dots = _kernels()
+    native = native_sddmm.kernels()
+    dots = native.dots if native is not None else _kernels()[2]
     positions = (rows.contiguous().numpy(), cols.contiguous().numpy())
     _run_tasks(dots, (g_rows, x_rows, *positions, out.numpy()), count, threads, align=8)
     return out
