@@ -16,12 +16,6 @@ typedef float v8 __attribute__((vector_size(32)));
 
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 
-static inline float hsum(v16 v) {
-    float s = 0.0f;
-    for (int l = 0; l < 16; l++) s += v[l];
-    return s;
-}
-
 /* one tree step: lanes (2j, 2j + 1) of a and of b summed, a's and b's sums interleaved */
 static inline v8 pair_sums(v8 a, v8 b) {
     return __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14)
@@ -49,21 +43,32 @@ static inline void hsum8(const v16 *acc, float *out) {
 #define DOTS_SHARING_A(N)                                                                  \
     static inline void dots_sharing_a_##N(const float *a, const float *const *b, float *out, \
                                           long width) {                                    \
-        v16 acc[N];                                                                        \
-        for (int p = 0; p < N; p++) acc[p] = (v16){0};                                     \
+        v16 acc[8];                                                                        \
+        for (int p = 0; p < 8; p++) acc[p] = (v16){0};                                     \
         for (long t = 0; t < width; t += 16) {                                             \
             v16 at = load16(a + t);                                                        \
             for (int p = 0; p < N; p++) acc[p] += at * load16(b[p] + t);                   \
         }                                                                                  \
-        if (N == 8) hsum8(acc, out);                                                       \
-        else for (int p = 0; p < N; p++) out[p] = hsum(acc[p]);                            \
+        float sums[8];                                                                     \
+        hsum8(acc, sums);                                                                  \
+        memcpy(out, sums, N * sizeof(float));                                              \
     }
 DOTS_SHARING_A(8)
+DOTS_SHARING_A(7)
+DOTS_SHARING_A(6)
+DOTS_SHARING_A(5)
 DOTS_SHARING_A(4)
+DOTS_SHARING_A(3)
 DOTS_SHARING_A(2)
 DOTS_SHARING_A(1)
 
-/* out[k] = a_rows[ia[k]] . b_rows[ib[k]] for k in [start, stop); runs of equal ia share a's loads */
+typedef void (*dots_sharing_a_fn)(const float *, const float *const *, float *, long);
+static const dots_sharing_a_fn DOTS_SHARING_A_BY_RUN[9] = {
+    0, dots_sharing_a_1, dots_sharing_a_2, dots_sharing_a_3, dots_sharing_a_4,
+    dots_sharing_a_5, dots_sharing_a_6, dots_sharing_a_7, dots_sharing_a_8};
+
+/* out[k] = a_rows[ia[k]] . b_rows[ib[k]] for k in [start, stop): each run of up to 8 equal ia
+ * (positions sorted row-major share a row of a) is one pass over a */
 #define SAMPLED_DOTS(NAME, INDEX)                                                                  \
     void NAME(const float *a_rows, const float *b_rows, const INDEX *ia, const INDEX *ib,          \
               float *out, long width, long start, long stop) {                                     \
@@ -72,13 +77,8 @@ DOTS_SHARING_A(1)
         while (k < stop) {                                                                         \
             long run = 1;                                                                          \
             while (run < 8 && k + run < stop && ia[k + run] == ia[k]) run++;                       \
-            const float *a = a_rows + (long)ia[k] * width;                                         \
-            run = run == 8 ? 8 : run >= 4 ? 4 : run >= 2 ? 2 : 1;                                  \
             for (long p = 0; p < run; p++) b[p] = b_rows + (long)ib[k + p] * width;                \
-            if (run == 8) dots_sharing_a_8(a, b, out + k, width);                                  \
-            else if (run == 4) dots_sharing_a_4(a, b, out + k, width);                             \
-            else if (run == 2) dots_sharing_a_2(a, b, out + k, width);                             \
-            else dots_sharing_a_1(a, b, out + k, width);                                           \
+            DOTS_SHARING_A_BY_RUN[run](a_rows + (long)ia[k] * width, b, out + k, width);            \
             k += run;                                                                              \
         }                                                                                          \
     }
