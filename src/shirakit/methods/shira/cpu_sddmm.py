@@ -1,4 +1,4 @@
-"""SHiRA's value gradient on CPU: K sampled dot products in K x T work, on every core (numba).
+"""SHiRA's value gradient on CPU: K sampled dot products in K x T work, on every core (C or numba).
 
 The gradient of the K trained values of a layer ``y = x W^T`` (SHiRA, arXiv 2406.13175) is
 
@@ -10,12 +10,24 @@ m*n*T of one dense product (about 2% of it for r = 16 on a 1024 x 2816 layer).
 How it runs: ``g`` and ``x`` are transposed into fp32 buffers whose rows are the T-long columns
 (padded to a multiple of 16 with zeros, and off power-of-two strides to dodge cache-set
 conflicts), then every dot reads two contiguous rows. The positions are sorted row-major, so
-consecutive k usually share their row of ``g``: the kernel takes them 8 (or 4) at a time, one
-load of g's row feeding 8 accumulators. The transposes go by 16 x 16 blocks through a small tile
-(both halves contiguous, so both vectorize), 16 columns at a time: as fast as torch's own
-transposing copy, and 2x faster than element by element where the rows are 4 KB apart; sources
-wider than 2048 columns (down_proj's x, gate/up's g) keep the element-by-element order, which is
-faster there (``_TILED_MAX_COLUMNS``).
+consecutive k usually share their row of ``g``: the kernel takes a run of up to 8 at a time, one
+load of g's row feeding 8 accumulators.
+
+Two implementations of the transposes and the dots, with the same results up to fp32 rounding:
+
+- C (:mod:`native_sddmm`, ``native_sddmm.c``), compiled with the system compiler at first use
+  and cached: the transposes go through 16 x 16 register blocks, token blocks outside (0.09 ms
+  for 1024 columns x 512 tokens, 0.19 ms for 2816; 2-6x faster than numba's), the dots are 16
+  floats wide with one shuffle-tree reduction per run. The dots then run at 18-20 GMAC/s on one
+  core of this project's machine, which is what moving a fresh 4-byte x value per multiply-add
+  from L2/L3 allows (x's rows are read at random, so nothing of them is reused from registers).
+- numba (the fallback without a compiler, or with ``SHIRAKIT_NATIVE=0``): the transposes go by
+  16 x 16 blocks through a small tile, element by element above 2048 columns
+  (``_TILED_MAX_COLUMNS``); numba vectorizes the 8-run dot loop only 4 floats wide.
+
+In a training step of the 1024 x 2816 benchmark model (2 layers x 7 projections, T = 512, r = 16,
+1 thread) the 14 value gradients took 31 ms with the C kernels against 52 ms with numba's
+(transposes 10 vs 28 ms, dots 20 ms; measured inside the step, where g and x come from memory).
 
 Projections that read the same input (q/k/v, gate/up) share its transpose: the last two
 transposed inputs are kept per thread, each holding a reference to its source tensor (so its
@@ -37,9 +49,10 @@ sampled_addmm it handles bf16/fp16. fp64 inputs and other devices (CUDA: cuSPARS
 sampled_addmm) keep the torch path. Half-precision g and x are upcast to fp32 (exact), and the
 accumulation is fp32.
 
-Compilation: numba compiles the kernels on first use (about a second) and caches the machine
-code next to this file, or in numba's user cache when that folder is read-only
-(``NUMBA_CACHE_DIR`` overrides both); the cache is keyed by this file's path and timestamp.
+Compilation: the C kernels, see :mod:`native_sddmm`. numba compiles its kernels on first use
+(about a second) and caches the machine code next to this file, or in numba's user cache when that
+folder is read-only (``NUMBA_CACHE_DIR`` overrides both); the cache is keyed by this file's path
+and timestamp.
 """
 
 from __future__ import annotations
