@@ -128,9 +128,11 @@ def _(grad_out, x, rows, cols, crow):
 class _ScatteredLinear(torch.autograd.Function):
     """y = linear(x, W) where W already holds the adapter values; grads for x and the values.
 
-    ``refill(weight) -> weight``, when given, writes the values into the weight again before the
-    backward uses it: FSDP2 frees the gathered weight after the forward and gathers it afresh from
-    the (clean) shards for the backward, so the values scattered into the forward's copy are gone.
+    ``refill(weight) -> (weight, undo)``, when given, writes the values into the weight again before
+    the backward's ``dx = g W'`` reads it, and ``undo()`` (or None) runs right after that product:
+    FSDP2 and ZeRO-3 hand the backward a copy of the weight gathered afresh from the (clean) shards,
+    or the forward's copy, which shirakit cleaned after its own product (see
+    :meth:`ShiraAdapter.gathered_forward`); either way the values must be written again, and taken out again.
     ``transient``: the weight is a copy made for this product only (a quantized weight dequantized
     by :func:`shirakit.weight_kinds.dequantizer`); it is not kept for the backward, which gets a
     fresh one from ``refill(None)``, so no dense copy lives between forward and backward.
@@ -147,11 +149,16 @@ class _ScatteredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, *pattern = ctx.saved_tensors
+        undo = None
         if ctx.refill is not None and ctx.needs_input_grad[0]:  # only dx reads the weight
-            weight = ctx.refill(weight)
+            weight, undo = ctx.refill(weight)
         grad_x = grad_w = grad_b = grad_v = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ (weight.T if ctx.fan_in_fan_out else weight)
+            try:
+                grad_x = grad_out @ (weight.T if ctx.fan_in_fan_out else weight)
+            finally:
+                if undo is not None:
+                    undo()
         if ctx.needs_input_grad[1]:
             grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient
