@@ -12,31 +12,9 @@ import torch
 
 import shirakit
 import shirakit.layer
-from shirakit.methods.shira.sparse import SparsePattern
 from shirakit.state import adapter_layers
+from tests.checks import held_bytes
 from tests.models import MODELS, inputs, output
-
-
-def held_bytes(adapter) -> int:
-    """Bytes of every tensor the adapter holds other than its parameters (buffers, caches, the
-    kernels' pattern, saved base values), each storage counted once."""
-    params = {p.untyped_storage().data_ptr() for p in adapter.parameters()}
-    storages: dict[int, int] = {}
-
-    def add(obj) -> None:
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in params and storage.nbytes():
-                storages[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(obj, (tuple, list)):
-            for item in obj:
-                add(item)
-        elif isinstance(obj, SparsePattern):
-            add(list(vars(obj).values()))
-
-    add(list(adapter.buffers()))
-    add([v for k, v in vars(adapter).items() if k not in ("_parameters", "_buffers", "_modules")])
-    return sum(storages.values())
 
 
 def _train(model, steps: int = 3) -> None:
