@@ -222,3 +222,25 @@ def test_kept_input_transpose_is_reused_only_for_the_same_unchanged_input():
     cpu_sddmm.forget_inputs()
     torch.testing.assert_close(cpu_sddmm.value_grad(grads[1], x, rows, cols).double(),
                                _reference(grads[1], x, rows, cols), atol=1e-4, rtol=1e-5)
+
+
+def test_int32_pattern_gives_the_int64_results_on_every_path(monkeypatch):
+    """SHiRA's pattern holds views of its int32 indices: the numba kernel (fp32), torch's
+    sampled_addmm (fp64, and fp32 without numba; its int32 CSR would be wrong, so it converts per
+    call) and the sparse products of the additive path must give exactly what int64 ones give."""
+    m, n = 40, 70
+    rows, cols = _positions(m, n, 300, seed=7)
+    wide, narrow = SparsePattern(rows, cols, m, n), SparsePattern(rows.int(), cols.int(), m, n)
+    assert narrow.rows.dtype == torch.int32 and narrow.crow.dtype == torch.int64
+    for dtype in (torch.float32, torch.float64):
+        g, x = torch.randn(9, m, dtype=dtype), torch.randn(9, n, dtype=dtype)
+        assert torch.equal(sampled_value_grad(g, x, *narrow.tensors()), sampled_value_grad(g, x, *wide.tensors()))
+    values = torch.randn(300)
+    x2, g2 = torch.randn(5, n), torch.randn(5, m)
+    assert torch.equal(narrow.product(values, x2), wide.product(values, x2))
+    assert torch.equal(narrow.product(values, g2, transpose=True), wide.product(values, g2, transpose=True))
+    monkeypatch.setattr(cpu_sddmm, "AVAILABLE", False)  # fp32 on sampled_addmm
+    g, x = torch.randn(9, m), torch.randn(9, n)
+    assert torch.equal(sampled_value_grad(g, x, *narrow.tensors()), sampled_value_grad(g, x, *wide.tensors()))
+    with pytest.raises(TypeError, match="both int32 or both int64"):
+        SparsePattern(rows, cols.int(), m, n)
