@@ -145,6 +145,26 @@ def test_c_kernels_build_into_the_cache_folder_and_load_from_it(monkeypatch, tmp
     assert len(list(tmp_path.iterdir())) == 1
 
 
+def test_c_kernels_never_load_from_a_folder_others_can_write(monkeypatch, tmp_path):
+    """A shared library runs code as it loads: one planted in a folder anyone may write (a shared
+    temp dir) is neither loaded nor written beside; the build goes to the next folder, kept private."""
+    if native_sddmm._compiler() is None or not hasattr(os, "getuid"):
+        pytest.skip("no C compiler, or no POSIX file owners")
+    monkeypatch.delenv("SHIRAKIT_NATIVE", raising=False)
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    monkeypatch.setattr(native_sddmm, "cache_dirs", lambda: [shared])
+    assert native_sddmm.kernels.__wrapped__() is not None
+    (planted,) = shared.iterdir()
+    planted.unlink()  # a new file: the one just loaded stays mapped in this process untouched
+    planted.write_bytes(b"not a library: loading this would fail, running a real one would run its code")
+    shared.chmod(0o777)
+    monkeypatch.setattr(native_sddmm, "cache_dirs", lambda: [shared, private])
+    assert native_sddmm.kernels.__wrapped__() is not None  # built afresh, not the planted file
+    (built,) = private.iterdir()
+    assert built.name == planted.name and not built.stat().st_mode & 0o077
+    assert [p.name for p in shared.iterdir()] == [planted.name]  # nothing written into the shared folder
+
+
 def test_torch_path_is_used_where_the_kernel_does_not_apply(monkeypatch):
     rows, cols = _positions(12, 10, 30, seed=4)
     pattern = SparsePattern(rows, cols, 12, 10)

@@ -40,10 +40,12 @@ after another, so a worker slowed by another process on a shared core takes fewe
 of holding the others at a barrier. There is no spinning OpenMP barrier, which on a shared
 machine is what makes ``torch.sparse.sampled_addmm`` slower with more threads than with one.
 
-Measured against ``torch.sparse.sampled_addmm`` (``benchmarks/value_grad.py``, 2026-11-28 12:42, a
-shared 2-core machine at load 1.2; CPU-time ratios): with x's transpose shared (k, v, up) 0.45-0.79x
-at 1 thread and 0.41-1.46x at 2; with x transposed afresh 0.76-1.13x at 1 thread (0.76-0.79x on the
-2816-wide shapes) and 0.89-4.1x at 2 (those 2-thread timings mostly measure the other processes). It
+Measured against ``torch.sparse.sampled_addmm`` (``benchmarks/value_grad.py``, C kernels, 2026-11-28
+14:40, a shared 2-core machine at load 1.6; wall-time ratios): with x's transpose shared (k, v, up)
+0.25-0.41x at 1 thread and 0.30-0.72x at 2; with x transposed afresh 0.39-0.73x at 1 thread and
+0.55-1.38x at 2. Two threads barely beat one: the transposes are memory-bound, and right after
+torch's own OpenMP products its idle workers spin on the cores for a while (in the 1024 x 2816 step
+the 14 calls take 39 ms at 2 threads, 26 ms with ``OMP_WAIT_POLICY=PASSIVE``, 31 ms at 1). It
 stays the CPU path whenever numba imports, since in a training step 3 of a layer's 7 calls share x, and unlike
 sampled_addmm it handles bf16/fp16. fp64 inputs and other devices (CUDA: cuSPARSE's
 sampled_addmm) keep the torch path. Half-precision g and x are upcast to fp32 (exact), and the

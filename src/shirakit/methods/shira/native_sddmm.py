@@ -60,8 +60,24 @@ def _cpu_signature() -> str:
 
 def cache_dirs() -> list[Path]:
     home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shirakit"
-    candidates = [os.environ.get("SHIRAKIT_CACHE_DIR"), home_cache, Path(tempfile.gettempdir()) / "shirakit-cache"]
+    # Per user under the temp dir: a shared name there could be made by someone else first.
+    user = os.getuid() if hasattr(os, "getuid") else "user"  # Windows: the temp dir is per user
+    candidates = [os.environ.get("SHIRAKIT_CACHE_DIR"), home_cache,
+                  Path(tempfile.gettempdir()) / f"shirakit-cache-{user}"]
     return [Path(c) for c in candidates if c]
+
+
+def _trusted(path: Path) -> bool:
+    """May we load code from (or write code into) ``path``? Only if this user owns it and nobody
+    else may write to it: a shared library runs code as it loads, so a file someone else could place
+    or replace (a world-writable temp folder, a group-writable cache) would run their code here."""
+    if not hasattr(os, "getuid"):  # no POSIX owners (Windows): the per-user folders are private
+        return True
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _build(compiler: str) -> Path:
@@ -72,12 +88,14 @@ def _build(compiler: str) -> Path:
                                       _cpu_signature().encode()])).hexdigest()[:20]
     name = f"native_sddmm-{key}.so"
     for folder in cache_dirs():
-        if (folder / name).is_file():
+        if (folder / name).is_file() and _trusted(folder) and _trusted(folder / name):
             return folder / name
     errors = []
     for folder in cache_dirs():
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _trusted(folder):
+                raise OSError("not owned by this user, or writable by others")
             handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=folder)
             os.close(handle)
         except OSError as error:
@@ -88,6 +106,7 @@ def _build(compiler: str) -> Path:
                                   timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr[-2000:]}")
+            os.chmod(partial, 0o700)  # whatever the umask: loaded only while nobody else may write it
             os.replace(partial, folder / name)
             return folder / name
         finally:
