@@ -161,7 +161,11 @@ def run_fsdp(method: str, rank: int, world: int, record: dict, out: Path, keep_a
     for layer in model.model.layers:
         fully_shard(layer, ignored_params=ignored)
     fully_shard(model, ignored_params=ignored)
+    adapted = [m for m in model.modules() if isinstance(m, shirakit.AdapterLinear)]
+    shards = [m.base_layer.weight.to_local().clone() for m in adapted] if not keep_adapted_whole else []
     record["losses"] = _torch_loop(model, model, rank, world)
+    if method == "shira" and not keep_adapted_whole:
+        record.update(_held_by_shira(adapted, shards))
     # Sharded adapter tensors are gathered while saving, a collective: every rank calls save_adapter
     # (each writes the same bytes, atomically).
     shirakit.save_adapter(model, out / "adapter")
@@ -173,6 +177,18 @@ def run_fsdp(method: str, rank: int, world: int, record: dict, out: Path, keep_a
         except RuntimeError as exc:
             record["merge_error"] = str(exc)
     return model
+
+
+def _held_by_shira(adapted, shards) -> dict:
+    """After training: are the shards still the clean base, and what does each SHiRA adapter hold
+    besides its values, over its (2, K) int32 indices and CSR row offsets (expected: nothing)?"""
+    from tests.checks import held_bytes
+
+    excess = [held_bytes(a) - 8 * a.shira_indices.shape[1] - 8 * (a.geometry.out_features + 1)
+              for a in (m.adapters["default"] for m in adapted)]
+    return {"shards_clean_after_training": all(torch.equal(m.base_layer.weight.to_local(), s)
+                                               for m, s in zip(adapted, shards)),
+            "shira_held_bytes_over_indices": max(excess)}
 
 
 def _merge_check(model, ids) -> dict:

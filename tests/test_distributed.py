@@ -152,8 +152,12 @@ def test_fsdp2_lora_matches_single_process(torchrun_out, reference):
 
 def test_fsdp2_shira_on_sharded_base_weights(torchrun_out, reference):
     """The adapted base weights sharded too: SHiRA writes its values into each forward's gathered copy
-    (and again before the backward), so training equals one process; save on every rank is complete."""
+    (and again before the backward), so training equals one process; save on every rank is complete.
+    Nothing is written into the shards, and a rank's adapters hold nothing per value beyond their
+    int32 indices (docs/distributed.md, memory)."""
     assert_matches_single_process(torchrun_out, "fsdp:shira", reference)
+    for r in records(torchrun_out, "fsdp:shira"):
+        assert r["shards_clean_after_training"] and r["shira_held_bytes_over_indices"] == 0, r
 
 
 def test_fsdp2_merging_lora_into_shards_is_refused_with_the_way_out(torchrun_out):
