@@ -22,7 +22,7 @@ Rows (each timed with ``time.perf_counter`` around the operation only; CPU work 
   multiplied by 1, which bumps the tensor's version): B's base values must be read again. This is
   what the first switch to each adapter costs; the very first switch after ``inject`` is shown too.
 - shirakit LoRA switch (the generic unmerge + merge path), for reference.
-- raw bound, on the same flat weight views and the same ``_storage_index`` as the shirakit SHiRA
+- raw bound, on the same flat weight views and the same ``storage_index()`` as the shirakit SHiRA
   adapters, for each kernel: numpy ``W[idx] = v``, torch ``index_copy_``, torch ``scatter_``:
   (i) one scatter of B's K values per layer; (ii) the two scatters a switch needs at minimum
   (A's originals back, B's values in); (iii) cold minimum: gather B's base values, add the adapter
@@ -248,7 +248,7 @@ class RawLayer:
         self.np_flat = self.flat.numpy()
         self.idx, self.orig, self.new, self.values = {}, {}, {}, {}
         for name, adapter in adapters.items():
-            idx = adapter._storage_index
+            idx = adapter.storage_index()
             orig = reference.view(-1).index_select(0, idx)
             self.idx[name] = idx
             self.orig[name] = orig

@@ -3,7 +3,8 @@ the adapted weights sharded too) and a quantized base (bitsandbytes NF4), each n
 one-process run of the same model (issue 15's targets).
 
     python benchmarks/train_step_sharded.py [--steps 5] [--repeats 3] [--settings single,fsdp2-meta]
-                                            [--tensor-memory] [--write-docs docs/benchmarks.md]
+                                            [--tensor-memory] [--mmap-threshold-kib 256]
+                                            [--write-docs docs/benchmarks.md]
 
 Every measurement is a fresh process (FSDP2: a ``torchrun --nproc_per_node=2`` launch) that trains
 one Llama-shaped model (hidden 1024, MLP 2816, 2 layers, the 7 projections adapted, r=16) on a
@@ -14,7 +15,10 @@ that loads the compiled kernels), the highest of the ranks. ``fsdp2`` builds the
 each rank, then shards it; ``fsdp2-meta`` never has it whole (meta device, ``fully_shard``,
 ``to_empty``, each rank reads its rows of a safetensors checkpoint, ``reset_adapter_parameters``).
 ``--tensor-memory`` adds, from one more run per row, the peak of live tensor bytes (what tensors
-need, without allocator caches; benchmarks/_tensor_memory.py).
+need, without allocator caches; benchmarks/_tensor_memory.py). ``--mmap-threshold-kib`` adds one
+more run per row measuring the peak resident memory with glibc's mmap threshold fixed (freed
+blocks above it go back to the OS at once; the default dynamic threshold keeps freed blocks of up
+to 32 MB in the heap, so the default peak grows with the number of steps).
 Ratios are taken within one repeat and the median over repeats is shown. ``--settings`` runs a
 subset (``int8``, bitsandbytes ``Linear8bitLt``, only on request); a subset's section gets markers
 of its own in ``--write-docs``, so the full run's stays. On a quantized base SHiRA is measured
@@ -127,16 +131,19 @@ def build_from_meta(args: argparse.Namespace, method: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def load_base_shards(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Copy the base weights in; a sharded parameter reads only its own rows from the file."""
+    """Copy the base weights in; a sharded parameter reads only its own rows from the file. The
+    file is opened (memory-mapped) per tensor: the pages read stay mapped while it is open, and
+    counted as the process's resident memory (with it open throughout, half the 24-layer model's
+    file, ~600 MB, on each rank at the end of the load)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
     from shirakit.weight_kinds import sharded_rows
 
-    with safe_open(str(checkpoint), "pt") as f:
-        for name, param in model.named_parameters():
-            if ".adapters." in name:
-                continue
+    for name, param in model.named_parameters():
+        if ".adapters." in name:
+            continue
+        with safe_open(str(checkpoint), "pt") as f:
             stored = f.get_slice(name.replace(".base_layer.", "."))
             if isinstance(param, DTensor):
                 local, start, stop = sharded_rows(param)
@@ -224,18 +231,24 @@ def train(args: argparse.Namespace, batch: torch.Tensor) -> list[float]:
     return times
 
 
-def measure(args: argparse.Namespace, setting: str, method: str, track_tensors: bool = False) -> dict:
+def measure(args: argparse.Namespace, setting: str, method: str, track_tensors: bool = False,
+            env: dict[str, str] | None = None) -> dict:
     argv = [f"--worker={setting}", f"--method={method}", *_report.flags(args, SIZE_FLAGS)]
     if setting == "fsdp2-meta":
         argv.append(f"--checkpoint={args.checkpoint}")
     if track_tensors:  # a run of its own: the tracker slows every op, so its step times are not used
         argv += ["--track-tensors", "--steps=1"]
     if setting not in SHARDED:
-        return _report.run_worker_process(__file__, argv)
-    return run_torchrun(argv)
+        return _report.run_worker_process(__file__, argv, env)
+    return run_torchrun(argv, env=env)
 
 
-def run_torchrun(argv: list[str], tries: int = 2) -> dict:
+def returned_env(args: argparse.Namespace) -> dict[str, str]:
+    """glibc with a fixed mmap threshold: every block above it is its own mapping, returned when freed."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold_kib * 1024)}
+
+
+def run_torchrun(argv: list[str], tries: int = 2, env: dict[str, str] | None = None) -> dict:
     """This script's worker on 2 processes under torchrun: the RESULT line rank 0 printed. A launch
     that dies is tried once more (once, on the loaded machine, both ranks aborted mid-run with
     "terminate called without an active exception"; not reproduced since), and the retry is reported."""
@@ -243,7 +256,7 @@ def run_torchrun(argv: list[str], tries: int = 2) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                str(Path(__file__).resolve()), *argv]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_report.REPO,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=1200)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_report.RESULT_PREFIX)]
         if proc.returncode == 0 and lines:
             return json.loads(lines[-1][len(_report.RESULT_PREFIX):])
@@ -269,9 +282,12 @@ def _settings(text: str) -> tuple[str, ...]:
 SIZE_FLAGS = ("hidden", "intermediate", "layers", "vocab", "seq", "adapter_rank", "steps", "warmup")
 
 
-def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dict[str, str], command: str) -> str:
+def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dict[str, str], command: str,
+           returned: dict | None = None) -> str:
     """The section's text (``publish`` puts the markers around it). ``tensors``: (setting, method) ->
-    the tracked run's result (``--tensor-memory``), or empty."""
+    the tracked run's result (``--tensor-memory``), or empty; ``returned``: the same for the runs
+    with freed memory returned (``--mmap-threshold-kib``)."""
+    returned = returned or {}
     def med(setting: str, method: str, key: str) -> float:
         return statistics.median(run[setting, method][key] for run in runs)
 
@@ -287,13 +303,16 @@ def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dic
                          ratio((setting, method), (setting, "lora"), "step_s") if method != "lora" else "",
                          ratio((setting, method), single, "peak_kib")
                          if setting != "single" and "single" in args.settings else ""])
-            if tensors:
-                peak = tensors[setting, method]["tensor_peak_kib"]
-                rows[-1] += [f"{peak / 1024:.0f} MiB", f"{peak / tensors[single]['tensor_peak_kib']:.2f}"
-                             if setting != "single" and "single" in args.settings else ""]
+            for extra, key in ((tensors, "tensor_peak_kib"), (returned, "peak_kib")):
+                if extra:
+                    peak = extra[setting, method][key]
+                    rows[-1] += [f"{peak / 1024:.0f} MiB", f"{peak / extra[single][key]:.2f}"
+                                 if setting != "single" and "single" in args.settings else ""]
     header = ["setting", "method", "step (median)", "peak memory (max over ranks)", "SHiRA / LoRA step",
               "memory / one process"]
-    body = _report.table(header + (["tensor peak (max over ranks)", "tensors / one process"] if tensors else []), rows)
+    header += ["tensor peak (max over ranks)", "tensors / one process"] if tensors else []
+    header += ["peak memory, freed memory returned", "returned / one process"] if returned else []
+    body = _report.table(header, rows)
     return "\n".join([
         "## Train step on a sharded (FSDP2) and a quantized (NF4) base" if args.settings == DEFAULT_SETTINGS else
         f"## Train step, settings {', '.join(args.settings)}, {args.layers} layers", "",
@@ -314,7 +333,12 @@ def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dic
         "compiled kernels warmed up first by one step of a 1-layer, hidden-64 model of the same kind)"
         + ("; tensor peak: the highest total of live tensor storages from building the model through "
            "1 step after the warm-up, counted by a TorchDispatchMode (`benchmarks/_tensor_memory.py`) in a run of its "
-           "own: what the tensors need, without the allocator's cached or unreturned pages" if tensors else ""), "",
+           "own: what the tensors need, without the allocator's cached or unreturned pages" if tensors else "")
+        + (f"; freed memory returned: the peak resident memory again, in a run of its own with glibc's mmap "
+           f"threshold fixed at {args.mmap_threshold_kib} KiB (`MALLOC_MMAP_THRESHOLD_`), so every block above it is "
+           "a mapping of its own, unmapped when freed; with the default dynamic threshold, blocks up to 32 MB freed "
+           "once stay in the heap and the peak grows step by step (24 layers, FSDP2: the heap held ~1.1 GB of "
+           "freed memory after 3 steps)" if returned else ""), "",
         "Targets (issue 15): SHiRA/LoRA step <= 1.1 under FSDP2 and on the quantized base; FSDP2 peak memory per "
         "rank <= 0.6 x the one-process run's.", "", body])
 
@@ -337,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
                         + ",".join(DEFAULT_SETTINGS) + ")")
     parser.add_argument("--tensor-memory", action="store_true",
                         help="also measure each row's peak of live tensor bytes (a TorchDispatchMode), one run each")
+    parser.add_argument("--mmap-threshold-kib", type=int, default=0,
+                        help="also measure each row's peak resident memory with glibc's mmap threshold fixed at this "
+                        "many KiB (freed blocks above it returned at once), one run each; 0: not measured")
     parser.add_argument("--write-docs", type=Path)
     parser.add_argument("--track-tensors", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
@@ -349,23 +376,24 @@ def main(argv: list[str] | None = None) -> None:
         args.checkpoint = Path(folder) / "base.safetensors"
         if "fsdp2-meta" in args.settings:
             write_checkpoint(args, args.checkpoint)
-        runs, tensors = measure_all(args)
+        runs, tensors, returned = measure_all(args)
     begin, end = BEGIN, END
     if args.settings != DEFAULT_SETTINGS:  # a subset: its own section, so the full run's rows stay
         key = f"[{','.join(args.settings)} {args.layers} layers]"
         begin, end = (marker.replace(":", key + ":") for marker in (BEGIN, END))
-    _report.publish(report(args, runs, tensors, facts,
-                           _report.command_line("benchmarks/train_step_sharded.py", argv)), args.write_docs, begin, end)
+    _report.publish(report(args, runs, tensors, facts, _report.command_line("benchmarks/train_step_sharded.py", argv),
+                           returned), args.write_docs, begin, end)
 
 
-def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict]:
+def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
     rows = [(s, m) for s in args.settings for m in METHODS[s]]
     runs = []
     for repeat in range(args.repeats):
         runs.append({row: measure(args, *row) for row in rows})
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
     tensors = {row: measure(args, *row, track_tensors=True) for row in rows} if args.tensor_memory else {}
-    return runs, tensors
+    returned = {row: measure(args, *row, env=returned_env(args)) for row in rows} if args.mmap_threshold_kib else {}
+    return runs, tensors, returned
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared test helpers: edit a saved adapter file, and check a failed load left nothing behind."""
+"""Shared test helpers: edit a saved adapter file, check a failed load left nothing behind, count
+the bytes an adapter holds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import shirakit
 from shirakit.checkpoint import WEIGHTS_NAME
+from shirakit.methods.shira.sparse import SparsePattern
 from shirakit.state import SHARED_ATTR
 from tests.models import MODELS, inputs, output
 
@@ -34,3 +36,26 @@ def assert_load_fails(directory, match: str) -> None:
     with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         shirakit.load_adapter(model, directory)
     assert_untouched(model, base)
+
+
+def held_bytes(adapter) -> int:
+    """Bytes of every tensor the adapter holds other than its parameters (buffers, caches, the
+    kernels' pattern, saved base values), each storage counted once."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in adapter.parameters()]  # FSDP2: DTensors
+    params = {p.untyped_storage().data_ptr() for p in local}
+    storages: dict[int, int] = {}
+
+    def add(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in params and storage.nbytes():
+                storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                add(item)
+        elif isinstance(obj, SparsePattern):
+            add(list(vars(obj).values()))
+
+    add(list(adapter.buffers()))
+    add([v for k, v in vars(adapter).items() if k not in ("_parameters", "_buffers", "_modules")])
+    return sum(storages.values())

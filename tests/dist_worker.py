@@ -161,7 +161,11 @@ def run_fsdp(method: str, rank: int, world: int, record: dict, out: Path, keep_a
     for layer in model.model.layers:
         fully_shard(layer, ignored_params=ignored)
     fully_shard(model, ignored_params=ignored)
+    adapted = [m for m in model.modules() if isinstance(m, shirakit.AdapterLinear)]
+    shards = [m.base_layer.weight.to_local().clone() for m in adapted] if not keep_adapted_whole else []
     record["losses"] = _torch_loop(model, model, rank, world)
+    if method == "shira" and not keep_adapted_whole:
+        record.update(_held_by_shira(adapted, shards))
     # Sharded adapter tensors are gathered while saving, a collective: every rank calls save_adapter
     # (each writes the same bytes, atomically).
     shirakit.save_adapter(model, out / "adapter")
@@ -173,6 +177,18 @@ def run_fsdp(method: str, rank: int, world: int, record: dict, out: Path, keep_a
         except RuntimeError as exc:
             record["merge_error"] = str(exc)
     return model
+
+
+def _held_by_shira(adapted, shards) -> dict:
+    """After training: are the shards still the clean base, and what does each SHiRA adapter hold
+    besides its values, over its (2, K) int32 indices and CSR row offsets (expected: nothing)?"""
+    from tests.checks import held_bytes
+
+    excess = [held_bytes(a) - 8 * a.shira_indices.shape[1] - 8 * (a.geometry.out_features + 1)
+              for a in (m.adapters["default"] for m in adapted)]
+    return {"shards_clean_after_training": all(torch.equal(m.base_layer.weight.to_local(), s)
+                                               for m, s in zip(adapted, shards)),
+            "shira_held_bytes_over_indices": max(excess)}
 
 
 def _merge_check(model, ids) -> dict:
@@ -261,13 +277,15 @@ def _refusal(call) -> str:
     return "no error"
 
 
-def run_zero3(method: str, rank: int, world: int, record: dict, out: Path, release: bool = False) -> torch.nn.Module:
+def run_zero3(method: str, rank: int, world: int, record: dict, out: Path, release: bool = False,
+              merge: bool = False) -> torch.nn.Module:
     """DeepSpeed ZeRO-3 (its CPU accelerator, gloo): every parameter, adapter ones included
     (persistence threshold 0), partitioned across ranks and gathered into the same Parameter around
     each module's forward and backward. Saving needs the whole tensors: inside
     ``deepspeed.zero.GatheredParameters`` (a collective). ``release``: no prefetch and no reuse
     distance, so every weight is released after its forward and gathered again (clean) for its
-    backward (by default a small model's weights stay gathered from forward to backward)."""
+    backward (by default a small model's weights stay gathered from forward to backward). ``merge``:
+    then :func:`check_zero3_merge`."""
     import deepspeed
 
     model = build(method)
@@ -294,7 +312,41 @@ def run_zero3(method: str, rank: int, world: int, record: dict, out: Path, relea
         record["trained"] = digest(shirakit.adapter_state_dict(model).values())
         if rank == 0:
             shirakit.save_adapter(model, out / "adapter")
+    if merge:
+        check_zero3_merge(model, record)
     return model
+
+
+def check_zero3_merge(model: torch.nn.Module, record: dict) -> None:
+    """After ZeRO-3 training: logits of the model with the adapter active; merged (shirakit gathers
+    each weight and writes it back into the partitions); unmerged; merged inside a user's
+    GatheredParameters (refused); merge_and_unload. Records the largest logit differences from the
+    active adapter's and whether the base weights came back bit-exact after unmerge."""
+    import deepspeed
+
+    x = global_batch()[:2]
+    model.eval()
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=x).logits
+
+    def base_digest() -> str:
+        weights = [m.base_layer.weight for m in model.modules() if isinstance(m, shirakit.AdapterLinear)]
+        with deepspeed.zero.GatheredParameters(weights):
+            return digest(weights)
+
+    active, base = logits(), base_digest()
+    shirakit.merge(model)
+    record["merged_diff"] = (logits() - active).abs().max().item()
+    record["merged_base_changed"] = base_digest() != base
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        record["unmerge_inside_gathered"] = _refusal(lambda: shirakit.unmerge(model))
+    shirakit.unmerge(model)
+    record["unmerged_diff"] = (logits() - active).abs().max().item()
+    record["unmerged_base_exact"] = base_digest() == base
+    model = shirakit.merge_and_unload(model)
+    record["unloaded_diff"] = (logits() - active).abs().max().item()
 
 
 def run_accelerate(method: str, rank: int, world: int, record: dict, out: Path) -> torch.nn.Module:
@@ -334,6 +386,7 @@ RUNS = {
     "fsdp-meta": run_fsdp_meta,
     "zero3": run_zero3,
     "zero3-release": lambda *a: run_zero3(*a, release=True),
+    "zero3-merge": lambda *a: run_zero3(*a, merge=True),
 }
 
 

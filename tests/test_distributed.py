@@ -38,7 +38,8 @@ TORCHRUN_JOBS = ["ddp:shira", "ddp:lora", "fsdp:lora", "fsdp:shira", "fsdp:vera"
                  "fsdp-ignored:shira", "fsdp-resume:shira", "fsdp-resume:lora",
                  "fsdp-meta:shira", "fsdp-meta:lora", "fsdp-meta:vera", "fsdp-meta:missbat"]
 # DeepSpeed ZeRO-3 on its CPU accelerator (gloo), last in the launch (deepspeed is a dev dependency)
-ZERO3_JOBS = ["zero3:shira", "zero3:lora", "zero3-release:shira", "zero3-release:missbat"] \
+ZERO3_MERGE_JOBS = ["zero3-merge:shira", "zero3-merge:lora", "zero3-merge:missbat"]
+ZERO3_JOBS = ["zero3:shira", "zero3:lora", "zero3-release:shira", "zero3-release:missbat", *ZERO3_MERGE_JOBS] \
     if importlib.util.find_spec("deepspeed") else []
 TORCHRUN_JOBS += ZERO3_JOBS
 ACCELERATE_JOBS = ["accelerate:shira", "accelerate:lora"]
@@ -151,8 +152,12 @@ def test_fsdp2_lora_matches_single_process(torchrun_out, reference):
 
 def test_fsdp2_shira_on_sharded_base_weights(torchrun_out, reference):
     """The adapted base weights sharded too: SHiRA writes its values into each forward's gathered copy
-    (and again before the backward), so training equals one process; save on every rank is complete."""
+    (and again before the backward), so training equals one process; save on every rank is complete.
+    Nothing is written into the shards, and a rank's adapters hold nothing per value beyond their
+    int32 indices (docs/distributed.md, memory)."""
     assert_matches_single_process(torchrun_out, "fsdp:shira", reference)
+    for r in records(torchrun_out, "fsdp:shira"):
+        assert r["shards_clean_after_training"] and r["shira_held_bytes_over_indices"] == 0, r
 
 
 def test_fsdp2_merging_lora_into_shards_is_refused_with_the_way_out(torchrun_out):
@@ -208,6 +213,26 @@ def test_deepspeed_zero3_matches_single_process(job, torchrun_out, reference):
     assert_matches_single_process(torchrun_out, job, reference)
     for r in records(torchrun_out, job):
         assert r["partitioned"], r  # the base weight was really partitioned away outside forward
+
+
+@pytest.mark.parametrize("job", ZERO3_MERGE_JOBS)
+def test_deepspeed_zero3_merge_unmerge(job, torchrun_out, reference):
+    """Merge under ZeRO-3, called on every rank outside any GatheredParameters (before the fix LoRA's
+    merge went into the empty placeholder and its delta was silently lost; SHiRA's raised an
+    IndexError): the logits equal the unmerged adapter's, the partitions really changed, unmerge
+    brings them back (bit-exact for SHiRA and MiSS bat), merge_and_unload keeps the logits; a merge
+    inside a user's GatheredParameters is refused, since without a modifier_rank it would be lost."""
+    if not ZERO3_JOBS:
+        pytest.skip("deepspeed is not installed (it is in the dev extra)")
+    assert_matches_single_process(torchrun_out, job, reference)
+    exact = not job.endswith(":lora")
+    for r in records(torchrun_out, job):
+        assert r["merged_diff"] < 1e-5 and r["unloaded_diff"] < 1e-5, r
+        assert r["merged_base_changed"], r
+        assert r["unmerged_diff"] == 0.0 if exact else r["unmerged_diff"] < 1e-5, r
+        assert r["unmerged_base_exact"] or not exact, r
+        refusal = r["unmerge_inside_gathered"]
+        assert "GatheredParameters" in refusal and "modifier_rank" in refusal, r
 
 
 # ---- accelerate launch + FSDP2 config file + transformers.Trainer --------------------------------

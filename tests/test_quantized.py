@@ -1,9 +1,7 @@
 """Adapters over a quantized base (bitsandbytes 4-bit NF4 and 8-bit, on CPU).
 
 The reference is the same network in fp32 holding the *dequantized* weights: an adapter over the
-quantized layer must compute what it computes over those values. Tolerance 1e-5 absolute (fp32
-rounding of products of ~1e-1 values over 64-128 terms; the 4-bit kernels dequantize to fp32
-before their product).
+quantized layer must compute what it computes over those values, to 1e-5 (tests/quantized_bases.py).
 
 SHiRA trains on a bitsandbytes base (CPU) by writing its values into the dense copy the library
 dequantizes for each product (``dequantized_forward``), and additively (``base(x) + s x S^T``)
@@ -24,16 +22,9 @@ import shirakit
 import shirakit.layer
 import shirakit.weight_kinds
 from shirakit.weight_kinds import Dequantizer
+from tests.quantized_bases import CONFIGS, MLP, TOL, assert_adapters_close, dense_mlp, inject, train
 
 bnb = pytest.importorskip("bitsandbytes")
-
-TOL = 1e-5
-CONFIGS = {
-    "shira": lambda: shirakit.ShiraConfig(r=4, target_modules=["0", "2"], random_seed=1, init_weights=False),
-    "lora": lambda: shirakit.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False),
-    "vera": lambda: shirakit.VeraConfig(r=8, target_modules=["0", "2"], init_weights=False),
-    "miss": lambda: shirakit.MissConfig(r=8, target_modules=["0", "2"], init_weights=False),
-}
 
 
 def dequantized(layer: nn.Module) -> torch.Tensor:
@@ -43,31 +34,9 @@ def dequantized(layer: nn.Module) -> torch.Tensor:
     return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0  # Int8Params: row-scaled codes
 
 
-class MLP(nn.Module):
-    """Layers "0" and "2" as in a Sequential, but a forward of its own (VeRA adds a shared-store
-    submodule to the model, which a Sequential would call as a layer)."""
-
-    def __init__(self, layers: list[nn.Module]) -> None:
-        super().__init__()
-        for i, layer in enumerate(layers):
-            self.add_module(str(i), layer)
-
-    def __getitem__(self, i: int) -> nn.Module:
-        return getattr(self, str(i))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[2](self[1](self[0](x)))
-
-
-def inject(model: nn.Module, config: shirakit.AdapterConfig, name: str = "default") -> None:
-    torch.manual_seed(5)  # the adapter's random draws: the same in the quantized and the reference model
-    shirakit.inject(model, config, name)
-
-
 def quantized_pair(kind: str) -> tuple[nn.Module, nn.Module]:
     """(quantized MLP, fp32 MLP holding the dequantized weights), same biases."""
-    torch.manual_seed(0)
-    dense = MLP([nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)])
+    dense = dense_mlp()
     if kind == "nf4":
         make = lambda i, o: bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, quant_type="nf4")  # noqa: E731
     else:
@@ -79,21 +48,6 @@ def quantized_pair(kind: str) -> tuple[nn.Module, nn.Module]:
         for i in (0, 2):
             dense[i].weight.copy_(dequantized(quant[i]))
     return quant, dense
-
-
-def train(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(steps):
-        model(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-
-
-def assert_adapters_close(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = shirakit.adapter_state_dict(a), shirakit.adapter_state_dict(b)
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=0, atol=TOL, msg=lambda m, k=key: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])

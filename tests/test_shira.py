@@ -223,7 +223,7 @@ def test_training_steps_write_new_values_over_old_and_keep_the_base_exact():
     for name, layer in adapter_layers(model):
         adapter = layer.adapters["default"]
         expected = base[f"{name}.weight"].clone().view(-1)
-        index = adapter._storage_index
+        index = adapter.storage_index()
         expected[index] = expected[index].float() + adapter.scale * adapter.shira_weight.detach().float()
         assert torch.equal(layer.weight.detach().view(-1), expected), name
     shirakit.unload(model)

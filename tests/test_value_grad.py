@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 
 import pytest
 import torch
 
 import shirakit
-from shirakit.methods.shira import cpu_sddmm
+from shirakit.methods.shira import cpu_sddmm, native_sddmm
 from shirakit.methods.shira.sparse import SparsePattern, sampled_value_grad
 from shirakit.state import adapter_layers
 from tests.models import MODELS, TARGETS, inputs, output
@@ -25,6 +27,19 @@ def _positions(m: int, n: int, k: int, seed: int, empty_rows: bool = False) -> t
     return flat // n, flat % n
 
 
+@pytest.fixture(params=["C", "numba"])
+def kernels(request, monkeypatch):
+    """Each kernel test runs twice: with the C kernels (where a compiler is present) and with numba's."""
+    if request.param == "numba":
+        monkeypatch.setattr(native_sddmm, "kernels", lambda: None)
+    elif native_sddmm.kernels() is None:
+        if native_sddmm._compiler() is not None and os.environ.get("SHIRAKIT_NATIVE", "1") != "0":
+            pytest.fail("a C compiler is present but the C kernels did not build")
+        pytest.skip("no C compiler: numba's kernels only")
+    cpu_sddmm.forget_inputs()  # a transpose kept by the other kernels is not reused
+    return request.param
+
+
 def _reference(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     g2, x2 = g.reshape(-1, g.shape[-1]).double(), x.reshape(-1, x.shape[-1]).double()
     return (g2.T @ x2)[rows, cols]
@@ -33,7 +48,7 @@ def _reference(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 7, 16, 33, 128, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_dense_reference(tokens, dtype, threads):
+def test_kernel_matches_dense_reference(tokens, dtype, threads, kernels):
     m, n, k = 45, 29, 200
     rows, cols = _positions(m, n, k, seed=tokens, empty_rows=True)
     gen = torch.Generator().manual_seed(tokens)
@@ -60,7 +75,7 @@ def test_kernel_matches_sampled_addmm_on_a_llama_sized_layer():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_both_transposes_match_the_reference(threads):
+def test_both_transposes_match_the_reference(threads, kernels):
     """Sources up to cpu_sddmm._TILED_MAX_COLUMNS wide take the tiled transpose, wider ones the
     element-wise one: g is narrow and x wide here, then the other way round; 37 tokens leave a
     partial 16-token block and padding."""
@@ -73,7 +88,23 @@ def test_both_transposes_match_the_reference(threads):
         torch.testing.assert_close(got.double(), _reference(g, x, rows, cols), atol=1e-4 * tokens ** 0.5, rtol=1e-5)
 
 
-def test_kernel_edge_cases():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int32_positions_give_the_same_values_as_int64(threads, kernels):
+    """A pattern may keep its indices as int32 (half the memory): the kernel reads them as they are."""
+    m, n, tokens = 300, 2100, 45  # x wider than _TILED_MAX_COLUMNS: both transposes run
+    rows, cols = _positions(m, n, 3000, seed=11)
+    g, x = torch.randn(tokens, m), torch.randn(tokens, n)
+    wide = cpu_sddmm.value_grad(g, x, rows, cols, threads=threads)
+    narrow = cpu_sddmm.value_grad(g, x, rows.int(), cols.int(), threads=threads)
+    assert torch.equal(wide, narrow)
+    torch.testing.assert_close(narrow.double(), _reference(g, x, rows, cols), atol=1e-4 * tokens ** 0.5, rtol=1e-5)
+    with pytest.raises(TypeError, match="both int64 or both int32"):
+        cpu_sddmm.value_grad(g, x, rows, cols.int())
+    with pytest.raises(TypeError, match="both int64 or both int32"):
+        cpu_sddmm.value_grad(g, x, rows.short(), cols.short())
+
+
+def test_kernel_edge_cases(kernels):
     torch.manual_seed(0)
     rows, cols = _positions(8, 6, 10, seed=3)
     no_tokens = cpu_sddmm.value_grad(torch.zeros(0, 8), torch.zeros(0, 6), rows, cols)
@@ -85,6 +116,53 @@ def test_kernel_edge_cases():
     shuffle = torch.randperm(10)
     got = cpu_sddmm.value_grad(g, x, rows[shuffle].contiguous(), cols[shuffle].contiguous())
     torch.testing.assert_close(got.double(), _reference(g, x, rows[shuffle], cols[shuffle]), atol=1e-5, rtol=1e-5)
+
+
+def test_c_kernels_fall_back_to_numba_without_a_working_compiler(monkeypatch, tmp_path):
+    build = native_sddmm.kernels.__wrapped__  # the build itself, not the process's cached result
+    monkeypatch.setattr(native_sddmm, "cache_dirs", lambda: [tmp_path])
+    monkeypatch.setenv("SHIRAKIT_NATIVE", "0")
+    assert build() is None
+    monkeypatch.delenv("SHIRAKIT_NATIVE")
+    monkeypatch.setattr(native_sddmm, "_compiler", lambda: None)
+    assert build() is None
+    monkeypatch.setattr(native_sddmm, "_compiler", lambda: shutil.which("false"))  # a compiler that always fails
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        assert build() is None
+    assert not list(tmp_path.iterdir())  # no half-written library left behind
+
+
+def test_c_kernels_build_into_the_cache_folder_and_load_from_it(monkeypatch, tmp_path):
+    if native_sddmm._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SHIRAKIT_CACHE_DIR", str(tmp_path))
+    assert native_sddmm.cache_dirs()[0] == tmp_path
+    monkeypatch.setattr(native_sddmm, "cache_dirs", lambda: [tmp_path])  # not the one built for this machine already
+    monkeypatch.delenv("SHIRAKIT_NATIVE", raising=False)
+    built = native_sddmm.kernels.__wrapped__()
+    assert built is not None and [p.suffix for p in tmp_path.iterdir()] == [".so"]
+    assert native_sddmm.kernels.__wrapped__() is not None  # loaded from the cache: still one file
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_c_kernels_never_load_from_a_folder_others_can_write(monkeypatch, tmp_path):
+    """A shared library runs code as it loads: one planted in a folder anyone may write (a shared
+    temp dir) is neither loaded nor written beside; the build goes to the next folder, kept private."""
+    if native_sddmm._compiler() is None or not hasattr(os, "getuid"):
+        pytest.skip("no C compiler, or no POSIX file owners")
+    monkeypatch.delenv("SHIRAKIT_NATIVE", raising=False)
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    monkeypatch.setattr(native_sddmm, "cache_dirs", lambda: [shared])
+    assert native_sddmm.kernels.__wrapped__() is not None
+    (planted,) = shared.iterdir()
+    planted.unlink()  # a new file: the one just loaded stays mapped in this process untouched
+    planted.write_bytes(b"not a library: loading this would fail, running a real one would run its code")
+    shared.chmod(0o777)
+    monkeypatch.setattr(native_sddmm, "cache_dirs", lambda: [shared, private])
+    assert native_sddmm.kernels.__wrapped__() is not None  # built afresh, not the planted file
+    (built,) = private.iterdir()
+    assert built.name == planted.name and not built.stat().st_mode & 0o077
+    assert [p.name for p in shared.iterdir()] == [planted.name]  # nothing written into the shared folder
 
 
 def test_torch_path_is_used_where_the_kernel_does_not_apply(monkeypatch):
@@ -164,3 +242,25 @@ def test_kept_input_transpose_is_reused_only_for_the_same_unchanged_input():
     cpu_sddmm.forget_inputs()
     torch.testing.assert_close(cpu_sddmm.value_grad(grads[1], x, rows, cols).double(),
                                _reference(grads[1], x, rows, cols), atol=1e-4, rtol=1e-5)
+
+
+def test_int32_pattern_gives_the_int64_results_on_every_path(monkeypatch):
+    """SHiRA's pattern holds views of its int32 indices: the numba kernel (fp32), torch's
+    sampled_addmm (fp64, and fp32 without numba; its int32 CSR would be wrong, so it converts per
+    call) and the sparse products of the additive path must give exactly what int64 ones give."""
+    m, n = 40, 70
+    rows, cols = _positions(m, n, 300, seed=7)
+    wide, narrow = SparsePattern(rows, cols, m, n), SparsePattern(rows.int(), cols.int(), m, n)
+    assert narrow.rows.dtype == torch.int32 and narrow.crow.dtype == torch.int64
+    for dtype in (torch.float32, torch.float64):
+        g, x = torch.randn(9, m, dtype=dtype), torch.randn(9, n, dtype=dtype)
+        assert torch.equal(sampled_value_grad(g, x, *narrow.tensors()), sampled_value_grad(g, x, *wide.tensors()))
+    values = torch.randn(300)
+    x2, g2 = torch.randn(5, n), torch.randn(5, m)
+    assert torch.equal(narrow.product(values, x2), wide.product(values, x2))
+    assert torch.equal(narrow.product(values, g2, transpose=True), wide.product(values, g2, transpose=True))
+    monkeypatch.setattr(cpu_sddmm, "AVAILABLE", False)  # fp32 on sampled_addmm
+    g, x = torch.randn(9, m), torch.randn(9, n)
+    assert torch.equal(sampled_value_grad(g, x, *narrow.tensors()), sampled_value_grad(g, x, *wide.tensors()))
+    with pytest.raises(TypeError, match="both int32 or both int64"):
+        SparsePattern(rows, cols.int(), m, n)

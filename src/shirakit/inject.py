@@ -41,6 +41,7 @@ from .state import (
     walk_modules,
 )
 from .validation import REGEX_TIME_LIMIT, bounded_match, check_adapter_name
+from .weight_kinds import storage_key
 
 ALL_LINEAR = "all-linear"
 
@@ -239,12 +240,12 @@ def _weight_sharers(model: nn.Module) -> dict[str, tuple[str, ...]]:
     by_storage: dict[tuple, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         if p.numel():
-            by_storage.setdefault((p.device, p.untyped_storage().data_ptr()), []).append(pname)
+            by_storage.setdefault(storage_key(p), []).append(pname)
     found = {}
     for name, layer in adapter_layers(model):
         w = layer.weight
         own = {f"{name}.base_layer.weight", f"{name}.weight"}
-        others = [n for n in by_storage.get((w.device, w.untyped_storage().data_ptr()), []) if n not in own]
+        others = [n for n in by_storage.get(storage_key(w), []) if n not in own]
         if others:
             found[name] = tuple(others)
     return found

@@ -11,6 +11,7 @@ classes declare.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
@@ -21,14 +22,16 @@ from torch import nn
 from .adapter import Adapter, InWeightAdapter, LayerGeometry
 from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
 from .weight_kinds import (
+    NO_INPUT_GRADIENT,
     QUANTIZED_MERGE,
-    REPACKED_FOR_INFERENCE,
     SHARDED_MERGE,
     dequantizer,
     gathered_per_call,
+    input_gradient_blocked,
     is_sharded,
     quantized_kind,
-    repacked_for_inference,
+    recomputed_linear,
+    whole_weight,
 )
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
@@ -272,9 +275,16 @@ class AdapterLinear(nn.Module):
             kinds = sorted({type(self.adapters[n]).__name__ for n in refused})
             raise RuntimeError(SHARDED_MERGE.format(names=refused, kinds=", ".join(kinds)))
 
+    def _whole_weight(self, names: list[str], what: str, write: bool = True):
+        """ZeRO-3: the weight and these adapters' parameters gathered around a merge (see
+        :func:`~shirakit.weight_kinds.whole_weight`); elsewhere, or with no names, nothing."""
+        if not names:  # the same on every rank: the model's state is
+            return contextlib.nullcontext()
+        return whole_weight(self.base_layer, [self.adapters[n] for n in names], what, write)
+
     def merge_is_finite(self, names: list[str]) -> bool:
         self._check_mergeable(names)
-        with self._guard.writing("merge"):
+        with self._guard.writing("merge"), self._whole_weight(names, "merge", write=False):
             self._withdraw_live()
             return all(self.adapters[n].merged_is_finite(self.weight) for n in names if n not in self.merged)
 
@@ -283,7 +293,7 @@ class AdapterLinear(nn.Module):
         adapter (LoRA, VeRA, MiSS balance/mini), so unmerge restores it bit-exactly instead of
         subtracting (one weight-sized copy per merged adapter; SHiRA and MiSS bat are always exact)."""
         self._check_mergeable(names)
-        with self._guard.writing("merge"):
+        with self._guard.writing("merge"), self._whole_weight([n for n in names if n not in self.merged], "merge"):
             self._withdraw_live()
             if self.weight_shared_with and names:
                 warnings.warn(f"merging {names} into a weight tied to {list(self.weight_shared_with)}: those "
@@ -298,7 +308,7 @@ class AdapterLinear(nn.Module):
                 self.merged.append(name)
 
     def unmerge(self) -> None:
-        with self._guard.writing("unmerge"):
+        with self._guard.writing("unmerge"), self._whole_weight(list(self.merged), "unmerge"):
             self._withdraw_live()
             while self.merged:
                 self._remove_adapter(self.merged.pop())
@@ -432,20 +442,29 @@ class AdapterLinear(nn.Module):
     def _quantized_forward(self, x: torch.Tensor, pending: list[str], *args, **kwargs) -> torch.Tensor:
         """A quantized base: ``y = base(x) + sum a(x)`` over the pending adapters, except that while
         training, the first one that can (SHiRA) writes itself into the dense copy the library
-        dequantizes for this product anyway (:func:`~shirakit.weight_kinds.dequantizer`: bitsandbytes
-        on CPU): ``y = x (deq(W) + delta)^T + b``, its backward dequantizing again. The codes are
-        never written; no dense copy outlives its product."""
-        if torch.is_grad_enabled() and x.requires_grad and repacked_for_inference(self.base_layer):
-            raise RuntimeError(REPACKED_FOR_INFERENCE)
+        dequantizes for this product anyway (:func:`~shirakit.weight_kinds.dequantizer`: bitsandbytes,
+        torchao's weight-only tensors, on CPU): ``y = x (deq(W) + delta)^T + b``, its backward
+        dequantizing again. Where the library's own product would keep its dense copy for the
+        backward (torchao), the base runs as ``recomputed_linear`` instead. The codes are never
+        written; no dense copy outlives its product. A base product that would give the input no
+        gradient is refused (the layers below would train on a wrong one)."""
+        needs_dx = torch.is_grad_enabled() and x.requires_grad
+        blocked = input_gradient_blocked(self.base_layer) if needs_dx else None
+        if blocked:
+            raise RuntimeError(blocked)
         first, copy_of = None, None
         if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not (
                 self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks):
+            copy_of = dequantizer(self.base_layer, x)
             writers = [n for n in pending if isinstance(self.adapters[n], InWeightAdapter)
                        and self.adapters[n].writes_dequantized_copy and self.adapters[n].trained_values().requires_grad]
-            copy_of = dequantizer(self.base_layer, x) if writers else None
-            first = writers[0] if copy_of is not None else None
-        if first is None:
+            first = writers[0] if copy_of is not None and writers else None
+        if first is None and needs_dx and copy_of is not None and copy_of.kept_by_library:
+            y = recomputed_linear(x, self.base_layer.bias, copy_of)  # torchao would keep a dense copy per layer
+        elif first is None:
             y = self.base_layer(x, *args, **kwargs)
+            if needs_dx and not y.requires_grad:  # any other library whose product drops dx (torch won't say)
+                raise RuntimeError(NO_INPUT_GRADIENT.format(kind=self.quantized))
         else:
             y = self.adapters[first].dequantized_forward(self.base_layer, x, copy_of)
         return self._add_deltas(y, x, [n for n in pending if n != first])

@@ -10,17 +10,19 @@ that write as it is:
 - **quantized** (bitsandbytes ``Params4bit``/``Int8Params``, torchao's quantized tensor
   subclasses): the stored values are codes, not weights, and are never written; merging is
   refused. An adapter runs beside the base layer (SHiRA: ``y = base(x) + s x S^T``), except where
-  the library itself multiplies by a dense copy dequantized for that one product (bitsandbytes on
-  CPU while training, :func:`dequantizer`): SHiRA then writes its values into that transient copy,
-  as into an FSDP2-gathered one.
+  the library itself multiplies by a dense copy dequantized for that one product (bitsandbytes and
+  torchao's weight-only tensors on CPU while training, :func:`dequantizer`): SHiRA then writes its
+  values into that transient copy, as into an FSDP2-gathered one.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import contextlib
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 QUANTIZED_MERGE = (
     "cannot merge into the quantized weight of {where} ({kind}): the sum would be re-quantized, which "
@@ -34,6 +36,15 @@ SHARDED_MERGE = (
     "the weight, which here is split across ranks (only SHiRA merges into the shards, by scattering each "
     "rank's positions). Merge in one process instead: save the adapter (shirakit.save_adapter on every "
     "rank), load the full base model and the adapter there, then shirakit.merge / merge_and_unload"
+)
+
+
+ZERO3_ALREADY_GATHERED = (
+    "cannot {what} while the weight of this layer is gathered by ZeRO-3 outside a forward (inside "
+    "deepspeed.zero.GatheredParameters?): a write there is thrown away when that context ends unless it "
+    "names a modifier_rank, and shirakit cannot tell which. Call shirakit.{what} outside any "
+    "GatheredParameters context, on every rank (it gathers each layer's weight itself and writes the "
+    "result back into the partitions)"
 )
 
 
@@ -55,9 +66,46 @@ def gathered_per_call(module: nn.Module) -> bool:
     return fsdp_managed(module) or zero3_partitioned(module)
 
 
+@contextlib.contextmanager
+def whole_weight(module: nn.Module, readers: list[nn.Module], what: str, write: bool = True) -> Iterator[None]:
+    """Around a merge or unmerge: under ZeRO-3, the whole weight of ``module`` and the parameters of
+    the adapters ``readers`` (partitioned too), gathered on every rank; with ``write``, the weight as
+    left by rank 0 goes back into every rank's partition at the end (every rank writes the same, so
+    each adapter's own record of what it wrote holds everywhere). A collective: every rank must make
+    the same calls in the same order, as for saving. Elsewhere nothing happens.
+
+    Without this a merge under ZeRO-3 wrote into the empty placeholder that stands for the weight
+    outside a forward: LoRA's "succeeded" and its delta was silently lost, SHiRA's failed with an
+    IndexError."""
+    if not zero3_partitioned(module):
+        yield
+        return
+    import deepspeed  # present: the weight carries its marks
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    weight = module.weight
+    if weight.ds_status != ZeroParamStatus.NOT_AVAILABLE and not getattr(weight, "ds_persist", False):
+        raise RuntimeError(ZERO3_ALREADY_GATHERED.format(what=what))
+    reads = [p for reader in readers for p in reader.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(reads), \
+            deepspeed.zero.GatheredParameters([weight], modifier_rank=0 if write else None):
+        yield
+
+
 def is_sharded(weight: torch.Tensor) -> bool:
     """A DTensor (FSDP2's sharded parameter outside a forward)."""
     return hasattr(weight, "to_local") and hasattr(weight, "placements")
+
+
+def storage_key(tensor: torch.Tensor) -> tuple:
+    """Where a tensor's values live, to find the parameters that share them (tied weights). A wrapper
+    subclass (torchao's quantized tensors, a DTensor) has no storage of its own: its first inner
+    tensor's stands for it."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        if names:
+            return storage_key(getattr(tensor, names[0]))
+    return tensor.device, tensor.untyped_storage().data_ptr()
 
 
 def quantized_kind(weight: torch.Tensor) -> str | None:
@@ -113,6 +161,41 @@ REPACKED_FOR_INFERENCE = (
 )
 
 
+ACTIVATION_QUANTIZED = (
+    "this layer's quantized weight ({kind}, torchao) quantizes its input too (a dynamic or static activation "
+    "config): that rounding has no gradient, so torch gives the input none through the base product (silently) "
+    "and every layer below would train on a wrong gradient, LoRA's as much as SHiRA's. Train over a weight-only "
+    "config (torchao Int8WeightOnlyConfig, IntxWeightOnlyConfig, Float8WeightOnlyConfig, to_nf4) and keep the "
+    "activation-quantized model for inference (under torch.no_grad() it works as is)"
+)
+
+NO_INPUT_GRADIENT = (
+    "this layer's quantized base ({kind}) returned an output with no gradient path while its input needs one: "
+    "the library's product drops the input gradient, so every layer below would train on a wrong gradient. "
+    "Train over a base whose product has a backward (a weight-only quantization), or run this model under "
+    "torch.no_grad()"
+)
+
+
+def activation_quantized(weight: torch.Tensor) -> bool:
+    """Does this torchao weight quantize the layer's input as well (its dynamic/static activation
+    configs: ``Int8Tensor.act_quant_kwargs``, ``IntxUnpackedToInt8Tensor.activation_quantization``,
+    ``Float8Tensor.act_quant_kwargs``)? Their products give the input no gradient."""
+    if not type(weight).__module__.startswith("torchao"):
+        return False
+    return any(getattr(weight, attr, None) is not None for attr in ("act_quant_kwargs", "activation_quantization"))
+
+
+def input_gradient_blocked(layer: nn.Module) -> str | None:
+    """Why the input of this quantized ``layer`` would get no gradient through its base product
+    (the message to raise with), or None where it gets the right one."""
+    if repacked_for_inference(layer):
+        return REPACKED_FOR_INFERENCE
+    if activation_quantized(layer.weight):
+        return ACTIVATION_QUANTIZED.format(kind=type(layer.weight).__name__)
+    return None
+
+
 def repacked_for_inference(layer: nn.Module) -> bool:
     """Has bitsandbytes repacked this 4-bit layer's weight into its CPU inference layout?"""
     state = getattr(layer.weight, "quant_state", None)
@@ -124,6 +207,33 @@ class Dequantizer(NamedTuple):
 
     dtype: torch.dtype  # the compute dtype (inputs are cast to it, outputs cast back)
     weight: Callable[[], torch.Tensor]  # a fresh dense (out, in) copy in that dtype, exactly the library's
+    # The library's own product lets autograd keep that copy for the backward (torchao): every adapted
+    # layer then holds a dense weight between its forward and backward. See recomputed_linear.
+    kept_by_library: bool = False
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """``y = x deq(W)^T + b``, dequantizing again for ``dx = g deq(W)`` instead of keeping the copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, dequantizer: Dequantizer) -> torch.Tensor:
+        ctx.dequantizer = dequantizer
+        return torch.nn.functional.linear(x, dequantizer.weight(), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dx = grad @ ctx.dequantizer.weight() if ctx.needs_input_grad[0] else None
+        dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return dx, dbias, None
+
+
+def recomputed_linear(x: torch.Tensor, bias: torch.Tensor | None, dequantizer: Dequantizer) -> torch.Tensor:
+    """A quantized base layer's product with no dense copy kept for the backward: the copy is made
+    for the forward's product and made again for the backward's, as bitsandbytes' CPU path and
+    torchtune's ``LinearNF4`` do. For a library that would keep it (``kept_by_library``), this
+    trades one more dequantization per step for one dense weight per layer held through the step."""
+    bias = None if bias is None else bias.to(dequantizer.dtype)
+    return _RecomputedLinear.apply(x.to(dequantizer.dtype), bias, dequantizer).to(x.dtype)
 
 
 def dequantizer(layer: nn.Module, x: torch.Tensor) -> Dequantizer | None:
@@ -136,9 +246,17 @@ def dequantizer(layer: nn.Module, x: torch.Tensor) -> Dequantizer | None:
     the eval-mode CPU packing of 4-bit weights, 8-bit int8 products outside training, a 4-bit
     weight already repacked for CPU inference, other libraries), None: adapters then run beside
     ``layer(x)`` as it is.
+
+    torchao 0.18's weight-only tensors on CPU do the same in the forward (``Int8Tensor``: the codes cast
+    to the input's dtype, the product scaled by row; ``IntxUnpackedToInt8Tensor``, ``Float8Tensor``,
+    ``NF4Tensor``: the dequantized weight), see :func:`_torchao_dequantizer`.
     """
     weight = layer.weight
-    if x.device.type != "cpu" or weight.device.type != "cpu" or not type(weight).__module__.startswith("bitsandbytes"):
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    if type(weight).__module__.startswith("torchao"):
+        return _torchao_dequantizer(weight, x)
+    if not type(weight).__module__.startswith("bitsandbytes"):
         return None
     kind = type(weight).__name__
     if kind == "Params4bit":
@@ -156,4 +274,28 @@ def dequantizer(layer: nn.Module, x: torch.Tensor) -> Dequantizer | None:
             return None
         dtype = x.dtype  # MatMul8bitFp: codes * (row scale / 127), in the input's dtype
         return Dequantizer(dtype, lambda: weight.data.to(dtype).mul_(scales.unsqueeze(1).mul(1.0 / 127.0)))
+    return None
+
+
+def _torchao_dequantizer(weight: torch.Tensor, x: torch.Tensor) -> Dequantizer | None:
+    """torchao's weight-only tensors on CPU multiply by a dense copy: ``Int8Tensor`` casts its codes to
+    the input's dtype (``(x codes^T) * scale`` by row, or the dequantized weight for group scales),
+    ``IntxUnpackedToInt8Tensor`` and ``Float8Tensor`` dequantize to their own dtype, ``NF4Tensor``
+    (torchtune's QLoRA base, ``LinearNF4``) to the input's. The copy here is ``dequantize()`` itself
+    (for ``Int8Tensor`` by row the same values up to fp rounding, ~1e-7 relative). torchao's own
+    products keep their copy for the backward (autograd saves it; ``LinearNF4`` does not), so the
+    layer runs them through :func:`recomputed_linear` when the input needs a gradient. Weights
+    that quantize the input too (:func:`activation_quantized`) or pre-scale it are left alone."""
+    kind = type(weight).__name__
+    if kind == "NF4Tensor":
+        dtype = x.dtype
+        return Dequantizer(dtype, lambda: weight.get_original_weight().to(dtype))  # LinearNF4 keeps none
+    if activation_quantized(weight) or getattr(weight, "act_pre_scale", None) is not None:
+        return None
+    if kind == "Int8Tensor":
+        dtype = x.dtype
+        return Dequantizer(dtype, lambda: weight.dequantize(dtype), kept_by_library=True)
+    if kind in ("IntxUnpackedToInt8Tensor", "Float8Tensor"):
+        dtype = weight.dtype
+        return Dequantizer(dtype, lambda: weight.dequantize().to(dtype), kept_by_library=True)
     return None

@@ -94,9 +94,6 @@ class ShiraAdapter(InWeightAdapter):
         if generator is None:  # loading: load_tensors fills these placeholders (no mask, no init, no checks)
             self.shira_weight = nn.Parameter(torch.empty(k, dtype=dtype, device=weight.device))
             self.register_buffer("shira_indices", torch.empty(2, k, dtype=torch.int32, device=weight.device))
-            self.register_buffer("_storage_index", torch.empty(k, dtype=torch.int64, device=weight.device),
-                                 persistent=False)
-            self._pattern = None
         else:
             mask_fn = config.mask_fn or MASKS[config.mask_type]
             raw = mask_fn(base_layer, config.r, generator)
@@ -107,26 +104,45 @@ class ShiraAdapter(InWeightAdapter):
                 init = torch.randn(k, generator=generator, dtype=dtype)
             self.shira_weight = nn.Parameter(init.to(weight.device))
             self.register_buffer("shira_indices", indices.to(device=weight.device, dtype=torch.int32))
-            self._set_derived(indices.to(weight.device))
+        # Derived from shira_indices on first use, forgotten when they change (load_tensors, device moves):
+        self._positions: torch.Tensor | None = None  # their flat positions in the weight's storage (storage_index)
+        self._pattern: SparsePattern | None = None  # the kernels' view of them (pattern)
+        self._pattern_version = -1  # shira_indices' version counter when the pattern was made
         # _saved (the K base values, InWeightAdapter's) is kept after unmerge, for the next merge:
         self._saved_key: object = None  # the layer's name for the weight state _saved was read from
         self._merged_state: object = None  # the values state W0 + s*v was computed for
         self._merged_values: torch.Tensor | None = None  # W0 + s*v last scattered (weight dtype)
         self._local_map = None  # FSDP2: ((first row, end row), local positions, which values) of a shard
-        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # FSDP2: (base, written) values
 
-    def _set_derived(self, indices: torch.Tensor) -> None:
-        """Everything the kernels need, derived once from the (sorted) indices."""
-        rows, cols = indices[0].long(), indices[1].long()
-        self.register_buffer("_storage_index", self.geometry.storage_flat_index(rows, cols), persistent=False)
-        self._pattern: SparsePattern | None = None  # built on first use
-        self._local_map = None
+    def storage_index(self, keep: bool = True) -> torch.Tensor:
+        """The K positions in the weight's own storage, int64 (``index_copy_`` takes no other; the
+        scatters of a merge or switch run ~15% slower from int32 ones), from ``shira_indices``.
+
+        Kept after the first call for the paths that scatter into one weight again and again (merge,
+        switch, a training step's write). ``keep=False`` derives them for this call only: under FSDP2
+        or ZeRO-3 every rank would otherwise hold 8 bytes per value of positions beside the indices,
+        for a write that is once per gathered copy (``docs/distributed.md``, memory).
+        """
+        idx = self.shira_indices
+        if self._positions is not None and self._positions.device == idx.device:
+            return self._positions
+        positions = self.geometry.storage_flat_index(idx[0], idx[1])
+        if keep:
+            self._positions = positions
+        return positions
 
     def pattern(self) -> SparsePattern:
+        """The kernels' :class:`SparsePattern`: views of the two rows of ``shira_indices`` (int32, no
+        copies), plus the CSR row offsets. Made again when the indices were written in place (a
+        hot-swap slot's copy, a reset), which eager code sees by their version counter."""
         idx = self.shira_indices
-        if self._pattern is None or self._pattern.device != idx.device:
+        stale = self._pattern is None or self._pattern.device != idx.device
+        if not stale and not torch.compiler.is_compiling():
+            stale = self._pattern_version != idx._version
+        if stale:
             g = self.geometry
             self._pattern = SparsePattern(idx[0], idx[1], g.out_features, g.in_features)
+            self._pattern_version = idx._version
         return self._pattern
 
     # ---- the maths ------------------------------------------------------------------------
@@ -231,43 +247,54 @@ class ShiraAdapter(InWeightAdapter):
         return self.PRODUCT_S_PER_MAC * k * tokens
 
     # ---- FSDP2: the gathered copy of a sharded weight -------------------------------------------
-    @torch.no_grad()
-    def write_into_gathered(self, weight: torch.Tensor) -> torch.Tensor:
-        """Scatter W0[idx] + s*v into this forward's gathered copy of an FSDP2-sharded weight.
-
-        The copy is fresh from the clean shards, or (FSDP kept it unsharded since the last
-        forward) still holds what was written last time; reading the K positions tells which, so
-        W0 is never taken from a copy that already carries the values. Returns what was written.
-        """
-        flat = self._flat(weight)
-        current = flat.index_select(0, self._storage_index)
-        kept = self._gathered is not None and torch.equal(current, self._gathered[1])
-        base = self._gathered[0] if kept else current
-        written = self.merged_values(weight, base)
-        self._gathered = (base, written)
-        # index_copy_, not scatter_values' numpy path: numpy pins the storage, and FSDP frees the
-        # gathered copy by resizing its storage to 0
-        flat.index_copy_(0, self._storage_index, written)
-        return written
-
     writes_gathered_copy = True
 
     def gathered_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """FSDP2: the base product on the gathered copy with the values scattered in; the backward
-        (which runs on a copy gathered again from the clean shards) scatters them in again first."""
-        weight = base_layer.weight
-        written = self.write_into_gathered(weight)
-        if not (torch.is_grad_enabled() and self.shira_weight.requires_grad):
-            return base_layer(x)
-        index = self._storage_index
+        """FSDP2, ZeRO-3: the base product on this forward's gathered copy of the weight, with
+        W0[idx] + s*v written into it for that product only and the K base values put back right
+        after; the backward does the same around its ``dx = g W'`` on whatever copy it gets (gathered
+        afresh from the clean shards, or this one, kept by FSDP and already clean again).
 
-        def refill(gathered: torch.Tensor) -> torch.Tensor:
+        So a copy holds the values only while one of these products reads it, and W0 is always read
+        from the copy itself: nothing is kept between forward and backward or between steps, and a
+        rank holds, per value, only its share of the values and the (2, K) int32 indices
+        (``docs/distributed.md``, memory). Costs over the frozen product: two K-value reads and
+        four K-value writes per step, and the SDDMM. Exceptions leave the copy clean too.
+        """
+        weight, values = base_layer.weight, self.shira_weight
+        self._positions = None  # derived per call on this path (storage_index): not kept on every rank
+        undo = self._write_gathered(weight, values)
+        try:
+            if not (torch.is_grad_enabled() and values.requires_grad):
+                return base_layer(x)
+
+            def refill(gathered: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
+                return gathered, self._write_gathered(gathered, values)
+
+            return scattered_linear(x, values, weight, base_layer.bias, self.pattern(), self.scale,
+                                    self.geometry.fan_in_fan_out, refill)
+        finally:
+            undo()
+
+    @torch.no_grad()
+    def _write_gathered(self, weight: torch.Tensor, values: torch.Tensor) -> Callable[[], None]:
+        """Scatter W0[idx] + s*v into a gathered copy (W0 read from it); returns what puts W0 back.
+
+        Written through ``weight.data``, whose version counter is its own: the copy is saved for the
+        backward, and a write seen by autograd would fail its check there. ``index_copy_``, not
+        scatter_values' numpy path: numpy pins the storage, and FSDP frees the copy by resizing its
+        storage to 0. ``values``: the forward's parameter object (FSDP2 and ZeRO-3 gather into the
+        same one for the backward), never a shard.
+        """
+        flat = self._flat(weight.data)
+        index = self.storage_index(keep=False)
+        base = flat.index_select(0, index)
+        flat.index_copy_(0, index, self.merged_values(flat, base, values=values))
+
+        def undo() -> None:
             with torch.no_grad():
-                self._flat(gathered).index_copy_(0, index, written)
-            return gathered
-
-        return scattered_linear(x, self.shira_weight, weight, base_layer.bias, self.pattern(), self.scale,
-                                self.geometry.fan_in_fan_out, refill)
+                flat.index_copy_(0, index, base)
+        return undo
 
     # ---- a quantized base: the dequantized copy of one product ---------------------------------
     writes_dequantized_copy = True
@@ -282,16 +309,16 @@ class ShiraAdapter(InWeightAdapter):
         over the frozen quantized base: two K-value writes and the SDDMM, where the additive path
         adds two sparse products as well (``benchmarks/train_step_sharded.py``, ``nf4`` rows).
         """
-        index = self._storage_index
+        index = self.storage_index()
         dense = dequantizer.weight()
         flat = self._flat(dense)
         written = self.merged_values(dense, flat.index_select(0, index))  # K values, kept for the backward
         flat.index_copy_(0, index, written)
 
-        def refill(_: None) -> torch.Tensor:
+        def refill(_: None) -> tuple[torch.Tensor, None]:
             again = dequantizer.weight()
             self._flat(again).index_copy_(0, index, written)
-            return again
+            return again, None  # a transient copy: nothing to take out again
 
         bias = base_layer.bias
         bias = None if bias is None else bias.to(dequantizer.dtype)
@@ -312,16 +339,19 @@ class ShiraAdapter(InWeightAdapter):
         map is computed once per shard layout.
         """
         if not is_sharded(weight):
-            return self._flat(weight), self._storage_index, None
+            return self._flat(weight), self.storage_index(), None
         local, start, stop = sharded_rows(weight)
         if self._local_map is None or self._local_map[0] != (start, stop):
-            self._local_map = ((start, stop), *shard_positions(self._storage_index, weight.shape[1], start, stop))
+            positions = self.storage_index(keep=False)
+            self._local_map = ((start, stop), *shard_positions(positions, weight.shape[1], start, stop))
         return self._flat(local), self._local_map[1], self._local_map[2]
 
     @torch.no_grad()
-    def merged_values(self, weight: torch.Tensor, base_values: torch.Tensor, which=None) -> torch.Tensor:
-        """W0[idx] + s*v, computed in fp32, in the weight's dtype (``which``: a subset of the K)."""
-        values = full_values(self.shira_weight)
+    def merged_values(self, weight: torch.Tensor, base_values: torch.Tensor, which=None,
+                      values: torch.Tensor | None = None) -> torch.Tensor:
+        """W0[idx] + s*v, computed in fp32, in the weight's dtype (``which``: a subset of the K;
+        ``values``: the values to use, by default the adapter's, gathered if sharded)."""
+        values = full_values(self.shira_weight) if values is None else values
         values = values if which is None else values.index_select(0, which)
         return (base_values.float() + self.scale * values.float()).to(weight.dtype)
 
@@ -416,21 +446,21 @@ class ShiraAdapter(InWeightAdapter):
         adopt = raw.dtype == torch.int32 and raw.is_contiguous() and raw.shape == self.shira_indices.shape \
             and raw.device == self.shira_indices.device
         target = raw if adopt else self.shira_indices
-        if index_io.load_pairs(raw, g.out_features, g.in_features, g.fan_in_fan_out, target,
-                                     self._storage_index):
+        positions = torch.empty(k, dtype=torch.int64, device=self.shira_indices.device)
+        if index_io.load_pairs(raw, g.out_features, g.in_features, g.fan_in_fan_out, target, positions):
             self.shira_indices = target
         else:
             indices, order = validate_indices(raw, g, k, f"{source}: shira_indices")
             values = values if order is None else values[order]
             self.shira_indices.copy_(indices.to(torch.int32))
-            self._set_derived(indices.to(self.shira_indices.device))
-        self._pattern = None
+            positions = None  # derived on first use
+        self._positions, self._pattern = positions, None
         if values.dtype == self.shira_weight.dtype and values.device == self.shira_weight.device \
                 and values.is_contiguous() and values.shape == self.shira_weight.shape:
             self.shira_weight.data = values  # the file's tensor is ours: take it rather than copy it
         else:
             self.shira_weight.copy_(values)
-        self._saved, self._saved_key, self._merged_values, self._gathered = None, None, None, None
+        self._saved, self._saved_key, self._merged_values = None, None, None
         self._local_map = None
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
@@ -440,7 +470,7 @@ class ShiraAdapter(InWeightAdapter):
         return compact.decode(tensors, self.geometry.in_features, source, self.geometry.out_features)
 
     def drop_device_caches(self) -> None:
-        self._pattern, self._local_map, self._gathered = None, None, None  # rebuilt on the new device
+        self._positions, self._pattern, self._local_map = None, None, None  # made again on the new device
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, K={self.shira_weight.numel()}, mask={self.config.mask_type}"

@@ -1,4 +1,4 @@
-"""SHiRA's value gradient on CPU: K sampled dot products in K x T work, on every core (numba).
+"""SHiRA's value gradient on CPU: K sampled dot products in K x T work, on every core (C or numba).
 
 The gradient of the K trained values of a layer ``y = x W^T`` (SHiRA, arXiv 2406.13175) is
 
@@ -10,12 +10,24 @@ m*n*T of one dense product (about 2% of it for r = 16 on a 1024 x 2816 layer).
 How it runs: ``g`` and ``x`` are transposed into fp32 buffers whose rows are the T-long columns
 (padded to a multiple of 16 with zeros, and off power-of-two strides to dodge cache-set
 conflicts), then every dot reads two contiguous rows. The positions are sorted row-major, so
-consecutive k usually share their row of ``g``: the kernel takes them 8 (or 4) at a time, one
-load of g's row feeding 8 accumulators. The transposes go by 16 x 16 blocks through a small tile
-(both halves contiguous, so both vectorize), 16 columns at a time: as fast as torch's own
-transposing copy, and 2x faster than element by element where the rows are 4 KB apart; sources
-wider than 2048 columns (down_proj's x, gate/up's g) keep the element-by-element order, which is
-faster there (``_TILED_MAX_COLUMNS``).
+consecutive k usually share their row of ``g``: the kernel takes a run of up to 8 at a time, one
+load of g's row feeding 8 accumulators.
+
+Two implementations of the transposes and the dots, with the same results up to fp32 rounding:
+
+- C (:mod:`native_sddmm`, ``native_sddmm.c``), compiled with the system compiler at first use
+  and cached: the transposes go through 16 x 16 register blocks, token blocks outside (0.09 ms
+  for 1024 columns x 512 tokens, 0.19 ms for 2816; 2-6x faster than numba's), the dots are 16
+  floats wide with one shuffle-tree reduction per run. The dots then run at 18-20 GMAC/s on one
+  core of this project's machine, which is what moving a fresh 4-byte x value per multiply-add
+  from L2/L3 allows (x's rows are read at random, so nothing of them is reused from registers).
+- numba (the fallback without a compiler, or with ``SHIRAKIT_NATIVE=0``): the transposes go by
+  16 x 16 blocks through a small tile, element by element above 2048 columns
+  (``_TILED_MAX_COLUMNS``); numba vectorizes the 8-run dot loop only 4 floats wide.
+
+In a training step of the 1024 x 2816 benchmark model (2 layers x 7 projections, T = 512, r = 16,
+1 thread) the 14 value gradients took 31 ms with the C kernels against 52 ms with numba's
+(transposes 10 vs 28 ms, dots 20 ms; measured inside the step, where g and x come from memory).
 
 Projections that read the same input (q/k/v, gate/up) share its transpose: the last two
 transposed inputs are kept per thread, each holding a reference to its source tensor (so its
@@ -28,18 +40,21 @@ after another, so a worker slowed by another process on a shared core takes fewe
 of holding the others at a barrier. There is no spinning OpenMP barrier, which on a shared
 machine is what makes ``torch.sparse.sampled_addmm`` slower with more threads than with one.
 
-Measured against ``torch.sparse.sampled_addmm`` (``benchmarks/value_grad.py``, 2026-11-28 12:42, a
-shared 2-core machine at load 1.2; CPU-time ratios): with x's transpose shared (k, v, up) 0.45-0.79x
-at 1 thread and 0.41-1.46x at 2; with x transposed afresh 0.76-1.13x at 1 thread (0.76-0.79x on the
-2816-wide shapes) and 0.89-4.1x at 2 (those 2-thread timings mostly measure the other processes). It
+Measured against ``torch.sparse.sampled_addmm`` (``benchmarks/value_grad.py``, C kernels, 2026-11-28
+14:40, a shared 2-core machine at load 1.6; wall-time ratios): with x's transpose shared (k, v, up)
+0.25-0.41x at 1 thread and 0.30-0.72x at 2; with x transposed afresh 0.39-0.73x at 1 thread and
+0.55-1.38x at 2. Two threads barely beat one: the transposes are memory-bound, and right after
+torch's own OpenMP products its idle workers spin on the cores for a while (in the 1024 x 2816 step
+the 14 calls take 39 ms at 2 threads, 26 ms with ``OMP_WAIT_POLICY=PASSIVE``, 31 ms at 1). It
 stays the CPU path whenever numba imports, since in a training step 3 of a layer's 7 calls share x, and unlike
 sampled_addmm it handles bf16/fp16. fp64 inputs and other devices (CUDA: cuSPARSE's
 sampled_addmm) keep the torch path. Half-precision g and x are upcast to fp32 (exact), and the
 accumulation is fp32.
 
-Compilation: numba compiles the kernels on first use (about a second) and caches the machine
-code next to this file, or in numba's user cache when that folder is read-only
-(``NUMBA_CACHE_DIR`` overrides both); the cache is keyed by this file's path and timestamp.
+Compilation: the C kernels, see :mod:`native_sddmm`. numba compiles its kernels on first use
+(about a second) and caches the machine code next to this file, or in numba's user cache when that
+folder is read-only (``NUMBA_CACHE_DIR`` overrides both); the cache is keyed by this file's path
+and timestamp.
 """
 
 from __future__ import annotations
@@ -52,6 +67,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from . import native_sddmm
 from .lazy import once
 
 try:  # numba is a dependency, but the torch path must keep working without it
@@ -66,6 +82,7 @@ _PAD = 16  # a row holds T rounded up to this many floats (one AVX-512 vector)
 # tokens), ties at 576-1536, and is slower on wider sources (2816: 2.4 vs 1.4 ms; 4096: 4.1 vs
 # 3.5; 5632: 6.9 vs 5.9), 1 thread, this project's machine, 2026-11-28.
 _TILED_MAX_COLUMNS = 2048
+_INDEX_TYPES = ("int64", "int32")  # position indices the kernel is compiled for (int32: half the bytes)
 _TASKS_PER_THREAD = 3  # enough for a free worker to take over a slow one's share, few enough to dispatch
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -128,8 +145,8 @@ def _kernels():
                     for t in range(t0, t1):
                         dst[c, t] = src[t, c]
 
-    @numba.njit("void(float32[:, ::1], float32[:, ::1], int64[::1], int64[::1], float32[::1], int64, int64)",
-                fastmath=True, **options)
+    @numba.njit([f"void(float32[:, ::1], float32[:, ::1], {index}[::1], {index}[::1], float32[::1], int64, int64)"
+                 for index in _INDEX_TYPES], fastmath=True, **options)
     def dots(a_rows, b_rows, ia, ib, out, start, stop):
         """out[k] = a_rows[ia[k]] . b_rows[ib[k]] for k in [start, stop); runs of equal ia share loads."""
         width = a_rows.shape[1]
@@ -236,8 +253,12 @@ def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> np.ndarra
     width = _padded_width(tokens)
     dst = _scratch_buffer(slot, cols * width).view(cols, width)
     if src.dtype == torch.float32:
-        tiled, wide, _ = _kernels()
-        transpose = tiled if cols <= _TILED_MAX_COLUMNS else wide
+        native = native_sddmm.kernels()
+        if native is not None:
+            transpose = native.transpose_fp32
+        else:
+            tiled, wide, _ = _kernels()
+            transpose = tiled if cols <= _TILED_MAX_COLUMNS else wide
         _run_tasks(transpose, (src.contiguous().numpy(), dst.numpy()), cols, threads, align=16)
     else:  # bf16/fp16: torch converts exactly while it transposes
         dst[:, tokens:].zero_()
@@ -271,10 +292,13 @@ def value_grad(
 ) -> torch.Tensor:
     """(K,) fp32: out[k] = sum_t grad_out[t, rows[k]] * x[t, cols[k]] over all leading dims of the inputs.
 
-    ``rows``/``cols``: int64, contiguous, on CPU, sorted row-major (so equal rows are adjacent; any
-    order is correct, sorted is fast). ``threads``: default ``torch.get_num_threads()``. Callers
-    check :func:`usable` first.
+    ``rows``/``cols``: both int64 or both int32, contiguous, on CPU, sorted row-major (so equal rows
+    are adjacent; any order is correct, sorted is fast). ``threads``: default
+    ``torch.get_num_threads()``. Callers check :func:`usable` first.
     """
+    if rows.dtype != cols.dtype or rows.dtype not in (torch.int64, torch.int32) or rows.shape != cols.shape:
+        raise TypeError(f"value_grad takes rows and cols of one shape, both int64 or both int32; found "
+                        f"{rows.dtype} {tuple(rows.shape)} and {cols.dtype} {tuple(cols.shape)}")
     g2 = grad_out.detach().reshape(-1, grad_out.shape[-1])
     x2 = x.detach().reshape(-1, x.shape[-1])
     count = rows.numel()
@@ -286,6 +310,8 @@ def value_grad(
     threads = threads or torch.get_num_threads()
     g_rows = _columns_as_rows(g2, threads, slot="grad")
     x_rows = _input_rows(x2, threads)
-    *_, dots = _kernels()
-    _run_tasks(dots, (g_rows, x_rows, rows.numpy(), cols.numpy(), out.numpy()), count, threads, align=8)
+    native = native_sddmm.kernels()
+    dots = native.dots if native is not None else _kernels()[2]
+    positions = (rows.contiguous().numpy(), cols.contiguous().numpy())
+    _run_tasks(dots, (g_rows, x_rows, *positions, out.numpy()), count, threads, align=8)
     return out

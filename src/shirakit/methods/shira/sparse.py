@@ -10,7 +10,8 @@ The second is a sampled dense-dense product (SDDMM), K*T multiply-adds. On CPU i
 :mod:`shirakit.methods.shira.cpu_sddmm` (numba, every core); elsewhere, on fp64, or without numba,
 ``torch.sparse.sampled_addmm`` on a fixed CSR pattern computes the same K dots (cuSPARSE on CUDA).
 Known limits of torch 2.13's ``sampled_addmm`` on CPU that shaped this file:
-- with int32 CSR indices it returns wrong values: the pattern uses int64.
+- with int32 CSR indices it returns wrong values: its call converts the (int32) columns to int64
+  for that call only (a transient K-long copy; the numba kernel reads the int32 ones as they are).
 - it rejects bf16/fp16: half-precision inputs are upcast to fp32 for the value gradient.
 """
 
@@ -26,14 +27,20 @@ from . import cpu_sddmm
 class SparsePattern:
     """K positions (rows, cols) of an (m, n) weight, sorted row-major, in the forms the kernels use.
 
-    ``rows``/``cols`` (int64) feed the CPU kernel, ``crow`` (int64 CSR row offsets) with ``cols``
-    the ``sampled_addmm`` path: all dense tensors built here, eagerly, so a compiled graph takes
-    them as plain inputs (``bincount`` inside a graph would break it). The CSR tensor and the int32
-    CSR indices (for the sparse product of mixed batches) are built on first use.
+    ``rows``/``cols`` feed the CPU kernel and, with ``crow`` (int64 CSR row offsets, m + 1 of them),
+    the ``sampled_addmm`` path. They are kept as given, both int32 or both int64: SHiRA passes the
+    two rows of its int32 ``shira_indices`` buffer, so the pattern holds views, not copies (every
+    rank of an FSDP2 run keeps all K positions: 16 bytes per value less than int64 copies).
+    ``crow`` is built here, eagerly, so a compiled graph takes it as a plain input (``bincount``
+    inside a graph would break it). The CSR tensor and the int32 CSR indices (for the sparse
+    product of mixed batches) are built on first use.
     """
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
-        self.rows, self.cols = rows.long().contiguous(), cols.long().contiguous()
+        if rows.dtype != cols.dtype or rows.dtype not in (torch.int32, torch.int64) or rows.shape != cols.shape:
+            raise TypeError(f"SparsePattern takes rows and cols of one shape, both int32 or both int64; found "
+                            f"{rows.dtype} {tuple(rows.shape)} and {cols.dtype} {tuple(cols.shape)}")
+        self.rows, self.cols = rows.contiguous(), cols.contiguous()
         self.shape = (n_rows, n_cols)
         self.crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=self.rows.device)
         self.crow[1:] = torch.bincount(self.rows, minlength=n_rows).cumsum(0)
@@ -52,7 +59,7 @@ class SparsePattern:
     def csr(self) -> torch.Tensor:
         """fp32 CSR with ones at the positions (int64 indices: the int32 ones are wrong in sampled_addmm)."""
         if self._csr is None:
-            self._csr = _ones_csr(self.crow, self.cols, self.shape, torch.float32)
+            self._csr = _ones_csr(self.crow, self.cols.long(), self.shape, torch.float32)
         return self._csr
 
     def csr_int32(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +73,7 @@ class SparsePattern:
         the input gradient of the additive path, dx = s g S = (S^T g^T)^T, as a sparse product."""
         if self._transposed is None:
             n_rows, n_cols = self.shape
-            order = torch.argsort(self.cols * n_rows + self.rows)  # column-major = row-major of S^T
+            order = torch.argsort(self.cols.long() * n_rows + self.rows)  # column-major = row-major of S^T
             crow_t = torch.zeros(n_cols + 1, dtype=torch.int32, device=self.device)
             crow_t[1:] = torch.bincount(self.cols, minlength=n_cols).cumsum(0)
             self._transposed = (crow_t, self.rows[order].int(), order)
@@ -100,7 +107,7 @@ def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tens
     fp64 for fp64 inputs off the numba kernel). ``rows, cols, crow``: :meth:`SparsePattern.tensors`.
 
     A custom op, so torch.compile keeps it whole: dynamo traces neither sparse tensors nor numba,
-    and the pattern's dense int64 tensors are ordinary inputs of the compiled graph.
+    and the pattern's dense index tensors are ordinary inputs of the compiled graph.
     """
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
@@ -108,7 +115,7 @@ def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tens
         return cpu_sddmm.value_grad(g2, x2, rows, cols)
     if g2.dtype not in (torch.float32, torch.float64):
         g2, x2 = g2.float(), x2.float()
-    csr = _ones_csr(crow, cols, (g2.shape[1], x2.shape[1]), g2.dtype)
+    csr = _ones_csr(crow, cols.long(), (g2.shape[1], x2.shape[1]), g2.dtype)  # int32 would give wrong values
     return torch.sparse.sampled_addmm(csr, g2.T, x2.to(g2.dtype), beta=0.0).values().clone()
 
 
@@ -121,9 +128,11 @@ def _(grad_out, x, rows, cols, crow):
 class _ScatteredLinear(torch.autograd.Function):
     """y = linear(x, W) where W already holds the adapter values; grads for x and the values.
 
-    ``refill(weight) -> weight``, when given, writes the values into the weight again before the
-    backward uses it: FSDP2 frees the gathered weight after the forward and gathers it afresh from
-    the (clean) shards for the backward, so the values scattered into the forward's copy are gone.
+    ``refill(weight) -> (weight, undo)``, when given, writes the values into the weight again before
+    the backward's ``dx = g W'`` reads it, and ``undo()`` (or None) runs right after that product:
+    FSDP2 and ZeRO-3 hand the backward a copy of the weight gathered afresh from the (clean) shards,
+    or the forward's copy, which shirakit cleaned after its own product (see
+    :meth:`ShiraAdapter.gathered_forward`); either way the values must be written again, and taken out again.
     ``transient``: the weight is a copy made for this product only (a quantized weight dequantized
     by :func:`shirakit.weight_kinds.dequantizer`); it is not kept for the backward, which gets a
     fresh one from ``refill(None)``, so no dense copy lives between forward and backward.
@@ -140,11 +149,16 @@ class _ScatteredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, *pattern = ctx.saved_tensors
+        undo = None
         if ctx.refill is not None and ctx.needs_input_grad[0]:  # only dx reads the weight
-            weight = ctx.refill(weight)
+            weight, undo = ctx.refill(weight)
         grad_x = grad_w = grad_b = grad_v = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ (weight.T if ctx.fan_in_fan_out else weight)
+            try:
+                grad_x = grad_out @ (weight.T if ctx.fan_in_fan_out else weight)
+            finally:
+                if undo is not None:
+                    undo()
         if ctx.needs_input_grad[1]:
             grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient

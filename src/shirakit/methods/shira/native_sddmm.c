@@ -1,0 +1,133 @@
+/* SHiRA's value-gradient kernels in C (see cpu_sddmm.py): the transposes and the sampled dots.
+ *
+ * Built at first use by native_sddmm.py with the system C compiler (-O3 -march=native) and called
+ * through ctypes, which releases the GIL. GCC/Clang vector extensions, no intrinsics: a 16-float
+ * vector is one AVX-512 register, two AVX ones, four NEON ones.
+ *
+ * Why C next to the numba kernels: numba vectorizes the 8-row dot loop 4 floats wide and its
+ * transposes element by element; here the transposes go through 16 x 16 register blocks
+ * (2-5x faster) and the dots are 16 floats wide with one shuffle-tree reduction per 8 dots.
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+
+/* one tree step: lanes (2j, 2j + 1) of a and of b summed, a's and b's sums interleaved */
+static inline v8 pair_sums(v8 a, v8 b) {
+    return __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14)
+         + __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+}
+
+/* out[p] = the sum of acc[p]'s 16 lanes, p < 8, by shuffles and adds (no scalar loop) */
+static inline void hsum8(const v16 *acc, float *out) {
+    v8 s[8];
+    for (int p = 0; p < 8; p++)
+        s[p] = __builtin_shufflevector(acc[p], acc[p], 0, 1, 2, 3, 4, 5, 6, 7)
+             + __builtin_shufflevector(acc[p], acc[p], 8, 9, 10, 11, 12, 13, 14, 15);
+    v8 t0 = pair_sums(s[0], s[1]), t1 = pair_sums(s[2], s[3]), t2 = pair_sums(s[4], s[5]);
+    v8 t3 = pair_sums(s[6], s[7]);
+    v8 u0 = __builtin_shufflevector(t0, t1, 0, 1, 8, 9, 4, 5, 12, 13)
+          + __builtin_shufflevector(t0, t1, 2, 3, 10, 11, 6, 7, 14, 15);
+    v8 u1 = __builtin_shufflevector(t2, t3, 0, 1, 8, 9, 4, 5, 12, 13)
+          + __builtin_shufflevector(t2, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+    v8 w = __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+    memcpy(out, &w, sizeof w);
+}
+
+/* out[p] = a . b[p] for p < N over width floats (a multiple of 16): one load of a feeds N dots */
+#define DOTS_SHARING_A(N)                                                                  \
+    static inline void dots_sharing_a_##N(const float *a, const float *const *b, float *out, \
+                                          long width) {                                    \
+        v16 acc[8];                                                                        \
+        for (int p = 0; p < 8; p++) acc[p] = (v16){0};                                     \
+        for (long t = 0; t < width; t += 16) {                                             \
+            v16 at = load16(a + t);                                                        \
+            for (int p = 0; p < N; p++) acc[p] += at * load16(b[p] + t);                   \
+        }                                                                                  \
+        float sums[8];                                                                     \
+        hsum8(acc, sums);                                                                  \
+        memcpy(out, sums, N * sizeof(float));                                              \
+    }
+DOTS_SHARING_A(8)
+DOTS_SHARING_A(7)
+DOTS_SHARING_A(6)
+DOTS_SHARING_A(5)
+DOTS_SHARING_A(4)
+DOTS_SHARING_A(3)
+DOTS_SHARING_A(2)
+DOTS_SHARING_A(1)
+
+typedef void (*dots_sharing_a_fn)(const float *, const float *const *, float *, long);
+static const dots_sharing_a_fn DOTS_SHARING_A_BY_RUN[9] = {
+    0, dots_sharing_a_1, dots_sharing_a_2, dots_sharing_a_3, dots_sharing_a_4,
+    dots_sharing_a_5, dots_sharing_a_6, dots_sharing_a_7, dots_sharing_a_8};
+
+/* out[k] = a_rows[ia[k]] . b_rows[ib[k]] for k in [start, stop): each run of up to 8 equal ia
+ * (positions sorted row-major share a row of a) is one pass over a */
+#define SAMPLED_DOTS(NAME, INDEX)                                                                  \
+    void NAME(const float *a_rows, const float *b_rows, const INDEX *ia, const INDEX *ib,          \
+              float *out, long width, long start, long stop) {                                     \
+        const float *b[8];                                                                         \
+        long k = start;                                                                            \
+        while (k < stop) {                                                                         \
+            long run = 1;                                                                          \
+            while (run < 8 && k + run < stop && ia[k + run] == ia[k]) run++;                       \
+            for (long p = 0; p < run; p++) b[p] = b_rows + (long)ib[k + p] * width;                \
+            DOTS_SHARING_A_BY_RUN[run](a_rows + (long)ia[k] * width, b, out + k, width);            \
+            k += run;                                                                              \
+        }                                                                                          \
+    }
+SAMPLED_DOTS(shirakit_dots_i64, int64_t)
+SAMPLED_DOTS(shirakit_dots_i32, int32_t)
+
+/* A 16 x 16 block transposed in registers: four stages, each swapping the off-diagonal d x d
+ * sub-blocks (d = 8, 4, 2, 1) of every 2d x 2d block, one two-source shuffle per output row. */
+static inline void transpose16(const float *src, long src_stride, float *dst, long dst_stride) {
+    v16 r[16];
+    for (int i = 0; i < 16; i++) r[i] = load16(src + i * src_stride);
+    for (int i = 0; i < 16; i++)
+        if (!(i & 8)) {
+            v16 a = r[i], b = r[i + 8];
+            r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+            r[i + 8] = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        }
+    for (int i = 0; i < 16; i++)
+        if (!(i & 4)) {
+            v16 a = r[i], b = r[i + 4];
+            r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+            r[i + 4] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+        }
+    for (int i = 0; i < 16; i++)
+        if (!(i & 2)) {
+            v16 a = r[i], b = r[i + 2];
+            r[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+            r[i + 2] = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+        }
+    for (int i = 0; i < 16; i++)
+        if (!(i & 1)) {
+            v16 a = r[i], b = r[i + 1];
+            r[i] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+            r[i + 1] = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+        }
+    for (int i = 0; i < 16; i++) memcpy(dst + i * dst_stride, &r[i], sizeof r[i]);
+}
+
+/* dst[c, t] = src[t, c] for the columns c in [c0, c1) and all tokens, zeros for t in [tokens,
+ * width). src: tokens x cols, row-major; dst: rows of width floats. Token blocks outside: the
+ * 16 source rows of a block are read in order (no 4 KB-strided column walk). */
+void shirakit_transpose_f32(const float *src, long tokens, long cols, float *dst, long width,
+                            long c0, long c1) {
+    long full_t = tokens / 16 * 16, full_c = c0 + (c1 - c0) / 16 * 16;
+    for (long c = c0; c < c1; c++) memset(dst + c * width + tokens, 0, (width - tokens) * sizeof(float));
+    for (long t = 0; t < full_t; t += 16)
+        for (long c = c0; c < full_c; c += 16) transpose16(src + t * cols + c, cols, dst + c * width + t, width);
+    for (long c = full_c; c < c1; c++)
+        for (long t = 0; t < full_t; t++) dst[c * width + t] = src[t * cols + c];
+    for (long c = c0; c < c1; c++)
+        for (long t = full_t; t < tokens; t++) dst[c * width + t] = src[t * cols + c];
+}

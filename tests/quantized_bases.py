@@ -1,0 +1,61 @@
+"""What the quantized-base tests share: a two-layer MLP (quantized, and its fp32 reference holding
+the dequantized weights), the four methods' configs, SGD steps, and the adapter comparison.
+
+Tolerance 1e-5 absolute: fp32 rounding of products of ~1e-1 values over 64-128 terms (every
+library here dequantizes to fp32 before its product, or scales an fp32 product by row)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import shirakit
+
+TOL = 1e-5
+CONFIGS = {
+    "shira": lambda: shirakit.ShiraConfig(r=4, target_modules=["0", "2"], random_seed=1, init_weights=False),
+    "lora": lambda: shirakit.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False),
+    "vera": lambda: shirakit.VeraConfig(r=8, target_modules=["0", "2"], init_weights=False),
+    "miss": lambda: shirakit.MissConfig(r=8, target_modules=["0", "2"], init_weights=False),
+}
+
+
+class MLP(nn.Module):
+    """Layers "0" and "2" as in a Sequential, but a forward of its own (VeRA adds a shared-store
+    submodule to the model, which a Sequential would call as a layer)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return getattr(self, str(i))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[2](self[1](self[0](x)))
+
+
+def dense_mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP([nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)])
+
+
+def inject(model: nn.Module, config: shirakit.AdapterConfig, name: str = "default") -> None:
+    torch.manual_seed(5)  # the adapter's random draws: the same in the quantized and the reference model
+    shirakit.inject(model, config, name)
+
+
+def train(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def assert_adapters_close(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = shirakit.adapter_state_dict(a), shirakit.adapter_state_dict(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=0, atol=TOL, msg=lambda m, k=key: f"{k}: {m}")
