@@ -140,3 +140,20 @@ def test_kernel_reads_only_the_adapters_of_the_call_and_refits_stale_ones(monkey
     layer.adapters["a3"].set_scale(2.5)  # a used adapter changed: laid out again
     together, reference = both()
     assert torch.equal(together, reference) and grouped._ARENAS[layer] is not arena
+
+
+def test_quad_layout_is_a_permutation_keeping_each_rows_column_order():
+    """The kernel's layout (grouped._quad_order): quads of rows keep their CSR span, the first
+    `common` values of their 4 rows interleaved, then each row's rest; the last m % 4 rows as CSR.
+    Rows of any length, empty ones included."""
+    lengths = np.array([3, 5, 0, 2, 4, 4, 6, 4, 1, 7, 2])  # 2 quads (one with an empty row) + 3 rows
+    crow = np.concatenate([[0], np.cumsum(lengths)])
+    order = grouped._quad_order(crow)
+    assert sorted(order.tolist()) == list(range(crow[-1]))
+    expected = []
+    for q in range(0, 8, 4):
+        common = min(lengths[q : q + 4])
+        expected += [crow[r] + j for j in range(common) for r in range(q, q + 4)]
+        expected += [k for r in range(q, q + 4) for k in range(crow[r] + common, crow[r + 1])]
+    expected += list(range(crow[8], crow[-1]))
+    assert order.tolist() == expected

@@ -54,7 +54,8 @@ class Routing:
             rows: dict[str, list[int]] = {}
             for row in range(batch):
                 rows.setdefault(self.names[row // repeat], []).append(row)
-            self._groups[key] = [(n, torch.tensor(r, device=device)) for n, r in rows.items()]
+            with torch.inference_mode(False):  # ordinary tensors: their version counters key caches per step
+                self._groups[key] = [(n, torch.tensor(r, device=device)) for n, r in rows.items()]
         return self._groups[key]
 
 

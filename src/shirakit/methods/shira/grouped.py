@@ -16,13 +16,15 @@ Layout for few tokens per adapter (decoding: 16 rows over 4 adapters is 4 tokens
 kernel takes an adapter's tokens in blocks of 8 (the last <= 4 in a block of 4), transposes the
 block's x to (n, W), and walks the adapter's CSR once per block: each value v_k at column j_k
 does one W-wide ``acc += v_k * xt[j_k, :]`` from a contiguous slice, in a vector register
-(:mod:`.vector_ops`), two output rows at a time (two independent add chains). So the values and
-column indices stream once per block instead of once per token, and each read feeds W
-multiply-adds. Measured on one 512 x 1376 layer, 4 adapters x 4 tokens, fp32, 1 thread: 0.13-0.15
-ns per multiply-add with the arrays in cache (the previous kernel, one token at a time with a
-scalar gather: 1.15-1.25), ~0.2-0.35 with them streamed from memory, as in a model's step.
+(:mod:`.vector_ops`), four output rows at a time (four independent add chains over one run of
+values: the rows' first values are stored interleaved by quads of rows, :func:`_quad_order`). So
+the values and column indices stream once per block instead of once per token, and each read
+feeds W multiply-adds. Measured on one 512 x 1376 layer, 4 adapters x 4 tokens, fp32, 1 thread:
+0.12-0.15 ns per multiply-add with the arrays in cache (the previous kernel, one token at a time
+with a scalar gather: 1.15-1.25), ~0.18-0.25 with them streamed from memory, as in a model's step
+(quads instead of row pairs: 6-11% less; in a 512-wide model's decode step 2.00 -> 1.96 ms).
 
-Each lane's sum runs in CSR order from +0.0 and multiplies each value (already times its scale)
+Each lane's sum runs in column order from +0.0 and multiplies each value (already times its scale)
 by x without a fused multiply-add, then adds the sum to y: what the per-group sparse product
 does, so the results are bit-identical to it. The arrays are laid out again when an adapter of
 a call is not in them or has changed (its values' and indices' storage and version, and its scale,
@@ -68,30 +70,54 @@ def _kernel():
                 xt[j * w + t] = x[tok[t0 + t], j] if t < tw else 0
 
     @numba.njit(**options)
+    def add_pair(col, vals, xt, k1, e1, k2, e2, acc1, acc2):  # pragma: no cover - numba
+        # two rows' sums continued over their values [k1, e1) and [k2, e2): side by side (two
+        # independent chains) while both have values, then each alone
+        both = min(e1 - k1, e2 - k2)
+        for j in range(both):
+            acc1 = step(acc1, xt, col, vals, k1 + j)
+            acc2 = step(acc2, xt, col, vals, k2 + j)
+        for k in range(k1 + both, e1):
+            acc1 = step(acc1, xt, col, vals, k)
+        for k in range(k2 + both, e2):
+            acc2 = step(acc2, xt, col, vals, k)
+        return acc1, acc2
+
+    @numba.njit(**options)
     def add_block(crow, col, vals, c0, n0, xt, tok, t0, tw, y, zero):  # pragma: no cover - numba
-        # y[tok[t0 + t], i] += sum over row i of the adapter's CSR of v_k * x[tok[t0 + t], j_k] for
-        # t < tw, all W tokens in one vector (zero's width); in CSR order, one chain per lane, two
-        # rows at a time (two independent chains: the loop is bound by the add's latency)
+        # y[tok[t0 + t], i] += sum over row i of the adapter's S of v_k * x[tok[t0 + t], j_k] for
+        # t < tw, all W tokens in one vector (zero's width), each row's values in column order.
+        # Rows by quads (laid out by _quad_order): the first `common` values of the 4 rows
+        # interleaved, 4 independent chains, then each row's remaining values
         m = y.shape[1]
-        i = 0
-        while i < m:
-            pair = i + 1 < m
-            k1, e1 = n0 + crow[c0 + i], n0 + crow[c0 + i + 1]
-            e2 = n0 + crow[c0 + i + 2] if pair else e1
-            acc1, acc2 = zero, zero
-            both = min(e1 - k1, e2 - e1)
-            for j in range(both):
-                acc1 = step(acc1, xt, col, vals, k1 + j)
-                acc2 = step(acc2, xt, col, vals, e1 + j)
-            for k in range(k1 + both, e1):
-                acc1 = step(acc1, xt, col, vals, k)
-            for k in range(e1 + both, e2):
-                acc2 = step(acc2, xt, col, vals, k)
+        full = m - m % 4
+        for q in range(0, full, 4):
+            r0, r1, r2, r3, r4 = crow[c0 + q], crow[c0 + q + 1], crow[c0 + q + 2], crow[c0 + q + 3], crow[c0 + q + 4]
+            common = min(min(r1 - r0, r2 - r1), min(r3 - r2, r4 - r3))
+            a0, a1, a2, a3 = zero, zero, zero, zero
+            k = n0 + r0
+            for _ in range(common):
+                a0 = step(a0, xt, col, vals, k)
+                a1 = step(a1, xt, col, vals, k + 1)
+                a2 = step(a2, xt, col, vals, k + 2)
+                a3 = step(a3, xt, col, vals, k + 3)
+                k += 4
+            e0 = k + r1 - r0 - common
+            e1 = e0 + r2 - r1 - common
+            e2 = e1 + r3 - r2 - common
+            a0, a1 = add_pair(col, vals, xt, k, e0, e0, e1, a0, a1)
+            a2, a3 = add_pair(col, vals, xt, e1, e2, e2, e2 + r4 - r3 - common, a2, a3)
             for t in range(tw):
-                y[tok[t0 + t], i] += lane(acc1, t)
-                if pair:
-                    y[tok[t0 + t], i + 1] += lane(acc2, t)
-            i += 2
+                r = tok[t0 + t]
+                y[r, q] += lane(a0, t)
+                y[r, q + 1] += lane(a1, t)
+                y[r, q + 2] += lane(a2, t)
+                y[r, q + 3] += lane(a3, t)
+        for i in range(full, m):  # the last m % 4 rows: as in CSR
+            k, e = n0 + crow[c0 + i], n0 + crow[c0 + i + 1]
+            acc, _ = add_pair(col, vals, xt, k, e, e, e, zero, zero)
+            for t in range(tw):
+                y[tok[t0 + t], i] += lane(acc, t)
 
     @numba.njit(**options)
     def add_rows(crow, col, vals, crow_start, nnz_start, which, tokens, x, y):  # pragma: no cover - numba
@@ -139,14 +165,24 @@ class _Arena:
     """A layer's SHiRA adapters' CSR arrays laid end to end, and where each one starts."""
 
     dtype: torch.dtype
-    adapters: tuple  # held, so no other object can take an id (or a tensor address) in ``stamps``
+    adapters: tuple  # held, so no other object can take an id in ``stamps``
+    sources: tuple  # their values and indices as laid out, held: no new tensor can take their addresses
     stamps: dict[int, tuple]  # id(adapter) -> its _stamp when laid out
     position: dict[int, int]  # id(adapter) -> its index in the arrays below
     crow: np.ndarray
-    col: np.ndarray
+    col: np.ndarray  # in the kernel's order (_quad_order), as vals
     vals: np.ndarray  # each adapter's values times its scale, as the per-group sparse product takes them
     crow_start: np.ndarray
     nnz_start: np.ndarray
+
+    def holds_current(self, groups: list) -> bool:
+        """Are the groups' adapters all laid out here, unchanged since? (a plain loop: it runs for
+        every layer of every step, on objects a step's dense products have evicted from cache)"""
+        stamps = self.stamps
+        for adapter, _ in groups:
+            if stamps.get(id(adapter)) != _stamp(adapter):
+                return False
+        return True
 
 
 # layer -> its arena, laid out again when an adapter of a call is not in it or has changed since
@@ -154,6 +190,38 @@ class _Arena:
 # can come and go without gathering every adapter's arrays again on every layer of every step.
 # Only the adapters a call uses are checked: with many adapters loaded, a step pays for its own.
 _ARENAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# (batch, (id(rows), rows._version, arena position) per group) -> (which, the row tensors): every
+# layer of a step gets the same row tensors (the route's, cached) and, as a rule, the same
+# positions, so the per-row adapter index is built once per step, not once per layer. The row
+# tensors are held, so their ids stay unique; an in-place write changes the version, so the key.
+_WHICH: dict[tuple, tuple[np.ndarray, list]] = {}
+_WHICH_KEPT = 64
+
+
+def _quad_order(crow: np.ndarray) -> np.ndarray:
+    """The kernel's order of one adapter's CSR values (``crow``: m + 1 row offsets): position p of
+    the layout holds CSR value ``order[p]``. Rows go by quads (4i .. 4i + 3); a quad keeps its CSR
+    span but stores the first ``common`` (its shortest row's length) values of its 4 rows
+    interleaved -- row 0's j-th, row 1's j-th, row 2's, row 3's, then the (j + 1)-th -- and then each
+    row's remaining values in turn (sliced ELLPACK with slices of 4 rows, Kreutzer et al. 2014,
+    arXiv 1307.6209, the remainders kept as CSR). The kernel streams one run of values for 4
+    independent sums; each row's values stay in column order. The last m % 4 rows stay as in CSR."""
+    m = crow.size - 1
+    lengths = np.diff(crow)
+    common = np.zeros(m, np.int64)
+    full = m - m % 4
+    common[:full] = np.repeat(lengths[:full].reshape(-1, 4).min(axis=1), 4)
+    row = np.repeat(np.arange(m), lengths)
+    first = row - row % 4  # each value's quad's first row
+    j = np.arange(crow[-1]) - crow[row]  # its place in its row
+    rest = lengths - common
+    rest_before = np.cumsum(rest) - rest  # remaining values of earlier rows, from row 0
+    in_rest = crow[first] + 4 * common[row] + rest_before[row] - rest_before[first] + j - common[row]
+    new = np.where(j < common[row], crow[first] + 4 * j + row % 4, in_rest)
+    order = np.empty_like(new)
+    order[new] = np.arange(new.size)
+    return order
 
 
 def _narrow(cols: np.ndarray) -> np.ndarray:
@@ -164,9 +232,11 @@ def _narrow(cols: np.ndarray) -> np.ndarray:
 
 def _stamp(adapter) -> tuple:
     # the module's dicts, not its attributes: this runs for every group of every layer of every
-    # step, and Module.__getattr__ costs a microsecond a lookup
+    # step, and Module.__getattr__ costs a microsecond a lookup. Addresses and versions suffice:
+    # the arena holds the tensors it was laid out from (``sources``), so no tensor of another
+    # dtype or device can take the same address while it could match
     w, idx = adapter._parameters["shira_weight"], adapter._buffers["shira_indices"]
-    return (w.data_ptr(), w._version, w.dtype, w.is_cpu, idx.data_ptr(), idx._version, adapter.scale)
+    return (w.data_ptr(), w._version, idx.data_ptr(), idx._version, adapter.scale)
 
 
 def _fits(adapter, dtype: torch.dtype) -> bool:
@@ -174,24 +244,46 @@ def _fits(adapter, dtype: torch.dtype) -> bool:
     return w.dtype == dtype and w.is_cpu and adapter.shira_indices.is_cpu
 
 
-def _arena(layer, kind: type, dtype: torch.dtype, used: list) -> _Arena | None:
-    """The layer's arena holding ``used`` (adapters) current, laid out again if needed; None when
+def _arena(layer, kind: type, dtype: torch.dtype, groups: list) -> _Arena | None:
+    """The layer's arena holding the groups' adapters current, laid out again if needed; None when
     one of them cannot go in (another dtype, not on CPU)."""
     arena = _ARENAS.get(layer)
-    if arena is not None and arena.dtype == dtype and all(arena.stamps.get(id(a)) == _stamp(a) for a in used):
+    if arena is not None and arena.dtype == dtype and arena.holds_current(groups):
         return arena
-    if not all(_fits(a, dtype) for a in used):
+    if not all(_fits(a, dtype) for a, _ in groups):
         return None
     adapters = [a for a in layer.adapters.values() if isinstance(a, kind) and _fits(a, dtype)]
     crows, cols = zip(*(a.pattern().csr_int32() for a in adapters))
     crow_start = np.cumsum([0] + [c.numel() for c in crows[:-1]], dtype=np.int64)
     nnz_start = np.cumsum([0] + [c.numel() for c in cols[:-1]], dtype=np.int64)
-    values = torch.cat([a.shira_weight.detach() * a.scale for a in adapters])
-    arena = _Arena(dtype, tuple(adapters), {id(a): _stamp(a) for a in adapters},
+    order = np.concatenate([_quad_order(c.numpy()) + start for c, start in zip(crows, nnz_start)])
+    values = torch.cat([a.shira_weight.detach() * a.scale for a in adapters]).numpy()[order]
+    sources = tuple((a.shira_weight.detach(), a.shira_indices) for a in adapters)
+    arena = _Arena(dtype, tuple(adapters), sources, {id(a): _stamp(a) for a in adapters},
                    {id(a): i for i, a in enumerate(adapters)}, torch.cat(crows).numpy(),
-                   _narrow(torch.cat(cols).numpy()), values.numpy(), crow_start, nnz_start)
+                   _narrow(torch.cat(cols).numpy()[order]), values, crow_start, nnz_start)
     _ARENAS[layer] = arena
     return arena
+
+
+def _which(arena: _Arena, groups: list, batch: int) -> np.ndarray:
+    """int32 per batch row: its adapter's index in the arena, -1 for none (see ``_WHICH``)."""
+    position = arena.position
+    try:
+        key = (batch, *[(id(rows), rows._version, position[id(adapter)]) for adapter, rows in groups])
+    except RuntimeError:  # an inference tensor has no version counter: not kept (the route's have one)
+        key = None
+    kept = _WHICH.get(key)
+    if kept is not None:
+        return kept[0]
+    which = np.full(batch, -1, dtype=np.int32)
+    for adapter, rows in groups:
+        which[rows.numpy()] = position[id(adapter)]
+    if key is not None:
+        if len(_WHICH) >= _WHICH_KEPT:
+            _WHICH.clear()
+        _WHICH[key] = (which, [rows for _, rows in groups])
+    return which
 
 
 def can_group(y: torch.Tensor, x: torch.Tensor) -> bool:
@@ -207,15 +299,12 @@ def add_grouped(layer, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[obje
     """``y[rows] += adapter's delta of x[rows]`` for every (SHiRA adapter of ``layer``, row indices)
     group, in place, one kernel call (groups' rows are disjoint; rows in no group are untouched).
     False, and nothing done, when an adapter cannot take part (another dtype or device)."""
-    arena = _arena(layer, kind, y.dtype, [adapter for adapter, _ in groups])
+    arena = _arena(layer, kind, y.dtype, groups)
     if arena is None:
         return False
     batch = x.shape[0]
-    which = np.full(batch, -1, dtype=np.int32)
-    for adapter, rows in groups:
-        which[rows.numpy()] = arena.position[id(adapter)]
+    which = _which(arena, groups, batch)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y2 = y.view(-1, y.shape[-1])
     _kernel()(arena.crow, arena.col, arena.vals, arena.crow_start, arena.nnz_start, which,
-              x2.shape[0] // batch, x2.numpy(), y2.numpy())
+              x2.shape[0] // batch, x2.numpy(), y.view(-1, y.shape[-1]).numpy())
     return True
