@@ -6,10 +6,14 @@ library here dequantizes to fp32 before its product, or scales an fp32 product b
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from torch import nn
 
 import shirakit
+import shirakit.layer
 
 TOL = 1e-5
 CONFIGS = {
@@ -59,3 +63,48 @@ def assert_adapters_close(a: nn.Module, b: nn.Module) -> None:
     assert sa.keys() == sb.keys()
     for key in sa:
         torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=0, atol=TOL, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def spy_dense_copies(monkeypatch) -> list[weakref.ref]:
+    """Every dense copy the layers dequantize from now on, as weak references (a live one is being kept)."""
+    made: list[weakref.ref] = []
+    real = shirakit.layer.dequantizer
+
+    def spying(layer, x):
+        found = real(layer, x)
+        if found is None:
+            return None
+
+        def weight():
+            dense = found.weight()
+            made.append(weakref.ref(dense))
+            return dense
+
+        return found._replace(weight=weight)
+
+    monkeypatch.setattr(shirakit.layer, "dequantizer", spying)
+    return made
+
+
+def train_keeping_no_copy(model: nn.Module, x: torch.Tensor, copies: list[weakref.ref], steps: int = 5) -> list[int]:
+    """SGD steps as :func:`train`, checking that no dequantized copy (``copies``, from
+    :func:`spy_dense_copies`) is alive between forward and backward or after a step; returns the
+    element count of every floating-point tensor autograd saved for a backward."""
+    saved_numels: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved_numels.append(t.numel() if t.is_floating_point() else 0)
+        return t
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x).pow(2).mean()
+        gc.collect()
+        assert all(ref() is None for ref in copies), "a dequantized copy is kept for the backward"
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        gc.collect()
+        assert all(ref() is None for ref in copies), "a dequantized copy outlived its step"
+    return saved_numels

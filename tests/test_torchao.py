@@ -11,16 +11,22 @@ input too (``Int8DynamicActivation*``) give the input no gradient: training over
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import pytest
 import torch
 from torch import nn
 
 import shirakit
 import shirakit.layer
-from tests.quantized_bases import CONFIGS, TOL, assert_adapters_close, dense_mlp, inject, train
+from tests.quantized_bases import (
+    CONFIGS,
+    TOL,
+    assert_adapters_close,
+    dense_mlp,
+    inject,
+    spy_dense_copies,
+    train,
+    train_keeping_no_copy,
+)
 
 torchao = pytest.importorskip("torchao")
 from torchao import quantization as ao  # noqa: E402
@@ -107,23 +113,7 @@ def test_adapter_over_torchao_trains_like_the_dequantized_reference(kind, method
 @pytest.fixture
 def dense_copies(monkeypatch):
     """Every dense copy SHiRA's copy path dequantizes, as weak references (a live one is being kept)."""
-    made: list[weakref.ref] = []
-    real = shirakit.layer.dequantizer
-
-    def spying(layer, x):
-        found = real(layer, x)
-        if found is None:
-            return None
-
-        def weight():
-            dense = found.weight()
-            made.append(weakref.ref(dense))
-            return dense
-
-        return found._replace(weight=weight)
-
-    monkeypatch.setattr(shirakit.layer, "dequantizer", spying)
-    return made
+    return spy_dense_copies(monkeypatch)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -136,23 +126,7 @@ def test_shira_writes_into_the_dequantized_copy_and_keeps_none(kind, dense_copie
     for model in (quant, dense):
         inject(model, CONFIGS["shira"]())
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
-    saved_numels: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved_numels.append(t.numel() if t.is_floating_point() else 0)
-        return t
-
-    opt = torch.optim.SGD([p for p in quant.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(5):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = quant(x).pow(2).mean()
-        gc.collect()
-        assert all(ref() is None for ref in dense_copies), "a dequantized copy is kept for the backward"
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    gc.collect()
-    assert all(ref() is None for ref in dense_copies), "a dequantized copy outlived its step"
+    saved_numels = train_keeping_no_copy(quant, x, dense_copies)
     assert len(dense_copies) == 5 * 3
     assert max(saved_numels) < 64 * 128 // 4
     train(dense, x, steps=5)
