@@ -64,7 +64,8 @@ def _reference(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 7, 16, 33, 128, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_dense_reference(tokens, dtype, threads, kernels):
+def test_kernel_matches_dense_reference(tokens, dtype, threads, kernels, monkeypatch):
+    monkeypatch.setattr(cpu_sddmm, "_MACS_PER_EXTRA_THREAD", 1)  # these small calls take torch's threads too
     m, n, k = 45, 29, 200
     rows, cols = _positions(m, n, k, seed=tokens, empty_rows=True)
     gen = torch.Generator().manual_seed(tokens)
@@ -79,6 +80,17 @@ def test_kernel_matches_dense_reference(tokens, dtype, threads, kernels):
     assert got.dtype == torch.float32 and got.shape == (k,)
     # the inputs are exact in fp32, so the only error is fp32 accumulation over `tokens` terms
     torch.testing.assert_close(got.double(), _reference(g, x, rows, cols), atol=1e-4 * tokens ** 0.5, rtol=1e-5)
+
+
+def test_default_threads_stay_on_the_caller_for_small_calls_and_spread_big_ones(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    per_thread = cpu_sddmm._MACS_PER_EXTRA_THREAD
+    assert cpu_sddmm._default_threads(0) == 1
+    assert cpu_sddmm._default_threads(per_thread - 1) == 1
+    assert cpu_sddmm._default_threads(per_thread) == 2
+    assert cpu_sddmm._default_threads(100 * per_thread) == 4  # never more than torch's
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert cpu_sddmm._default_threads(100 * per_thread) == 1
 
 
 def test_kernel_matches_sampled_addmm_on_a_llama_sized_layer():

@@ -84,6 +84,13 @@ _PAD = 16  # a row holds T rounded up to this many floats (one AVX-512 vector)
 _TILED_MAX_COLUMNS = 2048
 _INDEX_TYPES = ("int64", "int32")  # position indices the kernel is compiled for (int32: half the bytes)
 _TASKS_PER_THREAD = 3  # enough for a free worker to take over a slow one's share, few enough to dispatch
+# By default a call takes one more worker per this many multiply-adds (K x T), so every call of the
+# benchmark models (at most 31 M: 1024 x 2816, r = 16, T = 512, about 1.6 ms) runs on the calling
+# thread alone. Why: in a backward, torch's OpenMP workers spin for a while after each product and
+# take the cores the pool would use; measured in the 2-thread step (interleaved A/B, heavy lock,
+# 2026-11-28): 576 x 1536 196 -> 190 ms per step; the 14 calls of the 1024 x 2816 step took 39 ms
+# with the pool and 31 ms on the caller. Bigger calls (wide layers, long batches) still spread out.
+_MACS_PER_EXTRA_THREAD = 64 * 2**20
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
@@ -287,6 +294,11 @@ def forget_inputs() -> None:
     _scratch.inputs = []
 
 
+def _default_threads(macs: int) -> int:
+    """torch's thread count, capped at one thread per ``_MACS_PER_EXTRA_THREAD`` of work."""
+    return max(1, min(torch.get_num_threads(), 1 + macs // _MACS_PER_EXTRA_THREAD))
+
+
 def value_grad(
     grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, threads: int | None = None
 ) -> torch.Tensor:
@@ -294,7 +306,9 @@ def value_grad(
 
     ``rows``/``cols``: both int64 or both int32, contiguous, on CPU, sorted row-major (so equal rows
     are adjacent; any order is correct, sorted is fast). ``threads``: default
-    ``torch.get_num_threads()``. Callers check :func:`usable` first.
+    ``torch.get_num_threads()``, but one per ``_MACS_PER_EXTRA_THREAD`` multiply-adds at most (the
+    calling thread alone for small calls, see there); given, it is used as is. Callers check
+    :func:`usable` first.
     """
     if rows.dtype != cols.dtype or rows.dtype not in (torch.int64, torch.int32) or rows.shape != cols.shape:
         raise TypeError(f"value_grad takes rows and cols of one shape, both int64 or both int32; found "
@@ -307,7 +321,7 @@ def value_grad(
         return out
     if g2.shape[0] == 0:
         return out.zero_()
-    threads = threads or torch.get_num_threads()
+    threads = threads or _default_threads(count * g2.shape[0])
     g_rows = _columns_as_rows(g2, threads, slot="grad")
     x_rows = _input_rows(x2, threads)
     native = native_sddmm.kernels()
