@@ -178,8 +178,12 @@ def worker(args: argparse.Namespace) -> None:
     with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on
         f.write("5")
     before = proc_kib("VmRSS")
-    with LiveTensorBytes() if args.track_tensors else contextlib.nullcontext() as tracker:
+    tracked = LiveTensorBytes(record=args.breakdown is not None) if args.track_tensors else contextlib.nullcontext()
+    with tracked as tracker:
         times = train(args, batch)
+    if args.breakdown is not None:  # this rank's storages alive at its peak, by label
+        args.breakdown.with_name(f"{args.breakdown.name}.rank{rank}").write_text(
+            json.dumps([[list(label), size] for label, size in tracker.at_peak.items()]))
     result = {"step_s": statistics.median(times[args.warmup:]), "peak_kib": proc_kib("VmHWM") - before}
     if tracker is not None:  # the highest total of live tensor bytes it saw (torch's own accounting)
         result["tensor_peak_kib"] = tracker.peak // 1024
@@ -367,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write-docs", type=Path)
     parser.add_argument("--track-tensors", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
