@@ -297,7 +297,10 @@ def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dic
         return statistics.median(run[setting, method][key] for run in runs)
 
     def ratio(num: tuple[str, str], den: tuple[str, str], key: str) -> str:
-        return f"{statistics.median(run[num][key] / run[den][key] for run in runs):.2f}"
+        """The median of the within-repeat ratios, and their range when there are several."""
+        ratios = [run[num][key] / run[den][key] for run in runs]
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        return f"{statistics.median(ratios):.2f}{spread}"
 
     rows = []
     for setting in args.settings:
@@ -324,7 +327,8 @@ def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dic
         "## Train step on a sharded (FSDP2) and a quantized (NF4) base" if args.settings == DEFAULT_SETTINGS else
         f"## Train step, settings {', '.join(args.settings)}, {args.layers} layers", "",
         f"- Date: {facts['date']}", f"- Machine: {facts['machine']}", f"- Software: {facts['software']}",
-        f"- Command: `{command}`", f"- Repeats: {args.repeats} (medians; ratios within a repeat, then the median)",
+        f"- Command: `{command}`",
+        f"- Repeats: {args.repeats} (medians; ratios within a repeat, then the median and, in brackets, the range)",
         f"- Model: Llama-shaped, hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, vocab "
         f"{args.vocab}; the 7 projections adapted, r={args.adapter_rank}; global batch 2 x {args.seq} tokens; SGD; "
         f"{args.steps} timed steps after {args.warmup} warm-up",
