@@ -15,7 +15,9 @@ and with ``time.process_time`` (CPU time of all the process's threads). After ``
 untimed steps come ``--steps`` timed ones; the table gives their median wall time, min and max,
 and the median CPU time. Rows: shirakit LoRA, shirakit LoRA with lora_dropout=0.05 (a common real
 config; dropout keeps an extra copy of each adapted layer's input for the backward), shirakit
-SHiRA, and the same three with PEFT (``peft.get_peft_model``). Every row runs in a fresh Python
+SHiRA (random mask, PEFT's default), shirakit SHiRA with the paper's struct mask (its value
+gradient by dense products, ``methods/shira/struct_grad.py``), and LoRA, LoRA with dropout and
+SHiRA with PEFT (``peft.get_peft_model``). Every row runs in a fresh Python
 process (``--worker ROW``, which prints one JSON line) so that no row sees another's memory, and
 each worker imports only the library it measures. ``--rounds N`` runs every worker N times (the
 order rotated each round) and pools the timed steps.
@@ -93,7 +95,7 @@ SIZES = {
     "576x1536": (576, 1536, 9, 3),
     "128x352": (128, 352, 4, 4),  # --quick
 }
-DEFAULT_ROWS = ["frozen", "shirakit-lora", "shirakit-shira"]
+DEFAULT_ROWS = ["frozen", "shirakit-lora", "shirakit-shira", "shirakit-shira-struct"]
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,14 @@ class Row:
     library: str  # "shirakit" or "peft"
     method: str  # "lora", "shira", "vera", "miss" (balance) or "miss-bat"
     with_dropout: bool = False  # LoRA with lora_dropout = --dropout (else 0)
+    mask: str = "random"  # SHiRA's mask_type
 
     def label(self, args: argparse.Namespace) -> str:
         if self.method == "frozen":
             return "frozen base (no adapter)"
         names = {"lora": "LoRA", "shira": "SHiRA", "vera": f"VeRA r={VERA_R}", "miss": f"MiSS r={MISS_R}",
                  "miss-bat": f"MiSS-bat r={MISS_R}"}
-        name = f"{self.library} {names[self.method]}"
+        name = f"{self.library} {names[self.method]}" + (f" ({self.mask} mask)" if self.mask != "random" else "")
         return f"{name}, dropout {args.dropout:g}" if self.with_dropout else name
 
 
@@ -116,6 +119,7 @@ ROWS = {
     "shirakit-lora": Row("shirakit", "lora"),
     "shirakit-lora-dropout": Row("shirakit", "lora", with_dropout=True),
     "shirakit-shira": Row("shirakit", "shira"),
+    "shirakit-shira-struct": Row("shirakit", "shira", mask="struct"),
     "peft-lora": Row("peft", "lora"),
     "peft-lora-dropout": Row("peft", "lora", with_dropout=True),
     "peft-shira": Row("peft", "shira"),
@@ -209,8 +213,9 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return LlamaForCausalLM(config).to(torch.float32)
 
 
-def add_adapter(model: torch.nn.Module, library: str, method: str, dropout: float, args) -> torch.nn.Module:
-    """The adapter of ``method`` on TARGETS, by ``library``; returns the model to train."""
+def add_adapter(model: torch.nn.Module, library: str, method: str, dropout: float, args,
+                mask: str = "random") -> torch.nn.Module:
+    """The adapter of ``method`` on TARGETS, by ``library`` (SHiRA with ``mask``); returns the model to train."""
     if method == "frozen":  # the floor: every weight frozen, only the input gradient flows back
         model.requires_grad_(False)
         model.enable_input_require_grads()
@@ -226,7 +231,8 @@ def add_adapter(model: torch.nn.Module, library: str, method: str, dropout: floa
     miss_r = MISS_R if args.hidden % MISS_R == 0 and args.intermediate % MISS_R == 0 else 8
     config = {
         "lora": lambda: lib.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=TARGETS),
-        "shira": lambda: lib.ShiraConfig(r=args.r, target_modules=TARGETS, random_seed=args.seed),
+        "shira": lambda: lib.ShiraConfig(r=args.r, target_modules=TARGETS, random_seed=args.seed,
+                                         **({"mask_type": mask} if mask != "random" else {})),
         "vera": lambda: lib.VeraConfig(r=vera_r, target_modules=TARGETS),
         "miss": lambda: lib.MissConfig(r=miss_r, target_modules=TARGETS),
         "miss-bat": lambda: lib.MissConfig(r=miss_r, target_modules=TARGETS, init_weights="bat"),
@@ -248,7 +254,7 @@ def train_worker(args: argparse.Namespace) -> None:
     row = ROWS[args.worker]
     torch.set_num_threads(args.threads[0])
     dropout = args.dropout if row.with_dropout else 0.0
-    model = add_adapter(build_model(args), row.library, row.method, dropout, args)
+    model = add_adapter(build_model(args), row.library, row.method, dropout, args, row.mask)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # the frozen base has nothing to step
@@ -421,7 +427,8 @@ def train_section(results: dict[str, list[dict]], args: argparse.Namespace) -> s
                  "peak RSS (MiB)", "RSS before (MiB)", "overhead (MiB)", "load avg"], rows)
     pairs = [
         ("shirakit-shira", "shirakit-lora"), ("shirakit-shira", "frozen"), ("shirakit-lora", "frozen"),
-        ("shirakit-shira", "shirakit-lora-dropout"),
+        ("shirakit-shira-struct", "shirakit-lora"), ("shirakit-shira-struct", "frozen"),
+        ("shirakit-shira-struct", "shirakit-shira"), ("shirakit-shira", "shirakit-lora-dropout"),
         ("peft-shira", "peft-lora"), ("peft-shira", "peft-lora-dropout"),
         ("shirakit-lora", "peft-lora"), ("shirakit-lora-dropout", "peft-lora-dropout"),
         ("shirakit-shira", "peft-shira"),
@@ -477,14 +484,15 @@ def targets_section(results: dict) -> str:
     for (size, threads), (train, _) in results.items():
         stats = {key: train_stats(runs) for key, runs in train.items()}
         cells = []
-        for a, b in (("shirakit-shira", "shirakit-lora"), ("shirakit-shira", "frozen"), ("shirakit-lora", "frozen")):
+        for a, b in (("shirakit-shira", "shirakit-lora"), ("shirakit-shira", "frozen"), ("shirakit-shira-struct",
+                     "shirakit-lora"), ("shirakit-shira-struct", "frozen"), ("shirakit-lora", "frozen")):
             ok = a in stats and b in stats
             cells.append(f"{ratio(stats[a]['wall'], stats[b]['wall'])} (CPU {ratio(stats[a]['cpu'], stats[b]['cpu'])})"
                          if ok else "n/a")
         load = statistics.mean(s["loadavg"] for s in stats.values()) if stats else float("nan")
         rows.append([size.replace("x", " x "), str(threads), *cells, f"{load:.1f}"])
     return table(["layers", "threads", "SHiRA / LoRA (target <= 0.95)", "SHiRA / frozen (target <= 1.08)",
-                  "LoRA / frozen", "load avg"], rows)
+                  "SHiRA struct / LoRA", "SHiRA struct / frozen", "LoRA / frozen", "load avg"], rows)
 
 
 def report(args: argparse.Namespace, facts: dict[str, str], results: dict, command: str) -> str:

@@ -9,6 +9,8 @@ originals kept aside), so the forward is the plain product ``y = x W^T + b``. Th
 The second is a sampled dense-dense product (SDDMM), K*T multiply-adds. On CPU it runs in
 :mod:`shirakit.methods.shira.cpu_sddmm` (numba, every core); elsewhere, on fp64, or without numba,
 ``torch.sparse.sampled_addmm`` on a fixed CSR pattern computes the same K dots (cuSPARSE on CUDA).
+Masks made of whole rows, columns and the diagonal (SHiRA-Struct) take dense products on CPU
+instead (:mod:`shirakit.methods.shira.struct_grad`, found from the positions once per pattern).
 Known limits of torch 2.13's ``sampled_addmm`` on CPU that shaped this file:
 - with int32 CSR indices it returns wrong values: its call converts the (int32) columns to int64
   for that call only (a transient K-long copy; the numba kernel reads the int32 ones as they are).
@@ -17,11 +19,12 @@ Known limits of torch 2.13's ``sampled_addmm`` on CPU that shaped this file:
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 
-from . import cpu_sddmm
+from . import cpu_sddmm, struct_grad
 
 
 class SparsePattern:
@@ -47,6 +50,7 @@ class SparsePattern:
         self._csr: torch.Tensor | None = None
         self._csr_int32: tuple[torch.Tensor, torch.Tensor] | None = None
         self._transposed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._structure: struct_grad.StructPlan | None | bool = False  # False: not looked for yet
 
     @property
     def device(self) -> torch.device:
@@ -55,6 +59,17 @@ class SparsePattern:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, crow): what :func:`sampled_value_grad` takes."""
         return self.rows, self.cols, self.crow
+
+    def structure(self) -> struct_grad.StructPlan | None:
+        """The dense rows, columns and diagonal of a structured mask (:mod:`.struct_grad`), found at
+        the first call; None for other masks, on other devices than the CPU and under torch.compile
+        (which keeps the sampled kernel). A pattern is made again when its indices change, and this
+        with it."""
+        if torch.compiler.is_compiling() or self.device.type != "cpu":
+            return None
+        if self._structure is False:
+            self._structure = struct_grad.find_structure(self.rows, self.cols, self.shape)
+        return self._structure
 
     def csr(self) -> torch.Tensor:
         """fp32 CSR with ones at the positions (int64 indices: the int32 ones are wrong in sampled_addmm)."""
@@ -125,6 +140,21 @@ def _(grad_out, x, rows, cols, crow):
     return grad_out.new_empty(cols.shape[0], dtype=dtype)
 
 
+def _rest_by_sampled_kernel(g2, x2, rows, cols):
+    crow = torch.zeros(g2.shape[1] + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(rows, minlength=g2.shape[1]).cumsum(0)
+    return sampled_value_grad(g2, x2, rows, cols, crow)
+
+
+def value_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: tuple, structure=None) -> torch.Tensor:
+    """dL/dv / s at the pattern's positions: by dense products over a structured mask's lines
+    (``structure``, :meth:`SparsePattern.structure`) on CPU unless ``SHIRAKIT_STRUCT_GRAD=0``, else
+    by the sampled kernel. ``pattern``: :meth:`SparsePattern.tensors`."""
+    if structure is not None and grad_out.device.type == "cpu" and os.environ.get("SHIRAKIT_STRUCT_GRAD") != "0":
+        return structure.value_grad(grad_out, x, rest_kernel=_rest_by_sampled_kernel)
+    return sampled_value_grad(grad_out, x, *pattern)
+
+
 class _ScatteredLinear(torch.autograd.Function):
     """y = linear(x, W) where W already holds the adapter values; grads for x and the values.
 
@@ -139,9 +169,10 @@ class _ScatteredLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, rows, cols, crow, scale, fan_in_fan_out, refill=None, transient=False):
+    def forward(ctx, x, values, weight, bias, rows, cols, crow, scale, fan_in_fan_out, refill=None, transient=False,
+                structure=None):
         ctx.save_for_backward(x, None if transient else weight, rows, cols, crow)
-        ctx.scale, ctx.fan_in_fan_out = scale, fan_in_fan_out
+        ctx.scale, ctx.fan_in_fan_out, ctx.structure = scale, fan_in_fan_out, structure
         ctx.values_dtype, ctx.refill = values.dtype, refill
         w_out_in = weight.T if fan_in_fan_out else weight
         return torch.nn.functional.linear(x, w_out_in, bias)
@@ -160,36 +191,36 @@ class _ScatteredLinear(torch.autograd.Function):
                 if undo is not None:
                     undo()
         if ctx.needs_input_grad[1]:
-            grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
+            grad_v = (value_grad(grad_out, x, pattern, ctx.structure) * ctx.scale).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient
             g = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
             grad_w = g.T if ctx.fan_in_fan_out else g
         if ctx.needs_input_grad[3]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 class _ValueGradTap(torch.autograd.Function):
     """Identity on y (returned as a copy) that adds the value gradient; for hooked base layers."""
 
     @staticmethod
-    def forward(ctx, y, x, values, rows, cols, crow, scale):
+    def forward(ctx, y, x, values, rows, cols, crow, scale, structure=None):
         ctx.save_for_backward(x, rows, cols, crow)
-        ctx.scale, ctx.values_dtype = scale, values.dtype
+        ctx.scale, ctx.values_dtype, ctx.structure = scale, values.dtype, structure
         # A custom Function may not return an input as-is (in-place ops on it would be refused).
         return y.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         x, *pattern = ctx.saved_tensors
-        grad_v = (sampled_value_grad(grad_out, x, *pattern) * ctx.scale).to(ctx.values_dtype)
-        return grad_out, None, grad_v, None, None, None, None
+        grad_v = (value_grad(grad_out, x, pattern, ctx.structure) * ctx.scale).to(ctx.values_dtype)
+        return grad_out, None, grad_v, None, None, None, None, None
 
 
 def scattered_linear(x, values, weight, bias, pattern: SparsePattern, scale: float, fan_in_fan_out: bool,
                      refill=None, transient: bool = False):
     return _ScatteredLinear.apply(x, values, weight, bias, *pattern.tensors(), scale, fan_in_fan_out, refill,
-                                  transient)
+                                  transient, pattern.structure())
 
 
 class _SparseDelta(torch.autograd.Function):
@@ -215,7 +246,7 @@ class _SparseDelta(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = pattern.product(values * scale, g2, transpose=True).to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_v = (sampled_value_grad(g2, x2, *pattern.tensors()) * scale).to(values.dtype)
+            grad_v = (value_grad(g2, x2, pattern.tensors(), pattern.structure()) * scale).to(values.dtype)
         return grad_x, grad_v, None, None
 
 
@@ -230,7 +261,7 @@ def sparse_delta(x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, 
 
 
 def value_grad_tap(y, x, values, pattern: SparsePattern, scale: float):
-    return _ValueGradTap.apply(y, x, values, *pattern.tensors(), scale)
+    return _ValueGradTap.apply(y, x, values, *pattern.tensors(), scale, pattern.structure())
 
 
 def gathered_delta(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_out: int) -> torch.Tensor:
