@@ -32,14 +32,19 @@ Timing: the process CPU time (``time.process_time``) and the wall time (``time.p
 each forward. With one torch thread the CPU time is the work done; the wall time also counts the
 time the scheduler gave the core to other processes, which on a busy shared machine varies by 2x
 from call to call while the CPU time varies by a few percent. Ratios are taken on the CPU time (the
-wall-time ratio is shown beside it). Per workload, ``--rounds``
-rounds each time a block of single-adapter forwards and a block of mixed forwards (the order
-flips every round, so drifting load on a shared machine hits both alike); every block starts
-with ``--warmup`` untimed forwards (shirakit SHiRA scatters its values into the weight on the first
-single-adapter forward after a mixed batch: that one-off switch is not the steady-state cost).
-The table gives the medians of all timed forwards and ratio = mixed / single; the target is
-mixed <= 1.5 x single. Each row runs in a fresh Python process (``--worker``; ``--quick`` runs all
-rows in this process), so no row sees another's memory.
+wall-time ratio is shown beside it). Single and mixed run on two copies of the same model (same
+seed: the same base weights and adapters; checked equal on a single forward), so the single copy
+keeps ``a0`` in its weight and never pays a switch back from a mixed batch, and the mixed copy
+never pays one either. The two modes alternate step by step -- ``--prefill-steps`` /
+``--decode-steps`` pairs, the order within a pair flipping every pair -- after ``--warmup``
+untimed pairs, with the same inputs (and, for decode, fresh deep copies of caches made from the
+same prompt) for both: drifting load on the shared machine then hits both modes alike, step for
+step, instead of one block more than the other. The table gives the medians of all timed forwards
+per mode, ratio = median mixed / median single, and the quartiles of the per-pair ratios (the
+noise); the target is mixed <= 1.5 x single. For shirakit SHiRA, one untimed mixed step per
+workload counts the groups that went through the grouped kernel (``grouped.add_grouped``), so the
+table shows that the mixed path measured is the one meant. Each row runs in a fresh Python process
+(``--worker``; ``--quick`` runs all rows in this process), so no row sees another's memory.
 
 Threads: 1 torch thread per worker by default (``--threads``). On this shared 2-core machine other
 processes keep the cores busy; with 2 threads every OpenMP parallel region waits for a sibling
@@ -109,11 +114,11 @@ WIDTH_TARGET = 1.3  # issue 13: 4 SHiRA adapters / one, at every width
 
 PRESETS = {
     "full": dict(hidden=1024, intermediate=2816, layers=2, heads=16, vocab=8192, rows=16, seq=128,
-                 rounds=3, prefill_block=2, decode_block=10, warmup=1,
+                 prefill_steps=8, decode_steps=40, warmup=2,
                  tokens="1,4,16,32,64,128,256,512,1024", threads=1,
                  widths="512x1376,768x2048,1024x2816", width_seq=64),
     "quick": dict(hidden=128, intermediate=352, layers=2, heads=4, vocab=512, rows=16, seq=16,
-                  rounds=1, prefill_block=2, decode_block=2, warmup=1, tokens="1,64", threads=1,
+                  prefill_steps=2, decode_steps=3, warmup=1, tokens="1,64", threads=1,
                   widths="64x176", width_seq=16),
 }
 
@@ -158,8 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.token_counts = [int(t) for t in str(args.tokens).split(",") if t.strip()]
     if args.rows % N_ADAPTERS:
         p.error(f"--rows must be a multiple of {N_ADAPTERS}")
-    if min(args.rounds, args.prefill_block, args.decode_block, args.threads) < 1 or args.warmup < 0:
-        p.error("--rounds, --prefill-block, --decode-block and --threads must be >= 1, --warmup >= 0")
+    if min(args.prefill_steps, args.decode_steps, args.threads) < 1 or args.warmup < 0:
+        p.error("--prefill-steps, --decode-steps and --threads must be >= 1, --warmup >= 0")
     return args
 
 
@@ -310,60 +315,97 @@ def timed(fn) -> tuple[float, float]:
     return time.process_time() - c0, time.perf_counter() - t0
 
 
-def time_workload(modes: dict, block: int, args: argparse.Namespace, self_timed: bool = False) -> dict:
-    """``modes``: name -> (setup, call); rounds of blocks, order flipped each round.
+def time_alternating(calls: dict, steps: int, warmup: int) -> dict:
+    """``calls``: mode -> a call returning its own ``timed(...)`` (untimed preparation inside it).
 
-    Returns mode -> {"cpu": [seconds], "wall": [seconds]}, one entry per timed call. ``self_timed``:
-    the call times its own forward and returns ``timed(...)`` (untimed preparation inside it).
+    ``warmup`` untimed pairs, then ``steps`` timed pairs, the modes alternating step by step and
+    their order flipping every pair, so drifting load hits every mode alike. The garbage collector
+    is off while timing (a collection would land on whichever call happened to trigger it).
+    Returns mode -> {"cpu": [seconds], "wall": [seconds]}, one entry per timed call, in pair order.
     """
-    samples: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
-    order = list(modes)
-    for r in range(args.rounds):
-        for mode in order if r % 2 == 0 else order[::-1]:
-            setup, call = modes[mode]
-            setup()
-            gc.collect()
-            for _ in range(args.warmup):
-                call()
-            samples[mode] += [call() if self_timed else timed(call) for _ in range(block)]
+    order = list(calls)
+    for _ in range(warmup):
+        for mode in order:
+            calls[mode]()
+    samples: dict[str, list[tuple[float, float]]] = {m: [] for m in calls}
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(steps):
+            for mode in order if i % 2 == 0 else order[::-1]:
+                samples[mode].append(calls[mode]())
+    finally:
+        gc.enable()
     return {m: {"cpu": [c for c, _ in v], "wall": [w for _, w in v]} for m, v in samples.items()}
+
+
+def kernel_groups(step) -> list[int]:
+    """[groups the grouped SHiRA kernel took, groups offered to SHiRA's routed deltas] in one call
+    of ``step``: shows that the mixed path timed is the grouped kernel's (decode: every group)."""
+    from shirakit.methods.shira import grouped
+
+    original, counts = grouped.add_grouped, [0, 0]
+
+    def counting(layer, y, x, groups, kind):
+        done = original(layer, y, x, groups, kind)
+        counts[0] += len(groups) if done else 0
+        counts[1] += len(groups)
+        return done
+
+    grouped.add_grouped = counting
+    try:
+        step()
+    finally:
+        grouped.add_grouped = original
+    return counts
+
+
+def twin_runners(args: argparse.Namespace, method: str) -> tuple[Runner, Runner | None]:
+    """(single, mixed): two copies of the same model and adapters (one for a method-less row)."""
+    single = Runner(args, method)
+    return single, (Runner(args, method) if single.has_adapters else None)
 
 
 def method_worker(args: argparse.Namespace, method: str) -> dict:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    runner = Runner(args, method)
+    single, mixed = twin_runners(args, method)
     gen = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(args.vocab, (args.rows, args.seq), generator=gen)
     next_ids = torch.randint(args.vocab, (args.rows, 1), generator=gen)
     result = {"method": method, "label": METHODS[method][1]}
     if method == "shira":
-        result["routes"] = weight_routes(runner.model, args)
+        result["routes"] = weight_routes(single.model, args)
     with torch.inference_mode():
-        if runner.has_adapters:
-            runner.activate(runner.adapters[0])
-            result["check"] = check(runner, ids, next_ids)
-        single_cache = runner.single(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        if mixed is not None:
+            result["check"] = check(mixed, ids, next_ids)
+            single.activate(single.adapters[0])
+            mixed.activate(mixed.adapters[0])
+            same = torch.equal(single.single(input_ids=ids[:2]).logits, mixed.single(input_ids=ids[:2]).logits)
+            assert same, f"{method}: the single and mixed copies of the model differ"
+        prefill = {"single": lambda: timed(lambda: single.single(input_ids=ids, logits_to_keep=1))}
+        if mixed is not None:
+            prefill["mixed"] = lambda: timed(lambda: mixed.mixed(input_ids=ids, logits_to_keep=1))
+        result["prefill"] = time_alternating(prefill, args.prefill_steps, args.warmup)
 
-        def single_setup():
-            runner.activate(runner.adapters[0])
+        # decode: every timed step gets a fresh copy of its mode's cache of the same prompt (copied untimed)
+        caches = {"single": single.single(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values}
 
-        prefill = {"single": (single_setup, lambda: runner.single(input_ids=ids, logits_to_keep=1))}
-        if runner.has_adapters:
-            mixed_cache = runner.mixed(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-            prefill["mixed"] = (lambda: None, lambda: runner.mixed(input_ids=ids, logits_to_keep=1))
-        result["prefill"] = time_workload(prefill, args.prefill_block, args)
-
-        # decode: every timed step gets a fresh copy of the same 128-token cache (copied untimed)
         def step(kind: str) -> tuple[float, float]:
-            cache = copy.deepcopy(single_cache if kind == "single" else mixed_cache)
-            call = runner.single if kind == "single" else runner.mixed
+            cache = copy.deepcopy(caches[kind])
+            call = single.single if kind == "single" else mixed.mixed
             return timed(lambda: call(input_ids=next_ids, past_key_values=cache))
 
-        decode = {"single": (single_setup, lambda: step("single"))}
-        if runner.has_adapters:
-            decode["mixed"] = (lambda: None, lambda: step("mixed"))
-        result["decode"] = time_workload(decode, args.decode_block, args, self_timed=True)
+        decode = {"single": functools.partial(step, "single")}
+        if mixed is not None:
+            caches["mixed"] = mixed.mixed(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            decode["mixed"] = functools.partial(step, "mixed")
+        result["decode"] = time_alternating(decode, args.decode_steps, args.warmup)
+        if method == "shira":
+            result["kernel_groups"] = {
+                "prefill": kernel_groups(lambda: mixed.mixed(input_ids=ids, logits_to_keep=1)),
+                "decode": kernel_groups(lambda: step("mixed")),
+            }
     return result
 
 
@@ -521,6 +563,20 @@ def ms(seconds: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
+def pair_spread(w: dict) -> str:
+    """The quartiles of mixed / single over the timed pairs (CPU): how noisy the ratio is."""
+    pairs = [m / s for m, s in zip(w["mixed"]["cpu"], w["single"]["cpu"])]
+    if len(pairs) < 2:
+        return f"{pairs[0]:.2f}"
+    q1, _, q3 = statistics.quantiles(pairs, n=4)
+    return f"{q1:.2f}-{q3:.2f}"
+
+
+def kernel_share(res: dict, workload: str) -> str:
+    counts = res.get("kernel_groups", {}).get(workload)
+    return f"{counts[0]} of {counts[1]}" if counts else "-"
+
+
 def workload_table(results: dict[str, dict], workload: str) -> str:
     rows = []
     for key, res in results.items():
@@ -529,17 +585,18 @@ def workload_table(results: dict[str, dict], workload: str) -> str:
         s = res[workload]
         single_cpu, single_wall = (statistics.median(s["single"][k]) for k in ("cpu", "wall"))
         if "mixed" not in s:
-            rows.append([res["label"], ms(single_cpu), "-", "-", "-", f"{ms(single_wall)} / -", "-", "-"])
+            rows.append([res["label"], ms(single_cpu), "-", "-", "-", "-", f"{ms(single_wall)} / -", "-", "-"])
             continue
         mixed_cpu, mixed_wall = (statistics.median(s["mixed"][k]) for k in ("cpu", "wall"))
         ratio = mixed_cpu / single_cpu
         diff = res["check"][f"{workload}_diff"]
         rows.append([
-            res["label"], ms(single_cpu), ms(mixed_cpu), f"**{ratio:.2f}x**",
+            res["label"], ms(single_cpu), ms(mixed_cpu), f"**{ratio:.2f}x**", pair_spread(s),
             "yes" if ratio <= TARGET_RATIO else "**no**",
             f"{ms(single_wall)} / {ms(mixed_wall)}", f"{mixed_wall / single_wall:.2f}x", f"{diff:.1e}",
         ])
-    return table(["method", "single, CPU (ms)", "mixed, CPU (ms)", "mixed / single (CPU)", f"<= {TARGET_RATIO}x",
+    return table(["method", "single, CPU (ms)", "mixed, CPU (ms)", "mixed / single (CPU)",
+                  "per-pair ratio, quartiles", f"<= {TARGET_RATIO}x",
                   "wall single / mixed (ms)", "mixed / single (wall)", "max abs diff vs rows alone"], rows)
 
 
@@ -648,13 +705,16 @@ def width_section(args, results: dict) -> str:
             w = res[workload]
             single, mixed = (statistics.median(w[m]["cpu"]) for m in ("single", "mixed"))
             ratio = mixed / single
-            cells += [f"{ms(single)} / {ms(mixed)}", f"**{ratio:.2f}x**", "yes" if ratio <= WIDTH_TARGET else "**no**"]
+            cells += [f"{ms(single)} / {ms(mixed)}", f"**{ratio:.2f}x**", pair_spread(w),
+                      "yes" if ratio <= WIDTH_TARGET else "**no**"]
         routes = res.get("routes")
         cells.append(" / ".join(f"{routes[w][0]} of {routes[w][1]}" for w in ("prefill", "decode")) if routes else "-")
+        cells.append(" / ".join(kernel_share(res, w) for w in ("prefill", "decode")))
         rows.append(cells)
     return table(["method", "hidden x intermediate", "prefill CPU single / mixed (ms)", "prefill mixed / single",
-                  f"<= {WIDTH_TARGET}x", "decode CPU single / mixed (ms)", "decode mixed / single",
-                  f"<= {WIDTH_TARGET}x", "layers on the written-in weight, prefill / decode"], rows)
+                  "pair quartiles", f"<= {WIDTH_TARGET}x", "decode CPU single / mixed (ms)", "decode mixed / single",
+                  "pair quartiles", f"<= {WIDTH_TARGET}x", "layers on the written-in weight, prefill / decode",
+                  "groups through the grouped kernel, prefill / decode"], rows)
 
 
 def report(args, facts: dict, results: dict, command: str, load_end: float) -> str:
@@ -679,9 +739,12 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
             f"- Prefill: one forward of {a.rows} x {a.seq} tokens, `logits_to_keep=1` (as `generate`'s prefill). "
             f"Decode: one forward of {a.rows} x 1 new tokens on a {a.seq}-token KV cache (one greedy step; "
             "the cache is deep-copied, untimed, before each step).",
-            f"- Timing: median of {a.rounds} rounds x {a.prefill_block} (prefill) / {a.decode_block} (decode) "
-            f"timed forwards per mode, each block after {a.warmup} warm-up forward(s); single and mixed "
-            "blocks alternate, the order flipping each round. CPU = process CPU time (`time.process_time`, "
+            f"- Timing: single and mixed on two copies of the same model (checked equal), alternating step by step: "
+            f"{a.prefill_steps} (prefill) / {a.decode_steps} (decode) timed pairs per workload after {a.warmup} "
+            "untimed pair(s), the order within a pair flipping every pair, same inputs for both; the single copy "
+            "keeps its adapter in the weight (no switch back from a mixed batch is ever timed). Medians per mode; "
+            "ratio = median mixed / median single; the quartiles of the per-pair ratios show the noise. "
+            "CPU = process CPU time (`time.process_time`, "
             f"{a.threads} torch thread(s)): the work done, stable on a busy machine; wall = `time.perf_counter`, "
             "which also counts time other processes held the core. Ratios on CPU time.",
             f"- Correctness (asserted): row i of the mixed output equals row i run alone with its adapter, "
@@ -694,6 +757,10 @@ def report(args, facts: dict, results: dict, command: str, load_end: float) -> s
         picked = (f"; here groups of {a.rows // N_ADAPTERS * a.seq} tokens (prefill) go on the scattered weight in "
                   f"{routes['prefill'][0]} of {routes['prefill'][1]} layers, groups of {a.rows // N_ADAPTERS} tokens "
                   f"(decode) in {routes['decode'][0]} of {routes['decode'][1]} (the others: the sparse product)")
+    if "kernel_groups" in results.get("shira", {}):
+        shira = results["shira"]
+        picked += (f"; groups through the grouped kernel in one mixed step: prefill {kernel_share(shira, 'prefill')}, "
+                   f"decode {kernel_share(shira, 'decode')} (the rest: on the written-in weight)")
     parts[-1] += ("\n- shirakit SHiRA in the mixed batch: each layer picks, per group, the scattered weight or the "
                   "sparse product by its cost model (`InWeightAdapter.prefers_weight`: the layer's m, n, K and the "
                   f"group's tokens){picked}.")

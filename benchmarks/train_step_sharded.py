@@ -178,9 +178,14 @@ def worker(args: argparse.Namespace) -> None:
     with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on
         f.write("5")
     before = proc_kib("VmRSS")
-    with LiveTensorBytes() if args.track_tensors else contextlib.nullcontext() as tracker:
+    tracked = LiveTensorBytes(record=args.breakdown is not None) if args.track_tensors else contextlib.nullcontext()
+    with tracked as tracker:
         times = train(args, batch)
-    result = {"step_s": statistics.median(times[args.warmup:]), "peak_kib": proc_kib("VmHWM") - before}
+    if args.breakdown is not None:  # this rank's storages alive at its peak, by label
+        args.breakdown.with_name(f"{args.breakdown.name}.rank{rank}").write_text(
+            json.dumps([[list(label), size] for label, size in tracker.at_peak.items()]))
+    result = {"step_s": statistics.median(times[args.warmup:]), "peak_kib": proc_kib("VmHWM") - before,
+              "process_kib": before}  # the per-process constant the peak is counted above
     if tracker is not None:  # the highest total of live tensor bytes it saw (torch's own accounting)
         result["tensor_peak_kib"] = tracker.peak // 1024
     if distributed:
@@ -292,13 +297,17 @@ def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dic
         return statistics.median(run[setting, method][key] for run in runs)
 
     def ratio(num: tuple[str, str], den: tuple[str, str], key: str) -> str:
-        return f"{statistics.median(run[num][key] / run[den][key] for run in runs):.2f}"
+        """The median of the within-repeat ratios, and their range when there are several."""
+        ratios = [run[num][key] / run[den][key] for run in runs]
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        return f"{statistics.median(ratios):.2f}{spread}"
 
     rows = []
     for setting in args.settings:
         for method in METHODS[setting]:
             single = ("single", method.split("-")[0])
             rows.append([setting, method, f"{med(setting, method, 'step_s') * 1e3:.0f} ms",
+                         f"{med(setting, method, 'process_kib') / 1024:.0f} MiB",
                          f"{med(setting, method, 'peak_kib') / 1024:.0f} MiB",
                          ratio((setting, method), (setting, "lora"), "step_s") if method != "lora" else "",
                          ratio((setting, method), single, "peak_kib")
@@ -308,7 +317,8 @@ def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dic
                     peak = extra[setting, method][key]
                     rows[-1] += [f"{peak / 1024:.0f} MiB", f"{peak / extra[single][key]:.2f}"
                                  if setting != "single" and "single" in args.settings else ""]
-    header = ["setting", "method", "step (median)", "peak memory (max over ranks)", "SHiRA / LoRA step",
+    header = ["setting", "method", "step (median)", "process before the model", "peak memory (max over ranks)",
+              "SHiRA / LoRA step",
               "memory / one process"]
     header += ["tensor peak (max over ranks)", "tensors / one process"] if tensors else []
     header += ["peak memory, freed memory returned", "returned / one process"] if returned else []
@@ -317,7 +327,8 @@ def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dic
         "## Train step on a sharded (FSDP2) and a quantized (NF4) base" if args.settings == DEFAULT_SETTINGS else
         f"## Train step, settings {', '.join(args.settings)}, {args.layers} layers", "",
         f"- Date: {facts['date']}", f"- Machine: {facts['machine']}", f"- Software: {facts['software']}",
-        f"- Command: `{command}`", f"- Repeats: {args.repeats} (medians; ratios within a repeat, then the median)",
+        f"- Command: `{command}`",
+        f"- Repeats: {args.repeats} (medians; ratios within a repeat, then the median and, in brackets, the range)",
         f"- Model: Llama-shaped, hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, vocab "
         f"{args.vocab}; the 7 projections adapted, r={args.adapter_rank}; global batch 2 x {args.seq} tokens; SGD; "
         f"{args.steps} timed steps after {args.warmup} warm-up",
@@ -330,7 +341,10 @@ def report(args: argparse.Namespace, runs: list[dict], tensors: dict, facts: dic
         "`Linear8bitLt` (int8 codes); shira-additive: SHiRA forced onto its additive path there "
         "(`base(x) + s x S^T`) instead of writing into the dequantized copy",
         "- Peak memory: resident memory above the process's own before it built the model (VmHWM; imports and "
-        "compiled kernels warmed up first by one step of a 1-layer, hidden-64 model of the same kind)"
+        "compiled kernels warmed up first by one step of a 1-layer, hidden-64 model of the same kind); process "
+        "before the model: that resident memory itself (interpreter, torch, transformers, shirakit, the compiled "
+        "kernels, glibc's heap after the warm-up; max over ranks), which every process holds and sharding cannot "
+        "shrink: a rank's whole footprint is that plus its peak"
         + ("; tensor peak: the highest total of live tensor storages from building the model through "
            "1 step after the warm-up, counted by a TorchDispatchMode (`benchmarks/_tensor_memory.py`) in a run of its "
            "own: what the tensors need, without the allocator's cached or unreturned pages" if tensors else "")
@@ -367,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write-docs", type=Path)
     parser.add_argument("--track-tensors", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)

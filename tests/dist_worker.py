@@ -264,7 +264,14 @@ def run_fsdp_meta(method: str, rank: int, world: int, record: dict, out: Path) -
         p.full_tensor() for p in model.parameters() if p.requires_grad)
     record["base_sharded"] = all(p.to_local().shape != p.shape for n, p in model.named_parameters()
                                  if n.endswith("q_proj.base_layer.weight"))
+    adapted = [m for m in model.modules() if isinstance(m, shirakit.AdapterLinear)]
+    # Meta tensors all have data pointer 0: once every layer here looked tied to every other, and
+    # SHiRA / MiSS bat silently ran their (slower, costlier) additive paths instead of the weight's.
+    record["weights_marked_shared"] = sum(bool(m.weight_shared_with) for m in adapted)
+    shards = [m.base_layer.weight.to_local().clone() for m in adapted]
     record["losses"] = _torch_loop(model.train(), model, rank, world)
+    if method == "shira":
+        record.update(_held_by_shira(adapted, shards))
     shirakit.save_adapter(model, out / "adapter")
     return model
 

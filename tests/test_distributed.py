@@ -200,6 +200,9 @@ def test_fsdp2_meta_device_model_with_reset_adapter_parameters(method, torchrun_
     for r in records(torchrun_out, f"fsdp-meta:{method}"):
         assert r["base_sharded"], r
         assert "reset_adapter_parameters" in r["meta_before_reset"], r
+        assert r["weights_marked_shared"] == 0, r  # in-weight adapters write the gathered copy, as when built whole
+        if method == "shira":
+            assert r["shards_clean_after_training"] and r["shira_held_bytes_over_indices"] == 0, r
 
 
 @pytest.mark.parametrize("job", ["zero3:shira", "zero3:lora", "zero3-release:shira", "zero3-release:missbat"])

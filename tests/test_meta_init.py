@@ -61,7 +61,7 @@ def test_reset_draws_what_inject_draws_on_the_real_model(case):
     for key in expected:
         assert torch.equal(found[key], expected[key]), key
     ids = inputs()
-    torch.testing.assert_close(output(model, ids), output(real, ids), rtol=0, atol=1e-5)  # float order only
+    torch.testing.assert_close(output(model, ids), output(real, ids), rtol=0, atol=0)
 
 
 def test_reset_covers_modules_to_save_copies():

@@ -95,3 +95,16 @@ def test_lora_on_a_tied_head_stays_additive_and_untied_layers_are_not_flagged():
     shirakit.inject(tied, shirakit.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
     assert tied.lm_head.weight_shared_with == ("model.embed_tokens.weight",)
     assert tied.model.layers[0].self_attn.q_proj.weight_shared_with == ()
+
+
+def test_tie_detection_on_the_meta_device():
+    """Built on the meta device (the FSDP2 large-model recipe), every tensor's data pointer is 0: only
+    the tied head counts as sharing; the other layers keep their in-weight path (they once all looked
+    tied to each other, and SHiRA ran additively on every layer of a meta-built model)."""
+    with torch.device("meta"):
+        model = _tied_llama()
+        shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=["q_proj", "down_proj", "lm_head"],
+                                                    random_seed=0))
+    shared = {name: layer.weight_shared_with for name, layer in shirakit.state.adapter_layers(model)}
+    assert shared.pop("lm_head") == ("model.embed_tokens.weight",)
+    assert len(shared) == 4 and not any(shared.values()), shared

@@ -100,12 +100,14 @@ def is_sharded(weight: torch.Tensor) -> bool:
 def storage_key(tensor: torch.Tensor) -> tuple:
     """Where a tensor's values live, to find the parameters that share them (tied weights). A wrapper
     subclass (torchao's quantized tensors, a DTensor) has no storage of its own: its first inner
-    tensor's stands for it."""
+    tensor's stands for it. A meta tensor has no memory (every data pointer is 0): its storage object
+    stands for it, so two meta parameters share a key only if they share a storage (tied)."""
     if is_traceable_wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()
         if names:
             return storage_key(getattr(tensor, names[0]))
-    return tensor.device, tensor.untyped_storage().data_ptr()
+    storage = tensor.untyped_storage()
+    return tensor.device, storage._cdata if tensor.is_meta else storage.data_ptr()
 
 
 def quantized_kind(weight: torch.Tensor) -> str | None:

@@ -220,6 +220,8 @@ class ShiraAdapter(InWeightAdapter):
     #: per group, 4 groups, 1 thread, fp32, loaded 2-core machine): the ratio by least squares on
     #: the kernel's cost (0.98 and 0.68 ns alone), the scale for the smallest regret against the
     #: write and re-read constants (kept): the choice cost at most 1.05x the faster route there.
+    #: Rechecked after the kernel's faster transposes (96 points, heavy lock, load ~1-2): refit
+    #: 0.62 / 0.50 ns, no better than these (worst 1.07x, median 1.00x, 1 point above 1.02x), so kept.
     GROUPED_S_PER_VALUE_8: ClassVar[float] = 0.65e-9
     GROUPED_S_PER_VALUE_4: ClassVar[float] = 0.45e-9
     #: CPU seconds per multiply-add of torch's CSR product (MKL), the path otherwise
