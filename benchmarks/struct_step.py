@@ -17,7 +17,11 @@ load on a shared machine hits them alike:
 - SHiRA with the random mask (its value gradient by the sampled kernel, ``cpu_sddmm``);
 - SHiRA with the struct mask, value gradient by dense products (``methods/shira/struct_grad.py``);
 - the same SHiRA struct model, value gradient by the sampled kernel (``SHIRAKIT_STRUCT_GRAD=0`` for
-  that step): the A/B of the struct path alone, on the same model and memory.
+  that step): the A/B of the struct path alone, on the same model and memory;
+- the SHiRA random-mask model with its value gradient replaced by zeros for that step. Not a
+  training configuration: it is SHiRA's floor, the step with every cost but the value gradient
+  (the scatter into the weight, the dense products, AdamW), so ``floor / LoRA`` is the lowest
+  SHiRA / LoRA that any value-gradient kernel could reach on this machine.
 
 Per row: the median and min step (wall clock) over ``--steps`` rounds after ``--warmup``. Ratios:
 of the medians, and the median of the per-round ratios (paired steps: a round's steps are
@@ -47,12 +51,16 @@ ROWS = {  # row -> (method, mask, struct path on)
     "shira-random": ("shira", "random", True),
     "shira-struct": ("shira", "struct", True),
     "shira-struct-sampled": ("shira", "struct", False),
+    "shira-floor": ("shira", "random", True),
 }
+SHARED = {"shira-struct-sampled": "shira-struct", "shira-floor": "shira-random"}  # row -> the model it reuses
 LABELS = {"frozen": "frozen base", "lora": "LoRA", "shira-random": "SHiRA random mask",
           "shira-struct": "SHiRA struct mask, dense products",
-          "shira-struct-sampled": "SHiRA struct mask, sampled kernel"}
+          "shira-struct-sampled": "SHiRA struct mask, sampled kernel",
+          "shira-floor": "SHiRA random mask, value gradient skipped (floor)"}
 PAIRS = [("shira-struct", "shira-struct-sampled"), ("shira-struct", "lora"), ("shira-struct", "frozen"),
-         ("shira-random", "lora"), ("shira-random", "frozen"), ("lora", "frozen")]
+         ("shira-random", "lora"), ("shira-random", "frozen"), ("lora", "frozen"),
+         ("shira-floor", "lora"), ("shira-floor", "frozen")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,10 +88,17 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(int(threads))
     gen = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(args.vocab, (args.batch, args.seq), generator=gen)
+    from shirakit.methods.shira import sparse
+
+    value_grad = sparse.value_grad
+
+    def zero_value_grad(grad_out, x, pattern, structure=None):  # the floor row: every cost but this one
+        return grad_out.new_zeros(pattern[0].numel(), dtype=torch.float32)
+
     models = {}
     for name, (method, mask, _) in ROWS.items():
-        if name == "shira-struct-sampled":  # the same model as shira-struct
-            models[name] = models["shira-struct"]
+        if name in SHARED:
+            models[name] = models[SHARED[name]]
             continue
         model = add_adapter(build_model(args), "shirakit", method, 0.0, args, mask).train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -92,6 +107,7 @@ def worker(args: argparse.Namespace) -> None:
     def step(name: str) -> float:
         model, optimizer = models[name]
         os.environ["SHIRAKIT_STRUCT_GRAD"] = "1" if ROWS[name][2] else "0"
+        sparse.value_grad = zero_value_grad if name == "shira-floor" else value_grad
         start = time.perf_counter()
         if optimizer:
             optimizer.zero_grad(set_to_none=True)
