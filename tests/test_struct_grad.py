@@ -114,8 +114,9 @@ def test_a_large_rest_goes_to_the_sampled_kernel_and_a_small_one_is_gathered():
     g, x = _inputs(25, m, n)
     calls = []
 
-    def kernel(g2, x2, r, c):
+    def kernel(g2, x2, r, c, crow):
         calls.append(r.numel())
+        assert torch.equal(crow[1:] - crow[:-1], torch.bincount(r, minlength=m))
         return cpu_sddmm.value_grad(g2, x2, r, c) if cpu_sddmm.usable(g2, x2) else _reference(g2, x2, r, c).float()
 
     by_kernel = plan.value_grad(g, x, rest_kernel=kernel)

@@ -140,18 +140,12 @@ def _(grad_out, x, rows, cols, crow):
     return grad_out.new_empty(cols.shape[0], dtype=dtype)
 
 
-def _rest_by_sampled_kernel(g2, x2, rows, cols):
-    crow = torch.zeros(g2.shape[1] + 1, dtype=torch.int64)
-    crow[1:] = torch.bincount(rows, minlength=g2.shape[1]).cumsum(0)
-    return sampled_value_grad(g2, x2, rows, cols, crow)
-
-
 def value_grad(grad_out: torch.Tensor, x: torch.Tensor, pattern: tuple, structure=None) -> torch.Tensor:
     """dL/dv / s at the pattern's positions: by dense products over a structured mask's lines
     (``structure``, :meth:`SparsePattern.structure`) on CPU unless ``SHIRAKIT_STRUCT_GRAD=0``, else
     by the sampled kernel. ``pattern``: :meth:`SparsePattern.tensors`."""
     if structure is not None and grad_out.device.type == "cpu" and os.environ.get("SHIRAKIT_STRUCT_GRAD") != "0":
-        return structure.value_grad(grad_out, x, rest_kernel=_rest_by_sampled_kernel)
+        return structure.value_grad(grad_out, x, rest_kernel=sampled_value_grad)
     return sampled_value_grad(grad_out, x, *pattern)
 
 

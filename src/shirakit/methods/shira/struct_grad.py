@@ -51,7 +51,8 @@ class StructPlan:
     """How to compute one pattern's value gradient by parts (:func:`find_structure` makes it).
 
     ``rows``/``cols``: the dense rows and columns (int64); ``diag``: the first and last diagonal
-    index computed elementwise, or None; ``rest_rows``/``rest_cols``: the positions left (int64);
+    index computed elementwise, or None; ``rest_rows``/``rest_cols``: the positions left (int64,
+    row-major) and ``rest_crow`` their CSR row offsets (m + 1), made once for the sampled kernel;
     ``order`` (int32, K): where value k sits in the concatenation of the flattened parts
     ``[G[rows, :], G[:, cols]^T, diagonal, rest]``.
     """
@@ -62,6 +63,7 @@ class StructPlan:
     diag: tuple[int, int] | None
     rest_rows: torch.Tensor
     rest_cols: torch.Tensor
+    rest_crow: torch.Tensor
     order: torch.Tensor
 
     @property
@@ -73,7 +75,7 @@ class StructPlan:
     def value_grad(self, grad_out: torch.Tensor, x: torch.Tensor, rest_kernel=None) -> torch.Tensor:
         """(K,) ``sum_t grad_out[t, i_k] x[t, j_k]`` in value order; fp32 (fp64 for fp64 inputs).
 
-        ``rest_kernel(g2, x2, rows, cols)``: the sampled kernel for a large rest (default: gathers).
+        ``rest_kernel(g2, x2, rows, cols, crow)``: the sampled kernel for a large rest (default: gathers).
         """
         dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
         g2 = grad_out.detach().reshape(-1, grad_out.shape[-1]).to(dtype)
@@ -88,7 +90,7 @@ class StructPlan:
             parts.append((g2[:, lo:hi + 1] * x2[:, lo:hi + 1]).sum(0))
         if self.rest_rows.numel():
             if rest_kernel is not None and self.rest_by_kernel:
-                parts.append(rest_kernel(g2, x2, self.rest_rows, self.rest_cols).to(dtype))
+                parts.append(rest_kernel(g2, x2, self.rest_rows, self.rest_cols, self.rest_crow).to(dtype))
             else:
                 parts.append((g2.index_select(1, self.rest_rows) * x2.index_select(1, self.rest_cols)).sum(0))
         return torch.cat(parts).index_select(0, self.order)
@@ -134,5 +136,7 @@ def find_structure(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int
         order[on_diag] = base + r[on_diag] - diag[0]
         base += diag[1] - diag[0] + 1
     order[left] = base + torch.arange(int(left.sum()))
+    rest_crow = torch.zeros(m + 1, dtype=torch.int64)
+    rest_crow[1:] = torch.bincount(r[left], minlength=m).cumsum(0)
     return StructPlan(shape=(m, n), rows=row_list, cols=col_list, diag=diag, rest_rows=r[left], rest_cols=c[left],
-                      order=order.int() if base < 2**31 else order)
+                      rest_crow=rest_crow, order=order.int() if base < 2**31 else order)
