@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shirakit.adapter import LayerGeometry
-from shirakit.layer import AdapterLinear
+from shirakit.core.adapter import LayerGeometry
+from shirakit.core.layer import AdapterLinear
 from shirakit.methods.miss import MissAdapter, MissConfig, bat_delta
 
 

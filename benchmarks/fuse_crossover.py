@@ -58,7 +58,7 @@ def base_model(quick: bool):
         config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
         return LlamaForCausalLM(config).eval(), "tiny Llama (hidden 128, 2 layers), random weights"
-    from shirakit.data import smollm2_dir
+    from shirakit.app.data import smollm2_dir
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
     return model, "SmolLM2-135M-Instruct (packaged GGUF, dequantized to fp32)"

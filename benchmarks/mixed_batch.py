@@ -15,7 +15,7 @@ targets all seven projections (q, k, v, o, gate, up, down). Rows (methods):
 - the bare transformers model, no adapter library, for scale.
 
 Four adapters ``a0..a3`` per model; the mixed batch gives row i adapter ``a{i % 4}`` (4 rows each,
-interleaved). shirakit: ``with shirakit.routing.route(model, names): model(...)``; peft:
+interleaved). shirakit: ``with shirakit.route(model, names): model(...)``; peft:
 ``model(..., adapter_names=names)``. The single-adapter run is the same 16 rows as a plain forward
 with ``a0`` active and unmerged (shirakit: ``set_adapter``; peft: ``model.set_adapter``). Everything
 runs in eval mode under ``torch.inference_mode()``.
@@ -257,7 +257,7 @@ class Runner:
     def mixed(self, names: list[str] | None = None, **kwargs):
         names = self.names if names is None else names
         if self.library == "shirakit":
-            from shirakit.routing import route
+            from shirakit.model.routing import route
 
             with route(self.model, names):
                 return self.model(**kwargs)
@@ -413,7 +413,7 @@ def weight_routes(model, args: argparse.Namespace) -> dict[str, list[int]]:
     """Per workload, [layers whose cost model puts a group on the scattered weight, layers]: what
     ``prefers_weight`` answers in inference for a group's tokens (prefill: rows / 4 x seq; decode:
     rows / 4)."""
-    from shirakit.state import adapter_layers
+    from shirakit.core.state import adapter_layers
 
     layers = [layer.adapters["a0"] for _, layer in adapter_layers(model)]
     group_rows = args.rows // N_ADAPTERS
@@ -451,7 +451,7 @@ SPARSE, SCATTER = False, True  # what the patched InWeightAdapter.prefers_weight
 
 def forced_route(layer, x, groups, scatter: bool):
     """One routed forward with the route forced (prefers_weight patched to answer ``scatter``)."""
-    from shirakit.adapter import InWeightAdapter
+    from shirakit.core.adapter import InWeightAdapter
 
     original = InWeightAdapter.prefers_weight
 

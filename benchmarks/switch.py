@@ -353,7 +353,7 @@ def other(name: str) -> str:
 
 def phase_shirakit_shira(model, targets, weights, reference, args, work: Path, rec: Recorder, info: dict) -> None:
     import shirakit
-    from shirakit.switching import switch_adapter
+    from shirakit.model.switch import switch_adapter
 
     for seed, name in ((1, A), (2, B)):
         shirakit.inject(model, shirakit.ShiraConfig(r=args.r, target_modules=targets, init_weights=False,
@@ -443,7 +443,7 @@ def phase_shirakit_shira(model, targets, weights, reference, args, work: Path, r
 
 def phase_shirakit_lora(model, targets, weights, reference, args, work: Path, rec: Recorder, info: dict) -> None:
     import shirakit
-    from shirakit.switching import switch_adapter
+    from shirakit.model.switch import switch_adapter
 
     torch.manual_seed(args.seed + 10)  # LoRA's random init draws from torch's global RNG
     for name in (A, B):
@@ -541,7 +541,7 @@ def phase_peft_shira(model, targets, weights, reference, args, work: Path, rec: 
     # the same positions and values as shirakit merges (PEFT adds a sparse COO delta densely)
     import shirakit  # only to read the expected values from shirakit's file
 
-    expected = shirakit.checkpoint.read_weights(dirs[B])[1]
+    expected = shirakit.io.checkpoint.read_weights(dirs[B])[1]
     exact = True
     for (name, _module), w, r in zip([(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)],
                                     weights, reference):

@@ -138,7 +138,7 @@ def load_base_shards(model: torch.nn.Module, checkpoint: Path) -> None:
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
-    from shirakit.weight_kinds import sharded_rows
+    from shirakit.core.sharded_weights import sharded_rows
 
     for name, param in model.named_parameters():
         if ".adapters." in name:
@@ -171,9 +171,9 @@ def worker(args: argparse.Namespace) -> None:
         rank, world = 0, 1
     batch = torch.randint(args.vocab, (2, args.seq), generator=torch.Generator().manual_seed(1)).chunk(world)[rank]
     if args.method == "shira-additive":  # no dequantized copy found: SHiRA runs beside the quantized base
-        import shirakit.layer
+        import shirakit.core.layer
 
-        shirakit.layer.dequantizer = lambda layer, x: None
+        shirakit.core.layer.dequantizer = lambda layer, x: None
     warm_up(args, batch)
     with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on
         f.write("5")
@@ -208,7 +208,7 @@ def warm_up(args: argparse.Namespace, batch: torch.Tensor) -> None:
     import torch.distributed.fsdp  # noqa: F401
     import torch.distributed.tensor  # noqa: F401
 
-    import shirakit.materialize  # noqa: F401
+    import shirakit.model.meta_init  # noqa: F401
 
     tiny = argparse.Namespace(**{**vars(args), "hidden": 64, "intermediate": 128, "layers": 1})
     model = build(tiny, args.method, quantized=args.worker if args.worker in QUANTIZED else None)

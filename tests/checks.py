@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import shirakit
-from shirakit.checkpoint import WEIGHTS_NAME
+from shirakit.core.state import SHARED_ATTR
+from shirakit.io.checkpoint import WEIGHTS_NAME
 from shirakit.methods.shira.sparse import SparsePattern
-from shirakit.state import SHARED_ATTR
 from tests.models import MODELS, inputs, output
 
 

@@ -241,7 +241,7 @@ def run_fsdp_meta(method: str, rank: int, world: int, record: dict, out: Path) -
     shirakit.reset_adapter_parameters; then trained as the ``fsdp`` job."""
     from torch.distributed.fsdp import fully_shard
 
-    from shirakit.materialize import copy_tensors
+    from shirakit.model.meta_init import copy_tensors
 
     # stands for the checkpoint on disk; the global RNG is then where build() leaves it (LoRA's seed)
     pretrained = tiny_llama(seed=0)

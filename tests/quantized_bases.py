@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import shirakit
-import shirakit.layer
+import shirakit.core.layer
 
 TOL = 1e-5
 CONFIGS = {
@@ -68,7 +68,7 @@ def assert_adapters_close(a: nn.Module, b: nn.Module) -> None:
 def spy_dense_copies(monkeypatch) -> list[weakref.ref]:
     """Every dense copy the layers dequantize from now on, as weak references (a live one is being kept)."""
     made: list[weakref.ref] = []
-    real = shirakit.layer.dequantizer
+    real = shirakit.core.layer.dequantizer
 
     def spying(layer, x):
         found = real(layer, x)
@@ -82,7 +82,7 @@ def spy_dense_copies(monkeypatch) -> list[weakref.ref]:
 
         return found._replace(weight=weight)
 
-    monkeypatch.setattr(shirakit.layer, "dequantizer", spying)
+    monkeypatch.setattr(shirakit.core.layer, "dequantizer", spying)
     return made
 
 

@@ -1,4 +1,4 @@
-"""The package's shape: no module of src/shirakit imports one that imports it back.
+"""The package's shape: folders that name the floors, and no module imports one that imports it back.
 
 The graph is read from the source (every ``import`` statement, including those inside functions,
 since a lazy import that hides a cycle is still a cycle; ``if TYPE_CHECKING:`` blocks are left
@@ -106,11 +106,70 @@ def test_no_import_cycles():
 
 
 def test_the_graph_is_read():
-    """The checker sees real edges (a parser that found none would pass the test above vacuously)."""
+    """The checker sees real edges (a parser that found none would pass the tests here vacuously)."""
     graph = import_graph()
-    assert "shirakit.state" in graph["shirakit.inject"]
-    assert "shirakit.adapter" in graph["shirakit.layer"]
+    assert "shirakit.core.state" in graph["shirakit.model.inject"]
+    assert "shirakit.core.adapter" in graph["shirakit.core.layer"]
     assert "shirakit.methods" in graph["shirakit"]
+    assert "shirakit.io.checkpoint" in graph["shirakit.serve.engine"]
+
+
+# Each folder of src/shirakit and the folders it may import (its own included): the floors. A method
+# knows the contract and nothing of models or files; model operations know no files; the
+# application (training, demo, packaged data) sits above the library; the server and the command
+# line are clients on top, and the server does not depend on the demo's packaged data.
+# "api" is the package's top-level modules (``shirakit``, the public ``shirakit.data`` path).
+LIBRARY = {"core", "methods", "compile", "model", "io"}
+MAY_IMPORT = {
+    "core": {"core"},
+    "methods": {"core", "methods"},
+    "compile": {"core", "compile"},
+    "model": {"core", "methods", "compile", "model"},
+    "io": LIBRARY,
+    "integrations": LIBRARY | {"integrations"},
+    "app": LIBRARY | {"integrations", "app"},
+    "api": LIBRARY | {"integrations", "app", "api"},
+    "serve": LIBRARY | {"api", "serve"},
+    "cli": LIBRARY | {"integrations", "app", "api", "serve", "cli"},
+}
+
+
+def floor_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and (SRC / PACKAGE / parts[1]).is_dir()):
+        return parts[1]
+    return "api"
+
+
+def floor_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} ({floor_of(a)}) imports {b} ({floor_of(b)})"
+                  for a, targets in graph.items() for b in targets if floor_of(b) not in MAY_IMPORT[floor_of(a)])
+
+
+def test_every_module_has_a_floor():
+    unknown = sorted({floor_of(m) for m in import_graph()} - set(MAY_IMPORT))
+    assert not unknown, f"folders missing from MAY_IMPORT: {unknown}"
+
+
+def test_imports_stay_on_their_floor_or_below():
+    assert floor_violations(import_graph()) == []
+
+
+def test_the_floors_are_a_stack():
+    """MAY_IMPORT itself has no cycle: the folders can be stacked, each importing only below it."""
+    assert find_cycle({f: allowed - {f} for f, allowed in MAY_IMPORT.items()}) is None
+
+
+@pytest.mark.parametrize("edge", [
+    ("shirakit.methods.shira.adapter", "shirakit.model.metrics"),    # a method reaching for model operations
+    ("shirakit.methods.shira.calibration", "shirakit.model.inject"),  # calibration inside a method
+    ("shirakit.serve.build", "shirakit.app.data"),                    # the server on the demo's data
+])
+def test_the_checker_catches_the_old_breaks(edge):
+    """The three layer breaks the floors were drawn to end are each reported (so the test above is not
+    vacuous for them)."""
+    a, b = edge
+    assert floor_violations({a: {b}}) == [f"{a} ({floor_of(a)}) imports {b} ({floor_of(b)})"]
 
 
 @pytest.mark.parametrize("graph, cycle", [
@@ -124,16 +183,16 @@ def test_find_cycle(graph, cycle):
 
 def test_state_helpers_live_in_state():
     """Model-state helpers have one home that everything imports, not inject (the orchestrator)."""
-    import shirakit.state
+    import shirakit.core.state
 
     for helper in ("adapter_layers", "hosts", "state_of", "check_adapter_names"):
-        assert getattr(shirakit.state, helper).__module__ == "shirakit.state"
+        assert getattr(shirakit.core.state, helper).__module__ == "shirakit.core.state"
 
 
 def test_toy_method_needs_nothing_in_src():
     """tests/toy_method.py is a method (a row of tests/cases.py, so the whole contract battery and
     save/load run on it) that no file under src/ names: adding a method touches no shared code."""
-    from shirakit.registry import METHODS
+    from shirakit.core.registry import METHODS
     from tests.toy_method import DiagAdapter
 
     assert METHODS["TOY_DIAG"] is DiagAdapter

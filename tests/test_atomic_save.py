@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import shirakit
-from shirakit import folder
-from shirakit.checkpoint import adapter_state_dict, read_weights
-from shirakit.folder import CONFIG_NAME, WEIGHTS_NAME
+from shirakit.io import folder
+from shirakit.io.checkpoint import adapter_state_dict, read_weights
+from shirakit.io.folder import CONFIG_NAME, WEIGHTS_NAME
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 

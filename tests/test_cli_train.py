@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import shirakit
+from shirakit.app.user_data import IGNORE_INDEX
 from shirakit.cli import main
-from shirakit.textdata import IGNORE_INDEX
 from tests import folders
 
 FAST = ["--quiet", "--batch-size", "4", "--seed", "0"]
@@ -72,10 +72,10 @@ def test_causal_lm_from_jsonl_then_eval_inspect_switch(files, tmp_path, capsys):
 
 
 def test_sft_trains_on_assistant_tokens_only(files, tmp_path):
-    from shirakit import textdata
+    from shirakit.app import user_data
 
     tok = folders.tokenizer()
-    rows = textdata.sft(textdata.load_table(files["chat"]).select(range(2)), tok, "messages", 128, "chats")
+    rows = user_data.sft(user_data.load_table(files["chat"]).select(range(2)), tok, "messages", 128, "chats")
     for row, chat in zip(rows, folders.CHATS):
         trained = [t for t in row["labels"] if t != IGNORE_INDEX]
         wanted = "".join(m["content"] + "<|end|>" for m in chat if m["role"] == "assistant")
@@ -193,8 +193,8 @@ def test_orthogonality_plot_names_both_adapters_without_warnings(files, tmp_path
 
 
 def test_packaged_models_are_named_by_hub_id_not_by_path():
+    from shirakit.app.data import minilm_dir
     from shirakit.cli.models import PACKAGED, packaged_name
-    from shirakit.data import minilm_dir
 
     try:
         folder = minilm_dir()

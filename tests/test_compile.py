@@ -64,7 +64,7 @@ def x_in(rows: int = 3) -> torch.Tensor:
     return torch.randn(rows, 5, 16, generator=torch.Generator().manual_seed(7))
 
 
-#: torch.compile(model): the eager bookkeeping at the model's entry and exit (shirakit.compiled).
+#: torch.compile(model): the eager bookkeeping at the model's entry and exit (shirakit.compile.sync).
 MODEL_CALL_BREAKS = 2
 
 
@@ -422,7 +422,7 @@ def _wait(module: Paused, x: torch.Tensor) -> None:
     assert module.release.wait(30)
 
 
-@pytest.mark.filterwarnings("ignore::shirakit.slots.RecompileWarning")
+@pytest.mark.filterwarnings("ignore::shirakit.compile.slots.RecompileWarning")
 @pytest.mark.parametrize("method", ["shira", "lora"])
 def test_compiled_call_in_flight_refuses_writers_and_leaves_nothing_behind(method):
     import threading

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.state import adapter_layers
+from shirakit.core.state import adapter_layers
 from tests.cases import CASES
 from tests.models import MODELS, TARGETS, inputs, output
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from shirakit import data, demo, train
+from shirakit.app import data, demo, training
 from shirakit.cli import main
 from tests.folders import WORDS, tokenizer
 
@@ -37,7 +37,7 @@ def _tiny_classifier(num_labels: int, seed: int = 0):
 def tiny_demo(monkeypatch):
     monkeypatch.setattr(data, "bbc_news", lambda test_size, seed, **_: _texts(["a", "b", "c"], 24, seed=1))
     monkeypatch.setattr(data, "tweet_sentiment", lambda test_size, seed, **_: _texts(["neg", "pos"], 24, seed=2))
-    monkeypatch.setattr(train, "load_classifier", _tiny_classifier)
+    monkeypatch.setattr(training, "load_classifier", _tiny_classifier)
 
 
 def test_demo_runs_every_step(tiny_demo, tmp_path, capsys):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.checkpoint import WEIGHTS_NAME
-from shirakit.config import CONFIG_NAME
+from shirakit.io.checkpoint import WEIGHTS_NAME
+from shirakit.io.folder import CONFIG_NAME
 from tests.checks import assert_load_fails, edit_weights
 from tests.models import MODELS, inputs, output
 

@@ -35,8 +35,8 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 import shirakit
-from shirakit.checkpoint import adapter_state_dict
-from shirakit.folder import CONFIG_NAME, WEIGHTS_NAME
+from shirakit.io.checkpoint import adapter_state_dict
+from shirakit.io.folder import CONFIG_NAME, WEIGHTS_NAME
 from tests.cases import CASES
 from tests.models import tiny_bert, tiny_llama
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.checkpoint import WEIGHTS_NAME
-from shirakit.config import CONFIG_NAME
+from shirakit.io.checkpoint import WEIGHTS_NAME
+from shirakit.io.folder import CONFIG_NAME
 from tests.checks import assert_load_fails, assert_untouched, edit_weights
 from tests.models import MODELS, inputs, output
 
-INJECT = importlib.import_module("shirakit.inject")  # the module (shirakit.inject is the function)
+INJECT = importlib.import_module("shirakit.model.inject")  # the module (shirakit.inject is the function)
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 

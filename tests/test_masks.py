@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.inject import find_targets
-from shirakit.layer import geometry_of
-from shirakit.methods.shira.calibration import compute_masks, with_masks
+from shirakit.core.layer import geometry_of
+from shirakit.core.state import adapter_layers
 from shirakit.methods.shira.masks import MASKS, _struct_union, struct_indices, struct_stride, top_k_flat
-from shirakit.state import adapter_layers
+from shirakit.model.calibration import compute_masks, with_masks
+from shirakit.model.inject import find_targets
 from tests.models import MODELS, TARGETS, inputs
 
 ALL_MASKS = ["random", "struct", "wm", "grad", "snip"]

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import shirakit
-import shirakit.layer
-import shirakit.weight_kinds
+import shirakit.core.layer
+import shirakit.core.quantized_weights
 from tests.quantized_bases import (
     CONFIGS,
     MLP,
@@ -99,7 +99,7 @@ def test_shira_trains_in_the_dequantized_copy_like_the_reference_and_keeps_none(
 def test_shira_additive_path_trains_like_the_reference(kind, monkeypatch):
     """Where no dequantized copy exists (other devices or libraries), SHiRA adds s x S^T beside the
     base: the same values after the same steps."""
-    monkeypatch.setattr(shirakit.layer, "dequantizer", lambda layer, x: None)
+    monkeypatch.setattr(shirakit.core.layer, "dequantizer", lambda layer, x: None)
     quant, dense = quantized_pair(kind)
     for model in (quant, dense):
         inject(model, CONFIGS["shira"]())
@@ -196,7 +196,7 @@ def test_training_after_bitsandbytes_repacked_the_weight_for_inference_is_refuse
     quant.eval()
     with torch.no_grad():
         quant(x)
-    if not shirakit.weight_kinds.repacked_for_inference(quant[0]):
+    if not shirakit.core.quantized_weights.repacked_for_inference(quant[0]):
         pytest.skip("bitsandbytes did not repack here (no AVX512-BF16 on this CPU)")
     quant.train()
     with pytest.raises(RuntimeError, match="repacked for CPU inference.*train mode under torch.no_grad"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.adapter import InWeightAdapter
-from shirakit.routing import route
+from shirakit.core.adapter import InWeightAdapter
+from shirakit.model.routing import route
 from tests.cases import CASES
 from tests.models import MODELS, TARGETS, inputs, output
 

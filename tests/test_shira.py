@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import shirakit
+from shirakit.core.state import adapter_layers
 from shirakit.methods.shira.masks import MASKS
-from shirakit.state import adapter_layers
 from tests.models import MODELS, TARGETS, inputs, output
 
 

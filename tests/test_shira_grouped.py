@@ -9,7 +9,7 @@ import torch
 
 import shirakit
 from shirakit.methods.shira import grouped
-from shirakit.routing import route
+from shirakit.model.routing import route
 from tests.models import MODELS, TARGETS, inputs
 
 pytestmark = pytest.mark.skipif(not grouped.AVAILABLE, reason="numba is not installed")
@@ -42,7 +42,7 @@ def _routed(model, ids, use_grouped, monkeypatch):
 @pytest.mark.parametrize("length", [1, 7], ids=["decode", "prefill"])
 def test_grouped_equals_one_product_per_adapter_bit_for_bit(dtype, length, monkeypatch):
     # the scatter path for large groups stays out of the way: every group takes the delta path
-    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
+    monkeypatch.setattr(shirakit.core.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
     model = _model(dtype)
     ids = inputs(batch=len(NAMES), length=length)
     one_by_one = _routed(model, ids, False, monkeypatch)
@@ -57,7 +57,7 @@ def test_grouped_equals_one_product_per_adapter_bit_for_bit(dtype, length, monke
 
 
 def test_training_and_half_precision_keep_the_sparse_product(monkeypatch):
-    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
+    monkeypatch.setattr(shirakit.core.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
     monkeypatch.setattr(grouped, "add_grouped", lambda *a: pytest.fail("grouped path used"))
     model = _model(torch.float32)
     ids = inputs(batch=len(NAMES), length=3)
@@ -71,7 +71,7 @@ def test_training_and_half_precision_keep_the_sparse_product(monkeypatch):
 def test_adapters_that_come_and_go_are_never_served_stale(monkeypatch, tmp_path):
     """Churn, as a server's cache does it: delete an adapter, load another of the same shapes into
     the same layers, route again: every step equals the per-adapter sparse product."""
-    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
+    monkeypatch.setattr(shirakit.core.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
     model = _model(torch.float32)
     ids = inputs(batch=len(NAMES), length=1)
     for step in range(4):
@@ -103,7 +103,7 @@ def test_every_group_size_and_token_layout_is_bit_identical(columns, monkeypatch
     rows of several tokens each) give what one sparse product per adapter gives, bit for bit."""
     if columns == "int32":  # the layout for inputs wider than 65,536
         monkeypatch.setattr(grouped, "_narrow", lambda cols: cols)
-    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
+    monkeypatch.setattr(shirakit.core.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
     layer = _layer_with_adapters(24, 13, [1, 2, 3])
     g = torch.Generator().manual_seed(0)
     for rows_per, tokens in [(1, 1), (2, 1), (4, 1), (5, 1), (8, 1), (9, 1), (12, 1), (13, 1), (19, 1), (3, 3), (2, 7)]:
@@ -122,7 +122,7 @@ def test_every_group_size_and_token_layout_is_bit_identical(columns, monkeypatch
 def test_kernel_reads_only_the_adapters_of_the_call_and_refits_stale_ones(monkeypatch):
     """A call checks only its own adapters; one changed since the layout (a new scale) is laid out
     again before use, and the others stay correct."""
-    monkeypatch.setattr(shirakit.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
+    monkeypatch.setattr(shirakit.core.adapter.InWeightAdapter, "prefers_weight", lambda self, tokens: False)
     layer = _layer_with_adapters(16, 10, [2, 2, 2, 2])
     x = torch.randn(4, 16)
     groups = [("a0", torch.tensor([0, 2])), ("a3", torch.tensor([1, 3]))]

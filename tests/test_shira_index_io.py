@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shirakit.adapter import LayerGeometry
+from shirakit.core.adapter import LayerGeometry
 from shirakit.methods.shira import compact
 from shirakit.methods.shira import index_io as shira_index_io
 from shirakit.methods.shira.masks import validate_indices

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import shirakit
-import shirakit.layer
-from shirakit.state import adapter_layers
+import shirakit.core.layer
+from shirakit.core.state import adapter_layers
 from tests.checks import held_bytes
 from tests.models import MODELS, inputs, output
 
@@ -55,7 +55,7 @@ def test_one_process_training_holds_the_indices_positions_and_base_values():
 @pytest.fixture
 def gathered_path(monkeypatch):
     """Every layer takes the FSDP2 / ZeRO-3 path (a copy gathered per call) on a plain weight."""
-    monkeypatch.setattr(shirakit.layer, "gathered_per_call", lambda module: True)
+    monkeypatch.setattr(shirakit.core.layer, "gathered_per_call", lambda module: True)
 
 
 def test_gathered_path_holds_only_the_indices_and_keeps_the_weight_clean(gathered_path):
@@ -87,7 +87,7 @@ def test_gathered_path_trains_exactly_as_the_weight_path(monkeypatch):
     trained = []
     for gathered in (False, True):
         if gathered:
-            monkeypatch.setattr(shirakit.layer, "gathered_per_call", lambda module: True)
+            monkeypatch.setattr(shirakit.core.layer, "gathered_per_call", lambda module: True)
         model = _model().train()
         _train(model)
         trained.append(shirakit.adapter_state_dict(model))

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import shirakit
+from shirakit.core.state import adapter_layers
 from shirakit.methods.shira import cpu_sddmm, struct_grad
 from shirakit.methods.shira.masks import random_mask, struct_indices, struct_stride
 from shirakit.methods.shira.sparse import SparsePattern, sampled_value_grad, value_grad
-from shirakit.state import adapter_layers
 from tests.models import MODELS, TARGETS, inputs, output
 
 

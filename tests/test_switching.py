@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import shirakit
-from shirakit.fusion import combine_adapters
-from shirakit.metrics import adapter_orthogonality
-from shirakit.state import adapter_layers
-from shirakit.switching import switch_adapter
+from shirakit.core.state import adapter_layers
+from shirakit.model.fusion import combine_adapters
+from shirakit.model.metrics import adapter_orthogonality
+from shirakit.model.switch import switch_adapter
 from tests.models import MODELS, TARGETS, inputs, output
 
 

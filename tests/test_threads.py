@@ -12,8 +12,8 @@ import torch
 
 import shirakit
 from shirakit import ConcurrentUseError
-from shirakit.adapter import InWeightAdapter
-from shirakit.routing import route
+from shirakit.core.adapter import InWeightAdapter
+from shirakit.model.routing import route
 from tests.models import MODELS, TARGETS, inputs, output
 from tests.test_routing import _alone
 

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import shirakit
-from shirakit.adapter import InWeightAdapter
+from shirakit.core.adapter import InWeightAdapter
 
 VOCAB = 96  # divisible by MiSS bat's r
 
@@ -105,6 +105,6 @@ def test_tie_detection_on_the_meta_device():
         model = _tied_llama()
         shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=["q_proj", "down_proj", "lm_head"],
                                                     random_seed=0))
-    shared = {name: layer.weight_shared_with for name, layer in shirakit.state.adapter_layers(model)}
+    shared = {name: layer.weight_shared_with for name, layer in shirakit.core.state.adapter_layers(model)}
     assert shared.pop("lm_head") == ("model.embed_tokens.weight",)
     assert len(shared) == 4 and not any(shared.values()), shared

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import shirakit
-import shirakit.layer
+import shirakit.core.layer
 from tests.quantized_bases import (
     CONFIGS,
     TOL,
@@ -170,7 +170,7 @@ def test_other_methods_keep_no_dequantized_copy_for_the_backward(kind, method):
 def test_shira_additive_path_trains_like_the_reference(kind, monkeypatch):
     """Where no dequantized copy is made (other devices, hooked layers), SHiRA adds s x S^T beside
     torchao's own product: the same values and input gradients."""
-    monkeypatch.setattr(shirakit.layer, "dequantizer", lambda layer, x: None)
+    monkeypatch.setattr(shirakit.core.layer, "dequantizer", lambda layer, x: None)
     quant, dense = quantized_pair(kind)
     for model in (quant, dense):
         inject(model, CONFIGS["shira"]())

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import shirakit
+from shirakit.core.state import adapter_layers
 from shirakit.methods.shira import cpu_sddmm, native_sddmm
 from shirakit.methods.shira.sparse import SparsePattern, sampled_value_grad
-from shirakit.state import adapter_layers
 from tests.models import MODELS, TARGETS, inputs, output
 
 pytestmark = pytest.mark.skipif(not cpu_sddmm.AVAILABLE, reason="numba is not installed")

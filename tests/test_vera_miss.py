@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import shirakit
-from shirakit.checkpoint import WEIGHTS_NAME
-from shirakit.state import SHARED_ATTR, adapter_layers, shared_of
+from shirakit.core.state import SHARED_ATTR, adapter_layers, shared_of
+from shirakit.io.checkpoint import WEIGHTS_NAME
 from tests.checks import assert_load_fails, assert_untouched, edit_weights
 from tests.models import MODELS, inputs, output
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shirakit.adapter import Adapter
-from shirakit.config import AdapterConfig
-from shirakit.registry import register
+from shirakit.core.adapter import Adapter
+from shirakit.core.config import AdapterConfig
+from shirakit.core.registry import register
 
 
 @dataclass

@@ -12,30 +12,29 @@ line's ``--help`` do not pay for torch until something needs it.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Adapter": "adapter", "LayerGeometry": "adapter",
-    "calibrate": "methods.shira", "compute_masks": "methods.shira",
-    "adapter_state_dict": "checkpoint", "load_adapter": "checkpoint", "save_adapter": "checkpoint",
-    "AdapterConfig": "config", "read_config": "config",
-    "active_adapters": "control", "delta_weights": "control", "disable_adapters": "control", "merge": "control",
-    "print_trainable_parameters": "control", "set_adapter": "control",
-    "set_scale": "control", "trainable_parameters": "control", "unmerge": "control",
-    "combine_adapters": "fusion",
-    "ConcurrentUseError": "guard",
-    "prepare_for_hotswap": "hotswap",
-    "RecompileError": "slots", "RecompileWarning": "slots", "set_recompile_policy": "slots",
-    "delete_adapter": "inject", "inject": "inject", "merge_and_unload": "inject", "unload": "inject",
-    "AdapterLinear": "layer", "ModulesToSave": "layer",
-    "reset_adapter_parameters": "materialize",
+    # core: the contract and the configs
+    "Adapter": "core.adapter", "LayerGeometry": "core.adapter", "AdapterConfig": "core.config",
+    "AdapterLinear": "core.layer", "ModulesToSave": "core.layer", "ConcurrentUseError": "core.threads",
     "LoraConfig": "methods.lora", "MissConfig": "methods.miss", "ShiraConfig": "methods.shira",
     "VeraConfig": "methods.vera",
-    "adapter_orthogonality": "metrics",
-    "route": "routing",
-    "switch_adapter": "switching",
+    # model operations
+    "inject": "model.inject", "delete_adapter": "model.inject", "merge_and_unload": "model.inject",
+    "unload": "model.inject",
+    "active_adapters": "model.control", "delta_weights": "model.control", "disable_adapters": "model.control",
+    "merge": "model.control", "print_trainable_parameters": "model.control", "set_adapter": "model.control",
+    "set_scale": "model.control", "trainable_parameters": "model.control", "unmerge": "model.control",
+    "switch_adapter": "model.switch", "route": "model.routing", "combine_adapters": "model.fusion",
+    "adapter_orthogonality": "model.metrics", "calibrate": "model.calibration", "compute_masks": "model.calibration",
+    "reset_adapter_parameters": "model.meta_init",
+    # files
+    "adapter_state_dict": "io.checkpoint", "load_adapter": "io.checkpoint", "save_adapter": "io.checkpoint",
+    "read_config": "io.config_file",
+    # torch.compile
+    "prepare_for_hotswap": "model.hotswap",
+    "RecompileError": "compile.slots", "RecompileWarning": "compile.slots", "set_recompile_policy": "compile.slots",
 }
 
 __version__ = "0.1.0"
@@ -56,15 +55,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``shirakit.inject`` must not hide the function ``shirakit.inject``
-    (Python sets a package attribute per imported submodule): the exported name wins."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and name in _EXPORTS:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

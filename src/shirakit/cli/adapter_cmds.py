@@ -81,7 +81,7 @@ def register(sub) -> None:
 # ---- the base model of adapter folders ---------------------------------------------------------------
 def _head_size(directory: Path) -> int | None:
     """Rows of the saved classification head (a modules_to_save copy named classifier/score), if any."""
-    from ..checkpoint import PREFIX, read_weights
+    from ..io.checkpoint import PREFIX, read_weights
 
     _, tensors, _ = read_weights(directory)
     for key, tensor in tensors.items():
@@ -93,7 +93,7 @@ def _head_size(directory: Path) -> int | None:
 
 def _task_of(directory: Path) -> str:
     from .. import methods  # noqa: F401  (registers the methods read_config needs)
-    from ..config import read_config
+    from ..io.config_file import read_config
 
     record = training_record(directory) or {}
     if record.get("task"):
@@ -139,8 +139,8 @@ def _eval_settings(args, record: dict, task: str) -> argparse.Namespace:
 def cmd_eval(args) -> None:
     import shirakit
 
-    from .. import finetune
-    from ..textdata import DataError, check_source
+    from ..app import user_training
+    from ..app.user_data import DataError, check_source
     from .train_run import load_data
 
     directory = check_adapter_dir(args.adapter)
@@ -157,12 +157,12 @@ def cmd_eval(args) -> None:
     model, tokenizer, task, labels, device = _base_model([directory], args)
     settings = _eval_settings(args, record, task)
     _, rows, labels = load_data(settings, tokenizer, labels if record.get("labels") else None)
-    metric, pad = finetune.metric_name(task), tokenizer.pad_token_id
+    metric, pad = user_training.metric_name(task), tokenizer.pad_token_id
     print(f"{len(rows)} evaluation rows from {settings.eval_data or settings.data or 'preset ' + settings.preset}")
     if task != "classification":  # a fresh classification head makes the base's accuracy meaningless
-        print(f"base     {metric} {finetune.evaluate(model, rows, task, pad, device, args.batch_size):.4g}")
+        print(f"base     {metric} {user_training.evaluate(model, rows, task, pad, device, args.batch_size):.4g}")
     shirakit.load_adapter(model, directory)
-    print(f"adapter  {metric} {finetune.evaluate(model, rows, task, pad, device, args.batch_size):.4g}")
+    print(f"adapter  {metric} {user_training.evaluate(model, rows, task, pad, device, args.batch_size):.4g}")
 
 
 # ---- switch / fuse --------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def _load_all(directories: list[Path], args):
 
 
 def cmd_switch(args) -> None:
-    from ..switching import switch_adapter
+    from ..model.switch import switch_adapter
 
     directories = [check_adapter_dir(d) for d in args.adapters]
     if args.model:
@@ -199,7 +199,7 @@ def cmd_switch(args) -> None:
 def cmd_fuse(args) -> None:
     import shirakit
 
-    from ..fusion import combine_adapters
+    from ..model.fusion import combine_adapters
 
     directories = [check_adapter_dir(d) for d in args.adapters]
     check_out_dir(args.out, overwrite=args.overwrite)
@@ -223,7 +223,7 @@ def cmd_fuse(args) -> None:
     record = training_record(directories[0]) or {}
     fused = {**record, "fused_from": [str(d) for d in directories], "weights": weights,
              "modules_from": str(directories[args.modules_from]) if keep else None}
-    from ..io_utils import atomic_write_bytes
+    from ..io.atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(args.out) / TRAINING_FILE, (json.dumps(fused, indent=2) + "\n").encode())
     print(f"fused adapter written to {args.out}/")
@@ -232,7 +232,7 @@ def cmd_fuse(args) -> None:
 # ---- inspect / orthogonality ----------------------------------------------------------------------------
 def layer_values(tensors: dict) -> tuple[dict[str, int], int]:
     """Trained values per targeted layer (by module name), and the values shared across layers."""
-    from ..checkpoint import PREFIX
+    from ..io.checkpoint import PREFIX
 
     layers: dict[str, int] = {}
     shared = 0
@@ -249,8 +249,8 @@ def layer_values(tensors: dict) -> tuple[dict[str, int], int]:
 
 def cmd_inspect(args) -> None:
     from .. import methods  # noqa: F401  (registers the methods read_config needs)
-    from ..checkpoint import FORMAT_KEY, WEIGHTS_NAME, read_weights
-    from ..config import read_config
+    from ..io.checkpoint import FORMAT_KEY, WEIGHTS_NAME, read_weights
+    from ..io.config_file import read_config
 
     directory = check_adapter_dir(args.adapter)
     config = read_config(directory)
@@ -280,7 +280,9 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_orthogonality(args) -> None:
-    from ..metrics import align_shapes, deltas_from_dir, heatmap, pairwise
+    from ..app.figures import heatmap
+    from ..io.deltas import deltas_from_dir
+    from ..model.metrics import align_shapes, pairwise
 
     a, b = check_adapter_dir(args.adapter_a), check_adapter_dir(args.adapter_b)
     png = check_file_out(args.png, "--png")

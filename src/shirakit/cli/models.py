@@ -21,14 +21,14 @@ PACKAGED = {
 
 
 def packaged_dir(name: str) -> Path:
-    from .. import data
+    from ..app import data
 
     return data.minilm_dir() if name == "minilm" else data.smollm2_dir()
 
 
 def packaged_name(folder: Path) -> str | None:
     """The hub id of a packaged model folder, or None for the user's own."""
-    from .. import data
+    from ..app import data
 
     folder = Path(folder).resolve()
     for name, where in (("minilm", data.minilm_dir), ("smollm2", data.smollm2_cache)):
@@ -113,7 +113,7 @@ def find_base(adapter_dir: Path, model_flag: str | None) -> Path:
     if record.get("model") and Path(record["model"]).is_dir():
         return Path(record["model"])
     from .. import methods  # noqa: F401  (registers the methods read_config needs)
-    from ..config import read_config
+    from ..io.config_file import read_config
 
     named = read_config(adapter_dir).base_model_name_or_path
     if named and Path(named).is_dir():

@@ -62,7 +62,7 @@ def cmd_bench(args) -> None:
 
 def cmd_demo(args) -> None:
     check_out_dir(args.out, overwrite=True)  # the demo rewrites its own folder
-    from .. import demo
+    from ..app import demo
 
     demo.run(args.out, steps=args.steps, r=args.r, seq_len=args.seq_len, batch_size=args.batch_size,
              test_size=args.test_size, seed=args.seed)

@@ -135,7 +135,7 @@ def _as_flags(values: dict, parser: argparse.ArgumentParser, source: str) -> lis
 
 def expand(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """``train`` arguments with the preset's and the recipe's values turned into leading flags."""
-    from ..data import PRESETS as PRESET_VALUES
+    from ..app.data import PRESETS as PRESET_VALUES
 
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("--config")
@@ -152,7 +152,7 @@ def expand(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
 # ---- checks before anything loads -------------------------------------------------------------------------
 def validate(args) -> None:
     """Every check that needs no model, tokenizer or data read; the output folder first."""
-    from ..textdata import DataError, check_source
+    from ..app.user_data import DataError, check_source
 
     resuming_in_place = args.resume and Path(args.resume).resolve() == Path(args.out).resolve()
     check_out_dir(args.out, overwrite=args.overwrite or resuming_in_place)

@@ -17,14 +17,14 @@ from .common import TRAINING_FILE, UsageError, training_record
 
 
 def _prepare(table, tokenizer, args, labels, where: str):
-    from .. import textdata
+    from ..app import user_data
 
     if args.task == "causal-lm":
-        out = textdata.causal_lm(table, tokenizer, args.text_column, args.seq_len, where)
+        out = user_data.causal_lm(table, tokenizer, args.text_column, args.seq_len, where)
     elif args.task == "sft":
-        out = textdata.sft(table, tokenizer, args.messages_column, args.seq_len, where)
+        out = user_data.sft(table, tokenizer, args.messages_column, args.seq_len, where)
     else:
-        out = textdata.classification(table, tokenizer, args.text_column, args.label_column, labels, args.seq_len,
+        out = user_data.classification(table, tokenizer, args.text_column, args.label_column, labels, args.seq_len,
                                       where)
     return out
 
@@ -35,29 +35,29 @@ def _cap(table, rows: int | None, seed: int):
 
 def load_data(args, tokenizer, labels: list[str] | None = None):
     """(train rows, eval rows, class labels or None), prepared; any problem is a UsageError."""
-    from .. import data, textdata
+    from ..app import data, user_data
 
     try:
-        table = data.preset_table(args.preset) if args.data is None else textdata.load_table(args.data)
+        table = data.preset_table(args.preset) if args.data is None else user_data.load_table(args.data)
         where = args.data or f"preset {args.preset}"
         if args.eval_data:
-            train_table, eval_table = table, textdata.load_table(args.eval_data)
+            train_table, eval_table = table, user_data.load_table(args.eval_data)
         else:
-            train_table, eval_table = textdata.split(table, args.eval_split, args.seed)
+            train_table, eval_table = user_data.split(table, args.eval_split, args.seed)
         if args.task == "classification" and labels is None:
-            labels = textdata.label_names(train_table, args.label_column, where)
+            labels = user_data.label_names(train_table, args.label_column, where)
         train_rows = _prepare(train_table, tokenizer, args, labels, where)
         eval_rows = _prepare(eval_table, tokenizer, args, labels, args.eval_data or f"{where} (held-out part)")
-    except textdata.DataError as exc:
+    except user_data.DataError as exc:
         raise UsageError(str(exc)) from None
     return _cap(train_rows, args.train_rows, args.seed), _cap(eval_rows, args.eval_rows, args.seed), labels
 
 
 def _adapter_config(args, base_name: str):
-    from .. import train
+    from ..app import training
 
     targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
-    config = train.adapter_config(args.method, args.r, targets, mask=args.mask, seed=args.seed)
+    config = training.adapter_config(args.method, args.r, targets, mask=args.mask, seed=args.seed)
     task_type = "SEQ_CLS" if args.task == "classification" else "CAUSAL_LM"  # SEQ_CLS also trains the head
     return dataclasses.replace(config, task_type=task_type, base_model_name_or_path=base_name)
 
@@ -66,12 +66,12 @@ def _calibrated(model, config, train_rows, args, pad_id):
     """SHiRA's grad/snip masks from the first training batches (the base model's gradients)."""
     import shirakit
 
-    from .. import finetune
+    from ..app import user_training
 
     rows = [{"input_ids": i, "labels": y} for i, y in zip(train_rows["input_ids"], train_rows["labels"])]
-    batches = [finetune.collate(rows[s : s + args.batch_size], pad_id, args.device_obj)
+    batches = [user_training.collate(rows[s : s + args.batch_size], pad_id, args.device_obj)
                for s in range(0, len(rows), args.batch_size)][: args.calibration_batches]
-    return shirakit.calibrate(model, config, batches, lambda m, b: finetune.loss_of(m, b, args.task),
+    return shirakit.calibrate(model, config, batches, lambda m, b: user_training.loss_of(m, b, args.task),
                               max_batches=len(batches))
 
 
@@ -91,7 +91,7 @@ def _model_with_adapter(args, folder: Path, base_name: str, labels, train_rows, 
 
 def _check_resume(args) -> tuple[dict, object]:
     """The earlier run's record and History; refused when it was a different model, task or method."""
-    from ..train import History
+    from ..app.training import History
 
     record = training_record(Path(args.resume))
     for key in ("task", "method", "model", "preset", "data"):
@@ -124,8 +124,8 @@ def _record(args, labels, history, before: float, extra: dict) -> dict:
 def save_run(model, args, record: dict, history) -> None:
     import shirakit
 
-    from ..io_utils import atomic_write_bytes
-    from ..train import plot_history
+    from ..app.training import plot_history
+    from ..io.atomic import atomic_write_bytes
 
     out = Path(args.out)
     shirakit.save_adapter(model, out)
@@ -139,7 +139,7 @@ def train(args) -> None:
 
     import shirakit
 
-    from .. import data, finetune
+    from ..app import data, user_training
     from .models import load_tokenizer, packaged_name
 
     torch.manual_seed(args.seed)
@@ -156,13 +156,13 @@ def train(args) -> None:
           f"seq-len {args.seq_len}){'; labels ' + ', '.join(labels) if labels else ''}")
     model = _model_with_adapter(args, folder, base_name, labels, train_rows, tokenizer)
     shirakit.print_trainable_parameters(model)
-    pad, device, metric = tokenizer.pad_token_id, args.device_obj, finetune.metric_name(args.task)
+    pad, device, metric = tokenizer.pad_token_id, args.device_obj, user_training.metric_name(args.task)
     before = record.get("metric_before")
     if before is None:
-        before = finetune.evaluate(model, eval_rows, args.task, pad, device, args.batch_size)
+        before = user_training.evaluate(model, eval_rows, args.task, pad, device, args.batch_size)
     print(f"device {device}, dtype {str(args.dtype_obj).removeprefix('torch.')}; eval {metric} before: {before:.4g}")
     save = lambda h, **extra: save_run(model, args, _record(args, labels, h, before, extra), h)  # noqa: E731
-    history = finetune.fit(model, train_rows, eval_rows, task=args.task, pad_id=pad, device=device, lr=args.lr,
+    history = user_training.fit(model, train_rows, eval_rows, task=args.task, pad_id=pad, device=device, lr=args.lr,
                            epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, seed=args.seed, progress=not args.quiet,
                            on_epoch=lambda h: save(h, finished=False), history=history)

@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..adapter import Adapter
-from ..config import AdapterConfig, check_dropout, check_rank
-from ..registry import register
+from ..core.adapter import Adapter
+from ..core.config import AdapterConfig, check_dropout, check_rank
+from ..core.registry import register
 
 
 @dataclass

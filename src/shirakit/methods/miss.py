@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, InWeightAdapter, LayerGeometry
-from ..config import AdapterConfig, check_dropout, check_rank
-from ..registry import register
+from ..core.adapter import Adapter, InWeightAdapter, LayerGeometry
+from ..core.config import AdapterConfig, check_dropout, check_rank
+from ..core.registry import register
 
 MODES = {True: "balance", False: "balance", "balance": "balance", "bat": "bat", "mini": "mini"}
 

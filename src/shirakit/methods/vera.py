@@ -13,7 +13,7 @@ Shared projections. A and B are built by :meth:`VeraAdapter.make_shared` from
 ``projection_prng_key`` with exactly PEFT's draws (a CPU ``torch.Generator`` seeded with the key,
 kaiming-uniform with the ReLU gain, A first, then B), so a PEFT file saved with
 ``save_projection=False`` loads with identical outputs. They live once per model and adapter in
-a model-level holder (see :mod:`shirakit.inject`); layers keep a reference and slice it.
+a model-level holder (see :mod:`shirakit.model.inject`); layers keep a reference and slice it.
 ``save_projection=True`` writes them as ``base_model.vera_A`` / ``base_model.vera_B``.
 
 Several adapters (beyond PEFT). Each adapter owns its own A/B, built from its own config (its r,
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, LayerGeometry
-from ..config import AdapterConfig, check_dropout, check_rank
-from ..registry import register
+from ..core.adapter import Adapter, LayerGeometry
+from ..core.config import AdapterConfig, check_dropout, check_rank
+from ..core.registry import register
 
 
 @dataclass

@@ -30,7 +30,7 @@ def resolve_device(device: str) -> torch.device:
 
 def default_model_dir() -> Path:
     """The packaged SmolLM2-135M (dequantized from its GGUF once, then cached as safetensors)."""
-    from shirakit.data import smollm2_dir
+    from shirakit.data import smollm2_dir  # the public path: serve is a client of the public API
 
     return smollm2_dir()
 

@@ -41,8 +41,8 @@ from typing import Callable
 import torch
 
 import shirakit
-from shirakit.checkpoint import read_adapter_files
-from shirakit.routing import BASE
+from shirakit.io.checkpoint import read_adapter_files
+from shirakit.model.routing import BASE
 
 from .cache import AdapterCache, AdapterLoadError
 from .kv import BatchKV, cache_from

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import shirakit.methods  # noqa: F401  (registers every method: reading a config needs them)
-from shirakit.checkpoint import AdapterFiles, read_adapter_files
+from shirakit.io.checkpoint import AdapterFiles, read_adapter_files
 
 
 class Prefetcher:

@@ -95,8 +95,8 @@ def engine_deployment(max_loaded: int):
 
         def check_adapter(self, path: str) -> None:
             """Read the folder's config and weights (raises what is wrong with them)."""
-            from shirakit.checkpoint import read_weights
-            from shirakit.config import read_config
+            from shirakit.io.checkpoint import read_weights
+            from shirakit.io.config_file import read_config
 
             read_config(path)
             read_weights(path)

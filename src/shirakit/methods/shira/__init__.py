@@ -8,7 +8,6 @@
 """
 
 from .adapter import ShiraAdapter, ShiraConfig
-from .calibration import calibrate, compute_masks, with_masks
 from .masks import MASKS
 
-__all__ = ["MASKS", "ShiraAdapter", "ShiraConfig", "calibrate", "compute_masks", "with_masks"]
+__all__ = ["MASKS", "ShiraAdapter", "ShiraConfig"]

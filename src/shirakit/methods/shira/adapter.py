@@ -22,11 +22,11 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from ...adapter import InWeightAdapter, adapter_dtype
-from ...config import AdapterConfig, check_rank, no_serialize
-from ...metrics import SparseDelta
-from ...registry import register
-from ...weight_kinds import full_values, is_sharded, shard_positions, sharded_rows
+from ...core.adapter import InWeightAdapter, adapter_dtype
+from ...core.config import AdapterConfig, check_rank, no_serialize
+from ...core.registry import register
+from ...core.sharded_weights import full_values, is_sharded, shard_positions, sharded_rows
+from ...core.sparse_delta import SparseDelta
 from . import compact, grouped, index_io
 from .masks import MASKS, shira_budget, validate_indices
 from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, sparse_delta, value_grad_tap

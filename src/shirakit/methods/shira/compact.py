@@ -12,7 +12,7 @@ row-major flat positions ``f_k = row_k * in_features + col_k`` (sorted, so gaps 
 Decoding is ``f = cumsum(gaps)`` after patching the far gaps: vectorized, no Python loop.
 Bytes per value: 4 + 2 for fp32 values, 2 + 2 for half values (plus 16 per far gap, which a
 1-5% density mask essentially never has). The safetensors metadata ``shirakit_format`` says
-which layout a file uses (``shirakit.checkpoint.FORMAT_KEY``); the loader reads both.
+which layout a file uses (``shirakit.io.checkpoint.FORMAT_KEY``); the loader reads both.
 """
 
 from __future__ import annotations

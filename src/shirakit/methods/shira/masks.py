@@ -4,7 +4,7 @@ A mask function has the signature ``(base_layer, r, generator) -> indices`` and 
 positions directly, never a dense 0/1 matrix: either a (2, K) tensor of (row, col) in the
 weight's logical (out, in) orientation, or a (K,) tensor of flat row-major positions.
 Every layer and every adapter draws from its own generator, derived from one seed
-(:func:`shirakit.inject.layer_generator`), so two same-shaped layers do not get the same mask.
+(:func:`shirakit.model.inject.layer_generator`), so two same-shaped layers do not get the same mask.
 
 The five masks of the paper, by ``ShiraConfig.mask_type``:
 
@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...adapter import LayerGeometry
-from ...layer import geometry_of
+from ...core.adapter import LayerGeometry
+from ...core.layer import geometry_of
 
 MaskFn = Callable[[nn.Module, int, torch.Generator], torch.Tensor]
 

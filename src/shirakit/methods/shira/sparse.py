@@ -158,7 +158,7 @@ class _ScatteredLinear(torch.autograd.Function):
     or the forward's copy, which shirakit cleaned after its own product (see
     :meth:`ShiraAdapter.gathered_forward`); either way the values must be written again, and taken out again.
     ``transient``: the weight is a copy made for this product only (a quantized weight dequantized
-    by :func:`shirakit.weight_kinds.dequantizer`); it is not kept for the backward, which gets a
+    by :func:`shirakit.core.quantized_weights.dequantizer`); it is not kept for the backward, which gets a
     fresh one from ``refill(None)``, so no dense copy lives between forward and backward.
     """
 

@@ -2,9 +2,9 @@
 
 The orchestrator: it finds the targets, wraps them, asks the method for its adapters and
 records the result; the state it records (``model.shirakit``, shared tensors, the wrapped
-layers) is defined in :mod:`shirakit.state`. The model is changed in place and keeps its class:
-targeted layers become :class:`~shirakit.layer.AdapterLinear`, ``modules_to_save`` become
-:class:`~shirakit.layer.ModulesToSave`.
+layers) is defined in :mod:`shirakit.core.state`. The model is changed in place and keeps its class:
+targeted layers become :class:`~shirakit.core.layer.AdapterLinear`, ``modules_to_save`` become
+:class:`~shirakit.core.layer.ModulesToSave`.
 """
 
 from __future__ import annotations
@@ -20,16 +20,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adapter import Adapter
-from .compiled import forget_compiled, forget_layers
-from .config import AdapterConfig
-from .control import merge, set_adapter
-from .guard import writes_weights
-from .layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
-from .registry import method_for_config
-from .routing import install_keyword_routing, uninstall_keyword_routing
-from .slots import check_new_adapter
-from .state import (
+from ..compile.slots import check_new_adapter
+from ..compile.sync import forget_compiled, forget_layers
+from ..core.adapter import Adapter
+from ..core.config import AdapterConfig
+from ..core.layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
+from ..core.registry import method_for_config
+from ..core.sharded_weights import storage_key
+from ..core.state import (
     ModelAdapters,
     SharedStore,
     adapter_layers,
@@ -40,8 +38,10 @@ from .state import (
     state_of,
     walk_modules,
 )
-from .validation import REGEX_TIME_LIMIT, bounded_match, check_adapter_name
-from .weight_kinds import storage_key
+from ..core.threads import writes_weights
+from ..core.validation import REGEX_TIME_LIMIT, bounded_match, check_adapter_name
+from .control import merge, set_adapter
+from .routing import install_keyword_routing, uninstall_keyword_routing
 
 ALL_LINEAR = "all-linear"
 

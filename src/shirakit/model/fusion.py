@@ -21,12 +21,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from .guard import writes_weights
+from ..core.layer import ModulesToSave
+from ..core.registry import method_for_config
+from ..core.state import adapter_layers, check_adapter_names, hosts, state_of
+from ..core.threads import writes_weights
+from ..core.validation import check_scalar
 from .inject import inject
-from .layer import ModulesToSave
-from .registry import method_for_config
-from .state import adapter_layers, check_adapter_names, hosts, state_of
-from .validation import check_scalar
 
 
 def _saved_module_sources(model: nn.Module, names: list[str], modules_from: str | None) -> dict[str, str]:

@@ -13,16 +13,9 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
-from .folder import CONFIG_NAME, bound_config_bytes, write_config_only
-from .io_utils import read_regular_file
-from .registry import method_for_peft_type
 from .validation import check_fields, check_regex, short_repr
-
-#: adapter_config.json files are a few KB; anything this large is not one (and is not read whole).
-MAX_CONFIG_BYTES = 4 << 20
 
 # Fields PEFT writes for features shirakit does not implement, with the value that means "off".
 # A file that has any of them set to something else describes an adapter we cannot reproduce.
@@ -160,31 +153,6 @@ class AdapterConfig:
     def to_json_bytes(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``adapter_config.json`` alone (:func:`shirakit.save_adapter` writes it with the weights)."""
-        write_config_only(directory, self.to_json_bytes())
-        return Path(directory) / CONFIG_NAME
-
-
-def read_config(directory: str | Path) -> AdapterConfig:
-    """Read ``adapter_config.json`` and return the matching method's config (the one saved with the
-    weights beside it, should a save have been interrupted: see :mod:`shirakit.folder`)."""
-
-    path = Path(directory) / CONFIG_NAME
-    raw = read_regular_file(path, MAX_CONFIG_BYTES, "adapter config")
-    return config_from_bytes(bound_config_bytes(Path(directory), raw), path)
-
-
-def config_from_bytes(raw: bytes, path: Path) -> AdapterConfig:
-    """Parse the bytes of an ``adapter_config.json`` (strict JSON: no NaN/Infinity constants)."""
-    data = parse_json_object(raw, path)
-    if "peft_type" not in data:
-        raise ValueError(f"{path}: expected a 'peft_type' key")
-    if not isinstance(data["peft_type"], str):
-        raise ValueError(f"{path}: field 'peft_type': expected a string, found {short_repr(data['peft_type'])}")
-    method = method_for_peft_type(data["peft_type"], source=str(path))
-    return method.config_class.from_dict(data, source=str(path))
-
 
 def check_rank(name: str, value: Any) -> None:
     if not isinstance(value, int) or value <= 0:
@@ -194,25 +162,6 @@ def check_rank(name: str, value: Any) -> None:
 def check_dropout(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), found {value}")
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def parse_json_object(raw: bytes, path: Path) -> dict[str, Any]:
-    """A JSON object from ``raw``; every way the text can be wrong is a ValueError naming ``path``."""
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text: {exc}") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not valid JSON: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
-        raise ValueError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
 
 def no_serialize() -> Any:
     """A dataclass field kept out of adapter_config.json (e.g. a Python callable)."""

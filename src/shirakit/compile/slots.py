@@ -1,10 +1,10 @@
 """Hot-swap slots: the fixed tensors a compiled forward reads, and the checks before a change.
 
-See :mod:`shirakit.hotswap` for the design (``prepare_for_hotswap`` builds these). A
+See :mod:`shirakit.model.hotswap` for the design (``prepare_for_hotswap`` builds these). A
 :class:`LayerSlots` per adapted layer holds, per kind of additive adapter, one padded unit-scale
 adapter made of non-persistent buffers; :class:`ModelSlots` holds the recompile policy and the
 shared tensors of a kind (VeRA's projections). Both are refreshed eagerly before each call by the
-model's pre-forward hook (:func:`shirakit.compiled.sync_model`).
+model's pre-forward hook (:func:`shirakit.compile.sync.sync_model`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import weakref
 import torch
 from torch import nn
 
-from .adapter import Adapter, InWeightAdapter, values_stamp
-from .compiled import HOTSWAP_ATTR, ran_compiled
-from .layer import AdapterLinear
-from .state import SharedTensors, adapter_layers, shared_of, state_of
+from ..core.adapter import Adapter, InWeightAdapter, values_stamp
+from ..core.layer import AdapterLinear
+from ..core.state import SharedTensors, adapter_layers, shared_of, state_of
+from .sync import HOTSWAP_ATTR, ran_compiled
 
 POLICIES = ("warn", "raise", "ignore")
 _POLICY = "_shirakit_on_recompile"

@@ -40,7 +40,7 @@ class ConcurrentUseError(RuntimeError):
 
 
 class ModelGuard:
-    """One per model (``model.shirakit.guard``, shared by its layers): the lock, and what runs.
+    """One per model (``model.shirakit.core.threads``, shared by its layers): the lock, and what runs.
 
     ``lock`` is re-entrant: a model-level call holds it while the layer-level calls it makes take it
     again. ``idle`` (a condition on the same lock) is notified when a layer's product finishes.
@@ -53,7 +53,7 @@ class ModelGuard:
         self.layer_users = 0  # layer products reading an in-weight state, all threads
         self.waiting = 0  # forwards waiting on ``idle`` (notified only when someone waits)
         # Per thread: the keyword-routing hooks' stack, and ``routed``: whether the model call this
-        # thread is in runs under a route (set eagerly before a compiled call; see shirakit.compiled).
+        # thread is in runs under a route (set eagerly before a compiled call; see shirakit.compile.sync).
         self.local = threading.local()
 
     def __reduce__(self):  # deepcopy / pickle of a model: a fresh guard, nothing in flight
@@ -75,7 +75,7 @@ class ModelGuard:
                 self._calls.pop(me, None)
 
     def call_stack(self) -> list:
-        """This thread's stack of keyword-route tokens (see :mod:`shirakit.routing`)."""
+        """This thread's stack of keyword-route tokens (see :mod:`shirakit.model.routing`)."""
         stack = getattr(self.local, "stack", None)
         if stack is None:
             stack = self.local.stack = []

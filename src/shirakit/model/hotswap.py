@@ -16,7 +16,7 @@ so no guard changes. Padding is exact: LoRA's extra rows of A and columns of B a
 extra ``lambda_d`` entries and projection rows are zero, a layer an adapter does not target gets
 an all-zero slot. Adapters that live in the weight (SHiRA, MiSS bat) need no slot: the weight is
 their slot, and a swap is the scatters it always was (fused ``switch_adapter`` too). Slots are
-refreshed eagerly before each call by the model's pre-forward hook (:mod:`shirakit.compiled`),
+refreshed eagerly before each call by the model's pre-forward hook (:mod:`shirakit.compile.sync`),
 also when the active adapter's own values change (``copy_`` into them, an optimizer step).
 
 Only inference takes the slot path (autograd off): a training step differentiates the adapters'
@@ -29,14 +29,14 @@ from dataclasses import replace
 
 from torch import nn
 
-from .adapter import Adapter
-from .compiled import HOTSWAP_ATTR, forget_layers
-from .config import AdapterConfig
-from .guard import writes_weights
+from ..compile.slots import LayerSlots, ModelSlots, buffers_only, key_name, needs_slot, set_recompile_policy
+from ..compile.sync import HOTSWAP_ATTR, forget_layers
+from ..core.adapter import Adapter
+from ..core.config import AdapterConfig
+from ..core.layer import AdapterLinear
+from ..core.state import SharedTensors, adapter_layers, state_of
+from ..core.threads import writes_weights
 from .inject import _set_submodule, _weight_sharers, find_targets
-from .layer import AdapterLinear
-from .slots import LayerSlots, ModelSlots, buffers_only, key_name, needs_slot, set_recompile_policy
-from .state import SharedTensors, adapter_layers, state_of
 
 
 # ---- preparing --------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .guard import writes_weights
-from .layer import AdapterLinear
-from .slots import check_swap
-from .state import adapter_layers, check_adapter_names, hosts, state_of
-from .validation import check_scalar
+from ..compile.slots import check_swap
+from ..core.layer import AdapterLinear
+from ..core.state import adapter_layers, check_adapter_names, hosts, state_of
+from ..core.threads import writes_weights
+from ..core.validation import check_scalar
 
 
 def _as_list(names: str | list[str]) -> list[str]:

@@ -5,7 +5,7 @@ path ``P`` (an AdapterLinear or a ModulesToSave) is ``P.adapters.<name>.<k>`` in
 ``base_model.model.P.<k>`` in the file; a tensor ``k`` the adapter shares across layers
 (:meth:`Adapter.make_shared`, e.g. VeRA's ``vera_A``) is ``base_model.<k>`` in the file, written
 when the method's :meth:`Adapter.shared_in_checkpoint` says so. Files are read with safetensors
-only (no pickle); the pair is written all or nothing (:mod:`shirakit.folder`). Loading validates
+only (no pickle); the pair is written all or nothing (:mod:`shirakit.io.folder`). Loading validates
 everything before the model is changed for good (layer tensors against the config before anything
 is allocated): on any error the half-built adapter is removed again and the error names the file
 and the key.
@@ -25,19 +25,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .adapter import Adapter
-from .config import CONFIG_NAME, AdapterConfig, read_config
-from .control import merge as merge_adapters
-from .control import set_adapter
-from .folder import BINDING_KEY, WEIGHTS_NAME, digest, write_adapter_folder
-from .guard import writes_weights
-from .inject import delete_adapter, find_targets, inject, unload
-from .io_utils import check_regular_file
-from .layer import AdapterLinear, geometry_of
-from .registry import method_for_config
-from .state import SharedTensors, check_adapter_names, check_drawn, hosts, shared_of, state_of
-from .validation import check_adapter_name
-from .weight_kinds import full_values, is_sharded
+from ..core.adapter import Adapter
+from ..core.config import AdapterConfig
+from ..core.layer import AdapterLinear, geometry_of
+from ..core.registry import method_for_config
+from ..core.sharded_weights import full_values, is_sharded
+from ..core.state import SharedTensors, check_adapter_names, check_drawn, hosts, shared_of, state_of
+from ..core.threads import writes_weights
+from ..core.validation import check_adapter_name
+from ..model.control import merge as merge_adapters
+from ..model.control import set_adapter
+from ..model.inject import delete_adapter, find_targets, inject, unload
+from .atomic import check_regular_file
+from .config_file import read_config
+from .folder import BINDING_KEY, CONFIG_NAME, WEIGHTS_NAME, digest, write_adapter_folder
 
 PREFIX = "base_model.model."
 # safetensors metadata naming the file's layout: absent = PEFT's; COMPACT_V1 = methods' compact
@@ -91,7 +92,7 @@ def save_adapter(
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors``, all or nothing: after a
     crash or kill at any instant the folder reads as the previous adapter or this one
-    (:mod:`shirakit.folder`).
+    (:mod:`shirakit.io.folder`).
 
     ``compact=True`` writes methods that have a compact layout (SHiRA: <= 6 bytes per value, see
     :mod:`shirakit.methods.shira.compact`) in it; such a file is for shirakit only, PEFT cannot read it.
@@ -118,7 +119,7 @@ def save_adapter(
     config = state.configs[adapter_name]
     name_or_path = config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
     config_bytes = replace(config, inference_mode=True, base_model_name_or_path=name_or_path or None).to_json_bytes()
-    metadata[BINDING_KEY] = digest(config_bytes)  # binds the pair: see shirakit.folder
+    metadata[BINDING_KEY] = digest(config_bytes)  # binds the pair: see shirakit.io.folder
     if not sharded or torch.distributed.get_rank() == 0:
         write_adapter_folder(directory, config_bytes, save(tensors, metadata=metadata))
     if sharded:

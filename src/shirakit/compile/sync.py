@@ -2,12 +2,12 @@
 
 In-weight adapters (SHiRA, MiSS bat) are written into the base weight lazily, by the first forward
 after a change whose values' stamp (version counter, optimizer-step count) moved; forwards of
-several threads coordinate on the model's lock (:mod:`shirakit.guard`), and a mixed-adapter batch
+several threads coordinate on the model's lock (:mod:`shirakit.core.threads`), and a mixed-adapter batch
 finds its route in a context variable. All of that is Python state dynamo cannot trace
 (``Tensor._version``, ``ContextVar.get``, locks: a graph break per layer) or would recompile on
 (the optimizer-step count). So the top module's forward hooks (installed by ``inject``, see
-:mod:`shirakit.routing`) do it *eagerly* at each compiled call: :func:`enter_compiled_call` brings
-every layer's weight and hot-swap slots (:mod:`shirakit.hotswap`) up to date, registers the call as
+:mod:`shirakit.model.routing`) do it *eagerly* at each compiled call: :func:`enter_compiled_call` brings
+every layer's weight and hot-swap slots (:mod:`shirakit.model.hotswap`) up to date, registers the call as
 a user of every in-weight layer's weight (as an eager forward does per layer; other threads'
 routed forwards wait, writers raise), and sets a per-thread flag on the model's guard saying
 whether the call is routed; :func:`leave_compiled_call` releases the weights. A layer that dynamo
@@ -21,7 +21,7 @@ graph, where they run eagerly: no break. A compiled *submodule* of the model is 
 syncs itself, e.g. inside FSDP's unshard).
 
 The hook also records that the model ran compiled, so a later adapter change that would recompile
-is reported (:func:`shirakit.slots.check_swap`).
+is reported (:func:`shirakit.compile.slots.check_swap`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import AdapterLinear
-from .state import state_of
+from ..core.layer import AdapterLinear
+from ..core.state import state_of
 
 _LAYERS = "_shirakit_sync_layers"
-HOTSWAP_ATTR = "shirakit_hotswap"  # shirakit.slots.ModelSlots after prepare_for_hotswap
+HOTSWAP_ATTR = "shirakit_hotswap"  # shirakit.compile.slots.ModelSlots after prepare_for_hotswap
 COMPILED = "_shirakit_ran_compiled"
 
 

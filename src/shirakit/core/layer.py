@@ -2,7 +2,7 @@
 
 ``AdapterLinear`` replaces a targeted ``nn.Linear`` (or transformers ``Conv1D``) in place. Its
 forward is ``y = base_layer(x) + sum_{a in active, unmerged} a(x)``. Adapters whose values live in
-the weight (:class:`~shirakit.adapter.InWeightAdapter`: SHiRA, MiSS bat) are instead written into
+the weight (:class:`~shirakit.core.adapter.InWeightAdapter`: SHiRA, MiSS bat) are instead written into
 the base weight while active, so their unmerged forward costs nothing beyond the base product;
 they are withdrawn (originals restored exactly) before anything else touches the weight: merge,
 unmerge, disable, delete, unload, ``state_dict``. The layer calls only what the two adapter
@@ -20,19 +20,16 @@ import torch
 from torch import nn
 
 from .adapter import Adapter, InWeightAdapter, LayerGeometry
-from .guard import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
-from .weight_kinds import (
+from .quantized_weights import (
     NO_INPUT_GRADIENT,
     QUANTIZED_MERGE,
-    SHARDED_MERGE,
     dequantizer,
-    gathered_per_call,
     input_gradient_blocked,
-    is_sharded,
     quantized_kind,
     recomputed_linear,
-    whole_weight,
 )
+from .sharded_weights import SHARDED_MERGE, gathered_per_call, is_sharded, whole_weight
+from .threads import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -96,7 +93,7 @@ class AdapterLinear(nn.Module):
         self._base_generation = 0
         self._note_own_write()
         self._kept: dict[str, torch.Tensor] = {}  # exact merges: the weight as it was before each
-        # Threads (see shirakit.guard): the model's guard (inject shares one across the model), and
+        # Threads (see shirakit.core.threads): the model's guard (inject shares one across the model), and
         # the products running on this layer's weight (a _WeightUse).
         self._guard = ModelGuard()
         self._use = _WeightUse()
@@ -104,7 +101,7 @@ class AdapterLinear(nn.Module):
         # Other parameters sharing this weight's storage (tied embeddings), found by inject: no
         # adapter is then kept written into it; SHiRA / MiSS bat run additively (see _in_weight).
         self.weight_shared_with: tuple[str, ...] = ()
-        # shirakit.slots.LayerSlots after prepare_for_hotswap: what a compiled forward reads
+        # shirakit.compile.slots.LayerSlots after prepare_for_hotswap: what a compiled forward reads
         self.hotswap: nn.Module | None = None
         self.weight_only = False  # see update_weight_only (read by a compiled forward)
         # model.state_dict() must show the clean base weight, never adapter values riding in it.
@@ -277,7 +274,7 @@ class AdapterLinear(nn.Module):
 
     def _whole_weight(self, names: list[str], what: str, write: bool = True):
         """ZeRO-3: the weight and these adapters' parameters gathered around a merge (see
-        :func:`~shirakit.weight_kinds.whole_weight`); elsewhere, or with no names, nothing."""
+        :func:`~shirakit.core.sharded_weights.whole_weight`); elsewhere, or with no names, nothing."""
         if not names:  # the same on every rank: the model's state is
             return contextlib.nullcontext()
         return whole_weight(self.base_layer, [self.adapters[n] for n in names], what, write)
@@ -389,7 +386,7 @@ class AdapterLinear(nn.Module):
             self._leave()
 
     def _compiled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """What torch.compile traces (see shirakit.compiled): bookkeeping stays out of the graph.
+        """What torch.compile traces (see shirakit.compile.sync): bookkeeping stays out of the graph.
 
         The model's pre-forward hook has already, eagerly, brought every layer's weight up to date
         and registered this call as a user of it (version counters, optimizer steps, the lock and
@@ -442,7 +439,7 @@ class AdapterLinear(nn.Module):
     def _quantized_forward(self, x: torch.Tensor, pending: list[str], *args, **kwargs) -> torch.Tensor:
         """A quantized base: ``y = base(x) + sum a(x)`` over the pending adapters, except that while
         training, the first one that can (SHiRA) writes itself into the dense copy the library
-        dequantizes for this product anyway (:func:`~shirakit.weight_kinds.dequantizer`: bitsandbytes,
+        dequantizes for this product anyway (:func:`~shirakit.core.quantized_weights.dequantizer`: bitsandbytes,
         torchao's weight-only tensors, on CPU): ``y = x (deq(W) + delta)^T + b``, its backward
         dequantizing again. Where the library's own product would keep its dense copy for the
         backward (torchao), the base runs as ``recomputed_linear`` instead. The codes are never

@@ -9,7 +9,7 @@
   their adapter's holder (not a submodule of theirs), so nothing is stored or moved per layer.
 - the wrapped layers themselves (:func:`adapter_layers`, :func:`hosts`).
 
-It reads and records state; putting adapters in and out is :mod:`shirakit.inject`'s job.
+It reads and records state; putting adapters in and out is :mod:`shirakit.model.inject`'s job.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig
-from .guard import ModelGuard
 from .layer import AdapterLinear, ModulesToSave
+from .threads import ModelGuard
 
 SHARED_ATTR = "shirakit_shared"
 
@@ -36,9 +36,9 @@ class ModelAdapters:
     active: list[str] = field(default_factory=list)
     trainable: dict[str, bool] = field(default_factory=dict)
     seeds: dict[str, int] = field(default_factory=dict)  # the seed inject drew from (not for loaded adapters)
-    # injected on the meta device: nothing drawn yet (shirakit.materialize.reset_adapter_parameters draws)
+    # injected on the meta device: nothing drawn yet (shirakit.model.meta_init.reset_adapter_parameters draws)
     undrawn: set[str] = field(default_factory=set)
-    guard: ModelGuard = field(default_factory=ModelGuard)  # the model's lock (shirakit.guard)
+    guard: ModelGuard = field(default_factory=ModelGuard)  # the model's lock (shirakit.core.threads)
 
 
 def state_of(model: nn.Module) -> ModelAdapters:

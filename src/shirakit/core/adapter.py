@@ -1,7 +1,7 @@
 """The contract every method implements: one adapter on one linear layer.
 
 An :class:`Adapter` computes the output delta and the weight delta of a layer ``y = x W^T + b``.
-It knows nothing about module names or models; :class:`shirakit.layer.AdapterLinear` owns it.
+It knows nothing about module names or models; :class:`shirakit.core.layer.AdapterLinear` owns it.
 
 An :class:`InWeightAdapter` (SHiRA, MiSS "bat") is one whose values ride in the base weight
 while it is active and unmerged: the layer writes it in with ``merge_into``, keeps it there
@@ -149,7 +149,7 @@ class Adapter(nn.Module):
 
     @classmethod
     def combine(cls, layers: dict, configs: list[AdapterConfig], weights: list[float]):
-        """Exact weighted sum of adapters, for :func:`shirakit.fusion.combine_adapters`.
+        """Exact weighted sum of adapters, for :func:`shirakit.model.fusion.combine_adapters`.
 
         ``layers``: layer path -> (geometry, [adapter or None per input]). Returns the new
         adapter's config and, per layer path, its tensors (as in its ``state_dict``).
@@ -167,10 +167,10 @@ class Adapter(nn.Module):
     def set_scale(self, scale: float) -> None:
         self.scale = float(scale)
 
-    # ---- metrics (shirakit.metrics: AWOM / AWOR) -------------------------------------------
+    # ---- metrics (shirakit.model.metrics: AWOM / AWOR) -------------------------------------------
     def delta_for_metrics(self, weight: torch.Tensor):
         """The delta the orthogonality metrics use: dense (out, in) fp32 by default; a sparse
-        method returns a :class:`shirakit.metrics.SparseDelta` (its non-zeros) instead."""
+        method returns a :class:`shirakit.model.metrics.SparseDelta` (its non-zeros) instead."""
         return self.delta_weight(weight)
 
     #: The tensor names one layer of this method has in a file (both layouts), when its delta can
@@ -182,7 +182,7 @@ class Adapter(nn.Module):
         """One layer's delta from its file tensors (keys from :attr:`file_keys`), no base model."""
         raise NotImplementedError(f"{source}: {cls.__name__} needs the base model to compute its delta")
 
-    # ---- hot-swap slots (shirakit.hotswap) ------------------------------------------------
+    # ---- hot-swap slots (shirakit.model.hotswap) ------------------------------------------------
     #: Config fields a slot pads to the largest value among the adapters taking turns in it.
     slot_padded: ClassVar[tuple[str, ...]] = ()
     #: The tensor the output scale multiplies linearly: a slot holds it with the scale folded in.
@@ -381,7 +381,7 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
 
     def dequantized_forward(self, base_layer: nn.Module, x: torch.Tensor, dequantizer) -> torch.Tensor:
         """Training on a quantized base whose library multiplies by a freshly dequantized dense copy
-        (``dequantizer``: :class:`shirakit.weight_kinds.Dequantizer`): ``base_layer(x)`` computed on
+        (``dequantizer``: :class:`shirakit.core.quantized_weights.Dequantizer`): ``base_layer(x)`` computed on
         such a copy with this adapter written into it, the values' gradient attached, and no dense
         copy kept for the backward (it dequantizes and writes again). Only called when
         :attr:`writes_dequantized_copy` is True."""

@@ -26,9 +26,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .compiled import enter_compiled_call, is_compiled_call, leave_compiled_call
-from .guard import ROUTES
-from .state import adapter_layers, check_drawn, state_of
+from ..compile.sync import enter_compiled_call, is_compiled_call, leave_compiled_call
+from ..core.state import adapter_layers, check_drawn, state_of
+from ..core.threads import ROUTES
 
 BASE = "__base__"
 
@@ -98,8 +98,8 @@ def current_routing(model: nn.Module) -> Routing | None:
 
 # ---- the adapter_names= keyword and generate ---------------------------------------------------
 # The top module's pre/post forward hooks also count the model call as "in flight" on the guard, so
-# a call changing the model from another thread is refused while this one runs (shirakit.guard).
-# Before a compiled call they also do, eagerly, what dynamo cannot trace (shirakit.compiled); under
+# a call changing the model from another thread is refused while this one runs (shirakit.core.threads).
+# Before a compiled call they also do, eagerly, what dynamo cannot trace (shirakit.compile.sync); under
 # torch.compile(model) they are therefore kept out of the graph: a graph break at entry and exit.
 def _pre_forward(module, args, kwargs):
     names = kwargs.pop("adapter_names", None)
@@ -169,7 +169,7 @@ def uninstall_keyword_routing(model: nn.Module) -> None:
 def _generate_with_routing(model: nn.Module, *args, adapter_names=None, **kwargs):
     """The model's own ``generate``, with rows routed by ``adapter_names`` or an enclosing route().
 
-    The whole generation counts as one model call in flight (shirakit.guard), so another thread
+    The whole generation counts as one model call in flight (shirakit.core.threads), so another thread
     cannot switch adapters between its decoding steps.
     """
     guard = state_of(model).guard

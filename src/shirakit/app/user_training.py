@@ -1,4 +1,4 @@
-"""Train and evaluate an adapter on prepared rows (see :mod:`shirakit.textdata`) on any device.
+"""Train and evaluate an adapter on prepared rows (see :mod:`shirakit.app.user_data`) on any device.
 
 Rows are ``{"input_ids": [...], "labels": [...] or int}``. A batch pads ``input_ids`` on the right
 with the tokenizer's pad id (attention mask 0 there) and token labels with -100, so padding never
@@ -14,8 +14,8 @@ import math
 import torch
 from torch import nn
 
-from .textdata import IGNORE_INDEX
-from .train import History, training_loop
+from .training import History, training_loop
+from .user_data import IGNORE_INDEX
 
 LM_TASKS = ("causal-lm", "sft")
 

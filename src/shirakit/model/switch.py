@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .guard import writes_weights
-from .slots import check_swap
-from .state import adapter_layers, check_adapter_names, hosts, state_of
+from ..compile.slots import check_swap
+from ..core.state import adapter_layers, check_adapter_names, hosts, state_of
+from ..core.threads import writes_weights
 
 
 @writes_weights

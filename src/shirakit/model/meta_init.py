@@ -31,11 +31,11 @@ import copy
 import torch
 from torch import nn
 
-from .adapter import Adapter, InWeightAdapter
+from ..core.adapter import Adapter, InWeightAdapter
+from ..core.layer import AdapterLinear, ModulesToSave
+from ..core.registry import method_for_config
+from ..core.state import adapter_layers, check_adapter_names, hosts, shared_of, state_of
 from .inject import layer_generator
-from .layer import AdapterLinear, ModulesToSave
-from .registry import method_for_config
-from .state import adapter_layers, check_adapter_names, hosts, shared_of, state_of
 
 
 @torch.no_grad()

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
-import shirakit
-
-from . import data, train
-from .fusion import combine_adapters
-from .metrics import adapter_orthogonality, heatmap
-from .switching import switch_adapter
+from ..io.checkpoint import save_adapter
+from ..model.control import set_adapter, trainable_parameters
+from ..model.fusion import combine_adapters
+from ..model.inject import inject
+from ..model.metrics import adapter_orthogonality
+from ..model.switch import switch_adapter
+from . import data, training
+from .figures import heatmap
 
 METHODS = ("shira", "lora")
 
@@ -36,9 +38,9 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def _eval_with_head(model, tokenizer, task, body: str, head: str, seq_len: int) -> float:
     """Accuracy with adapter ``body`` in the layers and ``head``'s copy of the classifier."""
-    shirakit.set_adapter(model, body)
+    set_adapter(model, body)
     model.classifier.set_active([head])
-    return train.accuracy(model, tokenizer, task, seq_len)
+    return training.accuracy(model, tokenizer, task, seq_len)
 
 
 def _time_switches(model, names: list[str], repeats: int) -> float:
@@ -59,8 +61,8 @@ def run(out_dir: str | Path = "demo_out", steps: int = 80, r: int = 8, seq_len: 
     torch.manual_seed(seed)
     bbc = data.bbc_news(test_size=test_size, seed=seed)
     tweets = data.tweet_sentiment(test_size=test_size, train_size=steps * batch_size, seed=seed)
-    tasks = {"bbc": train.Task(bbc, 0), "tweets": train.Task(tweets, len(bbc.labels))}
-    model, tokenizer = train.load_classifier(len(bbc.labels) + len(tweets.labels), seed=seed)
+    tasks = {"bbc": training.Task(bbc, 0), "tweets": training.Task(tweets, len(bbc.labels))}
+    model, tokenizer = training.load_classifier(len(bbc.labels) + len(tweets.labels), seed=seed)
     print(f"MiniLM, {len(bbc.labels)} BBC topics + {len(tweets.labels)} tweet sentiments; "
           f"{steps} steps of {batch_size} x {seq_len} tokens per adapter, r={r}")
 
@@ -68,20 +70,20 @@ def run(out_dir: str | Path = "demo_out", steps: int = 80, r: int = 8, seq_len: 
     for method in METHODS:
         for task_name, task in tasks.items():
             name = f"{method}-{task_name}"
-            shirakit.inject(model, train.adapter_config(method, r, train.ENCODER_TARGETS, ["classifier"], seed=seed),
+            inject(model, training.adapter_config(method, r, training.ENCODER_TARGETS, ["classifier"], seed=seed),
                             name)
-            trainable = shirakit.trainable_parameters(model)[0]
-            history = train.train_classifier(model, tokenizer, task, lr=lr[method], epochs=1, batch_size=batch_size,
+            trainable = trainable_parameters(model)[0]
+            history = training.train_classifier(model, tokenizer, task, lr=lr[method], epochs=1, batch_size=batch_size,
                                              seq_len=seq_len, max_steps=steps, seed=seed)
             histories[name] = history
             results[name] = {"accuracy": history.epoch_metric[-1], "seconds": history.seconds, "trainable": trainable}
-            shirakit.save_adapter(model, out / "adapters" / name, name)
+            save_adapter(model, out / "adapters" / name, name)
             print(f"  {name}: accuracy {history.epoch_metric[-1]:.3f} in {history.seconds:.0f} s")
     print("\nAccuracy at equal trainable parameters (adapter + head)")
     print(_table(["task", "method", "trainable", "test accuracy", "train s"],
                  [[t, m, results[f"{m}-{t}"]["trainable"], results[f"{m}-{t}"]["accuracy"],
                    f"{results[f'{m}-{t}']['seconds']:.0f}"] for t in tasks for m in METHODS]))
-    train.plot_history(histories, out / "training_curves.png", "SHiRA vs LoRA")
+    training.plot_history(histories, out / "training_curves.png", "SHiRA vs LoRA")
 
     print("\nSwitching between the two task adapters in fused mode (median of warm switches)")
     switch_ms = {m: _time_switches(model, [f"{m}-{t}" for t in tasks], repeats=10) for m in METHODS}

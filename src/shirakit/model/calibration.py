@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapter import LayerGeometry
-from ...control import disable_adapters
-from ...inject import find_targets, layer_generator, seed_of
-from ...layer import AdapterLinear, geometry_of
-from .adapter import ShiraConfig
-from .masks import CALIBRATED_MASKS, MASKS, shira_budget, top_k_flat, validate_indices
+from ..core.adapter import LayerGeometry
+from ..core.layer import AdapterLinear, geometry_of
+from ..methods.shira.adapter import ShiraConfig
+from ..methods.shira.masks import CALIBRATED_MASKS, MASKS, shira_budget, top_k_flat, validate_indices
+from .control import disable_adapters
+from .inject import find_targets, layer_generator, seed_of
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 

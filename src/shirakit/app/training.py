@@ -17,23 +17,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import shirakit
-
+from ..methods.lora import LoraConfig
+from ..methods.miss import MissConfig
+from ..methods.shira import ShiraConfig
+from ..methods.vera import VeraConfig
 from .data import DECODER_TARGETS, ENCODER_TARGETS, TextDataset, minilm_dir  # noqa: F401  (targets re-exported)
 
 
 def adapter_config(method: str, r: int, targets, modules_to_save=None, mask: str = "random", seed: int = 0):
     """The config for ``method`` at rank ``r``: SHiRA and LoRA at the same r train the same count."""
     if method == "shira":
-        return shirakit.ShiraConfig(r=r, mask_type=mask, target_modules=targets, modules_to_save=modules_to_save,
+        return ShiraConfig(r=r, mask_type=mask, target_modules=targets, modules_to_save=modules_to_save,
                                     random_seed=seed)
     if method == "lora":
-        return shirakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=modules_to_save)
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=modules_to_save)
     if method == "vera":
-        return shirakit.VeraConfig(r=r, target_modules=targets, modules_to_save=modules_to_save,
+        return VeraConfig(r=r, target_modules=targets, modules_to_save=modules_to_save,
                                    projection_prng_key=seed)
     if method == "miss":
-        return shirakit.MissConfig(r=r, target_modules=targets, modules_to_save=modules_to_save)
+        return MissConfig(r=r, target_modules=targets, modules_to_save=modules_to_save)
     raise ValueError(f"unknown method {method!r}: expected shira, lora, vera or miss")
 
 

@@ -27,7 +27,7 @@ import struct
 import warnings
 from pathlib import Path
 
-from .io_utils import atomic_write_bytes, fsync_directory, is_stale_temp, write_temp_file
+from .atomic import fsync_directory, is_stale_temp, write_temp_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,11 +79,6 @@ def write_adapter_folder(directory: str | Path, config_bytes: bytes, weights_byt
             if config_tmp is not None:
                 Path(config_tmp).unlink(missing_ok=True)
         raise
-
-
-def write_config_only(directory: str | Path, config_bytes: bytes) -> None:
-    """A lone adapter_config.json (no weights beside it to bind to)."""
-    atomic_write_bytes(Path(directory) / CONFIG_NAME, config_bytes)
 
 
 # ---- reading ------------------------------------------------------------------------------------
