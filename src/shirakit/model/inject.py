@@ -42,6 +42,7 @@ from ..core.threads import writes_weights
 from ..core.validation import REGEX_TIME_LIMIT, bounded_match, check_adapter_name
 from .control import merge, set_adapter
 from .routing import install_keyword_routing, uninstall_keyword_routing
+from .tensors import AdapterTensors, fill
 
 ALL_LINEAR = "all-linear"
 
@@ -126,14 +127,17 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 # ---- inject ---------------------------------------------------------------------------------
 @writes_weights
 def inject(
-    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, _from_checkpoint: bool = False
+    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, tensors: AdapterTensors | None = None
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to every layer ``config`` targets; returns the same model.
 
     The base model is frozen; the new adapter becomes the active one and is trainable (unless
     ``config.inference_mode``). Random draws (masks, LoRA's A) come from one seed, split per
     layer, so the result is reproducible and identical on every rank that shares the seed.
-    All or nothing: if any step fails, every change made so far is undone before the error is raised.
+    ``tensors`` (:class:`~shirakit.model.tensors.AdapterTensors`: a file's, a fusion's) gives the
+    values instead: nothing is drawn, every tensor is checked and copied in.
+    All or nothing: if any step fails (a tensor refused included), every change made so far is
+    undone before the error is raised; this undo log is the only rollback loading has.
     """
     check_adapter_name(adapter_name)
     state = getattr(model, "shirakit", None)
@@ -144,6 +148,7 @@ def inject(
         raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or use another name")
     method = method_for_config(config)
     targets = find_targets(model, config)
+    given = tensors is not None
     undo: list[Callable[[], None]] = []  # each change made, as the step that takes it back
     try:
         wrapped = [n for n in targets if not isinstance(model.get_submodule(n), AdapterLinear)]
@@ -152,8 +157,8 @@ def inject(
         shared = method.make_shared(config, [layer.geometry for _, layer in layers])
         seed = seed_of(config)
         # on the meta device nothing can be drawn (nor kept): placeholders, drawn by reset_adapter_parameters
-        undrawn = not _from_checkpoint and any(layer.weight.is_meta for _, layer in layers)
-        generators = [None if _from_checkpoint or undrawn else layer_generator(seed, adapter_name, name)
+        undrawn = not given and any(layer.weight.is_meta for _, layer in layers)
+        generators = [None if given or undrawn else layer_generator(seed, adapter_name, name)
                       for name, _ in layers]
         new_adapters = [
             _build_adapter(method, config, layer, generator, name)
@@ -161,11 +166,13 @@ def inject(
         ]
         check_new_adapter(model, adapter_name, layers, new_adapters, wrapped)
         _attach(model, state, fresh, config, adapter_name, layers, new_adapters, shared, undo)
-        if not _from_checkpoint:  # reset_adapter_parameters repeats these draws (meta-device models)
+        if given:
+            fill(model, adapter_name, method, config, tensors)
+        else:  # reset_adapter_parameters repeats these draws (meta-device models)
             state.seeds[adapter_name] = seed
         if undrawn:
             state.undrawn.add(adapter_name)
-    except BaseException:  # a shape the method cannot take, a failing hook, KeyboardInterrupt, ...
+    except BaseException:  # a shape the method cannot take, a refused tensor, KeyboardInterrupt, ...
         _run_undo(undo)
         raise
     return model
