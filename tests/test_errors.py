@@ -194,3 +194,19 @@ def test_inference_mode_model_is_refused_clearly():
     with pytest.raises(RuntimeError, match="inference_mode"):
         shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["0", "1"]))
     assert all(type(m) is torch.nn.Linear for m in model)  # the wrapper made for layer 0 is gone again
+
+
+def test_one_cache_variable_the_old_one_warns(monkeypatch, tmp_path):
+    """SHIRAKIT_CACHE_DIR names the cache folder; SHIRAKIT_CACHE still works for one release, with a warning."""
+    import warnings
+
+    from shirakit.app.data import smollm2_cache
+
+    monkeypatch.delenv("SHIRAKIT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("SHIRAKIT_CACHE", str(tmp_path / "old"))
+    with pytest.warns(FutureWarning, match="SHIRAKIT_CACHE_DIR"):
+        assert smollm2_cache() == tmp_path / "old" / "smollm2-135m"
+    monkeypatch.setenv("SHIRAKIT_CACHE_DIR", str(tmp_path / "new"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert smollm2_cache() == tmp_path / "new" / "smollm2-135m"

@@ -11,4 +11,5 @@ nothing of models, files or methods above it.
 - :mod:`.quantized_weights` bitsandbytes / torchao weights: never written; dequantized per product
 - :mod:`.state`             what shirakit keeps on a model (adapter layers, holders, shared tensors)
 - :mod:`.validation`        checks on values that come from users and files
+- :mod:`.cache_dir`         the one cache folder (``SHIRAKIT_CACHE_DIR``)
 """

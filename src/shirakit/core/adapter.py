@@ -280,6 +280,12 @@ class Adapter(nn.Module):
             for key, value in tensors.items():
                 own[key].copy_(value)
 
+    #: Decode steps a batch all on this adapter must still run for fusing it (a switch in and out)
+    #: to beat routing each step: (switch in + out) / (routed step - fused step), measured by
+    #: benchmarks/fuse_crossover.py (SmolLM2-135M, 1-32 rows, rounded up; docs/serving.md). A switch
+    #: that is a dense product per layer costs tens of steps: the default is the largest measured.
+    fuse_min_steps: ClassVar[int] = 41
+
     #: True when the method has a smaller file layout (:meth:`compact_tensors`, e.g. shirakit.methods.shira.compact).
     has_compact_layout: ClassVar[bool] = False
 

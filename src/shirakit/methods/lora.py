@@ -42,6 +42,11 @@ class LoraConfig(AdapterConfig):
                 f"init_lora_weights={self.init_lora_weights!r}: expected True, False or 'gaussian'"
             )
 
+    @classmethod
+    def recipe(cls, r: int, target_modules, modules_to_save=None, seed: int = 0, **options) -> LoraConfig:
+        """Rank ``r`` with ``lora_alpha = 2 r`` (scale 2, the usual recipe); A's draw uses torch's seed."""
+        return cls(r=r, lora_alpha=2 * r, target_modules=target_modules, modules_to_save=modules_to_save, **options)
+
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
@@ -49,6 +54,7 @@ class LoraConfig(AdapterConfig):
 
 @register
 class LoraAdapter(Adapter):
+    fuse_min_steps = 38  # a switch is B @ A per layer (docs/serving.md)
     config_class = LoraConfig
     slot_padded = ("r",)  # zero rows of A, zero columns of B
     slot_scaled = "lora_B.weight"

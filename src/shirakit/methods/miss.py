@@ -139,6 +139,7 @@ class _MissShards:
     """What every mode shares: the shape checks, the block M (``miss_block``) and its init."""
 
     mode: ClassVar[str]
+    fuse_min_steps: ClassVar[int] = 27  # a switch is a tiled block per layer (docs/serving.md)
 
     def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
         geometry, config = self.geometry, self.config

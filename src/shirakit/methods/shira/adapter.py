@@ -60,6 +60,11 @@ class ShiraConfig(AdapterConfig):
         return self.random_seed
 
     @classmethod
+    def recipe(cls, r: int, target_modules, modules_to_save=None, seed: int = 0, **options) -> ShiraConfig:
+        """Rank ``r`` (K = r (m + n) values, LoRA's count at the same r); ``seed`` draws the masks."""
+        return cls(r=r, target_modules=target_modules, modules_to_save=modules_to_save, random_seed=seed, **options)
+
+    @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> ShiraConfig:
         """A saved adapter may name a custom mask shirakit does not know: its indices come from the
         file, so it loads; only drawing a new mask with this config would need the function."""
@@ -77,6 +82,7 @@ class ShiraConfig(AdapterConfig):
 
 @register
 class ShiraAdapter(InWeightAdapter):
+    fuse_min_steps = 3  # a switch is two scatters of K values (docs/serving.md)
     config_class = ShiraConfig
     has_compact_layout = True
     merges_into_shards = True  # scatters each rank's positions into its own rows (see _target)

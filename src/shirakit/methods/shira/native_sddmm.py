@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ...core.cache_dir import cache_dir_from_env, default_cache_dir
 from .lazy import once
 
 SOURCE = Path(__file__).with_suffix(".c")
@@ -59,10 +60,9 @@ def _cpu_signature() -> str:
 
 
 def cache_dirs() -> list[Path]:
-    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shirakit"
     # Per user under the temp dir: a shared name there could be made by someone else first.
     user = os.getuid() if hasattr(os, "getuid") else "user"  # Windows: the temp dir is per user
-    candidates = [os.environ.get("SHIRAKIT_CACHE_DIR"), home_cache,
+    candidates = [cache_dir_from_env(), default_cache_dir(),
                   Path(tempfile.gettempdir()) / f"shirakit-cache-{user}"]
     return [Path(c) for c in candidates if c]
 
