@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..core.registry import DEFAULT_METHOD
 from .common import (
     TRAINING_FILE,
     UsageError,
@@ -27,7 +28,6 @@ from .common import (
     positive_int,
     training_record,
 )
-from ..core.registry import DEFAULT_METHOD
 from .models import DEVICES, DTYPES
 
 TASKS = ("causal-lm", "sft", "classification")

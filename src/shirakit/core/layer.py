@@ -28,8 +28,9 @@ from .quantized_weights import (
     quantized_kind,
     recomputed_linear,
 )
+from .routes import route_of
 from .sharded_weights import SHARDED_MERGE, gathered_per_call, is_sharded, whole_weight
-from .threads import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
+from .threads import WAIT_S, ConcurrentUseError, ModelGuard
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -367,7 +368,7 @@ class AdapterLinear(nn.Module):
         return self._eager_forward(x, *args, **kwargs)
 
     def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        routing = ROUTES.get().get(self._guard)  # this call's route, if any (per thread / task)
+        routing = route_of(self._guard)  # this call's route, if any (per thread / task)
         if routing is None and gathered_per_call(self.base_layer):
             return self._gathered_forward(x, *args, **kwargs)
         if not self._has_in_weight:  # nothing is ever written into this weight by a forward
@@ -601,7 +602,7 @@ class ModulesToSave(nn.Module):
         return self._eager_forward(*args, **kwargs)
 
     def _eager_forward(self, *args, **kwargs):
-        routing = ROUTES.get().get(self._guard)
+        routing = route_of(self._guard)
         if routing is None or self.disabled:
             return self.current()(*args, **kwargs)
         x, rest = args[0], args[1:]

@@ -41,7 +41,7 @@ from ..core.state import (
 from ..core.threads import writes_weights
 from ..core.validation import REGEX_TIME_LIMIT, bounded_match, check_adapter_name
 from .control import merge, set_adapter
-from .routing import install_keyword_routing, uninstall_keyword_routing
+from .hooks import install_keyword_routing, uninstall_keyword_routing
 from .tensors import AdapterTensors, fill
 
 ALL_LINEAR = "all-linear"
