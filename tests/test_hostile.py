@@ -185,6 +185,8 @@ def test_symlinked_files_load(lora_dir, tmp_path_factory):
     linked = tmp_path_factory.mktemp("linked")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         os.symlink(lora_dir / name, linked / name)
+    base = output(MODELS["llama"](), inputs())
     model = shirakit.load_adapter(MODELS["llama"](), linked)
     reference = shirakit.load_adapter(MODELS["llama"](), lora_dir)
+    assert not torch.allclose(output(model, inputs()), base), "the linked adapter changed nothing"
     assert torch.equal(output(model, inputs()), output(reference, inputs()))
