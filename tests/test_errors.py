@@ -18,11 +18,8 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 @pytest.fixture
-def saved(tmp_path):
-    model = MODELS["llama"]()
-    shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False))
-    shirakit.save_adapter(model, tmp_path)
-    return tmp_path
+def saved(save_adapter_folder):
+    return save_adapter_folder(shirakit.ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False))
 
 
 def test_missing_key(saved):

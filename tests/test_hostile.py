@@ -21,11 +21,8 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 @pytest.fixture
-def lora_dir(tmp_path):
-    model = MODELS["llama"]()
-    shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    shirakit.save_adapter(model, tmp_path)
-    return tmp_path
+def lora_dir(save_adapter_folder):
+    return save_adapter_folder(shirakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
 
 
 def edit_config(directory, **changes) -> None:
