@@ -75,33 +75,27 @@ def _ours(model_name, cls_name, kwargs, name="default"):
     return model
 
 
+@pytest.mark.parametrize("direction", ["peft-to-shirakit", "shirakit-to-peft"])
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
-def test_peft_file_loads_into_shirakit(row, tmp_path):
+def test_files_move_both_ways(row, direction, tmp_path):
+    """The writer's outputs are the reader's, to fp32 rounding; merging follows peft's formula."""
     _, model_name, cls_name, kwargs = row
     ids = inputs()
-    pm = _peft_model(model_name, cls_name, kwargs)
-    expected = output(pm, ids)
-    pm.save_pretrained(tmp_path)
-    model = MODELS[model_name]()
-    shirakit.load_adapter(model, tmp_path)
-    torch.testing.assert_close(output(model, ids), expected, atol=1e-6, rtol=1e-5)
-    # merging follows peft's merge formula for every mode
-    shirakit.merge(model)
-    ours = {n: layer.weight for n, layer in adapter_layers(model)}
-    theirs = dict(pm.merge_and_unload().named_modules())
-    for name, weight in ours.items():
-        torch.testing.assert_close(weight, theirs[name].weight, atol=1e-6, rtol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
-def test_shirakit_file_loads_into_peft(row, tmp_path):
-    _, model_name, cls_name, kwargs = row
-    ids = inputs()
-    model = _ours(model_name, cls_name, kwargs)
-    expected = output(model, ids)
-    shirakit.save_adapter(model, tmp_path)
-    pm = peft.PeftModel.from_pretrained(MODELS[model_name](), tmp_path).eval()
-    torch.testing.assert_close(output(pm, ids), expected, atol=1e-6, rtol=1e-5)
+    from_peft = direction == "peft-to-shirakit"
+    writer = _peft_model(model_name, cls_name, kwargs) if from_peft else _ours(model_name, cls_name, kwargs)
+    expected = output(writer, ids)
+    if from_peft:
+        writer.save_pretrained(tmp_path)
+        reader = shirakit.load_adapter(MODELS[model_name](), tmp_path)
+    else:
+        shirakit.save_adapter(writer, tmp_path)
+        reader = peft.PeftModel.from_pretrained(MODELS[model_name](), tmp_path).eval()
+    torch.testing.assert_close(output(reader, ids), expected, atol=1e-6, rtol=1e-5)
+    if from_peft:  # merging follows peft's merge formula for every method and mode
+        shirakit.merge(reader)
+        theirs = dict(writer.merge_and_unload().named_modules())
+        for name, layer in adapter_layers(reader):
+            torch.testing.assert_close(layer.weight, theirs[name].weight, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_saved_shira_file_has_peft_layout(tmp_path):
