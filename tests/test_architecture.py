@@ -227,3 +227,23 @@ def test_method_knowledge_lives_on_the_methods():
              if not any(part in p.as_posix() for part in METHOD_NAMES_ALLOWED_IN)
              for hit in method_name_literals(p, names)]
     assert not found, found
+
+
+def test_features_check_capabilities_not_the_core():
+    """A method offers a feature's capability or not (core/capabilities.py); the core contract keeps
+    no stub for it, and a feature refuses a method without it by name."""
+    import pytest as _pytest
+
+    import shirakit.methods  # noqa: F401
+    from shirakit.core.adapter import Adapter
+    from shirakit.core.capabilities import CompactFiles, DeltaFromFile, Fusable, require, supports
+    from shirakit.core.registry import METHODS
+
+    for member in ("combine", "compact_tensors", "expand_compact", "file_delta", "file_keys", "has_compact_layout"):
+        assert not hasattr(Adapter, member), member
+    assert supports(METHODS["SHIRA"], CompactFiles) and not supports(METHODS["LORA"], CompactFiles)
+    assert {m for m, cls in METHODS.items() if supports(cls, Fusable)} >= {"SHIRA", "LORA"}
+    assert supports(METHODS["LORA"], DeltaFromFile) and not supports(METHODS["VERA"], DeltaFromFile)
+    with _pytest.raises(TypeError, match=r"combine_adapters needs a method with Fusable \(missing: combine\); "
+                                          r"VeraAdapter does not offer it"):
+        require(METHODS["VERA"], Fusable, "combine_adapters")

@@ -74,9 +74,12 @@ def values_stamp(param: torch.Tensor) -> tuple[int, int]:
 class Adapter(nn.Module):
     """One adapter on one linear layer.
 
-    Subclasses set ``config_class`` and implement ``init_parameters``, ``forward`` and
-    ``delta_weight``. The generic ``merge_into``/``unmerge_from`` add/subtract the dense delta in
-    fp32; methods that can do better (SHiRA's scatter, MiSS-bat's exact restore) override them.
+    The core every method implements: ``config_class``, ``init_parameters`` (``build`` to pick a
+    variant), ``forward`` and ``delta_weight``; ``merge_into``/``unmerge_from`` (generic here: add /
+    subtract the dense delta in fp32; SHiRA's scatter, MiSS-bat's exact restore override them) and
+    ``load_tensors``. What a feature needs beyond it is a capability protocol the feature checks
+    (:mod:`shirakit.core.capabilities`: compact files, fusion, deltas from files, ...); the
+    defaults kept here (hot-swap slots, routed groups, shared tensors) fit every method.
     """
 
     config_class: ClassVar[type[AdapterConfig]]
@@ -147,15 +150,6 @@ class Adapter(nn.Module):
         are rebuilt by :meth:`make_shared` from the config on load.)"""
         return True
 
-    @classmethod
-    def combine(cls, layers: dict, configs: list[AdapterConfig], weights: list[float]):
-        """Exact weighted sum of adapters, for :func:`shirakit.model.fusion.combine_adapters`.
-
-        ``layers``: layer path -> (geometry, [adapter or None per input]). Returns the new
-        adapter's config and, per layer path, its tensors (as in its ``state_dict``).
-        """
-        raise NotImplementedError(f"{cls.__name__} cannot combine adapters exactly")
-
     # ---- the maths ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -172,15 +166,6 @@ class Adapter(nn.Module):
         """The delta the orthogonality metrics use: dense (out, in) fp32 by default; a sparse
         method returns a :class:`shirakit.model.metrics.SparseDelta` (its non-zeros) instead."""
         return self.delta_weight(weight)
-
-    #: The tensor names one layer of this method has in a file (both layouts), when its delta can
-    #: be computed from the file alone (:meth:`file_delta`); empty when it needs the base weight.
-    file_keys: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def file_delta(cls, config: AdapterConfig, tensors: dict[str, torch.Tensor], compact: bool, source: str):
-        """One layer's delta from its file tensors (keys from :attr:`file_keys`), no base model."""
-        raise NotImplementedError(f"{source}: {cls.__name__} needs the base model to compute its delta")
 
     # ---- hot-swap slots (shirakit.model.hotswap) ------------------------------------------------
     #: Config fields a slot pads to the largest value among the adapters taking turns in it.
@@ -285,17 +270,6 @@ class Adapter(nn.Module):
     #: benchmarks/fuse_crossover.py (SmolLM2-135M, 1-32 rows, rounded up; docs/serving.md). A switch
     #: that is a dense product per layer costs tens of steps: the default is the largest measured.
     fuse_min_steps: ClassVar[int] = 41
-
-    #: True when the method has a smaller file layout (:meth:`compact_tensors`, e.g. shirakit.methods.shira.compact).
-    has_compact_layout: ClassVar[bool] = False
-
-    def compact_tensors(self) -> dict[str, torch.Tensor]:
-        """This adapter in its smaller file layout (only when ``has_compact_layout``)."""
-        raise NotImplementedError
-
-    def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-        """The inverse of :meth:`compact_tensors`: the standard (PEFT) tensors."""
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         g = self.geometry

@@ -25,6 +25,7 @@ from safetensors.torch import save
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.capabilities import CompactFiles, supports
 from ..core.config import AdapterConfig
 from ..core.layer import AdapterLinear, geometry_of
 from ..core.registry import method_for_config
@@ -41,7 +42,7 @@ from .folder import BINDING_KEY, CONFIG_NAME, WEIGHTS_NAME, digest, write_adapte
 
 PREFIX = "base_model.model."
 # safetensors metadata naming the file's layout: absent = PEFT's; COMPACT_V1 = methods' compact
-# layouts (Adapter.compact_tensors; SHiRA's is shirakit.methods.shira.compact), shirakit only.
+# layouts (core.capabilities.CompactFiles; SHiRA's is shirakit.methods.shira.compact), shirakit only.
 FORMAT_KEY = "shirakit_format"
 COMPACT_V1 = "compact-v1"
 
@@ -110,7 +111,7 @@ def save_adapter(
         metadata[FORMAT_KEY] = COMPACT_V1
         for path, host in hosts(model):
             owner = host.adapters[adapter_name] if adapter_name in host.adapters else None
-            if isinstance(owner, Adapter) and owner.has_compact_layout:
+            if isinstance(owner, Adapter) and supports(owner, CompactFiles):
                 packed = owner.compact_tensors()
                 prefix = _file_key(path, "")
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
@@ -232,7 +233,7 @@ def _checked_tensors(model: nn.Module, config: AdapterConfig, files: AdapterFile
     built = _meta_adapters(model, config)
     if files.metadata.get(FORMAT_KEY) == COMPACT_V1:
         for module_path, adapter in built.items():
-            if adapter.has_compact_layout:
+            if supports(adapter, CompactFiles):
                 prefix = _file_key(module_path, "")
                 packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
                 expanded = adapter.expand_compact(packed, f"{path}: {prefix[:-1]}")

@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..core.capabilities import Fusable, require
 from ..core.layer import ModulesToSave
 from ..core.registry import method_for_config
 from ..core.state import adapter_layers, check_adapter_names, hosts, state_of
@@ -71,6 +72,7 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
     if len(methods) != 1:
         raise ValueError(f"can only combine adapters of one method, found {sorted(c.peft_type for c in configs)}")
     method = methods.pop()
+    require(method, Fusable, "combine_adapters")
     layers = {
         path: (layer.geometry, [layer.adapters[n] if n in layer.adapters else None for n in names])
         for path, layer in adapter_layers(model)

@@ -84,7 +84,6 @@ class ShiraConfig(AdapterConfig):
 class ShiraAdapter(InWeightAdapter):
     fuse_min_steps = 3  # a switch is two scatters of K values (docs/serving.md)
     config_class = ShiraConfig
-    has_compact_layout = True
     merges_into_shards = True  # scatters each rank's positions into its own rows (see _target)
     _device_tensors = ("_saved", "_merged_values")
     # A hot-swap slot (only where SHiRA runs additively: tied weights) holds the layer's largest K,
