@@ -32,6 +32,7 @@ from torch import nn
 from ..compile.slots import LayerSlots, ModelSlots, buffers_only, key_name, needs_slot, set_recompile_policy
 from ..compile.sync import HOTSWAP_ATTR, forget_layers
 from ..core.adapter import Adapter
+from ..core.capabilities import HotSwappable, require
 from ..core.config import AdapterConfig
 from ..core.layer import AdapterLinear
 from ..core.state import SharedTensors, adapter_layers, state_of
@@ -106,6 +107,7 @@ def _templates(layers) -> dict[tuple, list[Adapter]]:
     for _, layer in layers:
         for adapter in layer.adapters.values():
             if needs_slot(layer, adapter):
+                require(adapter, HotSwappable, "prepare_for_hotswap")
                 out.setdefault(adapter.slot_key(), []).append(adapter)
     return {key: adapters for key, adapters in out.items()}
 
