@@ -11,8 +11,10 @@ differs is the product and its value gradient:
   kernel (``aten.convolution_backward``, oneDNN / cuDNN) in the same call as ``dx``, then gathered:
   a transient tensor of the kernel's size (0.9M values for a 320-channel 3x3 conv), freed at once.
   The sampled alternative (unfold the input, SDDMM at the K positions) reads ``prod(k)`` times the
-  input per sample: 11.8M values for a 64x64 latent of 320 channels, 13x the kernel, and ran
-  slower (``benchmarks/conv_value_grad.py``). Nothing is cloned per forward.
+  input per sample (11.8M values for a 64x64 latent of 320 channels, 13x the kernel) and its cost
+  grows with K: ``benchmarks/conv_value_grad.py`` (320 -> 320 3x3, 64x64, 1 thread, loaded 2-core
+  machine, 2026-12-03) timed it at 0.92x the kernel gradient's time at r = 16 and 1.12x at r = 32.
+  No clear win in time, a large one in memory for the kernel gradient: that is the path kept.
 - embedding, in-weight: ``y = W'[ids]``; backward ``dv_k = s * sum_{t: ids_t = i_k} g[t, j_k]``:
   the gradient rows are summed per distinct id (``U x dim``), then read at the K positions whose row
   is one of those ids (``searchsorted``): ``O(T dim + K log U)``, never a ``(rows, dim)`` gradient.
