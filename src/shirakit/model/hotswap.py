@@ -34,7 +34,7 @@ from ..compile.sync import HOTSWAP_ATTR, forget_layers
 from ..core.adapter import Adapter
 from ..core.capabilities import HotSwappable, require
 from ..core.config import AdapterConfig
-from ..core.layer import AdapterLinear
+from ..core.layer import AdapterLinear, wrap_layer
 from ..core.state import SharedTensors, adapter_layers, state_of
 from ..core.threads import writes_weights
 from .inject import _set_submodule, _weight_sharers, find_targets
@@ -92,7 +92,7 @@ def _wrap_union(model: nn.Module, target_modules) -> None:
     for name in find_targets(model, AdapterConfig(target_modules=target_modules)):
         module = model.get_submodule(name)
         if not isinstance(module, AdapterLinear):
-            layer = AdapterLinear(module)
+            layer = wrap_layer(module)
             layer._guard = guard  # the model's: a compiled forward guards on it (see inject._attach)
             _set_submodule(model, name, layer)
     sharers = _weight_sharers(model)
