@@ -17,7 +17,6 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,14 +26,13 @@ from torch import nn
 from ..core.adapter import Adapter
 from ..core.capabilities import CompactFiles, supports
 from ..core.config import AdapterConfig
-from ..core.layer import AdapterLinear, geometry_of
 from ..core.registry import method_for_config
 from ..core.sharded_weights import full_values, is_sharded
 from ..core.state import SharedTensors, check_adapter_names, check_drawn, hosts, shared_of, state_of
 from ..core.threads import writes_weights
-from ..core.validation import check_adapter_name, check_tensor
+from ..core.validation import check_adapter_name
 from ..model.control import merge as merge_adapters
-from ..model.inject import find_targets, inject
+from ..model.inject import inject
 from ..model.tensors import AdapterTensors
 from .atomic import check_regular_file
 from .config_file import read_config
@@ -181,16 +179,15 @@ def load_adapter(
     ``is_trainable=True``; ``merge=True`` also merges it (fused mode). ``directory`` may also be
     the :class:`AdapterFiles` that :func:`read_adapter_files` read before.
 
-    Read, check, inject: the files are read and checked against the config on the meta device,
-    then :func:`~shirakit.model.inject.inject` builds the adapter with the file's values as one
-    transaction; any refusal leaves the model exactly as it was.
+    Read, check, inject: the files are read and their keys split by the key rule, then
+    :func:`~shirakit.model.inject.inject` checks the values against the config on the meta device
+    and builds the adapter with them as one transaction; any refusal leaves the model exactly as it was.
     """
     check_adapter_name(adapter_name)
     files = directory if isinstance(directory, AdapterFiles) else read_adapter_files(directory)
     config = replace(files.config, inference_mode=not is_trainable)  # files may be loaded again
     with _naming(files.directory / CONFIG_NAME):  # a config the model cannot take: say which file
-        tensors = _checked_tensors(model, config, files)
-        inject(model, config, adapter_name, tensors=tensors)
+        inject(model, config, adapter_name, tensors=_file_tensors(files))
     if merge:
         merge_adapters(model, [adapter_name])
     return model
@@ -208,47 +205,16 @@ def _naming(path: Path) -> Iterator[None]:
         raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"{path}: {exc}") from exc
 
 
-def _meta_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, Adapter]:
-    """Module path -> the adapter ``config`` makes for that targeted layer, built on the meta
-    device: shapes, dtypes and compact layouts without a byte of memory (a config's r is not
-    trusted for allocation)."""
-    method = method_for_config(config)
-    built = {}
-    for module_path in find_targets(model, config):
-        layer = model.get_submodule(module_path)
-        base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
-        weight = base.weight
-        stub = SimpleNamespace(weight=torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
-        with torch.device("meta"):
-            built[module_path] = method.build(geometry_of(base), config, stub, None, source=module_path)
-    return built
-
-
-def _checked_tensors(model: nn.Module, config: AdapterConfig, files: AdapterFiles) -> AdapterTensors:
-    """The file's tensors, compact layouts expanded, each layer tensor checked against what the
-    config asks for (dtype, shape, finite after the cast) and cast to the adapter's dtype, split
-    by the key rule into layer and shared tensors. Key sets, index values and the tensors of
-    modules saved whole are checked by inject against the adapter it builds."""
-    path, tensors = files.weights_path, dict(files.tensors)
-    built = _meta_adapters(model, config)
-    if files.metadata.get(FORMAT_KEY) == COMPACT_V1:
-        for module_path, adapter in built.items():
-            if supports(adapter, CompactFiles):
-                prefix = _file_key(module_path, "")
-                packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
-                expanded = adapter.expand_compact(packed, f"{path}: {prefix[:-1]}")
-                tensors.update({prefix + k: v for k, v in expanded.items()})
-    expected = {_file_key(p, k): own for p, adapter in built.items() for k, own in adapter.state_dict().items()}
-    missing = sorted(k for k, own in expected.items() if k not in tensors and own.dtype.is_floating_point)
-    if missing:
-        raise ValueError(f"{path}: missing {len(missing)} key(s) the config asks for, e.g. {missing[:3]}")
-    for file_key, own in expected.items():
-        if file_key in tensors:
-            tensors[file_key] = check_tensor(tensors[file_key], own, f"{path}: key {file_key!r}")
+def _file_tensors(files: AdapterFiles) -> AdapterTensors:
+    """The file's tensors split by the key rule into layer and shared tensors, for inject (which
+    checks them against the adapter it builds, on the meta device first: see
+    :mod:`shirakit.model.tensors`); a key the rule does not know is refused here."""
+    path, tensors = files.weights_path, files.tensors
     shared_prefix = _shared_file_key("")
     foreign = sorted(k for k in tensors if not k.startswith(shared_prefix))
     if foreign:
         raise ValueError(f"{path}: {len(foreign)} unexpected key(s), e.g. {foreign[:3]}")
     layers = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
     shared = {k[len(shared_prefix):]: v for k, v in tensors.items() if not k.startswith(PREFIX)}
-    return AdapterTensors(layers, shared, source=str(path), prefix=PREFIX, shared_prefix=shared_prefix)
+    return AdapterTensors(layers, shared, source=str(path), prefix=PREFIX, shared_prefix=shared_prefix,
+                          compact=files.metadata.get(FORMAT_KEY) == COMPACT_V1)

@@ -42,7 +42,7 @@ from ..core.threads import writes_weights
 from ..core.validation import REGEX_TIME_LIMIT, bounded_match, check_adapter_name
 from .control import merge, set_adapter
 from .hooks import install_keyword_routing, uninstall_keyword_routing
-from .tensors import AdapterTensors, fill
+from .tensors import AdapterTensors, check_before_building, fill
 
 ALL_LINEAR = "all-linear"
 
@@ -158,6 +158,8 @@ def inject(
     method = method_for_config(config)
     targets = find_targets(model, config)
     given = tensors is not None
+    if given:  # before any change: nothing to undo yet
+        tensors = check_before_building(model, method, config, targets, tensors)
     undo: list[Callable[[], None]] = []  # each change made, as the step that takes it back
     try:
         wrapped = [n for n in targets if not isinstance(model.get_submodule(n), AdapterLinear)]

@@ -1,5 +1,6 @@
-"""An adapter's values handed to :func:`~shirakit.model.inject.inject` (loading, fusion), and the
-step that fills them in, inside inject's transaction.
+"""An adapter's values handed to :func:`~shirakit.model.inject.inject` (loading, fusion): checked
+before anything is built (:func:`check_before_building`, on the meta device) and filled in inside
+inject's transaction (:func:`fill`).
 
 Keys: a tensor ``k`` of the module at path ``P`` holding the adapter (an AdapterLinear or a
 ModulesToSave) is ``P.k``; a tensor the method shares across layers (VeRA's ``vera_A``) is ``k``
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.capabilities import CompactFiles, supports
+from ..core.layer import AdapterLinear, geometry_of
 from ..core.state import SharedTensors, hosts, shared_of
 from ..core.validation import check_tensor
 
@@ -34,6 +38,46 @@ class AdapterTensors:
     source: str = "tensors"
     prefix: str = ""
     shared_prefix: str = ""
+    #: layers of methods with a compact layout hold it (:class:`~shirakit.core.capabilities.CompactFiles`)
+    compact: bool = False
+
+
+def check_before_building(model: nn.Module, method: type[Adapter], config, targets: list[str],
+                          given: AdapterTensors) -> AdapterTensors:
+    """``given`` with compact layouts expanded and every layer tensor checked against what the
+    config asks for (dtype, shape, finite after the cast) and cast to the adapter's dtype, before
+    anything is allocated: each target's adapter is built on the meta device (a config's r is not
+    trusted for allocation). Missing float tensors are refused here; key sets, index values, the
+    tensors of modules saved whole and shared tensors are checked by :func:`fill`."""
+    layers = dict(given.layers)
+    built = _meta_adapters(model, method, config, targets)
+    if given.compact:
+        for path, adapter in built.items():
+            if supports(adapter, CompactFiles):
+                packed = {k[len(path) + 1:]: layers.pop(k) for k in list(layers) if k.startswith(path + ".")}
+                expanded = adapter.expand_compact(packed, f"{given.source}: {given.prefix}{path}")
+                layers.update({f"{path}.{k}": v for k, v in expanded.items()})
+    expected = {f"{path}.{k}": own for path, adapter in built.items() for k, own in adapter.state_dict().items()}
+    missing = sorted(given.prefix + k for k, own in expected.items() if k not in layers and own.dtype.is_floating_point)
+    if missing:
+        raise ValueError(f"{given.source}: missing {len(missing)} key(s) the config asks for, e.g. {missing[:3]}")
+    for key, own in expected.items():
+        if key in layers:
+            layers[key] = check_tensor(layers[key], own, f"{given.source}: key {given.prefix + key!r}")
+    return replace(given, layers=layers, compact=False)
+
+
+def _meta_adapters(model: nn.Module, method: type[Adapter], config, targets: list[str]) -> dict[str, Adapter]:
+    """Module path -> the adapter ``config`` makes for that target, built on the meta device."""
+    built = {}
+    for path in targets:
+        layer = model.get_submodule(path)
+        base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
+        weight = base.weight
+        stub = SimpleNamespace(weight=torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
+        with torch.device("meta"):
+            built[path] = method.build(geometry_of(base), config, stub, None, source=path)
+    return built
 
 
 def fill(model: nn.Module, adapter_name: str, method: type[Adapter], config, given: AdapterTensors) -> None:
