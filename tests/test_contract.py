@@ -11,6 +11,7 @@ import torch
 import shirakit
 from shirakit.core.state import adapter_layers
 from tests.cases import CASES
+from tests.checks import lm_training_losses
 from tests.models import MODELS as LINEAR_MODELS
 from tests.models import SIBLING_MODELS, TARGETS, inputs, output
 
@@ -220,15 +221,7 @@ def test_half_precision(case, dtype):
 def test_training_reduces_loss_and_saved_adapter_matches(case, tmp_path):
     ids = inputs(batch=4, length=16)
     model = build("llama", case, identity=True)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_training_losses(model, ids, steps=8, lr=1e-2)
     assert losses[-1] < losses[0]
     model.eval()
     expected = output(model, ids)

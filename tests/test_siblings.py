@@ -15,6 +15,7 @@ from torch import nn
 import shirakit
 from shirakit.core.layer import AdapterConv, AdapterEmbedding
 from shirakit.core.state import adapter_layers
+from tests.checks import lm_training_losses
 from tests.models import inputs, output, tiny_convnet, tiny_llama
 
 CONVS = {
@@ -182,15 +183,7 @@ def test_training_on_convs_reduces_loss():
                    shirakit.LoraConfig(r=4, target_modules=["emb", "c1", "c2"])):
         model = tiny_convnet(grouped=isinstance(config, shirakit.ShiraConfig))
         shirakit.inject(model, config)
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-        losses = []
-        for _ in range(6):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        losses = lm_training_losses(model, ids, steps=6, lr=2e-2)
         assert losses[-1] < losses[0], (type(config).__name__, losses)
 
 
