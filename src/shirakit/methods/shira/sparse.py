@@ -102,10 +102,14 @@ class SparsePattern:
             values, shape = values[order], self.shape[::-1]
         else:
             (crow, col), shape = self.csr_int32(), self.shape
-        with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
-            warnings.simplefilter("ignore", UserWarning)
+        out_dtype = values.dtype
+        if values.dtype in (torch.bfloat16, torch.float16):  # MKL's CSR product has no half kernel:
+            values, x2 = values.float(), x2.float()  # fp32 operands (exact) and sums, one rounding at the end
+        # autocast would cast the sparse operand to its dtype, which the CSR product does not take
+        with warnings.catch_warnings(), torch.autocast(self.device.type, enabled=False):
+            warnings.simplefilter("ignore", UserWarning)  # torch calls CSR support "beta" on every construction
             sparse = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-        return (sparse @ x2.T.contiguous()).T.contiguous()
+            return (sparse @ x2.T.contiguous()).T.contiguous().to(out_dtype)
 
 
 def _ones_csr(crow: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -168,8 +172,15 @@ class _ScatteredLinear(torch.autograd.Function):
         ctx.save_for_backward(x, None if transient else weight, rows, cols, crow)
         ctx.scale, ctx.fan_in_fan_out, ctx.structure = scale, fan_in_fan_out, structure
         ctx.values_dtype, ctx.refill = values.dtype, refill
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         w_out_in = weight.T if fan_in_fan_out else weight
-        return torch.nn.functional.linear(x, w_out_in, bias)
+        y = torch.nn.functional.linear(x, w_out_in, bias)
+        # The dtype the product ran in: the inputs' own, or autocast's (any device, any dtype).
+        # The backward runs outside autocast, so it casts its operands to this one itself, as
+        # autocast's linear does; the weight is saved as it is (no second, cast copy kept).
+        ctx.compute_dtype = y.dtype
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -178,19 +189,23 @@ class _ScatteredLinear(torch.autograd.Function):
         if ctx.refill is not None and ctx.needs_input_grad[0]:  # only dx reads the weight
             weight, undo = ctx.refill(weight)
         grad_x = grad_w = grad_b = grad_v = None
+        dtype = ctx.compute_dtype
+        grad_out = grad_out.to(dtype)
         if ctx.needs_input_grad[0]:
             try:
-                grad_x = grad_out @ (weight.T if ctx.fan_in_fan_out else weight)
+                w = weight.T if ctx.fan_in_fan_out else weight
+                grad_x = (grad_out @ w.to(dtype)).to(ctx.x_dtype)
             finally:
                 if undo is not None:
                     undo()
         if ctx.needs_input_grad[1]:
             grad_v = (value_grad(grad_out, x, pattern, ctx.structure) * ctx.scale).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient
-            g = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-            grad_w = g.T if ctx.fan_in_fan_out else g
+            g = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(dtype)
+            grad_w = (g.T if ctx.fan_in_fan_out else g).to(ctx.weight_dtype)
         if ctx.needs_input_grad[3]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            sum_dtype = torch.promote_types(dtype, torch.float32)  # half-precision sums in fp32
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=sum_dtype).to(ctx.bias_dtype)
         return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
@@ -247,11 +262,19 @@ class _SparseDelta(torch.autograd.Function):
 def sparse_delta(x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, scale: float) -> torch.Tensor:
     """``s x S^T`` with S's ``values`` at ``pattern``'s positions, differentiable in x and the values
     without a dense (m, n) tensor: the additive path, for weights that cannot carry the values
-    (quantized, tied, several SHiRA adapters on one FSDP-gathered copy) and mixed batches."""
+    (quantized, tied, several SHiRA adapters on one FSDP-gathered copy) and mixed batches.
+
+    Computed in the values' dtype (fp32 sums for half precision); under autocast the result is
+    handed on in autocast's dtype, the dtype of the base product it is added to."""
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
-        return _SparseDelta.apply(x, values, pattern, scale)
-    x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
-    return pattern.product(values * scale, x2).reshape(*x.shape[:-1], -1)
+        delta = _SparseDelta.apply(x, values, pattern, scale)
+    else:
+        x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+        delta = pattern.product(values * scale, x2).reshape(*x.shape[:-1], -1)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        delta = delta.to(torch.get_autocast_dtype(device_type))
+    return delta
 
 
 def value_grad_tap(y, x, values, pattern: SparsePattern, scale: float):
