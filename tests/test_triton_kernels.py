@@ -179,3 +179,86 @@ def test_bad_shapes_are_refused_clearly(device):
         tk.csr_rows(torch.zeros(5, 3, device=device), torch.zeros(5, 2, device=device),
                     *[torch.zeros(4, dtype=torch.long, device=device)] * 5, torch.zeros(2, dtype=torch.int32,
                                                                                         device=device))
+
+
+# ---- the kernels in place: SHiRA's paths pick them by device ------------------------------------
+
+@pytest.fixture
+def on_triton(device, monkeypatch):
+    """CUDA picks the Triton kernels by itself; on CPU they are forced (under the interpreter)."""
+    if device.type == "cpu":
+        monkeypatch.setenv("SHIRAKIT_TRITON", "1")
+    return device
+
+
+def _llama_with(targets, seed=5, dtype=torch.float32, tied=False, names=("default",)):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import shirakit
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=40, max_position_embeddings=32, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    for i, name in enumerate(names):
+        shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=targets, init_weights=False,
+                                                    random_seed=seed + i), name)
+    return model
+
+
+def _train_grads(model, ids):
+    model.train()
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+    return {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["in-weight", "tied-additive"])
+def test_shira_training_step_on_the_kernels_equals_the_cpu_path(on_triton, tied):
+    """In-weight (value grad) and tied lm_head (additive x S^T, g S, value grad): same gradients."""
+    import copy
+
+    targets = ["lm_head", "q_proj"] if tied else ["q_proj", "down_proj"]
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(1))
+    ref = _llama_with(targets, tied=tied)
+    model = copy.deepcopy(ref).to(on_triton)
+    calls = []
+    real = tk.value_grad
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tk, "value_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+        got = _train_grads(model, ids.to(on_triton))
+    want = _train_grads(ref, ids)
+    assert calls, "the Triton value gradient was not used"
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_routed_inference_on_the_grouped_kernel_equals_rows_alone(on_triton):
+    import shirakit
+    from shirakit.methods.shira import grouped
+    from shirakit.model.routing import route
+
+    model = _llama_with("all-linear", names=("a", "b", "c")).to(on_triton)
+    names = ["b", "__base__", "a", "c", "a"]
+    ids = torch.randint(0, 40, (len(names), 6), generator=torch.Generator().manual_seed(2)).to(on_triton)
+    rows = []
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with shirakit.disable_adapters(model):
+                    rows.append(model(input_ids=ids[i:i + 1]).logits)
+            else:
+                shirakit.set_adapter(model, name)
+                rows.append(model(input_ids=ids[i:i + 1]).logits)
+        launches = []
+        real = grouped.add_grouped_on_device
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(grouped, "add_grouped_on_device", lambda *a: launches.append(1) or real(*a))
+            mp.setattr(grouped, "can_group", lambda y, x: False)  # not the CPU numba kernel
+            from shirakit.core.adapter import InWeightAdapter
+
+            mp.setattr(InWeightAdapter, "prefers_weight", lambda self, tokens: False)
+            with route(model, names):
+                routed = model(input_ids=ids).logits
+    assert launches, "the grouped Triton kernel was not used"
+    torch.testing.assert_close(routed.cpu(), torch.cat(rows).cpu(), rtol=1e-5, atol=1e-5)

@@ -7,14 +7,18 @@ originals kept aside), so the forward is the plain product ``y = x W^T + b``. Th
     dL/dv_k = s * sum_t g[t, i_k] x[t, j_k]   for the K positions (i_k, j_k)
 
 The second is a sampled dense-dense product (SDDMM), K*T multiply-adds. On CPU it runs in
-:mod:`shirakit.methods.shira.cpu_sddmm` (numba, every core); elsewhere, on fp64, or without numba,
-``torch.sparse.sampled_addmm`` on a fixed CSR pattern computes the same K dots (cuSPARSE on CUDA).
+:mod:`shirakit.methods.shira.cpu_sddmm` (C or numba, every core); on CUDA with triton in
+:mod:`shirakit.methods.shira.triton_kernels` (fp32/bf16/fp16 read as they are, fp32 sums); on fp64,
+or without those, ``torch.sparse.sampled_addmm`` on a fixed CSR pattern computes the same K dots
+(cuSPARSE on CUDA). The additive product ``x S^T`` and its ``g S`` take the Triton kernel on CUDA
+too, torch's CSR product elsewhere.
 Masks made of whole rows, columns and the diagonal (SHiRA-Struct) take dense products on CPU
 instead (:mod:`shirakit.methods.shira.struct_grad`, found from the positions once per pattern).
 Known limits of torch 2.13's ``sampled_addmm`` on CPU that shaped this file:
 - with int32 CSR indices it returns wrong values: its call converts the (int32) columns to int64
   for that call only (a transient K-long copy; the numba kernel reads the int32 ones as they are).
-- it rejects bf16/fp16: half-precision inputs are upcast to fp32 for the value gradient.
+- it rejects bf16/fp16: half-precision inputs are upcast to fp32 for the value gradient (on the
+  torch path only; the C, numba and Triton kernels read them as they are).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import warnings
 
 import torch
 
-from . import cpu_sddmm, struct_grad
+from . import cpu_sddmm, struct_grad, triton_kernels
 
 
 class SparsePattern:
@@ -102,6 +106,9 @@ class SparsePattern:
             values, shape = values[order], self.shape[::-1]
         else:
             (crow, col), shape = self.csr_int32(), self.shape
+        if triton_kernels.usable(values, x2):  # CUDA: one launch, fp32 sums, in the values' dtype
+            x2 = x2.to(values.dtype)
+            return triton_kernels.sparse_product(values, x2, crow, col, shape[0])
         out_dtype = values.dtype
         if values.dtype in (torch.bfloat16, torch.float16):  # MKL's CSR product has no half kernel:
             values, x2 = values.float(), x2.float()  # fp32 operands (exact) and sums, one rounding at the end
@@ -130,6 +137,8 @@ def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tens
     """
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
+    if triton_kernels.usable(g2, x2):  # CUDA (or forced, under the interpreter): bf16/fp16 read as they are
+        return triton_kernels.value_grad(g2, x2, rows, cols)
     if cpu_sddmm.usable(g2, x2):
         return cpu_sddmm.value_grad(g2, x2, rows, cols)
     if g2.dtype not in (torch.float32, torch.float64):
