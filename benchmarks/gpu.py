@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="default 512 (--small 32)")
     p.add_argument("--steps", type=int, default=None, help="timed steps a row, default 7 (--small 3)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--prefill", type=int, default=None, help="mixed batch prefill tokens a row, default 256 (--small 16)")
+    p.add_argument("--prefill", type=int, default=None, help="prefill tokens a row, default 256 (--small 16)")
     p.add_argument("--gen", type=int, default=None, help="serve: tokens a request, default 64 (--small 8)")
     p.add_argument("--sections", default="train,switch,mixed,serve")
     p.add_argument("--no-peft", action="store_true", help="leave out PEFT's rows")
@@ -92,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     args.dev = torch.device(args.device)
     if args.dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device (try --device cpu --small)")
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device "
+                         "(try --device cpu --small)")
     return args
 
 
@@ -182,7 +183,7 @@ def train_rows(args) -> list[list[str]]:
             if optimizer is None:  # the frozen base still backpropagates to its input, as a trained one does
                 embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
 
-            def step():
+            def step(model=model, ids=ids, optimizer=optimizer):
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 if optimizer is not None:
@@ -196,7 +197,7 @@ def train_rows(args) -> list[list[str]]:
             times[label] = statistics.median(samples)
             memory = peak_gib(args.dev)
             count = trainable(model)
-            del model, optimizer, params
+            del model, optimizer, params, step, embed
             fresh_memory(args.dev)
             anchor = times.get("shirakit LoRA")
             ratio = f"{times[label] / anchor:.2f}" if anchor and label != "shirakit LoRA" else ""
@@ -272,26 +273,29 @@ def mixed_rows(args) -> list[list[str]]:
             if label == "1 adapter":
                 shirakit.set_adapter(model, names[0])
 
-            def forward(x, cache=None):
-                if label == "16 adapters":
+            def forward(x, cache=None, model=model, routed=label == "16 adapters"):
+                if routed:
                     with route(model, names):
                         return model(input_ids=x, past_key_values=cache, use_cache=True)
                 return model(input_ids=x, past_key_values=cache, use_cache=True)
 
             forward(ids)  # warm-up
-            prefill = [timed(lambda: forward(ids), args.dev) for _ in range(args.steps)]
+            prefill = [timed(lambda f=forward: f(ids), args.dev) for _ in range(args.steps)]
             out = forward(ids)
             cache = out.past_key_values
             decode = []
             for _ in range(args.steps + 1):
-                decode.append(timed(lambda: forward(nxt, cache), args.dev))  # the cache grows a token a call
+                # the cache grows a token a call
+                decode.append(timed(lambda f=forward, c=cache: f(nxt, c), args.dev))
             results[label] = (statistics.median(prefill), statistics.median(decode[1:]))
+            del forward, out, cache
     del model
     fresh_memory(args.dev)
     rows = []
     for i, phase in enumerate(("prefill", "decode")):
         one, many = results["1 adapter"][i], results["16 adapters"][i]
-        rows.append([f"mixed batch, 1B, {phase}", "16 rows, 1 adapter (in the weights)", f"{one * 1e3:.1f} ms", "", "", ""])
+        rows.append([f"mixed batch, 1B, {phase}", "16 rows, 1 adapter (in the weights)", f"{one * 1e3:.1f} ms",
+                     "", "", ""])
         rows.append([f"mixed batch, 1B, {phase}", "16 rows, 16 adapters (routed)", f"{many * 1e3:.1f} ms",
                      f"{many / one:.2f}", "", ""])
     return rows
@@ -329,13 +333,14 @@ def serve_rows(args) -> list[list[str]]:
         tokenizer = _tokenizer(vocab)
         requests = 32
         for count in (1, 16, 100):
-            engine = Engine(copy.deepcopy(model), tokenizer, "base", {n: Path(folders[n]) for n in list(folders)[:count]},
+            served = {n: Path(folders[n]) for n in list(folders)[:count]}
+            engine = Engine(copy.deepcopy(model), tokenizer, "base", served,
                             max_loaded=16, max_batch=32).start()
             try:
                 params = SamplingParams(max_tokens=args.gen, temperature=0.0)
                 prompt = list(range(1, 33))
 
-                def run_all(n_requests):
+                def run_all(n_requests, engine=engine, count=count, params=params, prompt=prompt):
                     done = threading.Semaphore(0)
                     produced = [0]
                     errors = []

@@ -112,8 +112,8 @@ def test_shira_on_a_tied_weight_trains_under_autocast():
 @pytest.mark.parametrize("additive", [False, True], ids=["dequantized-copy", "additive"])
 def test_shira_on_a_quantized_base_trains_under_autocast(additive, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from tests.test_quantized import quantized_pair
     from tests.quantized_bases import CONFIGS, inject
+    from tests.test_quantized import quantized_pair
 
     if additive:
         monkeypatch.setattr(shirakit.core.layer, "dequantizer", lambda layer, x: None)

@@ -77,7 +77,6 @@ def _kernels() -> tuple:
 def _build() -> tuple:
     """A fresh copy of :mod:`._triton_impl` (``triton.jit`` reads TRITON_INTERPRET as it decorates)."""
     import importlib.util
-
     import sys
 
     source = importlib.util.find_spec(f"{__package__}._triton_impl")
