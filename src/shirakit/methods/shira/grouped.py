@@ -383,6 +383,32 @@ def _device_arena(layer, kind: type, y: torch.Tensor, groups: list) -> _DeviceAr
     return arena
 
 
+_WHICH_ON_DEVICE: dict[tuple, tuple[torch.Tensor, list]] = {}
+
+
+def _which_on_device(arena: _DeviceArena, groups: list, batch: int, device: torch.device) -> torch.Tensor:
+    """int32 per batch row on ``device``: its adapter's index in the arena, -1 for none. Built on
+    the host and copied once, then kept for the step's other layers (keyed as ``_WHICH``): one small
+    host-to-device copy per step, not one per group and layer."""
+    position = arena.position
+    try:
+        key = (batch, str(device), *[(id(rows), rows._version, position[id(adapter)]) for adapter, rows in groups])
+    except RuntimeError:  # inference tensors have no version counter: not kept
+        key = None
+    kept = _WHICH_ON_DEVICE.get(key)
+    if kept is not None:
+        return kept[0]
+    which = torch.full((batch,), -1, dtype=torch.int32)
+    for adapter, rows in groups:
+        which[rows.cpu()] = position[id(adapter)]
+    which = which.to(device)
+    if key is not None:
+        if len(_WHICH_ON_DEVICE) >= _WHICH_KEPT:
+            _WHICH_ON_DEVICE.clear()
+        _WHICH_ON_DEVICE[key] = (which, [rows for _, rows in groups])
+    return which
+
+
 def add_grouped_on_device(layer, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[object, torch.Tensor]],
                           kind: type) -> bool:
     """:func:`add_grouped` on CUDA: every group's ``y[rows] += s x[rows] S^T`` in one Triton launch
@@ -394,10 +420,8 @@ def add_grouped_on_device(layer, y: torch.Tensor, x: torch.Tensor, groups: list[
     if arena is None:
         return False
     batch = x.shape[0]
-    which = torch.full((batch,), -1, dtype=torch.int32, device=y.device)
-    for adapter, rows in groups:
-        which[rows.to(y.device)] = arena.position[id(adapter)]
     x2 = x.reshape(-1, x.shape[-1])
+    which = _which_on_device(arena, groups, batch, y.device)
     triton_kernels.csr_rows(y.view(-1, y.shape[-1]), x2, arena.crow, arena.col, arena.vals, arena.crow_start,
                             arena.nnz_start, which)
     return True
