@@ -63,10 +63,10 @@ def test_training_step_under_cpu_autocast_bf16(case, model_name):
 
 
 @pytest.mark.parametrize("model_name", ["llama", "gpt2"])
-def test_shira_value_gradient_under_autocast_equals_the_dense_one(model_name):
+def test_shira_value_gradient_under_autocast_equals_the_dense_one(model_name, device):
     """Under autocast, SHiRA's value gradient equals (to bf16 rounding) the dense weight gradient,
     at its positions, of a plain model holding W + delta, trained under the same autocast."""
-    ids = inputs()
+    ids = inputs().to(device)
     model = MODELS[model_name]()
     shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=TARGETS[model_name], init_weights=False,
                                                 random_seed=5))
@@ -75,8 +75,9 @@ def test_shira_value_gradient_under_autocast_equals_the_dense_one(model_name):
         for name, delta in shirakit.delta_weights(model, "default").items():
             layer = ref.get_submodule(name)
             (layer.weight.T if type(layer).__name__ == "Conv1D" else layer.weight).add_(delta)
-    _step(model, ids, torch.bfloat16)
-    _step(ref, ids, torch.bfloat16)
+    model, ref = model.to(device), ref.to(device)
+    _step(model, ids, torch.bfloat16, device.type)
+    _step(ref, ids, torch.bfloat16, device.type)
     for name, layer in adapter_layers(model):
         adapter = layer.adapters["default"]
         ref_layer = ref.get_submodule(name)
@@ -154,12 +155,12 @@ def test_training_step_with_half_precision_weights(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_shira_merge_unmerge_is_bit_exact_in_half_precision(dtype):
-    base = MODELS["llama"](dtype)
+def test_shira_merge_unmerge_is_bit_exact_in_half_precision(dtype, device):
+    base = MODELS["llama"](dtype).to(device)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = copy.deepcopy(base)
     shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules="all-linear", init_weights=False, random_seed=5))
-    ids = inputs()
+    ids = inputs().to(device)
     unmerged = output(model, ids)
     shirakit.merge(model)
     merged = output(model, ids)
