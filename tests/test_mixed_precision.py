@@ -203,3 +203,23 @@ def test_routed_rows_equal_rows_alone_in_half_precision(dtype):
     assert routed.dtype == dtype
     # the routed rows take the additive path, the rows alone the values in the weight: two roundings
     torch.testing.assert_close(routed.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("method", ["shira", "lora"])
+def test_conv_and_embedding_siblings_train_under_cpu_autocast_bf16(method):
+    """The layer siblings (nn.Conv1d/2d, nn.Embedding; SHiRA's own autograd Functions there)."""
+    from tests.models import SIBLING_MODELS
+
+    targets = TARGETS["convnet"]
+    config = (shirakit.ShiraConfig(r=2, target_modules=targets, init_weights=False, random_seed=2)
+              if method == "shira" else shirakit.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    ref = SIBLING_MODELS["convnet"]()
+    shirakit.inject(ref, config)
+    model = copy.deepcopy(ref)
+    ids = inputs()
+    _step(ref, ids)
+    _step(model, ids, torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == p.dtype
+    _assert_same_direction(_grads(model), _grads(ref))
