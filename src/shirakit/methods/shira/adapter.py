@@ -177,10 +177,15 @@ class ShiraAdapter(InWeightAdapter):
     @classmethod
     def add_routed_deltas(cls, layer, y, x, groups) -> None:
         """Every SHiRA group of a routed batch in one kernel call where it applies (inference on
-        CPU: :mod:`.grouped`), else one sparse product per group."""
-        linear = layer.geometry.kind == "linear"
-        if not (linear and grouped.can_group(y, x) and grouped.add_grouped(layer, y, x, groups, ShiraAdapter)):
-            super().add_routed_deltas(layer, y, x, groups)
+        CPU: :mod:`.grouped`'s numba kernel; on CUDA: its Triton launch), else one sparse product
+        per group (convs and embeddings: always per group)."""
+        if layer.geometry.kind == "linear":
+            if grouped.can_group(y, x) and grouped.add_grouped(layer, y, x, groups, ShiraAdapter):
+                return
+            if grouped.can_group_on_device(y, x) and grouped.add_grouped_on_device(layer, y, x, groups,
+                                                                                   ShiraAdapter):
+                return
+        super().add_routed_deltas(layer, y, x, groups)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry

@@ -81,19 +81,26 @@ class _ScatteredConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight, positions)
         ctx.spec, ctx.padding, ctx.scale, ctx.values_dtype = spec, padding, scale, values.dtype
         ctx.has_bias = bias is not None
-        return conv_product(x, weight, bias, spec, padding)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        y = conv_product(x, weight, bias, spec, padding)
+        ctx.compute_dtype = y.dtype  # autocast's (any device) or the inputs': the backward runs outside autocast
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, positions = ctx.saved_tensors
         need_x, need_v, need_w, need_b = ctx.needs_input_grad[:4]
         bias_size = [weight.shape[0]] if ctx.has_bias else None
-        gx, gw, gb = _conv_backward(grad_out, x, weight, ctx.spec, ctx.padding,
+        dtype = ctx.compute_dtype
+        gx, gw, gb = _conv_backward(grad_out.to(dtype), x.to(dtype), weight.to(dtype), ctx.spec, ctx.padding,
                                     [need_x, need_v or need_w, need_b], bias_size)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_v = None
         if need_v:
             grad_v = (gw.reshape(-1).index_select(0, positions).float() * ctx.scale).to(ctx.values_dtype)
-        return gx, grad_v, gw if need_w else None, gb if need_b else None, None, None, None, None
+        gx = gx.to(x_dtype) if need_x else None
+        return (gx, grad_v, gw.to(w_dtype) if need_w else None, gb.to(b_dtype) if need_b else None,
+                None, None, None, None)
 
 
 class _ConvValueTap(torch.autograd.Function):
