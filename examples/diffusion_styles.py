@@ -108,8 +108,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     small = args.small
     sizes = dict(width=8, images=64, base_steps=30, style_steps=10, batch=16, samples=4, sample_steps=10, r=2) \
-        if small else dict(width=32, images=512, base_steps=1200, style_steps=150, batch=32, samples=8,
-                           sample_steps=50, r=16)
+        if small else dict(width=16, images=256, base_steps=500, style_steps=80, batch=16, samples=6,
+                           sample_steps=40, r=8)
     out = Path(args.out)
     t0 = time.perf_counter()
     masks = digit_masks(sizes["images"], args.seed)

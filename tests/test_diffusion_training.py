@@ -4,7 +4,6 @@ samples per epoch), the `shirakit train --task text-to-image` command, and the o
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -54,15 +53,16 @@ def test_train_lowers_the_loss(tmp_path):
 
     pipe = tiny_pipeline(tmp_path)
     images = load_images(write_images(tmp_path / "imgs", 4, (10, 200, 10)), 3, 32)
+    many = images.repeat(16, 1, 1, 1)  # 64 draws of (noise, t): an estimate steady enough to compare
 
     def fixed_loss():
         with torch.no_grad():
-            return float(denoising_loss(pipe, images, ["green"] * 4, torch.Generator().manual_seed(0)).mean())
+            return float(denoising_loss(pipe, many, ["green"] * 64, torch.Generator().manual_seed(0)).mean())
 
     before = fixed_loss()
     sd.train(pipe, images, prompt="green", adapter=shirakit.ShiraConfig(r=4, target_modules="all-linear"),
-             max_steps=40, batch_size=4, lr=3e-2, progress=False, gradient_checkpointing=False)
-    assert fixed_loss() < 0.9 * before
+             max_steps=60, batch_size=4, lr=3e-2, progress=False, gradient_checkpointing=False)
+    assert fixed_loss() < 0.9 * before, before
 
 
 def test_train_errors(tmp_path):
@@ -75,28 +75,27 @@ def test_train_errors(tmp_path):
                  adapter_name="b")
 
 
-def test_cli_text_to_image(tmp_path):
+def test_cli_text_to_image(tmp_path, capsys):
+    from shirakit.cli import main
+
     pipe = tiny_pipeline(tmp_path)
     pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
     images = write_images(tmp_path / "imgs", 4, (30, 30, 200))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "shirakit", "train", "--task", "text-to-image", "--model", str(tmp_path / "pipe"),
-           "--data", str(images), "--prompt", "a blue sks square", "--targets", *ATTENTION, "--r", "2",
-           "--max-steps", "2", "--batch-size", "2", "--samples", "1", "--sample-steps", "2", "--out", str(out),
-           "--quiet"]
-    env = {"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "unet" / "adapter_config.json").is_file() and (out / "samples" / "epoch-1.png").is_file()
+    args = ["train", "--task", "text-to-image", "--model", str(tmp_path / "pipe"), "--data", str(images),
+            "--prompt", "a blue sks square", "--targets", *ATTENTION, "--r", "2", "--max-steps", "2",
+            "--batch-size", "2", "--samples", "1", "--sample-steps", "2", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert (out / "adapter" / "unet" / "adapter_config.json").is_file() and (out / "samples" / "epoch-1.png").is_file()
     record = json.loads((out / "shirakit_training.json").read_text())
-    assert record["steps"] == 2 and record["finished"]
+    assert record["steps"] == 2 and record["finished"] and len(record["loss"]) == 2
     fresh = tiny_pipeline(tmp_path)
-    sd.load_adapter(fresh, out, "trained")
+    sd.load_adapter(fresh, out / "adapter", "trained")
     assert sd.adapter_names(fresh) == ["trained"]
-    bad = subprocess.run(cmd[:6] + [str(tmp_path / "imgs"), "--data", str(images), "--out", str(tmp_path / "o2")],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert bad.returncode == 2 and "model_index.json" in bad.stderr
+    bad = ["train", "--task", "text-to-image", "--model", str(images), "--data", str(images), "--out",
+           str(tmp_path / "o2")]
+    assert main(bad) == 2
+    assert "model_index.json" in capsys.readouterr().err
 
 
 def test_example_small(tmp_path):

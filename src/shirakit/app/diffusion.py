@@ -248,10 +248,11 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                history.losses.append(float(loss))
-                epoch_losses.append(float(loss))
+                value = float(loss.detach())
+                history.losses.append(value)
+                epoch_losses.append(value)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{value:.4f}")
             history.epoch_loss.append(sum(epoch_losses) / max(len(epoch_losses), 1))
             history.seconds = time.perf_counter() - start
             if samples_dir is not None:

@@ -3,8 +3,8 @@ images (the loop: :func:`shirakit.app.diffusion.train`).
 
     shirakit train --task text-to-image --model PIPELINE_DIR --data IMAGES_DIR --prompt "a photo in sks style"
 
-``--out`` gets the adapter in the pipeline layout (``unet/``, ... one PEFT folder per component), ``samples/
-epoch-<k>.png`` after each epoch and ``shirakit_training.json``.
+``--out`` gets ``adapter/`` (the pipeline layout: ``unet/``, ... one PEFT folder per component; rewritten whole after
+each epoch), ``samples/epoch-<k>.png`` after each epoch and ``shirakit_training.json``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def train(args) -> None:
     print(f"pipeline {type(pipe).__name__} from {args.model}; denoiser {sd.denoiser_name(pipe)}")
 
     def save(history, finished: bool) -> None:
-        sd.save_adapter(pipe, out, "default")
+        sd.save_adapter(pipe, out / "adapter", "default")
         record = {"task": "text-to-image", "method": args.method, "r": args.r, "model": str(Path(args.model).resolve()),
                   "data": str(Path(args.data).resolve()), "prompt": args.prompt, "steps": len(history.losses),
                   "loss": history.losses, "epoch_loss": history.epoch_loss, "samples": history.samples,
@@ -86,4 +86,4 @@ def train(args) -> None:
         on_epoch=lambda h: save(h, finished=False))
     save(history, finished=True)
     print(f"loss {history.losses[0]:.4f} -> {history.losses[-1]:.4f} after {len(history.losses)} steps "
-          f"({history.seconds:.0f} s); adapter, samples/ and {TRAINING_FILE} written to {args.out}/")
+          f"({history.seconds:.0f} s); adapter/, samples/ and {TRAINING_FILE} written to {args.out}/")
