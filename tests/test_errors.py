@@ -150,8 +150,10 @@ def test_target_matching_nothing_lists_names():
 
 
 def test_target_of_wrong_type():
-    with pytest.raises(TypeError, match="Embedding"):
-        shirakit.inject(MODELS["llama"](), shirakit.LoraConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(TypeError, match=r"LlamaRMSNorm"):
+        shirakit.inject(MODELS["llama"](), shirakit.LoraConfig(target_modules=["input_layernorm"]))
+    with pytest.raises(TypeError, match=r"embed_tokens \(Embedding\): VeraAdapter does not adapt embedding"):
+        shirakit.inject(MODELS["llama"](), shirakit.VeraConfig(target_modules=["embed_tokens"]))
 
 
 def test_shira_budget_too_large():

@@ -26,15 +26,57 @@ from .config import AdapterConfig
 
 
 @dataclass(frozen=True)
+class ConvSpec:
+    """The facts of a wrapped ``nn.Conv1d`` / ``nn.Conv2d`` an adapter needs to run a conv of its own
+    (LoRA's A) or the layer's product (SHiRA's in-weight training forward)."""
+
+    dims: int  # spatial dimensions: 1 (Conv1d) or 2 (Conv2d)
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str  # ints, or "same" / "valid"
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str  # "zeros", "reflect", "replicate", "circular"
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """The lookup options of a wrapped ``nn.Embedding`` an adapter's own lookup repeats (LoRA's A)."""
+
+    padding_idx: int | None
+    scale_grad_by_freq: bool
+    sparse: bool
+
+
+@dataclass(frozen=True)
 class LayerGeometry:
-    """Shape facts about the wrapped layer. ``fan_in_fan_out``: weight stored (in, out) (GPT-2 Conv1D)."""
+    """Shape facts about the wrapped layer, seen as a matrix (out, in).
+
+    - linear: ``(out_features, in_features)``; ``fan_in_fan_out``: weight stored (in, out) (GPT-2 Conv1D).
+    - conv (``conv`` set): the kernel ``(out, in/groups, *k)`` flattened to ``(out, in/groups * prod(k))``:
+      a conv is a linear map on unfolded patches, so positions, scatters and deltas are the same code
+      on that row-major view (it is the weight's own storage order).
+    - embedding (``embedding``): the table ``(num_embeddings, dim)`` as (out, in) = (rows, dim); its
+      "forward" is a row lookup, not a product, but positions and scatters are again the storage order.
+    """
 
     in_features: int
     out_features: int
     fan_in_fan_out: bool = False
+    conv: ConvSpec | None = None
+    embedding: EmbeddingSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        """"linear", "conv" or "embedding": what :attr:`Adapter.layer_kinds` is checked against."""
+        return "conv" if self.conv is not None else "embedding" if self.embedding is not None else "linear"
 
     def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight seen as (out, in), a view (transposed for Conv1D)."""
+        """The weight seen as (out, in), a view (transposed for Conv1D, flattened for a conv kernel)."""
+        if self.conv is not None:
+            return weight.view(weight.shape[0], -1)
         return weight.T if self.fan_in_fan_out else weight
 
     def storage_flat_index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -86,6 +128,12 @@ class Adapter(nn.Module):
     delta_reads_weight: ClassVar[bool] = False
     #: True when merge_into / unmerge_from can write into this rank's rows of an FSDP2-sharded weight.
     merges_into_shards: ClassVar[bool] = False
+    #: The layer kinds (:attr:`LayerGeometry.kind`) this method adapts, and why it refuses the others.
+    layer_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+    layer_kinds_why: ClassVar[str] = "its maths is written for a (out, in) linear weight"
+    #: Can this adapter be written in and taken out by ``scatter_many`` (one call for every layer of a
+    #: fused switch, in place of one merge / unmerge per layer; :class:`InWeightAdapter`'s plans)?
+    batched_scatter: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -99,6 +147,11 @@ class Adapter(nn.Module):
         values come from a file, so no mask, no init, no checks of drawn values); ``source`` names
         the layer for error messages."""
         super().__init__()
+        if geometry.kind not in self.layer_kinds:
+            raise TypeError(
+                f"{source or 'a layer'} ({type(base_layer).__name__}): {type(self).__name__} does not adapt "
+                f"{geometry.kind} layers ({self.layer_kinds_why}); it adapts {sorted(self.layer_kinds)}. "
+                "Leave this layer out of target_modules (exclude_modules) or use SHiRA or LoRA there")
         self.geometry = geometry
         self.config = config
         self.scale = 1.0
@@ -362,6 +415,34 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def additive_cost(self, tokens: int) -> float:
         """Estimated CPU seconds of :meth:`forward` (and adding it in) on ``tokens`` tokens."""
+
+    # ---- optional: fused switching of many layers at once (shirakit.model.switch) --------------
+    # batched_scatter (declared on Adapter): True when the two plans below are implemented.
+
+    def planned_write(self, weight: torch.Tensor, base_key: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`merge_into` would scatter: (flat weight, positions, values), with every read and
+        sum done first (the base values under it saved, as ``write_into`` does); the caller scatters
+        them (:meth:`scatter_many`) and then calls :meth:`written_by_batch`."""
+        raise NotImplementedError(f"{type(self).__name__} does not switch in batches")
+
+    def planned_restore(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`unmerge_from` would scatter: (flat weight, positions, saved base values); the
+        caller scatters them and then calls :meth:`restored_by_batch`."""
+        raise NotImplementedError(f"{type(self).__name__} does not switch in batches")
+
+    @classmethod
+    def scatter_many(cls, writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """``flat[index] = values`` for every (flat, index, values) of ``writes``, in order."""
+        for flat, index, values in writes:
+            flat.index_copy_(0, index, values)
+
+    def written_by_batch(self) -> None:
+        """The planned write was scattered: the weight now holds this adapter's current values."""
+        self._applied_state = self.values_state()
+
+    def restored_by_batch(self) -> None:
+        """The planned restore was scattered: the weight holds the base again under this adapter."""
+        self._applied_state = None
 
     # ---- optional: FSDP2 ----------------------------------------------------------------------
     #: Can :meth:`gathered_forward` write this adapter into an FSDP2-gathered copy of the weight?

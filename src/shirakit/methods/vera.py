@@ -74,6 +74,9 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 
 @register
 class VeraAdapter(Adapter):
+    layer_kinds_why = ("its projections shared by all layers, A (r, in) and B (out, r), act on a linear layer's "
+                       "features; PEFT's VeRA adapts linear layers only, so a conv or embedding adapter would "
+                       "have no file format to share")
     config_class = VeraConfig
     slot_padded = ("r",)  # zero entries of lambda_d, zero rows/columns of the projections
     slot_scaled = "vera_lambda_b"

@@ -24,7 +24,7 @@ from ..compile.slots import check_new_adapter
 from ..compile.sync import forget_compiled, forget_layers
 from ..core.adapter import Adapter
 from ..core.config import AdapterConfig
-from ..core.layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
+from ..core.layer import LINEAR_LAYERS, SUPPORTED_LAYERS, AdapterLinear, ModulesToSave, wrap_layer
 from ..core.registry import method_for_config
 from ..core.sharded_weights import storage_key
 from ..core.state import (
@@ -55,7 +55,15 @@ def _user_modules(model: nn.Module):
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (AdapterLinear, *SUPPORTED_LAYERS))
+    """A linear layer ("all-linear" picks these, as PEFT does: no convs, no embeddings)."""
+    inner = module.base_layer if isinstance(module, AdapterLinear) else module
+    return isinstance(inner, LINEAR_LAYERS)
+
+
+def _is_supported(module: nn.Module) -> bool:
+    """A layer shirakit can wrap: linear, Conv1d / Conv2d, embedding (a method may still refuse a kind)."""
+    inner = module.base_layer if isinstance(module, AdapterLinear) else module
+    return isinstance(inner, SUPPORTED_LAYERS) and not isinstance(inner, nn.modules.conv._ConvTransposeNd)
 
 
 def _layer_index(name: str, layers_pattern, deadline: float) -> int | None:
@@ -107,13 +115,14 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         names = [n for n in names if not _matches(config.exclude_modules, n, deadline, "exclude_modules")]
     names = [n for n in names if not in_saved(n)]
     if not names:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_linear(m)})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_supported(m)})
         raise ValueError(
-            f"target_modules={spec!r} matched no module; the model's linear layers are named {linear}"
+            f"target_modules={spec!r} matched no module; the model's adaptable layers are named {linear}"
         )
-    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not _is_linear(modules[n])]
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not _is_supported(modules[n])]
     if wrong:
-        raise TypeError(f"targets must be nn.Linear or transformers Conv1D; found {wrong}")
+        raise TypeError("targets must be nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d or nn.Embedding; "
+                        f"found {wrong}")
     return names
 
 
@@ -185,7 +194,7 @@ def _wrap_targets(model: nn.Module, targets: list[str], undo: list) -> list[tupl
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, AdapterLinear):
-            module = AdapterLinear(module)
+            module = wrap_layer(module)
             _set_submodule(model, name, module)
             undo.append(lambda name=name, base=module.base_layer: _set_submodule(model, name, base))
         layers.append((name, module))

@@ -39,6 +39,7 @@ class Kernels(NamedTuple):
 
     transpose_fp32: object  # (src (T, c) fp32, dst (c, W) fp32, c0, c1)
     dots: object  # (a_rows, b_rows, ia, ib, out, start, stop), ia/ib int64 or int32
+    scatter_many: object  # (weights, indices, values, counts: int64 address arrays, element size)
 
 
 def _compiler() -> str | None:
@@ -133,7 +134,15 @@ def _wrap(library: ctypes.CDLL) -> Kernels:
         dots_by_index[ia.dtype](a_rows.ctypes.data, b_rows.ctypes.data, ia.ctypes.data, ib.ctypes.data,
                                 out.ctypes.data, a_rows.shape[1], start, stop)
 
-    return Kernels(transpose_fp32, dots)
+    many = library.shirakit_scatter_many
+    many.argtypes = [_LONG, _POINTER, _POINTER, _POINTER, _POINTER, _LONG]
+    many.restype = None
+
+    def scatter_many(weights: np.ndarray, indices: np.ndarray, values: np.ndarray, counts: np.ndarray,
+                     size: int) -> None:
+        many(len(weights), weights.ctypes.data, indices.ctypes.data, values.ctypes.data, counts.ctypes.data, size)
+
+    return Kernels(transpose_fp32, dots, scatter_many)
 
 
 @once
