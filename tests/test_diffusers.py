@@ -247,20 +247,20 @@ def test_folder_errors(pipe, tmp_path):
 
 
 # ---- diffusers-format LoRA files --------------------------------------------------------------------------------
-def diffusers_lora(pipe, folder, rank=4, alpha=8, text=True):
+def diffusers_lora(pipe, folder, rank=4, alpha=8, text=True, unet_targets=ATTENTION):
     """A LoRA saved by diffusers itself (peft underneath), with non-zero B."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=ATTENTION, init_lora_weights=False))
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=unet_targets, init_lora_weights=False))
     layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))}
     if text:
         pipe.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=TEXT_ATTENTION,
                                                  init_lora_weights=False))
         layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
             get_peft_model_state_dict(pipe.text_encoder))
-    meta = {"unet_lora_adapter_metadata": {"r": rank, "lora_alpha": alpha, "target_modules": ATTENTION}}
+    meta = {"unet_lora_adapter_metadata": {"r": rank, "lora_alpha": alpha, "target_modules": unet_targets}}
     if text:
         meta["text_encoder_lora_adapter_metadata"] = {"r": rank, "lora_alpha": alpha,
                                                       "target_modules": TEXT_ATTENTION}
@@ -286,6 +286,22 @@ def test_diffusers_lora_file_equals_diffusers_load(pipe_dir, tmp_path, with_meta
     torch.testing.assert_close(unet_out(ours), unet_out(theirs), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(text_out(ours), text_out(theirs), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(unet_out(ours), unet_out(tiny_pipeline(pipe_dir)), atol=1e-4)
+    theirs.fuse_lora()
+    sd.switch_adapter(ours, "x")
+    torch.testing.assert_close(unet_out(ours), unet_out(theirs), atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_conv_lora_equals_diffusers_load(pipe_dir, tmp_path):
+    """A LoRA on the resnets' convolutions (A: a conv with the layer's kernel, B: 1x1)."""
+    pytest.importorskip("peft")
+    folder = diffusers_lora(tiny_pipeline(pipe_dir), tmp_path / "lora", rank=2, alpha=4, text=False,
+                            unet_targets=["conv1", "conv2"])
+    theirs = tiny_pipeline(pipe_dir)
+    theirs.load_lora_weights(folder, adapter_name="x")
+    ours = tiny_pipeline(pipe_dir)
+    sd.load_adapter(ours, folder, "x")
+    assert any(t.endswith("conv1") for t in ours.unet.shirakit.configs["x"].target_modules)
+    torch.testing.assert_close(unet_out(ours), unet_out(theirs), atol=1e-5, rtol=1e-5)
     theirs.fuse_lora()
     sd.switch_adapter(ours, "x")
     torch.testing.assert_close(unet_out(ours), unet_out(theirs), atol=1e-5, rtol=1e-5)

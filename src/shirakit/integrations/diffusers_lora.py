@@ -141,9 +141,10 @@ def _adapter_files(path: Path, component: str, layers: dict[str, dict[str, torch
         if missing:
             raise ValueError(f"{path}: {component}.{module_path} has no lora_{'/'.join(sorted(missing))} tensor")
         a, b = roles["A"], roles["B"]
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+        if a.dim() not in (2, 4) or b.dim() != a.dim() or b.shape[1] != a.shape[0]:
             raise ValueError(f"{path}: {component}.{module_path}: expected A (r, in) and B (out, r) of a linear "
-                             f"layer, found A {tuple(a.shape)} and B {tuple(b.shape)} (conv LoRA is not read yet)")
+                             f"layer, or a conv's A (r, in, kh, kw) and B (out, r, 1, 1); found A {tuple(a.shape)} "
+                             f"and B {tuple(b.shape)}")
     ranks = {p: roles["A"].shape[0] for p, roles in layers.items()}
     default_alpha = meta.get("lora_alpha")
     alphas = {p: float(roles["alpha"]) if "alpha" in roles else float(default_alpha if default_alpha else ranks[p])
@@ -157,8 +158,8 @@ def _adapter_files(path: Path, component: str, layers: dict[str, dict[str, torch
         if not uniform:  # same delta under one (r, alpha): zero rows/columns, B carries the scale ratio
             pad = r - a.shape[0]
             ratio = (alphas[module_path] / ranks[module_path]) / (alpha / r)
-            a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
-            b = torch.cat([(b.float() * ratio).to(b.dtype), b.new_zeros(b.shape[0], pad)], dim=1)
+            a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])])
+            b = torch.cat([(b.float() * ratio).to(b.dtype), b.new_zeros(b.shape[0], pad, *b.shape[2:])], dim=1)
         tensors[f"base_model.model.{module_path}.lora_A.weight"] = a
         tensors[f"base_model.model.{module_path}.lora_B.weight"] = b
     config = LoraConfig(r=int(r), lora_alpha=alpha, target_modules=sorted(layers),
