@@ -111,3 +111,16 @@ def test_example_small(tmp_path):
         assert grid.size == (4 * 16 * 4, 4 * 16 * 4)
     assert set(result["colours"]) == {"base", "A", "B", "AB"}
     assert (tmp_path / "style_A" / "unet" / "adapter_config.json").is_file()
+
+
+def test_benchmark_small(capsys):
+    """benchmarks/diffusion_switch.py --small: SDXL's UNet layout, small; both libraries' rows come out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import diffusion_switch
+    finally:
+        sys.path.pop(0)
+    diffusion_switch.main(["--small", "--threads", "1", "--dtypes", "float32", "--reps", "1"])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| float32 | 1 |")]
+    assert row and "x |" in row[-1]
