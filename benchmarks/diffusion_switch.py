@@ -115,11 +115,11 @@ def median(values: list[float]) -> str:
 
 def diffusers_phase(unet, files: dict[str, Path], reps: int, inputs: dict, steps: bool) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"load+fuse": [], "switch": [], "step_unfused": []}
-    for rep in range(reps):
+    for _ in range(reps):
         out["load+fuse"].append(timed(lambda: (unet.load_lora_adapter(str(files["X"]), prefix="unet", adapter_name="X"),
                                                unet.fuse_lora(adapter_names=["X"]))))
         unet.load_lora_adapter(str(files["Y"]), prefix="unet", adapter_name="Y")
-        for src, dst in (("X", "Y"), ("Y", "X")):
+        for dst in ("Y", "X"):
             out["switch"].append(timed(lambda dst=dst: (unet.unfuse_lora(), unet.set_adapters(dst),
                                                         unet.fuse_lora(adapter_names=[dst]))))
         unet.unfuse_lora()
@@ -136,7 +136,7 @@ def shirakit_phase(pipe, folders: dict[str, Path], reps: int, inputs: dict, step
 
     unet = pipe["unet"]
     out: dict[str, list[float]] = {"load+fuse": [], "switch": [], "step_base": [], "step_active": []}
-    for rep in range(reps):
+    for _ in range(reps):
         out["load+fuse"].append(timed(lambda: sd.load_adapter(pipe, folders["A"], "A", merge=True)))
         sd.load_adapter(pipe, folders["B"], "B")
         sd.switch_adapter(pipe, "A")

@@ -67,7 +67,8 @@ def make_pipeline(width: int, seed: int):
     torch.manual_seed(seed)
     unet = UNet2DModel(sample_size=SIDE, in_channels=3, out_channels=3, layers_per_block=1,
                        block_out_channels=(width, 2 * width), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     scheduler = DDPMScheduler(num_train_timesteps=200, beta_schedule="squaredcos_cap_v2", clip_sample=True)
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)

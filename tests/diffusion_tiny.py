@@ -66,7 +66,8 @@ def tiny_pipeline(folder: Path, seed: int = 0):
 
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed + 1), tokenizer=tiny_tokenizer(folder / "tok"),
-        unet=tiny_unet(seed + 2), scheduler=DDPMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False), safety_checker=None,
+        unet=tiny_unet(seed + 2), safety_checker=None,
+        scheduler=DDPMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False),
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

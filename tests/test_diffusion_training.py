@@ -34,10 +34,11 @@ def test_train_changes_only_adapter_values(tmp_path):
     pipe = tiny_pipeline(tmp_path)
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     images = write_images(tmp_path / "imgs", 4, (200, 30, 30))
-    history = sd.train(pipe, images, prompt="a red sks square", adapter=shirakit.ShiraConfig(r=2, target_modules=ATTENTION),
+    config = shirakit.ShiraConfig(r=2, target_modules=ATTENTION)
+    history = sd.train(pipe, images, prompt="a red sks square", adapter=config,
                        adapter_name="style", max_steps=3, batch_size=2, lr=1e-2, samples_dir=tmp_path / "samples",
-                       n_samples=1, sample_steps=2, progress=False, class_images=write_images(tmp_path / "cls", 2, (9, 9, 9)),
-                       class_prompt="a square")
+                       n_samples=1, sample_steps=2, progress=False, class_prompt="a square",
+                       class_images=write_images(tmp_path / "cls", 2, (9, 9, 9)))
     assert len(history.losses) == 3 and all(torch.isfinite(torch.tensor(history.losses)))
     assert [Path(p).name for p in history.samples] == ["epoch-1.png", "epoch-2.png"]
     trained = shirakit.adapter_state_dict(pipe.unet, "style")

@@ -36,7 +36,8 @@ from ..core.validation import check_adapter_name
 from ..io import checkpoint
 from ..io.checkpoint import AdapterFiles, read_adapter_files
 from ..io.folder import CONFIG_NAME
-from ..model import control, fusion, hotswap, inject as inject_ops, metrics, switch
+from ..model import control, fusion, hotswap, metrics, switch
+from ..model import inject as inject_ops
 
 __all__ = [
     "components", "denoiser_name", "adapted", "holders", "adapter_names", "active_adapters", "inject",
@@ -181,7 +182,9 @@ def read_pipeline_adapter(pipe, folder: str | Path) -> dict[str, AdapterFiles]:
     if folder.is_file() or (folder / LORA_FILE).is_file():
         from .diffusers_lora import read_lora_file
 
-        return read_lora_file(pipe, folder / LORA_FILE if folder.is_dir() else folder)
+        parts = components(pipe)
+        denoiser = next((name for name in DENOISERS if name in parts), None)
+        return read_lora_file(parts, denoiser, folder / LORA_FILE if folder.is_dir() else folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such adapter folder")
     if (folder / CONFIG_NAME).is_file():

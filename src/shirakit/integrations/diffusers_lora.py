@@ -42,18 +42,16 @@ _KOHYA_TABLES: dict[int, dict[str, set[str]]] = {}  # component -> flat name -> 
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 
 
-def read_lora_file(pipe, path: str | Path) -> dict[str, AdapterFiles]:
-    """The file's LoRA per component, as :class:`AdapterFiles` (config + tensors under PEFT's file keys) that
+def read_lora_file(modules: dict[str, nn.Module], denoiser: str | None, path: str | Path) -> dict[str, AdapterFiles]:
+    """The file's LoRA per component of ``modules`` (a pipeline's components; ``denoiser``: the one that takes keys
+    without a component prefix), as :class:`AdapterFiles` (config + tensors under PEFT's file keys) that
     :func:`shirakit.load_adapter` takes; nothing in the pipeline changes."""
-    from .diffusers import components, denoiser_name
-
     path = Path(path)
     tensors, metadata = _read(path)
-    modules = components(pipe)
     _KOHYA_TABLES.clear()
     parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # component -> module path -> role -> tensor
     for key, value in tensors.items():
-        component, module_path, role = _parse(key, modules, path, denoiser_name(pipe))
+        component, module_path, role = _parse(key, modules, path, denoiser)
         slot = parts.setdefault(component, {}).setdefault(module_path, {})
         if role in slot:
             raise ValueError(f"{path}: two keys give the {role} of {component}.{module_path} (e.g. {key!r})")
@@ -92,9 +90,9 @@ def _metadata_of(metadata: dict, component: str, path: Path) -> dict:
     return own
 
 
-def _parse(key: str, modules: dict[str, nn.Module], path: Path, denoiser: str) -> tuple[str, str, str]:
+def _parse(key: str, modules: dict[str, nn.Module], path: Path, denoiser: str | None) -> tuple[str, str, str]:
     """(component, module path, role) of one file key."""
-    for suffix, role in _ROLES:
+    for suffix, role in _ROLES:  # noqa: B007 (role is read after the break)
         if key.endswith(suffix):
             stem = key[: -len(suffix)]
             break
@@ -107,6 +105,8 @@ def _parse(key: str, modules: dict[str, nn.Module], path: Path, denoiser: str) -
                 component = "transformer"
             return component, _kohya_path(stem[len(prefix):], component, modules, path, key), role
     head, _, rest = stem.partition(".")
+    if head not in modules and denoiser is None:
+        raise ValueError(f"{path}: key {key!r} names no component of this pipeline ({sorted(modules)})")
     component, module_path = (head, rest) if head in modules else (denoiser, stem)
     module_path = _PROCESSOR.sub(lambda m: "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1)), module_path)
     module_path = module_path.removesuffix(".processor")
