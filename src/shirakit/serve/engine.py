@@ -168,7 +168,7 @@ class Engine:
             self._waiting.append(request)
             self.stats.waiting = len(self._waiting)
             path = self.cache.paths.get(model)
-            if path is not None and model not in self.cache.loaded:
+            if path is not None and not self.cache.is_loaded(model):
                 self.prefetch.want(model, path)  # read its folder now, while it waits
             self._lock.notify_all()
         return request.request_id
@@ -195,7 +195,7 @@ class Engine:
             self.cache.register(name, path)
         try:
             if self.cache.acquire(name):
-                self.cache.release(name)
+                self.cache.release(self.cache.key(name))
         except AdapterLoadError:
             with self._lock:
                 self.cache.unregister(name)
@@ -296,7 +296,7 @@ class Engine:
         the prefetcher holds; drop reads that no waiting request wants any more."""
         with self._lock:
             wanted = {r.model: self.cache.paths[r.model] for r in self._waiting
-                      if r.model in self.cache.paths and r.model not in self.cache.loaded}
+                      if r.model in self.cache.paths and not self.cache.is_loaded(r.model)}
         self.prefetch.keep_only(wanted)
         for name, path in wanted.items():
             if not self.prefetch.want(name, path):
@@ -313,7 +313,7 @@ class Engine:
             self._fail(request, UnknownModel(request.model))
             return FAILED
         source = None
-        if request.model not in self.cache.loaded:
+        if not self.cache.is_loaded(request.model):
             if not self.cache.has_room():
                 return NO_SLOT
             source = self.prefetch.take(request.model, path)
@@ -325,7 +325,7 @@ class Engine:
         except AdapterLoadError as exc:
             self._fail(request, exc)
             return FAILED
-        request.adapter, request.pinned = request.model, True
+        request.adapter, request.pinned = self.cache.key(request.model), True
         return READY
 
     def _sequences(self, request: Request) -> list[Sequence]:
