@@ -125,3 +125,111 @@ def test_reloading_a_name_in_use_from_a_corrupt_folder_is_refused(folders, tmp_p
             assert http.post("/v1/completions", json={"model": "x", "prompt": "gone"}).status_code == 404
     finally:
         running.stop()
+
+
+# ---- one client never fails another ------------------------------------------------------------------
+POISON = 33  # the poisoned request's max_tokens: how the injected failure finds its row
+
+
+def _bystanders(running, names, max_tokens=40):
+    """Start one greedy stream per name on threads; returns (threads, results: name -> (text, done))."""
+    results = {}
+
+    def run(name):
+        body = {"model": name, "prompt": f"bystander {name}", "max_tokens": max_tokens, "temperature": 0,
+                "stream": True}
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            with http.stream("POST", "/v1/completions", json=body) as stream:
+                results[name] = _stream_text(stream.iter_lines())
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while running.engine.snapshot()["running"] < len(names) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert running.engine.snapshot()["running"] == len(names)
+    return threads, results
+
+
+def _check_bystanders(folders, threads, results, max_tokens=40):
+    model_dir, adapters, _ = folders
+    for thread in threads:
+        thread.join(TIMEOUT)
+    for name, (text, done) in results.items():
+        assert done, name
+        assert text == offline_text(model_dir, adapters.get(name), f"bystander {name}", max_tokens), name
+
+
+@pytest.mark.parametrize("where", ["sample", "stop", "decode"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failure_in_one_row_fails_that_request_alone(folders, monkeypatch, where, stream):
+    from shirakit.serve import engine as engine_module
+    from shirakit.serve.sequence import Sequence
+
+    def poisoned(seq):
+        return seq.params.max_tokens == POISON and len(seq.tokens) >= 3
+
+    if where == "sample":
+        real_sample = engine_module.sample
+        monkeypatch.setattr(engine_module, "sample", lambda logits, seq: (_ for _ in ()).throw(
+            RuntimeError("injected sample failure")) if poisoned(seq) else real_sample(logits, seq))
+    else:
+        method = {"stop": "check_stop", "decode": "decode"}[where]
+        real = getattr(Sequence, method)
+
+        def broken(self, *args):
+            if poisoned(self):
+                raise RuntimeError(f"injected {where} failure")
+            return real(self, *args)
+
+        monkeypatch.setattr(Sequence, method, broken)
+    names = ["tiny-llama", *list(folders[1])[:3]]
+    running = _server(folders, step_delay=0.005)
+    try:
+        threads, results = _bystanders(running, names)
+        body = {"model": names[1], "prompt": "poison", "max_tokens": POISON, "temperature": 0.7, "seed": 1,
+                "n": 2, "stream": stream}
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            if stream:
+                with http.stream("POST", "/v1/completions", json=body) as response:
+                    assert response.status_code == 200
+                    lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+                assert lines[-1] == "data: [DONE]"
+                error = json.loads(lines[-2][6:])["error"]
+            else:
+                response = http.post("/v1/completions", json=body)
+                assert response.status_code == 500, response.text
+                error = response.json()["error"]
+        assert f"injected {where} failure" in error["message"] and error["code"] == 500
+        _check_bystanders(folders, threads, results)
+        numbers = running.engine.snapshot()
+        assert numbers["requests_failed"] == 1 and numbers["requests_finished"] == len(names)
+        assert numbers["running"] == 0
+    finally:
+        running.stop()
+
+
+def test_out_of_range_parameters_are_refused_at_the_door_or_served(folders):
+    """The issue's attack values: each is a 400 naming its field, or is served; bystanders never notice."""
+    name = list(folders[1])[0]
+    running = _server(folders, step_delay=0.005)
+    try:
+        threads, results = _bystanders(running, ["tiny-llama", name])
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            for bad, field in [({"seed": 2**70}, "seed"), ({"seed": 2**64 - 1, "n": 2}, "seed"),
+                               ({"seed": -2**63 - 1}, "seed"), ({"temperature": -1}, "temperature"),
+                               ({"top_p": 0}, "top_p"), ({"n": 17}, "n"), ({"max_tokens": 0}, "max_tokens")]:
+                response = http.post("/v1/completions", json={"model": name, "prompt": "x", **bad})
+                assert response.status_code == 400, (bad, response.text)
+                assert response.json()["error"]["param"] == field
+            for fine in [{"temperature": 1e-300}, {"temperature": 1e-45}, {"top_p": 1e-300, "temperature": 1},
+                         {"seed": 2**63 - 1, "n": 2, "temperature": 1}, {"seed": -2**63, "temperature": 1}]:
+                for _ in range(2):
+                    response = http.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 4,
+                                                                  **fine})
+                    assert response.status_code == 200, (fine, response.text)
+        _check_bystanders(folders, threads, results)
+        assert running.engine.snapshot()["requests_failed"] == 0
+    finally:
+        running.stop()

@@ -26,9 +26,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cache import AdapterLoadError
-from .engine import Output, QueueFull, UnknownModel
+from .engine import Output, QueueFull, RequestFailed, UnknownModel
 from .metrics import render
 from .protocol import (
+    ERROR_TYPES,
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -48,6 +49,8 @@ def api_error_for(exc: Exception) -> ApiError:
                              f"and the adapters", "model")
     if isinstance(exc, QueueFull):
         return ApiError(429, f"the server is busy: {exc}; retry later")
+    if isinstance(exc, RequestFailed):
+        return ApiError(500, str(exc))
     if isinstance(exc, (AdapterLoadError, ValueError, FileNotFoundError)):
         return ApiError(400, str(exc))
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -255,9 +258,16 @@ async def _sse(shape: _Shape, first: Output, events: AsyncIterator[Output], usag
                 yield frame(shape.chunk(i, "", None, first=True))
         tokens[first.index] = first.completion_tokens
         yield frame(shape.chunk(first.index, first.text, first.finish_reason))
-        async for event in events:
-            tokens[event.index] = event.completion_tokens
-            yield frame(shape.chunk(event.index, event.text, event.finish_reason))
+        try:
+            async for event in events:
+                tokens[event.index] = event.completion_tokens
+                yield frame(shape.chunk(event.index, event.text, event.finish_reason))
+        except Exception as exc:  # after the headers: the error as an event, then the end, as vLLM does
+            error = api_error_for(exc)
+            yield frame({"error": {"message": error.message, "type": ERROR_TYPES.get(error.status, "Error"),
+                                   "param": error.param, "code": error.status}})
+            yield "data: [DONE]\n\n"
+            return
         if usage:
             yield frame({"id": shape.id, "object": "chat.completion.chunk" if shape.chat else "text_completion",
                          "created": shape.created, "model": shape.model, "choices": [],

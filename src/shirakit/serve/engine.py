@@ -48,7 +48,7 @@ from .cache import AdapterCache, AdapterLoadError
 from .kv import BatchKV, cache_from
 from .metrics import Counters
 from .prefetch import Prefetcher
-from .sequence import SamplingParams, Sequence, choose_next
+from .sequence import SamplingParams, Sequence, sample
 
 log = logging.getLogger("shirakit.serve")
 
@@ -67,6 +67,10 @@ class QueueFull(RuntimeError):
 
 class UnknownModel(KeyError):
     """The request names neither the base model nor a registered adapter (HTTP 404)."""
+
+
+class RequestFailed(RuntimeError):
+    """Generating for this request failed (its sampling, stop check or text); only it is failed (HTTP 500)."""
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Request:
     adapter: str = BASE
     open: int = 0  # choices not finished yet
     pinned: bool = False
+    failed: bool = False  # told its error; its rows leave the batch before the next step
 
 
 def adapter_bytes(model: torch.nn.Module, name: str) -> int:
@@ -283,7 +288,11 @@ class Engine:
             with self._lock:
                 self._remove_waiting(index)
             if verdict == READY:
-                admitted.extend(self._sequences(request))
+                try:
+                    admitted.extend(self._sequences(request))
+                except Exception as exc:  # this request's parameters: it fails, the others go on
+                    self._fail_request(request, exc)
+                    self._close_failed(request)
         if admitted:
             self._prefill(admitted)
 
@@ -329,11 +338,12 @@ class Engine:
         return READY
 
     def _sequences(self, request: Request) -> list[Sequence]:
+        rows = [Sequence(request.request_id, i, request.adapter, request.prompt, request.params)
+                for i in range(request.n)]
         request.open = request.n
         self._requests[request.request_id] = request
         self.stats.prompt_tokens += len(request.prompt)
-        return [Sequence(request.request_id, i, request.adapter, request.prompt, request.params)
-                for i in range(request.n)]
+        return rows
 
     # ---- forward passes ------------------------------------------------------------------
     def _prefill(self, sequences: list[Sequence]) -> None:
@@ -399,21 +409,48 @@ class Engine:
 
     # ---- results ---------------------------------------------------------------------
     def _advance(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        """Choose each row's next token, stream what settled, retire finished or cancelled rows."""
-        for seq, token in zip(rows, choose_next(logits, rows)):
-            seq.add(token, self.tokenizer, self.eos_ids)
-            self.stats.generation_tokens += 1
-            delta = seq.settled_delta()
-            if delta or seq.finish_reason:
-                self._requests[seq.request_id].sink(
-                    Output(seq.index, delta, seq.finish_reason, len(seq.tokens)))
+        """Choose each row's next token, stream what settled, retire finished or cancelled rows.
+
+        A row whose sampling, stop check, text or sink raises fails its own request only (its
+        other choices too); the rest of the batch goes on as if it had never been there.
+        """
+        greedy = logits.argmax(dim=-1).tolist()
+        for row, seq in enumerate(rows):
+            request = self._requests[seq.request_id]
+            if request.failed:
+                continue
+            try:
+                token = greedy[row] if seq.greedy else sample(logits[row], seq)
+                seq.add(token, self.tokenizer, self.eos_ids)
+                self.stats.generation_tokens += 1
+                delta = seq.settled_delta()
+                if delta or seq.finish_reason:
+                    request.sink(Output(seq.index, delta, seq.finish_reason, len(seq.tokens)))
+            except Exception as exc:
+                self._fail_request(request, exc)
         self._retire()
+
+    def _fail_request(self, request: Request, exc: Exception) -> None:
+        """Tell one request that it failed; its rows leave at the next retire (``request.failed``)."""
+        log.warning("request %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
+        request.failed = True
+        error = exc if isinstance(exc, (AdapterLoadError, UnknownModel)) else \
+            RequestFailed(f"generating this request failed: {type(exc).__name__}: {exc}")
+        with contextlib.suppress(Exception):  # a sink that cannot take it: its client is gone
+            self._fail(request, error)
+
+    def _close_failed(self, request: Request) -> None:
+        """A failed request that never joined the batch: unpin its adapter."""
+        if request.pinned:
+            request.pinned = False
+            self.cache.release(request.adapter)
 
     def _retire(self) -> None:
         """Take finished and cancelled rows out of the batch; release their adapters."""
         with self._lock:
             cancelled = set(self._cancelled)
-        done = [s.finish_reason is not None or s.request_id in cancelled for s in self._running]
+        done = [s.finish_reason is not None or s.request_id in cancelled or self._requests[s.request_id].failed
+                for s in self._running]
         if any(done):
             for seq, gone in zip(self._running, done):
                 if gone:
@@ -437,6 +474,8 @@ class Engine:
         del self._requests[seq.request_id]
         if request.pinned:
             self.cache.release(request.adapter)
+        if request.failed:
+            return  # counted by _fail
         if cancelled:
             self.stats.requests_cancelled += 1
         else:
@@ -450,7 +489,9 @@ class Engine:
         for request in list(self._requests.values()):
             if request.pinned:
                 self.cache.release(request.adapter)
-            self._fail(request, exc)
+            if not request.failed:
+                with contextlib.suppress(Exception):
+                    self._fail(request, exc)
         self._requests.clear()
         self._running = []
         self._batch = BatchKV()
