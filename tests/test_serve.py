@@ -17,6 +17,7 @@ from tests.serving import CONTEXT, SERVE_CASES, load_tiny_lm, offline_text, save
 
 pytest.importorskip("fastapi")
 from shirakit.serve import Engine, start_server  # noqa: E402
+from shirakit.serve.policy import Policy  # noqa: E402
 
 TIMEOUT = 60
 
@@ -33,7 +34,7 @@ def _server(folders, adapters=None, **engine_args):
     model_dir, found, _ = folders
     model, tokenizer = load_tiny_lm(model_dir)
     engine = Engine(model, tokenizer, "tiny-llama", found if adapters is None else adapters, **engine_args)
-    return start_server(engine)
+    return start_server(engine, policy=Policy(allow_runtime_adapters=True))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ request can never fail another's, and the admin surface is closed unless opened.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import threading
@@ -15,6 +16,7 @@ from tests.serving import load_tiny_lm, offline_text, save_adapters, save_tiny_l
 
 pytest.importorskip("fastapi")
 from shirakit.serve import Engine, start_server  # noqa: E402
+from shirakit.serve.policy import Policy  # noqa: E402
 
 TIMEOUT = 60
 
@@ -39,7 +41,7 @@ def _server(folders, adapters=None, step_delay=0.0, **engine_args):
             real()
 
         engine._decode_step = slow
-    return start_server(engine)
+    return start_server(engine, policy=Policy(allow_runtime_adapters=True))
 
 
 def _text(http, model, prompt, max_tokens=12):
@@ -127,11 +129,16 @@ def test_reloading_a_name_in_use_from_a_corrupt_folder_is_refused(folders, tmp_p
         running.stop()
 
 
+@functools.lru_cache(maxsize=None)
+def _offline(model_dir, adapter_dir, prompt, max_tokens):
+    return offline_text(model_dir, adapter_dir, prompt, max_tokens)
+
+
 # ---- one client never fails another ------------------------------------------------------------------
 POISON = 33  # the poisoned request's max_tokens: how the injected failure finds its row
 
 
-def _bystanders(running, names, max_tokens=40):
+def _bystanders(running, names, max_tokens=60):
     """Start one greedy stream per name on threads; returns (threads, results: name -> (text, done))."""
     results = {}
 
@@ -152,17 +159,16 @@ def _bystanders(running, names, max_tokens=40):
     return threads, results
 
 
-def _check_bystanders(folders, threads, results, max_tokens=40):
+def _check_bystanders(folders, threads, results, max_tokens=60):
     model_dir, adapters, _ = folders
     for thread in threads:
         thread.join(TIMEOUT)
     for name, (text, done) in results.items():
         assert done, name
-        assert text == offline_text(model_dir, adapters.get(name), f"bystander {name}", max_tokens), name
+        assert text == _offline(model_dir, adapters.get(name), f"bystander {name}", max_tokens), name
 
 
-@pytest.mark.parametrize("where", ["sample", "stop", "decode"])
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("where,stream", [("sample", False), ("stop", True), ("decode", True), ("decode", False)])
 def test_a_failure_in_one_row_fails_that_request_alone(folders, monkeypatch, where, stream):
     from shirakit.serve import engine as engine_module
     from shirakit.serve.sequence import Sequence
@@ -185,7 +191,7 @@ def test_a_failure_in_one_row_fails_that_request_alone(folders, monkeypatch, whe
 
         monkeypatch.setattr(Sequence, method, broken)
     names = ["tiny-llama", *list(folders[1])[:3]]
-    running = _server(folders, step_delay=0.005)
+    running = _server(folders, step_delay=0.01)
     try:
         threads, results = _bystanders(running, names)
         body = {"model": names[1], "prompt": "poison", "max_tokens": POISON, "temperature": 0.7, "seed": 1,
@@ -213,7 +219,7 @@ def test_a_failure_in_one_row_fails_that_request_alone(folders, monkeypatch, whe
 def test_out_of_range_parameters_are_refused_at_the_door_or_served(folders):
     """The issue's attack values: each is a 400 naming its field, or is served; bystanders never notice."""
     name = list(folders[1])[0]
-    running = _server(folders, step_delay=0.005)
+    running = _server(folders, step_delay=0.01)
     try:
         threads, results = _bystanders(running, ["tiny-llama", name])
         with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
@@ -231,5 +237,108 @@ def test_out_of_range_parameters_are_refused_at_the_door_or_served(folders):
                     assert response.status_code == 200, (fine, response.text)
         _check_bystanders(folders, threads, results)
         assert running.engine.snapshot()["requests_failed"] == 0
+    finally:
+        running.stop()
+
+
+# ---- the admin surface -------------------------------------------------------------------------------
+def _policy_server(folders, policy):
+    model_dir, found, _ = folders
+    model, tokenizer = load_tiny_lm(model_dir)
+    return start_server(Engine(model, tokenizer, "tiny-llama", found), policy=policy)
+
+
+def test_runtime_adapters_are_off_by_default(folders):
+    running = _policy_server(folders, Policy())
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            name = list(folders[1])[0]
+            for route, body in [("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(folders[1][name])}),
+                                ("/v1/unload_lora_adapter", {"lora_name": name})]:
+                response = http.post(route, json=body)
+                assert response.status_code == 403 and "--allow-runtime-adapters" in response.json()["error"]["message"]
+            assert name in [m["id"] for m in http.get("/v1/models").json()["data"]]
+    finally:
+        running.stop()
+
+
+def test_api_key_adapter_roots_and_errors_without_server_paths(folders, tmp_path, monkeypatch):
+    from shirakit.serve import prefetch as prefetch_module
+
+    _, adapters, root = folders
+    allowed = tmp_path / "allowed"
+    shutil.copytree(list(adapters.values())[0], allowed / "good")
+    (allowed / "escape").symlink_to(root / "adapters")  # a link out of the root
+    outside = list(adapters.values())[1]
+    readers = []
+    real_read = prefetch_module.read_adapter_files
+    monkeypatch.setattr(prefetch_module, "read_adapter_files",
+                        lambda path: readers.append(threading.current_thread().name) or real_read(path))
+    running = _policy_server(folders, Policy(api_key="sekrit", allow_runtime_adapters=True,
+                                             adapter_roots=(allowed,)))
+    key = {"Authorization": "Bearer sekrit"}
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            assert http.get("/health").status_code == 200  # open
+            for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}]:
+                response = http.get("/v1/models", headers=headers)
+                assert response.status_code == 401 and response.json()["error"]["code"] == 401
+                assert http.post("/v1/completions", headers=headers,
+                                 json={"model": "tiny-llama", "prompt": "x"}).status_code == 401
+            assert http.get("/v1/models", headers=key).status_code == 200
+
+            def load(path, name="y"):
+                return http.post("/v1/load_lora_adapter", headers=key, json={"lora_name": name, "lora_path": path})
+
+            messages = []
+            for path in [str(outside), str(tmp_path / "no-such-folder"), str(allowed / ".." / outside.name),
+                         str(allowed / "escape" / outside.name), "x" * 4000]:
+                response = load(path)
+                assert response.status_code == 400, (path, response.text)
+                message = response.json()["error"]["message"]
+                # only what the client sent comes back: never a resolved path, never the OS's own text
+                assert (str(outside) not in message or path == str(outside)) and "File name too long" not in message
+                assert len(message) < 400, message
+                messages.append(message)
+            # existing or not, a folder outside the roots gets the same answer
+            assert all("outside the adapter roots" in m for m in messages[:4]), messages
+            assert load(str(allowed / "good")).status_code == 200
+            assert "shirakit-engine" not in readers and readers  # read on a reader thread, not the engine's
+            assert _text(http.__class__(base_url=running.url, timeout=TIMEOUT, headers=key), "y", "hello")
+    finally:
+        running.stop()
+
+
+def test_large_bodies_long_prompts_and_unsupported_parameters(folders):
+    running = _policy_server(folders, Policy(max_body_bytes=64 * 1024))
+    name = list(folders[1])[0]
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            huge = json.dumps({"model": name, "prompt": "y" * (10 << 20)}).encode()
+            response = http.post("/v1/completions", content=huge, headers={"content-type": "application/json"})
+            assert response.status_code == 413, response.text
+
+            def chunks():  # no Content-Length: counted as it arrives
+                yield b'{"model": "tiny-llama", "prompt": "'
+                for _ in range(100):
+                    yield b"z" * 4096
+                yield b'"}'
+
+            response = http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+            assert response.status_code == 413, response.text
+            start = time.monotonic()
+            assert http.get("/health").status_code == 200 and time.monotonic() - start < 1.0
+            # under the body bound but surely past the context (96 tokens): refused before tokenizing
+            response = http.post("/v1/completions", json={"model": name, "prompt": "y" * 50000})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+            for field, value in [("best_of", 3), ("suffix", "end"), ("tools", [{"type": "function"}]),
+                                 ("response_format", {"type": "json_object"})]:
+                response = http.post("/v1/completions", json={"model": name, "prompt": "x", field: value})
+                assert response.status_code == 400, (field, response.text)
+                assert response.json()["error"]["param"] == field
+            chat = {"model": name, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+            assert http.post("/v1/chat/completions", json=chat).json()["error"]["param"] == "logprobs"
+            assert http.post("/v1/completions", json={"model": name, "prompt": "x", "best_of": 1, "suffix": None,
+                                                      "user": "someone", "max_tokens": 2}).status_code == 200
     finally:
         running.stop()

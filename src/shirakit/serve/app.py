@@ -8,16 +8,20 @@
     POST /v1/load_lora_adapter        {"lora_name", "lora_path"}: any method, not LoRA only
     POST /v1/unload_lora_adapter      {"lora_name"}
 
-Handlers validate, tokenize and hand the request to the backend; they never touch the model.
+Handlers validate, tokenize (on a worker thread, after a bound on the text's length) and hand the
+request to the backend; they never touch the model. The backend's ``policy`` (``policy.py``)
+decides the API key, runtime adapter loading, adapter roots and the body size. Every error the API
+answers goes through :func:`api_error_for` (one place: other engines behind this app answer alike).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -28,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .cache import AdapterLoadError
 from .engine import Output, QueueFull, RequestFailed, UnknownModel
 from .metrics import render
+from .policy import Policy
 from .protocol import (
     ERROR_TYPES,
     ApiError,
@@ -37,8 +42,11 @@ from .protocol import (
     Sampling,
     UnloadAdapterRequest,
     error_response,
+    short,
 )
 from .sequence import SamplingParams
+
+log = logging.getLogger("shirakit.serve")
 
 
 def api_error_for(exc: Exception) -> ApiError:
@@ -51,9 +59,62 @@ def api_error_for(exc: Exception) -> ApiError:
         return ApiError(429, f"the server is busy: {exc}; retry later")
     if isinstance(exc, RequestFailed):
         return ApiError(500, str(exc))
-    if isinstance(exc, (AdapterLoadError, ValueError, FileNotFoundError)):
+    if isinstance(exc, OSError):  # its text names server paths: log it, tell the client less
+        log.warning("request failed on a file: %s", exc)
+        return ApiError(400, f"the server could not read a file this request needs ({type(exc).__name__})")
+    if isinstance(exc, (AdapterLoadError, ValueError)):
         return ApiError(400, str(exc))
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+    log.error("internal error", exc_info=exc)
+    return ApiError(500, f"internal error ({type(exc).__name__}); the server's log has the details")
+
+
+class Guard:
+    """ASGI middleware run before routing: the API key on ``/v1/*`` (401) and the body-size bound
+    (413), checked on the declared length and on the bytes as they arrive (a lying or missing
+    Content-Length does not help); the body is read here, at most the bound, then handed on."""
+
+    def __init__(self, app, policy_of, errors: Counter) -> None:
+        self.app, self.policy_of, self.errors = app, policy_of, errors
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        policy: Policy = self.policy_of()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        if scope["path"].startswith("/v1/") and not policy.authorized(headers.get("authorization")):
+            return await self._refuse(scope, send, 401, "a valid API key is required: Authorization: Bearer KEY")
+        limit = policy.max_body_bytes
+        too_big = f"the request body is larger than this server accepts ({limit} bytes)"
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, send, 413, too_big)
+        if scope.get("method") in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._refuse(scope, send, 413, too_big)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnects, as the server reports them
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, send, status: int, message: str) -> None:
+        self.errors[status] += 1
+        await error_response(status, message)(scope, None, send)
 
 
 def create_app(backend) -> FastAPI:
@@ -61,6 +122,8 @@ def create_app(backend) -> FastAPI:
     app = FastAPI(title="shirakit serve", version="1")
     app.state.backend = backend
     app.state.http_errors = Counter()
+    policy = lambda: getattr(backend, "policy", None) or Policy()  # noqa: E731  (read per request: Ray binds late)
+    app.add_middleware(Guard, policy_of=policy, errors=app.state.http_errors)
 
     def failed(exc: Exception) -> JSONResponse:
         error = api_error_for(exc)
@@ -102,7 +165,7 @@ def create_app(backend) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         try:
-            prompt = _completion_prompt(backend, body.prompt)
+            prompt = await _completion_prompt(backend, body.prompt)
             params = _params(backend, body, prompt, body.max_tokens)
             return await _respond(backend, request, body, prompt, params, chat=False)
         except Exception as exc:
@@ -111,7 +174,7 @@ def create_app(backend) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         try:
-            prompt = _chat_prompt(backend, body)
+            prompt = await _chat_prompt(backend, body)
             params = _params(backend, body, prompt, body.max_completion_tokens or body.max_tokens)
             return await _respond(backend, request, body, prompt, params, chat=True)
         except Exception as exc:
@@ -120,9 +183,9 @@ def create_app(backend) -> FastAPI:
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):
         try:
-            if not Path(body.lora_path).is_dir():
-                raise ApiError(400, f"lora_path {body.lora_path!r} is not a folder on the server", "lora_path")
-            await backend.load_adapter(body.lora_name, body.lora_path)
+            policy().check_runtime_adapters()
+            folder = await asyncio.to_thread(policy().adapter_folder, body.lora_path)
+            await backend.load_adapter(body.lora_name, str(folder))
         except Exception as exc:
             return failed(exc)
         return PlainTextResponse(f"Success: adapter {body.lora_name!r} added.")
@@ -130,6 +193,7 @@ def create_app(backend) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapterRequest):
         try:
+            policy().check_runtime_adapters()
             await backend.unload_adapter(body.lora_name)
         except Exception as exc:
             return failed(exc)
@@ -139,10 +203,30 @@ def create_app(backend) -> FastAPI:
 
 
 # ---- turning requests into engine work ------------------------------------------------------
-def _completion_prompt(backend, prompt: str | list[int]) -> list[int]:
+def _text_bound(backend) -> int:
+    """Characters past which a text surely has more tokens than the context: context x the longest
+    token's length (a token never covers more characters than its longest vocabulary entry)."""
+    bound = getattr(backend, "_text_bound", None)
+    if bound is None:
+        longest = max((len(t) for t in backend.tokenizer.get_vocab()), default=1)
+        bound = backend._text_bound = backend.max_context * max(longest, 1)
+    return bound
+
+
+def _check_text_length(backend, chars: int, param: str) -> None:
+    if chars > _text_bound(backend):
+        raise ApiError(400, f"the {param} has {chars} characters, surely more than this model's context of "
+                            f"{backend.max_context} tokens", param)
+
+
+async def _completion_prompt(backend, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        ids = backend.tokenizer(prompt).input_ids
+        _check_text_length(backend, len(prompt), "prompt")
+        ids = (await asyncio.to_thread(backend.tokenizer, prompt)).input_ids  # off the event loop
     else:
+        if len(prompt) > backend.max_context:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
+                                f"{backend.max_context} tokens", "prompt")
         vocab = len(backend.tokenizer)
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
@@ -153,13 +237,18 @@ def _completion_prompt(backend, prompt: str | list[int]) -> list[int]:
     return ids
 
 
-def _chat_prompt(backend, body: ChatRequest) -> list[int]:
+async def _chat_prompt(backend, body: ChatRequest) -> list[int]:
     tokenizer = backend.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    _check_text_length(backend, sum(len(m["content"]) for m in messages), "messages")
+
+    def tokenize() -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    return await asyncio.to_thread(tokenize)  # off the event loop: /health and the streams go on
 
 
 def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None) -> SamplingParams:

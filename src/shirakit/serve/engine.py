@@ -192,14 +192,15 @@ class Engine:
             self._lock.notify_all()
         return future
 
-    def load_adapter(self, name: str, path: str | Path) -> None:
-        """Register ``path`` as ``name`` and load it now (raises :class:`AdapterLoadError`)."""
+    def load_adapter(self, name: str, path: str | Path, files: Future | None = None) -> None:
+        """Register ``path`` as ``name`` and load it now (raises :class:`AdapterLoadError`).
+        ``files``: the folder already read (``self.prefetch.read(path)``, off this thread)."""
         with self._lock:
             if name == self.base_name or self.cache.known(name):
                 raise ValueError(f"an adapter or model named {name!r} is already being served")
             self.cache.register(name, path)
         try:
-            if self.cache.acquire(name):
+            if self.cache.acquire(name, files):
                 self.cache.release(self.cache.key(name))
         except AdapterLoadError:
             with self._lock:
