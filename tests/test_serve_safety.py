@@ -342,3 +342,118 @@ def test_large_bodies_long_prompts_and_unsupported_parameters(folders):
                                                       "user": "someone", "max_tokens": 2}).status_code == 200
     finally:
         running.stop()
+
+
+# ---- logprobs, echo, logit_bias, penalties -----------------------------------------------------------
+def _offline_logprobs(model_dir, adapter_dir, ids):
+    """log_softmax of the model's logits at every position of ``ids`` (offline, that adapter alone)."""
+    import torch
+
+    import shirakit
+
+    model, _ = load_tiny_lm(model_dir)
+    if adapter_dir is not None:
+        shirakit.load_adapter(model, adapter_dir, "only")
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def _offline_penalized(model_dir, adapter_dir, ids, max_tokens, bias=None, presence=0.0, frequency=0.0):
+    """Greedy tokens with OpenAI's logit_bias and penalties, the long way (full forward per token)."""
+    import torch
+
+    import shirakit
+
+    model, _ = load_tiny_lm(model_dir)
+    if adapter_dir is not None:
+        shirakit.load_adapter(model, adapter_dir, "only")
+    ids, out, counts = list(ids), [], {}
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            for token, value in (bias or {}).items():
+                logits[token] += value
+            for token, count in counts.items():
+                logits[token] -= count * frequency + presence
+            token = int(logits.argmax())
+            if token == 2:  # </s>
+                break
+            out.append(token)
+            counts[token] = counts.get(token, 0) + 1
+            ids.append(token)
+    return out
+
+
+def test_logprobs_and_echo_as_lm_eval_asks_for_them(folders):
+    """lm-evaluation-harness's local-completions loglikelihood: token ids, max_tokens 1, logprobs 1,
+    echo; it sums token_logprobs[ctxlen:-1] and checks greediness against top_logprobs."""
+    model_dir, adapters, _ = folders
+    name = list(adapters)[1]
+    _, tokenizer = load_tiny_lm(model_dir)
+    context, continuation = tokenizer("The cat").input_ids, tokenizer("sat", add_special_tokens=False).input_ids
+    ids = context + continuation
+    reference = _offline_logprobs(model_dir, adapters[name], ids)
+    running = _policy_server(folders, Policy())
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            body = {"model": name, "prompt": [ids], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+            response = http.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            choice = response.json()["choices"][0]
+            block = choice["logprobs"]
+            assert len(block["tokens"]) == len(ids) + 1 and block["token_logprobs"][0] is None
+            assert choice["text"].startswith(tokenizer.decode(ids))
+            expected = [float(reference[i - 1, ids[i]]) for i in range(1, len(ids))]
+            assert block["token_logprobs"][1:len(ids)] == pytest.approx(expected, abs=1e-4)
+            answer = sum(block["token_logprobs"][len(context):-1])
+            assert answer == pytest.approx(sum(expected[len(context) - 1:]), abs=1e-4)
+            generated = block["token_logprobs"][-1]
+            assert generated == pytest.approx(float(reference[-1].max()), abs=1e-4)  # greedy: the top one
+            assert max(block["top_logprobs"][-1].values()) == pytest.approx(generated, abs=1e-6)
+            assert block["text_offset"][:2] == [0, len(block["tokens"][0])]
+            # streaming gives the same entries; without echo only the generated tokens
+            stream = {**body, "prompt": "The cat", "echo": False, "max_tokens": 4, "stream": True, "logprobs": 2}
+            with http.stream("POST", "/v1/completions", json=stream) as response:
+                chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                          if line.startswith("data: {")]
+            tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+            assert "".join(tokens) == "".join(c["choices"][0]["text"] for c in chunks)
+            assert all(len(top) >= 2 for c in chunks for top in c["choices"][0]["logprobs"]["top_logprobs"])
+    finally:
+        running.stop()
+
+
+def test_logit_bias_and_penalties_follow_openai(folders):
+    model_dir, adapters, _ = folders
+    name = list(adapters)[0]
+    _, tokenizer = load_tiny_lm(model_dir)
+    prompt = tokenizer("abab").input_ids
+    running = _policy_server(folders, Policy())
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            def tokens(**kw):
+                body = {"model": name, "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 0, **kw}
+                response = http.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                return [tokenizer.convert_tokens_to_ids(t) for t in response.json()["choices"][0]["logprobs"]["tokens"]]
+
+            z, y = tokenizer.convert_tokens_to_ids("z"), tokenizer.convert_tokens_to_ids("y")
+            assert tokens(logit_bias={str(z): 100}) == [z] * 10
+            two = {str(z): 50, str(y): 49}  # z wins until the penalties have taken enough off it
+            for kw, offline in [({"logit_bias": two, "frequency_penalty": 1.5}, {"frequency": 1.5}),
+                                ({"logit_bias": two, "presence_penalty": 2.0}, {"presence": 2.0}),
+                                ({"logit_bias": {str(z): 3.0}, "frequency_penalty": -0.5}, {"frequency": -0.5}),
+                                ({"frequency_penalty": 2.0, "presence_penalty": -1.0},
+                                 {"frequency": 2.0, "presence": -1.0})]:
+                bias = {int(k): v for k, v in kw.get("logit_bias", {}).items()}
+                got = [t for t in tokens(**kw) if t != 2]
+                assert got == _offline_penalized(model_dir, adapters[name], prompt, 10, bias=bias, **offline), kw
+            assert y in tokens(logit_bias=two, frequency_penalty=1.5)  # the penalty did change the text
+            assert http.post("/v1/completions", json={"model": name, "prompt": "x", "logit_bias": {"100000": 1}}
+                             ).json()["error"]["param"] == "logit_bias"
+            assert http.post("/v1/completions", json={"model": name, "prompt": "x", "logit_bias": {"5": 101}}
+                             ).status_code == 400
+            assert http.post("/v1/completions", json={"model": name, "prompt": "x", "presence_penalty": 3}
+                             ).json()["error"]["param"] == "presence_penalty"
+    finally:
+        running.stop()

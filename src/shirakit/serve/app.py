@@ -263,8 +263,15 @@ def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None) 
     if max_tokens > room:
         raise ApiError(400, f"this model's context is {backend.max_context} tokens; the prompt has "
                             f"{len(prompt)} and max_tokens asks for {max_tokens}", "max_tokens")
+    vocab = len(backend.tokenizer)
+    bias = body.logit_bias or {}
+    outside = [t for t in bias if not 0 <= t < vocab]
+    if outside:
+        raise ApiError(400, f"logit_bias token ids must lie in [0, {vocab}); found {outside[:5]}", "logit_bias")
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          seed=body.seed, stop=tuple(body.stop or ()))
+                          seed=body.seed, stop=tuple(body.stop or ()), logit_bias=tuple(bias.items()),
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          logprobs=getattr(body, "logprobs", None), echo=getattr(body, "echo", False))
 
 
 async def _respond(backend, request: Request, body: Sampling, prompt: list[int], params: SamplingParams,
@@ -275,7 +282,12 @@ async def _respond(backend, request: Request, body: Sampling, prompt: list[int],
     except BaseException:
         await events.aclose()
         raise
-    shape = _Shape(body.model, chat, len(prompt))
+    echo, logprobs = getattr(body, "echo", False), getattr(body, "logprobs", None) is not None
+    text = None
+    if echo or logprobs:  # the prompt as the client sent it, or its tokens' text
+        text = body.prompt if isinstance(body.prompt, str) else backend.tokenizer.decode(prompt)
+    shape = _Shape(body.model, chat, len(prompt), text if echo else None, logprobs)
+    shape.prompt_chars = len(text or "")
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(shape, first, events, usage, body.n), media_type="text/event-stream")
@@ -285,40 +297,71 @@ async def _respond(backend, request: Request, body: Sampling, prompt: list[int],
 class _Shape:
     """OpenAI's response objects for one request: completion or chat, whole or chunked."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
+    def __init__(self, model: str, chat: bool, prompt_tokens: int, echo: str | None = None,
+                 logprobs: bool = False) -> None:
         self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.echo, self.logprobs = echo, logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.prompt_chars = 0  # the prompt's length in characters: where the completion's text starts
+        self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
+        self.echoed: set[int] = set()
+
+    def text(self, index: int, text: str) -> str:
+        """A completion's text, the echoed prompt in front of its first piece."""
+        if self.echo is not None and index not in self.echoed:
+            self.echoed.add(index)
+            return self.echo + text
+        return text
+
+    def logprob_block(self, index: int, entries: list | None) -> dict | None:
+        """OpenAI's completions ``logprobs`` object for ``entries`` (token, logprob, alternatives);
+        text offsets count from the start of the prompt."""
+        if not self.logprobs:
+            return None
+        entries = entries or []
+        start = self.offsets.get(index, 0 if self.echo is not None else self.prompt_chars)
+        offsets = []
+        for token, _, _ in entries:
+            offsets.append(start)
+            start += len(token)
+        self.offsets[index] = start
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries], "text_offset": offsets}
 
     def usage(self, completion_tokens: int) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def whole(self, texts: dict[int, str], reasons: dict[int, str], tokens: int) -> dict:
+    def whole(self, texts: dict[int, str], reasons: dict[int, str], tokens: int, logprobs: dict | None = None) -> dict:
+        logprobs = logprobs or {}
         if self.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                         "logprobs": None, "finish_reason": reasons[i]} for i in sorted(texts)]
         else:
-            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
-                       for i in sorted(texts)]
+            choices = [{"index": i, "text": self.text(i, texts[i]), "logprobs": self.logprob_block(i, logprobs.get(i)),
+                        "finish_reason": reasons[i]} for i in sorted(texts)]
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage(tokens)}
 
-    def chunk(self, index: int, text: str | None, reason: str | None, first: bool = False) -> dict:
+    def chunk(self, index: int, text: str | None, reason: str | None, first: bool = False,
+              logprobs: list | None = None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "text": self.text(index, text or ""),
+                      "logprobs": self.logprob_block(index, logprobs), "finish_reason": reason}
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice]}
 
 
 async def _collect(shape: _Shape, first: Output, events: AsyncIterator[Output], request: Request, n: int):
-    texts, reasons, tokens = {i: "" for i in range(n)}, {}, {}
+    texts, reasons, tokens, logprobs = {i: "" for i in range(n)}, {}, {}, {i: [] for i in range(n)}
 
     def take(event: Output) -> None:
         texts[event.index] += event.text
+        logprobs[event.index] += event.logprobs or []
         tokens[event.index] = event.completion_tokens
         if event.finish_reason:
             reasons[event.index] = event.finish_reason
@@ -331,7 +374,7 @@ async def _collect(shape: _Shape, first: Output, events: AsyncIterator[Output], 
                 break
     finally:
         await events.aclose()
-    return shape.whole(texts, reasons, sum(tokens.values()))
+    return shape.whole(texts, reasons, sum(tokens.values()), logprobs)
 
 
 async def _sse(shape: _Shape, first: Output, events: AsyncIterator[Output], usage: bool, n: int):
@@ -346,11 +389,11 @@ async def _sse(shape: _Shape, first: Output, events: AsyncIterator[Output], usag
             for i in range(n):
                 yield frame(shape.chunk(i, "", None, first=True))
         tokens[first.index] = first.completion_tokens
-        yield frame(shape.chunk(first.index, first.text, first.finish_reason))
+        yield frame(shape.chunk(first.index, first.text, first.finish_reason, logprobs=first.logprobs))
         try:
             async for event in events:
                 tokens[event.index] = event.completion_tokens
-                yield frame(shape.chunk(event.index, event.text, event.finish_reason))
+                yield frame(shape.chunk(event.index, event.text, event.finish_reason, logprobs=event.logprobs))
         except Exception as exc:  # after the headers: the error as an event, then the end, as vLLM does
             error = api_error_for(exc)
             yield frame({"error": {"message": error.message, "type": ERROR_TYPES.get(error.status, "Error"),

@@ -48,7 +48,7 @@ from .cache import AdapterCache, AdapterLoadError
 from .kv import BatchKV, cache_from
 from .metrics import Counters
 from .prefetch import Prefetcher
-from .sequence import SamplingParams, Sequence, sample
+from .sequence import SamplingParams, Sequence, logprob_entries, sample
 
 log = logging.getLogger("shirakit.serve")
 
@@ -81,6 +81,7 @@ class Output:
     text: str
     finish_reason: str | None
     completion_tokens: int
+    logprobs: list | None = None  # [(token text, logprob or None, {alternative: logprob} or None)]
 
 
 @dataclass
@@ -357,7 +358,18 @@ class Engine:
             mask[row, length - len(seq.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self._forward(sequences, ids, mask, positions, None)
+        echo = {id(s) for s in sequences if s.params.echo and s.params.logprobs is not None}
+        out = self._forward(sequences, ids, mask, positions, None, every_position=bool(echo))
+        for row, seq in enumerate(sequences):
+            if id(seq) in echo:  # the prompt's own log-probabilities: position i predicts token i + 1
+                try:
+                    start = length - len(seq.prompt)
+                    logprobs = torch.log_softmax(out.logits[row, start:length - 1].float(), dim=-1)
+                    first = (self.tokenizer.decode([seq.prompt[0]]), None, None)
+                    seq.logprobs = [first, *logprob_entries(logprobs, seq.prompt[1:], seq.params.logprobs,
+                                                            self.tokenizer)]
+                except Exception as exc:
+                    self._fail_request(self._requests[seq.request_id], exc)
         joined = BatchKV()
         joined.set(out.past_key_values, mask)
         self._batch.extend(joined)
@@ -375,8 +387,8 @@ class Engine:
         self._advance(rows, out.logits[:, -1])
 
     @torch.inference_mode()
-    def _forward(self, rows: list[Sequence], ids, mask, positions, kv):
-        kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
+    def _forward(self, rows: list[Sequence], ids, mask, positions, kv, every_position: bool = False):
+        kwargs = {"logits_to_keep": 1} if self._keep_logits and not every_position else {}
         horizon = max(s.remaining for s in rows)
         with self._adapters_for([s.adapter for s in rows], horizon):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -421,12 +433,19 @@ class Engine:
             if request.failed:
                 continue
             try:
-                token = greedy[row] if seq.greedy else sample(logits[row], seq)
+                if seq.params.adjusts:  # logit_bias, penalties: this row's own logits
+                    adjusted = seq.adjusted(logits[row])
+                    token = int(adjusted.argmax()) if seq.greedy else sample(adjusted, seq)
+                else:
+                    token = greedy[row] if seq.greedy else sample(logits[row], seq)
+                if seq.params.logprobs is not None:  # of the model's distribution, before any adjustment
+                    logprobs = torch.log_softmax(logits[row : row + 1].float(), dim=-1)
+                    seq.logprobs += logprob_entries(logprobs, [token], seq.params.logprobs, self.tokenizer)
                 seq.add(token, self.tokenizer, self.eos_ids)
                 self.stats.generation_tokens += 1
                 delta = seq.settled_delta()
                 if delta or seq.finish_reason:
-                    request.sink(Output(seq.index, delta, seq.finish_reason, len(seq.tokens)))
+                    request.sink(Output(seq.index, delta, seq.finish_reason, len(seq.tokens), seq.take_logprobs()))
             except Exception as exc:
                 self._fail_request(request, exc)
         self._retire()

@@ -33,6 +33,15 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    echo: bool = False  # with logprobs: the prompt's tokens' log-probabilities too
+
+    @property
+    def adjusts(self) -> bool:
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -49,6 +58,8 @@ class Sequence:
     sent: int = 0  # characters of text already streamed
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
+    logprobs: list[tuple[str, float | None, dict[str, float] | None]] = field(default_factory=list)  # not sent yet
 
     def __post_init__(self) -> None:
         if not self.greedy and self.params.seed is not None:
@@ -65,6 +76,7 @@ class Sequence:
     def add(self, token: int, tokenizer, eos_ids: set[int]) -> None:
         """Record a new token; set ``finish_reason`` when the sequence is done."""
         self.tokens.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
         if token in eos_ids:
             self.finish_reason = "stop"
             self.text = self.decode(tokenizer, self.tokens[:-1])
@@ -76,6 +88,26 @@ class Sequence:
             self.finish_reason = "stop"
         elif self.remaining <= 0:
             self.finish_reason = "length"
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """One row's logits with ``logit_bias`` added and the penalties taken off, as OpenAI defines
+        them over the tokens generated so far: l[t] - c[t] * frequency - (c[t] > 0) * presence."""
+        out = logits.float().clone()
+        if self.params.logit_bias:
+            ids, biases = zip(*self.params.logit_bias)
+            out[list(ids)] += torch.tensor(biases, dtype=out.dtype, device=out.device)
+        if self.counts and (self.params.presence_penalty or self.params.frequency_penalty):
+            ids = torch.tensor(list(self.counts), device=out.device)
+            counts = torch.tensor(list(self.counts.values()), dtype=out.dtype, device=out.device)
+            out[ids] -= counts * self.params.frequency_penalty + self.params.presence_penalty
+        return out
+
+    def take_logprobs(self) -> list | None:
+        """The log-probability entries not sent yet (None when the request asked for none)."""
+        if self.params.logprobs is None:
+            return None
+        entries, self.logprobs = self.logprobs, []
+        return entries
 
     def decode(self, tokenizer, tokens: list[int]) -> str:
         return tokenizer.decode(tokens, skip_special_tokens=True)
@@ -118,3 +150,19 @@ def choose_next(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
     """Next token per row of ``logits`` (rows, vocab), following each sequence's parameters."""
     greedy = logits.argmax(dim=-1).tolist()
     return [greedy[row] if seq.greedy else sample(logits[row], seq) for row, seq in enumerate(sequences)]
+
+
+def logprob_entries(logprobs: torch.Tensor, tokens: list[int], top: int, tokenizer) -> list:
+    """(token text, its log-probability, {alternative text: log-probability}) for each of ``tokens``;
+    ``logprobs``: (len(tokens), vocab) log-softmax rows, row i the distribution token i was drawn from."""
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    best = logprobs.topk(top, dim=1) if top else None
+    out = []
+    for i, token in enumerate(tokens):
+        text = tokenizer.decode([token])
+        alternatives = {}
+        if best is not None:
+            alternatives = {tokenizer.decode([t]): v for t, v in zip(best.indices[i].tolist(), best.values[i].tolist())}
+        alternatives.setdefault(text, chosen[i])  # the chosen token is always listed, as OpenAI does
+        out.append((text, chosen[i], alternatives))
+    return out
