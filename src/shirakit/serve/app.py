@@ -42,7 +42,6 @@ from .protocol import (
     Sampling,
     UnloadAdapterRequest,
     error_response,
-    short,
 )
 from .sequence import SamplingParams
 

@@ -13,8 +13,10 @@ Names and keys: a name is what clients ask for; a *key* is one registration of a
 adapter's name inside the model. A name always means the folder it was last registered with:
 unregistering a pinned name retires its key (the running rows finish on those tensors, which leave
 the model with the last pin), and registering the name again while that key is still pinned gives
-the new registration a fresh key (``name#2``), so the new folder is read and new rows get it. This class does no model work itself: the engine
-passes ``load`` / ``unload`` callables, so the policy can be tested without a model.
+the new registration a fresh key (``name#2``), so the new folder is read and new rows get it.
+
+This class does no model work itself: the engine passes ``load`` / ``unload`` callables, so the
+policy can be tested without a model.
 """
 
 from __future__ import annotations

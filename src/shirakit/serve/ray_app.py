@@ -31,8 +31,8 @@ from ray import serve
 
 from .app import create_app
 from .cache import hide_folder
-from .policy import Policy
 from .engine import Output
+from .policy import Policy
 from .protocol import ApiError
 from .sequence import SamplingParams
 
