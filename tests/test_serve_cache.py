@@ -87,3 +87,20 @@ def test_evict_takes_out_only_unpinned_adapters_and_keeps_them_registered():
     assert cache.evict("a") is False and cache.evict("b") is True
     assert model.inside == {"a"} and cache.known("b")
     assert cache.acquire("b") and model.inside == {"a", "b"}  # a later use loads it again
+
+
+def test_a_name_registered_again_while_its_old_key_is_pinned_gets_a_fresh_key():
+    cache, model = _cache({"a": 1}, max_loaded=4)
+    assert cache.acquire("a") and cache.key("a") == "a"
+    cache.unregister("a")
+    model.sizes["a#2"] = 2
+    assert cache.register("a", "/adapters/a-new") == "a#2"  # the old tensors are still in use
+    assert not cache.is_loaded("a")  # so the new folder is read, not the old tensors reused
+    assert cache.acquire("a") and model.loads == ["a", "a#2"] and cache.folders["a#2"].name == "a-new"
+    cache.release("a")  # the old key's last pin: its tensors leave
+    assert model.inside == {"a#2"} and "a" not in cache.folders
+    cache.release("a#2")
+    cache.unregister("a")
+    assert cache.register("a", "/adapters/a") == "a"  # nothing of the old name left: the plain key again
+    with pytest.raises(ValueError, match="already registered"):
+        cache.register("a", "/adapters/other")

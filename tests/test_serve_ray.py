@@ -43,7 +43,7 @@ def ray_server(tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(model=str(model_dir), adapters=str(root / "adapters"), replicas=2, max_loaded=2,
-                            num_cpus=0.5), name="shirakit", route_prefix="/")
+                            num_cpus=0.5, allow_runtime_adapters=True), name="shirakit", route_prefix="/")
         signal.alarm(0)
         yield f"http://127.0.0.1:{port}", model_dir, adapters, root
     finally:

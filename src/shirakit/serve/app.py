@@ -8,16 +8,20 @@
     POST /v1/load_lora_adapter        {"lora_name", "lora_path"}: any method, not LoRA only
     POST /v1/unload_lora_adapter      {"lora_name"}
 
-Handlers validate, tokenize and hand the request to the backend; they never touch the model.
+Handlers validate, tokenize (on a worker thread, after a bound on the text's length) and hand the
+request to the backend; they never touch the model. The backend's ``policy`` (``policy.py``)
+decides the API key, runtime adapter loading, adapter roots and the body size. Every error the API
+answers goes through :func:`api_error_for` (one place: other engines behind this app answer alike).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -26,9 +30,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cache import AdapterLoadError
-from .engine import Output, QueueFull, UnknownModel
+from .engine import Output, QueueFull, RequestFailed, UnknownModel
 from .metrics import render
+from .policy import Policy
 from .protocol import (
+    ERROR_TYPES,
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -39,6 +45,8 @@ from .protocol import (
 )
 from .sequence import SamplingParams
 
+log = logging.getLogger("shirakit.serve")
+
 
 def api_error_for(exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
@@ -48,9 +56,64 @@ def api_error_for(exc: Exception) -> ApiError:
                              f"and the adapters", "model")
     if isinstance(exc, QueueFull):
         return ApiError(429, f"the server is busy: {exc}; retry later")
-    if isinstance(exc, (AdapterLoadError, ValueError, FileNotFoundError)):
+    if isinstance(exc, RequestFailed):
+        return ApiError(500, str(exc))
+    if isinstance(exc, OSError):  # its text names server paths: log it, tell the client less
+        log.warning("request failed on a file: %s", exc)
+        return ApiError(400, f"the server could not read a file this request needs ({type(exc).__name__})")
+    if isinstance(exc, (AdapterLoadError, ValueError)):
         return ApiError(400, str(exc))
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+    log.error("internal error", exc_info=exc)
+    return ApiError(500, f"internal error ({type(exc).__name__}); the server's log has the details")
+
+
+class Guard:
+    """ASGI middleware run before routing: the API key on ``/v1/*`` (401) and the body-size bound
+    (413), checked on the declared length and on the bytes as they arrive (a lying or missing
+    Content-Length does not help); the body is read here, at most the bound, then handed on."""
+
+    def __init__(self, app, policy_of, errors: Counter) -> None:
+        self.app, self.policy_of, self.errors = app, policy_of, errors
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        policy: Policy = self.policy_of()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        if scope["path"].startswith("/v1/") and not policy.authorized(headers.get("authorization")):
+            return await self._refuse(scope, send, 401, "a valid API key is required: Authorization: Bearer KEY")
+        limit = policy.max_body_bytes
+        too_big = f"the request body is larger than this server accepts ({limit} bytes)"
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, send, 413, too_big)
+        if scope.get("method") in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._refuse(scope, send, 413, too_big)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnects, as the server reports them
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, send, status: int, message: str) -> None:
+        self.errors[status] += 1
+        await error_response(status, message)(scope, None, send)
 
 
 def create_app(backend) -> FastAPI:
@@ -58,6 +121,8 @@ def create_app(backend) -> FastAPI:
     app = FastAPI(title="shirakit serve", version="1")
     app.state.backend = backend
     app.state.http_errors = Counter()
+    policy = lambda: getattr(backend, "policy", None) or Policy()  # noqa: E731  (read per request: Ray binds late)
+    app.add_middleware(Guard, policy_of=policy, errors=app.state.http_errors)
 
     def failed(exc: Exception) -> JSONResponse:
         error = api_error_for(exc)
@@ -99,7 +164,7 @@ def create_app(backend) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         try:
-            prompt = _completion_prompt(backend, body.prompt)
+            prompt = await _completion_prompt(backend, body.prompt)
             params = _params(backend, body, prompt, body.max_tokens)
             return await _respond(backend, request, body, prompt, params, chat=False)
         except Exception as exc:
@@ -108,7 +173,7 @@ def create_app(backend) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         try:
-            prompt = _chat_prompt(backend, body)
+            prompt = await _chat_prompt(backend, body)
             params = _params(backend, body, prompt, body.max_completion_tokens or body.max_tokens)
             return await _respond(backend, request, body, prompt, params, chat=True)
         except Exception as exc:
@@ -117,9 +182,9 @@ def create_app(backend) -> FastAPI:
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):
         try:
-            if not Path(body.lora_path).is_dir():
-                raise ApiError(400, f"lora_path {body.lora_path!r} is not a folder on the server", "lora_path")
-            await backend.load_adapter(body.lora_name, body.lora_path)
+            policy().check_runtime_adapters()
+            folder = await asyncio.to_thread(policy().adapter_folder, body.lora_path)
+            await backend.load_adapter(body.lora_name, str(folder))
         except Exception as exc:
             return failed(exc)
         return PlainTextResponse(f"Success: adapter {body.lora_name!r} added.")
@@ -127,6 +192,7 @@ def create_app(backend) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapterRequest):
         try:
+            policy().check_runtime_adapters()
             await backend.unload_adapter(body.lora_name)
         except Exception as exc:
             return failed(exc)
@@ -136,10 +202,30 @@ def create_app(backend) -> FastAPI:
 
 
 # ---- turning requests into engine work ------------------------------------------------------
-def _completion_prompt(backend, prompt: str | list[int]) -> list[int]:
+def _text_bound(backend) -> int:
+    """Characters past which a text surely has more tokens than the context: context x the longest
+    token's length (a token never covers more characters than its longest vocabulary entry)."""
+    bound = getattr(backend, "_text_bound", None)
+    if bound is None:
+        longest = max((len(t) for t in backend.tokenizer.get_vocab()), default=1)
+        bound = backend._text_bound = backend.max_context * max(longest, 1)
+    return bound
+
+
+def _check_text_length(backend, chars: int, param: str) -> None:
+    if chars > _text_bound(backend):
+        raise ApiError(400, f"the {param} has {chars} characters, surely more than this model's context of "
+                            f"{backend.max_context} tokens", param)
+
+
+async def _completion_prompt(backend, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        ids = backend.tokenizer(prompt).input_ids
+        _check_text_length(backend, len(prompt), "prompt")
+        ids = (await asyncio.to_thread(backend.tokenizer, prompt)).input_ids  # off the event loop
     else:
+        if len(prompt) > backend.max_context:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
+                                f"{backend.max_context} tokens", "prompt")
         vocab = len(backend.tokenizer)
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
@@ -150,13 +236,18 @@ def _completion_prompt(backend, prompt: str | list[int]) -> list[int]:
     return ids
 
 
-def _chat_prompt(backend, body: ChatRequest) -> list[int]:
+async def _chat_prompt(backend, body: ChatRequest) -> list[int]:
     tokenizer = backend.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    _check_text_length(backend, sum(len(m["content"]) for m in messages), "messages")
+
+    def tokenize() -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    return await asyncio.to_thread(tokenize)  # off the event loop: /health and the streams go on
 
 
 def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None) -> SamplingParams:
@@ -171,8 +262,15 @@ def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None) 
     if max_tokens > room:
         raise ApiError(400, f"this model's context is {backend.max_context} tokens; the prompt has "
                             f"{len(prompt)} and max_tokens asks for {max_tokens}", "max_tokens")
+    vocab = len(backend.tokenizer)
+    bias = body.logit_bias or {}
+    outside = [t for t in bias if not 0 <= t < vocab]
+    if outside:
+        raise ApiError(400, f"logit_bias token ids must lie in [0, {vocab}); found {outside[:5]}", "logit_bias")
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          seed=body.seed, stop=tuple(body.stop or ()))
+                          seed=body.seed, stop=tuple(body.stop or ()), logit_bias=tuple(bias.items()),
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          logprobs=getattr(body, "logprobs", None), echo=getattr(body, "echo", False))
 
 
 async def _respond(backend, request: Request, body: Sampling, prompt: list[int], params: SamplingParams,
@@ -183,7 +281,12 @@ async def _respond(backend, request: Request, body: Sampling, prompt: list[int],
     except BaseException:
         await events.aclose()
         raise
-    shape = _Shape(body.model, chat, len(prompt))
+    echo, logprobs = getattr(body, "echo", False), getattr(body, "logprobs", None) is not None
+    text = None
+    if echo or logprobs:  # the prompt as the client sent it, or its tokens' text
+        text = body.prompt if isinstance(body.prompt, str) else backend.tokenizer.decode(prompt)
+    shape = _Shape(body.model, chat, len(prompt), text if echo else None, logprobs)
+    shape.prompt_chars = len(text or "")
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(shape, first, events, usage, body.n), media_type="text/event-stream")
@@ -193,40 +296,71 @@ async def _respond(backend, request: Request, body: Sampling, prompt: list[int],
 class _Shape:
     """OpenAI's response objects for one request: completion or chat, whole or chunked."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
+    def __init__(self, model: str, chat: bool, prompt_tokens: int, echo: str | None = None,
+                 logprobs: bool = False) -> None:
         self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.echo, self.logprobs = echo, logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.prompt_chars = 0  # the prompt's length in characters: where the completion's text starts
+        self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
+        self.echoed: set[int] = set()
+
+    def text(self, index: int, text: str) -> str:
+        """A completion's text, the echoed prompt in front of its first piece."""
+        if self.echo is not None and index not in self.echoed:
+            self.echoed.add(index)
+            return self.echo + text
+        return text
+
+    def logprob_block(self, index: int, entries: list | None) -> dict | None:
+        """OpenAI's completions ``logprobs`` object for ``entries`` (token, logprob, alternatives);
+        text offsets count from the start of the prompt."""
+        if not self.logprobs:
+            return None
+        entries = entries or []
+        start = self.offsets.get(index, 0 if self.echo is not None else self.prompt_chars)
+        offsets = []
+        for token, _, _ in entries:
+            offsets.append(start)
+            start += len(token)
+        self.offsets[index] = start
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries], "text_offset": offsets}
 
     def usage(self, completion_tokens: int) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def whole(self, texts: dict[int, str], reasons: dict[int, str], tokens: int) -> dict:
+    def whole(self, texts: dict[int, str], reasons: dict[int, str], tokens: int, logprobs: dict | None = None) -> dict:
+        logprobs = logprobs or {}
         if self.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                         "logprobs": None, "finish_reason": reasons[i]} for i in sorted(texts)]
         else:
-            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
-                       for i in sorted(texts)]
+            choices = [{"index": i, "text": self.text(i, texts[i]), "logprobs": self.logprob_block(i, logprobs.get(i)),
+                        "finish_reason": reasons[i]} for i in sorted(texts)]
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage(tokens)}
 
-    def chunk(self, index: int, text: str | None, reason: str | None, first: bool = False) -> dict:
+    def chunk(self, index: int, text: str | None, reason: str | None, first: bool = False,
+              logprobs: list | None = None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "text": self.text(index, text or ""),
+                      "logprobs": self.logprob_block(index, logprobs), "finish_reason": reason}
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice]}
 
 
 async def _collect(shape: _Shape, first: Output, events: AsyncIterator[Output], request: Request, n: int):
-    texts, reasons, tokens = {i: "" for i in range(n)}, {}, {}
+    texts, reasons, tokens, logprobs = {i: "" for i in range(n)}, {}, {}, {i: [] for i in range(n)}
 
     def take(event: Output) -> None:
         texts[event.index] += event.text
+        logprobs[event.index] += event.logprobs or []
         tokens[event.index] = event.completion_tokens
         if event.finish_reason:
             reasons[event.index] = event.finish_reason
@@ -239,7 +373,7 @@ async def _collect(shape: _Shape, first: Output, events: AsyncIterator[Output], 
                 break
     finally:
         await events.aclose()
-    return shape.whole(texts, reasons, sum(tokens.values()))
+    return shape.whole(texts, reasons, sum(tokens.values()), logprobs)
 
 
 async def _sse(shape: _Shape, first: Output, events: AsyncIterator[Output], usage: bool, n: int):
@@ -254,10 +388,17 @@ async def _sse(shape: _Shape, first: Output, events: AsyncIterator[Output], usag
             for i in range(n):
                 yield frame(shape.chunk(i, "", None, first=True))
         tokens[first.index] = first.completion_tokens
-        yield frame(shape.chunk(first.index, first.text, first.finish_reason))
-        async for event in events:
-            tokens[event.index] = event.completion_tokens
-            yield frame(shape.chunk(event.index, event.text, event.finish_reason))
+        yield frame(shape.chunk(first.index, first.text, first.finish_reason, logprobs=first.logprobs))
+        try:
+            async for event in events:
+                tokens[event.index] = event.completion_tokens
+                yield frame(shape.chunk(event.index, event.text, event.finish_reason, logprobs=event.logprobs))
+        except Exception as exc:  # after the headers: the error as an event, then the end, as vLLM does
+            error = api_error_for(exc)
+            yield frame({"error": {"message": error.message, "type": ERROR_TYPES.get(error.status, "Error"),
+                                   "param": error.param, "code": error.status}})
+            yield "data: [DONE]\n\n"
+            return
         if usage:
             yield frame({"id": shape.id, "object": "chat.completion.chunk" if shape.chat else "text_completion",
                          "created": shape.created, "model": shape.model, "choices": [],

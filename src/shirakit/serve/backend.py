@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from .engine import Engine, Output
+from .policy import Policy
 from .sequence import SamplingParams
 
 
 class LocalBackend:
     """The engine thread of this process."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, policy: Policy | None = None) -> None:
+        self.engine, self.policy = engine, policy or Policy()
         self.tokenizer = engine.tokenizer
         self.base_name = engine.base_name
         self.max_context = engine.max_context
@@ -49,7 +50,12 @@ class LocalBackend:
                 self.engine.cancel(request_id)
 
     async def load_adapter(self, name: str, path: str) -> None:
-        await asyncio.wrap_future(self.engine.call(lambda: self.engine.load_adapter(name, Path(path))))
+        """The folder is read on a reader thread; the engine thread only puts it into the model."""
+        if self.engine.knows(name):
+            raise ValueError(f"an adapter or model named {name!r} is already being served")
+        files = self.engine.prefetch.read(Path(path))
+        await asyncio.wait([asyncio.wrap_future(files)])  # its error, if any, is the load's (engine thread)
+        await asyncio.wrap_future(self.engine.call(lambda: self.engine.load_adapter(name, Path(path), files)))
 
     async def unload_adapter(self, name: str) -> None:
         await asyncio.wrap_future(self.engine.call(lambda: self.engine.unload_adapter(name)))

@@ -7,8 +7,16 @@ lower tier is the disk: every registered adapter has a folder, and a miss loads 
 
 An adapter is *pinned* while a running sequence uses it; a pinned adapter is never evicted. When
 everything is pinned and the cache is full, :meth:`acquire` says "not now" and the scheduler keeps
-the request waiting until a pin is released. This class does no model work itself: the engine
-passes ``load`` / ``unload`` callables, so the policy can be tested without a model.
+the request waiting until a pin is released.
+
+Names and keys: a name is what clients ask for; a *key* is one registration of a name, the
+adapter's name inside the model. A name always means the folder it was last registered with:
+unregistering a pinned name retires its key (the running rows finish on those tensors, which leave
+the model with the last pin), and registering the name again while that key is still pinned gives
+the new registration a fresh key (``name#2``), so the new folder is read and new rows get it.
+
+This class does no model work itself: the engine passes ``load`` / ``unload`` callables, so the
+policy can be tested without a model.
 """
 
 from __future__ import annotations
@@ -23,6 +31,14 @@ from .metrics import Counters
 
 class AdapterLoadError(ValueError):
     """An adapter's folder could not be loaded (missing, corrupt, wrong shapes for this model)."""
+
+
+def hide_folder(message: str, folder: Path) -> str:
+    """``message`` with the adapter's folder (as given and resolved) written as ``<adapter>``:
+    clients learn which file is wrong, not where the server keeps it."""
+    for form in sorted({str(folder), str(Path(folder).resolve())}, key=len, reverse=True):
+        message = message.replace(form, "<adapter>")
+    return message
 
 
 class AdapterCache:
@@ -41,27 +57,49 @@ class AdapterCache:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self._load, self._unload = load, unload
         self.max_loaded, self.max_bytes = max_loaded, max_bytes
-        self.paths: dict[str, Path] = {}
-        self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
-        self.pins: dict[str, int] = {}
-        self.retired: set[str] = set()  # unregistered while pinned: dropped when the last pin goes
+        self.paths: dict[str, Path] = {}  # name -> folder: the registry clients see
+        self.keys: dict[str, str] = {}  # name -> key of its current registration
+        self.folders: dict[str, Path] = {}  # key -> folder, for every key registered or still loaded
+        self.loaded: OrderedDict[str, int] = OrderedDict()  # key -> bytes, least recently used first
+        self.pins: dict[str, int] = {}  # key -> running sequences using it
+        self.retired: set[str] = set()  # keys unregistered while pinned: dropped when the last pin goes
+        self._generation = 1
         self.stats = Counters("cache")
 
     # ---- registry (the disk tier) --------------------------------------------------------
-    def register(self, name: str, path: str | Path) -> None:
-        self.paths[name] = Path(path)
-        self.retired.discard(name)
+    def register(self, name: str, path: str | Path) -> str:
+        """Register ``name`` as ``path``; returns its key (``name`` unless an older registration of
+        ``name`` is still pinned in the model)."""
+        if name in self.paths:
+            raise ValueError(f"an adapter named {name!r} is already registered")
+        key = name
+        while key in self.folders or key in self.paths:  # the old tensors are still in use
+            self._generation += 1
+            key = f"{name}#{self._generation}"
+        self.paths[name] = self.folders[key] = Path(path)
+        self.keys[name] = key
+        return key
 
     def unregister(self, name: str) -> None:
-        """Forget ``name``; it leaves the model now, or when its last running sequence ends."""
+        """Forget ``name``; its tensors leave the model now, or when their last running sequence ends."""
         self.paths.pop(name)
-        if self.pins.get(name):
-            self.retired.add(name)
-        elif name in self.loaded:
-            self._drop(name)
+        key = self.keys.pop(name)
+        if self.pins.get(key):
+            self.retired.add(key)
+        else:
+            if key in self.loaded:
+                self._drop(key)
+            self.folders.pop(key, None)
 
     def known(self, name: str) -> bool:
         return name in self.paths
+
+    def key(self, name: str) -> str:
+        """The key (the name inside the model) of ``name``'s current registration."""
+        return self.keys[name]
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self.keys and self.keys[name] in self.loaded
 
     @property
     def loaded_bytes(self) -> int:
@@ -69,12 +107,13 @@ class AdapterCache:
 
     # ---- the model tier ----------------------------------------------------------------
     def acquire(self, name: str, source: object = None) -> bool:
-        """Pin ``name``, loading it on a miss (from ``source`` if given, else its folder). False: no
-        room now (everything loaded is pinned).
+        """Pin ``name``'s current registration (its key: :meth:`key`), loading it on a miss (from
+        ``source`` if given, else its folder). False: no room now (everything loaded is pinned).
 
         Raises :class:`AdapterLoadError` when the folder cannot be loaded; the cache and the model
         are then as they were, apart from evictions that made room for it.
         """
+        name = self.keys[name]
         if name in self.loaded:
             self.stats.cache_hits += 1
             self.loaded.move_to_end(name)
@@ -82,7 +121,7 @@ class AdapterCache:
             if not self._make_room(extra_count=1, extra_bytes=0):
                 return False
             self.stats.cache_misses += 1
-            self.loaded[name] = self._timed_load(name, self.paths[name] if source is None else source)
+            self.loaded[name] = self._timed_load(name, self.folders[name] if source is None else source)
             self._make_room(extra_count=0, extra_bytes=0, keep=name)  # the byte bound, now that size is known
         self.pins[name] = self.pins.get(name, 0) + 1
         return True
@@ -92,6 +131,7 @@ class AdapterCache:
         return not self._over(extra_count=1, extra_bytes=0) or any(not self.pins.get(n) for n in self.loaded)
 
     def release(self, name: str) -> None:
+        """Unpin a key (what :meth:`key` gave when it was acquired)."""
         count = self.pins.get(name, 0) - 1
         if count < 0:
             raise RuntimeError(f"adapter {name!r} released more often than acquired")
@@ -101,10 +141,12 @@ class AdapterCache:
         del self.pins[name]
         if name in self.retired:
             self.retired.discard(name)
+            self.folders.pop(name, None)
             self._drop(name)
 
     def evict(self, name: str) -> bool:
         """Take ``name`` out of the model if it is loaded and unpinned (it stays registered)."""
+        name = self.keys.get(name, name)
         if name not in self.loaded or self.pins.get(name):
             return False
         self._drop(name)
@@ -117,7 +159,8 @@ class AdapterCache:
             size = self._load(name, source)
         except Exception as exc:
             self.stats.adapter_load_failures += 1
-            raise AdapterLoadError(f"adapter {name!r} ({self.paths[name]}) could not be loaded: {exc}") from exc
+            raise AdapterLoadError(f"adapter {name.split('#')[0]!r} could not be loaded: "
+                                   f"{hide_folder(str(exc), self.folders[name])}") from exc
         self.stats.adapter_load_seconds += time.perf_counter() - start
         return size
 

@@ -50,7 +50,7 @@ from .cache import AdapterCache, AdapterLoadError
 from .kv import BatchKV, cache_from
 from .metrics import Counters
 from .prefetch import Prefetcher
-from .sequence import SamplingParams, Sequence, choose_next
+from .sequence import SamplingParams, Sequence, logprob_entries, sample
 
 log = logging.getLogger("shirakit.serve")
 
@@ -68,6 +68,10 @@ class UnknownModel(KeyError):
     """The request names neither the base model nor a registered adapter (HTTP 404)."""
 
 
+class RequestFailed(RuntimeError):
+    """Generating for this request failed (its sampling, stop check or text); only it is failed (HTTP 500)."""
+
+
 @dataclass
 class Output:
     """What one choice produced since the last event (the engine sends these to the sink)."""
@@ -76,6 +80,7 @@ class Output:
     text: str
     finish_reason: str | None
     completion_tokens: int
+    logprobs: list | None = None  # [(token text, logprob or None, {alternative: logprob} or None)]
 
 
 @dataclass
@@ -89,6 +94,7 @@ class Request:
     adapter: str = BASE
     open: int = 0  # choices not finished yet
     pinned: bool = False
+    failed: bool = False  # told its error; its rows leave the batch before the next step
 
 
 def adapter_bytes(model: torch.nn.Module, name: str) -> int:
@@ -167,7 +173,7 @@ class Engine:
             self._waiting.append(request)
             self.stats.waiting = len(self._waiting)
             path = self.cache.paths.get(model)
-            if path is not None and model not in self.cache.loaded:
+            if path is not None and not self.cache.is_loaded(model):
                 self.prefetch.want(model, path)  # read its folder now, while it waits
             self._lock.notify_all()
         return request.request_id
@@ -186,15 +192,16 @@ class Engine:
             self._lock.notify_all()
         return future
 
-    def load_adapter(self, name: str, path: str | Path) -> None:
-        """Register ``path`` as ``name`` and load it now (raises :class:`AdapterLoadError`)."""
+    def load_adapter(self, name: str, path: str | Path, files: Future | None = None) -> None:
+        """Register ``path`` as ``name`` and load it now (raises :class:`AdapterLoadError`).
+        ``files``: the folder already read (``self.prefetch.read(path)``, off this thread)."""
         with self._lock:
             if name == self.base_name or self.cache.known(name):
                 raise ValueError(f"an adapter or model named {name!r} is already being served")
             self.cache.register(name, path)
         try:
-            if self.cache.acquire(name):
-                self.cache.release(name)
+            if self.cache.acquire(name, files):
+                self.cache.release(self.cache.key(name))
         except AdapterLoadError:
             with self._lock:
                 self.cache.unregister(name)
@@ -282,7 +289,11 @@ class Engine:
             with self._lock:
                 self._remove_waiting(index)
             if verdict == READY:
-                admitted.extend(self._sequences(request))
+                try:
+                    admitted.extend(self._sequences(request))
+                except Exception as exc:  # this request's parameters: it fails, the others go on
+                    self._fail_request(request, exc)
+                    self._close_failed(request)
         if admitted:
             self._prefill(admitted)
 
@@ -295,7 +306,7 @@ class Engine:
         the prefetcher holds; drop reads that no waiting request wants any more."""
         with self._lock:
             wanted = {r.model: self.cache.paths[r.model] for r in self._waiting
-                      if r.model in self.cache.paths and r.model not in self.cache.loaded}
+                      if r.model in self.cache.paths and not self.cache.is_loaded(r.model)}
         self.prefetch.keep_only(wanted)
         for name, path in wanted.items():
             if not self.prefetch.want(name, path):
@@ -312,7 +323,7 @@ class Engine:
             self._fail(request, UnknownModel(request.model))
             return FAILED
         source = None
-        if request.model not in self.cache.loaded:
+        if not self.cache.is_loaded(request.model):
             if not self.cache.has_room():
                 return NO_SLOT
             source = self.prefetch.take(request.model, path)
@@ -324,15 +335,16 @@ class Engine:
         except AdapterLoadError as exc:
             self._fail(request, exc)
             return FAILED
-        request.adapter, request.pinned = request.model, True
+        request.adapter, request.pinned = self.cache.key(request.model), True
         return READY
 
     def _sequences(self, request: Request) -> list[Sequence]:
+        rows = [Sequence(request.request_id, i, request.adapter, request.prompt, request.params)
+                for i in range(request.n)]
         request.open = request.n
         self._requests[request.request_id] = request
         self.stats.prompt_tokens += len(request.prompt)
-        return [Sequence(request.request_id, i, request.adapter, request.prompt, request.params)
-                for i in range(request.n)]
+        return rows
 
     # ---- forward passes ------------------------------------------------------------------
     def _prefill(self, sequences: list[Sequence]) -> None:
@@ -345,7 +357,18 @@ class Engine:
             mask[row, length - len(seq.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self._forward(sequences, ids, mask, positions, None)
+        echo = {id(s) for s in sequences if s.params.echo and s.params.logprobs is not None}
+        out = self._forward(sequences, ids, mask, positions, None, every_position=bool(echo))
+        for row, seq in enumerate(sequences):
+            if id(seq) in echo:  # the prompt's own log-probabilities: position i predicts token i + 1
+                try:
+                    start = length - len(seq.prompt)
+                    logprobs = torch.log_softmax(out.logits[row, start:length - 1].float(), dim=-1)
+                    first = (self.tokenizer.decode([seq.prompt[0]]), None, None)
+                    seq.logprobs = [first, *logprob_entries(logprobs, seq.prompt[1:], seq.params.logprobs,
+                                                            self.tokenizer)]
+                except Exception as exc:
+                    self._fail_request(self._requests[seq.request_id], exc)
         joined = BatchKV()
         joined.set(out.past_key_values, mask)
         self._batch.extend(joined)
@@ -363,8 +386,8 @@ class Engine:
         self._advance(rows, out.logits[:, -1])
 
     @torch.inference_mode()
-    def _forward(self, rows: list[Sequence], ids, mask, positions, kv):
-        kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
+    def _forward(self, rows: list[Sequence], ids, mask, positions, kv, every_position: bool = False):
+        kwargs = {"logits_to_keep": 1} if self._keep_logits and not every_position else {}
         horizon = max(s.remaining for s in rows)
         with self._adapters_for([s.adapter for s in rows], horizon):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -398,21 +421,55 @@ class Engine:
 
     # ---- results ---------------------------------------------------------------------
     def _advance(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        """Choose each row's next token, stream what settled, retire finished or cancelled rows."""
-        for seq, token in zip(rows, choose_next(logits, rows)):
-            seq.add(token, self.tokenizer, self.eos_ids)
-            self.stats.generation_tokens += 1
-            delta = seq.settled_delta()
-            if delta or seq.finish_reason:
-                self._requests[seq.request_id].sink(
-                    Output(seq.index, delta, seq.finish_reason, len(seq.tokens)))
+        """Choose each row's next token, stream what settled, retire finished or cancelled rows.
+
+        A row whose sampling, stop check, text or sink raises fails its own request only (its
+        other choices too); the rest of the batch goes on as if it had never been there.
+        """
+        greedy = logits.argmax(dim=-1).tolist()
+        for row, seq in enumerate(rows):
+            request = self._requests[seq.request_id]
+            if request.failed:
+                continue
+            try:
+                if seq.params.adjusts:  # logit_bias, penalties: this row's own logits
+                    adjusted = seq.adjusted(logits[row])
+                    token = int(adjusted.argmax()) if seq.greedy else sample(adjusted, seq)
+                else:
+                    token = greedy[row] if seq.greedy else sample(logits[row], seq)
+                if seq.params.logprobs is not None:  # of the model's distribution, before any adjustment
+                    logprobs = torch.log_softmax(logits[row : row + 1].float(), dim=-1)
+                    seq.logprobs += logprob_entries(logprobs, [token], seq.params.logprobs, self.tokenizer)
+                seq.add(token, self.tokenizer, self.eos_ids)
+                self.stats.generation_tokens += 1
+                delta = seq.settled_delta()
+                if delta or seq.finish_reason:
+                    request.sink(Output(seq.index, delta, seq.finish_reason, len(seq.tokens), seq.take_logprobs()))
+            except Exception as exc:
+                self._fail_request(request, exc)
         self._retire()
+
+    def _fail_request(self, request: Request, exc: Exception) -> None:
+        """Tell one request that it failed; its rows leave at the next retire (``request.failed``)."""
+        log.warning("request %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
+        request.failed = True
+        error = exc if isinstance(exc, (AdapterLoadError, UnknownModel)) else \
+            RequestFailed(f"generating this request failed: {type(exc).__name__}: {exc}")
+        with contextlib.suppress(Exception):  # a sink that cannot take it: its client is gone
+            self._fail(request, error)
+
+    def _close_failed(self, request: Request) -> None:
+        """A failed request that never joined the batch: unpin its adapter."""
+        if request.pinned:
+            request.pinned = False
+            self.cache.release(request.adapter)
 
     def _retire(self) -> None:
         """Take finished and cancelled rows out of the batch; release their adapters."""
         with self._lock:
             cancelled = set(self._cancelled)
-        done = [s.finish_reason is not None or s.request_id in cancelled for s in self._running]
+        done = [s.finish_reason is not None or s.request_id in cancelled or self._requests[s.request_id].failed
+                for s in self._running]
         if any(done):
             for seq, gone in zip(self._running, done):
                 if gone:
@@ -436,6 +493,8 @@ class Engine:
         del self._requests[seq.request_id]
         if request.pinned:
             self.cache.release(request.adapter)
+        if request.failed:
+            return  # counted by _fail
         if cancelled:
             self.stats.requests_cancelled += 1
         else:
@@ -449,7 +508,9 @@ class Engine:
         for request in list(self._requests.values()):
             if request.pinned:
                 self.cache.release(request.adapter)
-            self._fail(request, exc)
+            if not request.failed:
+                with contextlib.suppress(Exception):
+                    self._fail(request, exc)
         self._requests.clear()
         self._running = []
         self._batch = BatchKV()

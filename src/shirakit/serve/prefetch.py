@@ -48,6 +48,11 @@ class Prefetcher:
             self._futures[key] = self._pool.submit(self._read, key[1])
             return True
 
+    def read(self, path: Path) -> Future:
+        """Read ``path`` on a worker now, outside the bookkeeping (an explicit load: the engine
+        thread only puts the result into the model, so running streams do not stall on the disk)."""
+        return self._pool.submit(self._read, Path(path))
+
     def take(self, name: str, path: Path) -> Future | None:
         """The finished read for (name, path), removed from here; None while it is not done (or not
         started: then it is started if there is room)."""

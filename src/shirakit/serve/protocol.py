@@ -1,8 +1,11 @@
 """Request bodies of the OpenAI-compatible API (the fields vLLM's server takes), and JSON errors.
 
-Parameters follow OpenAI's definitions and defaults (``max_tokens`` 16 for completions,
-``temperature`` 1, ``top_p`` 1, ``n`` 1); fields this server does not implement are ignored, as
-vLLM ignores them. Errors have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+Parameters follow OpenAI's definitions, defaults and ranges (``max_tokens`` 16 for completions,
+``temperature`` 1 in [0, 2], ``top_p`` 1 in (0, 1], ``n`` 1, penalties in [-2, 2], ``logit_bias``
+values in [-100, 100]). OpenAI parameters this server does not implement (``UNSUPPORTED``) are
+refused with 400 naming the field when they ask for something (a null or the default passes);
+unknown fields are ignored. Errors have OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -10,10 +13,21 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError", 500: "InternalServerError",
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+               404: "NotFoundError", 413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
                503: "ServiceUnavailableError"}
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI bounds them
+# OpenAI parameters not implemented here -> the value that asks for nothing (None: only null passes)
+UNSUPPORTED = {"best_of": 1, "suffix": None, "tools": None, "tool_choice": None, "functions": None,
+               "function_call": None, "response_format": None, "top_logprobs": None,
+               "parallel_tool_calls": None, "audio": None, "modalities": None, "prediction": None}
+
+
+def short(text: str, limit: int = 80) -> str:
+    """``repr(text)``, cut to ``limit`` characters: errors echo what the client sent, not megabytes of it."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 class ApiError(Exception):
@@ -36,11 +50,16 @@ class StreamOptions(BaseModel):
 class Sampling(BaseModel):
     """The generation parameters both endpoints share."""
 
+    model_config = ConfigDict(extra="allow")  # unknown fields pass; UNSUPPORTED ones are refused below
+
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
-    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(None, max_length=300)
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as vLLM bounds it
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -49,19 +68,39 @@ class Sampling(BaseModel):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(stops) > 4 or any(not s for s in stops) or any(len(s) > 1000 for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings of at most 1000 characters")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value):
+        bad = {k: v for k, v in (value or {}).items() if not -100 <= v <= 100}
+        if bad:
+            raise ValueError(f"logit_bias values must lie in [-100, 100]; found {dict(list(bad.items())[:3])}")
+        return value
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name, harmless in UNSUPPORTED.items():
+            value = (self.model_extra or {}).get(name)
+            if value is not None and value != harmless:
+                raise ApiError(400, f"{name} is not supported by this server (it implements temperature, top_p, "
+                                    f"n, seed, stop, max_tokens, logit_bias, presence_penalty, "
+                                    f"frequency_penalty, and logprobs/echo for completions)", name)
+        return self
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], str):
+        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
             if len(value) != 1:
                 raise ValueError("one prompt per request (send several requests; they are batched together)")
             return value[0]
@@ -90,10 +129,18 @@ class ChatRequest(Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
+    @model_validator(mode="after")
+    def _no_logprobs(self):
+        extra = self.model_extra or {}
+        for name in ("logprobs", "echo"):
+            if extra.get(name) not in (None, False):
+                raise ApiError(400, f"{name} is implemented for /v1/completions only", name)
+        return self
+
 
 class LoadAdapterRequest(BaseModel):
     lora_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
-    lora_path: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, max_length=4096)
 
 
 class UnloadAdapterRequest(BaseModel):

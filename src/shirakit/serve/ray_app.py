@@ -30,7 +30,9 @@ from pathlib import Path
 from ray import serve
 
 from .app import create_app
+from .cache import hide_folder
 from .engine import Output
+from .policy import Policy
 from .protocol import ApiError
 from .sequence import SamplingParams
 
@@ -122,6 +124,8 @@ class RayBackend:
         self.max_context = _context_length(type("M", (), {"config": config})(), self.tokenizer)
         self.paths = {name: str(path) for name, path in adapter_folders(settings.get("adapters")).items()}
         self.replicas = settings.get("replicas", 1)
+        self.policy = Policy.from_args(settings.get("api_key"), settings.get("allow_runtime_adapters", False),
+                                       settings.get("adapter_roots", ()), settings.get("max_request_mb"))
 
     def models(self) -> list[str]:
         return [self.base_name, *sorted(self.paths)]
@@ -152,7 +156,7 @@ class RayBackend:
             await self.engines.check_adapter.remote(path)
         except Exception as exc:  # Ray wraps the replica's exception; report its message
             cause = getattr(exc, "cause", None) or exc
-            raise ValueError(f"adapter {name!r} ({path}) could not be loaded: {cause}") from exc
+            raise ValueError(f"adapter {name!r} could not be loaded: {hide_folder(str(cause), Path(path))}") from exc
         self.paths[name] = path
 
     async def unload_adapter(self, name: str) -> None:
@@ -198,14 +202,17 @@ class OpenAIIngress:
 
 def build_app(model: str | None = None, adapters: str | None = None, served_model_name: str | None = None,
               replicas: int = 2, max_loaded: int = 8, max_loaded_mb: float | None = None, max_batch: int = 32,
-              max_queue: int = 256, device: str = "auto", dtype: str = "auto", num_cpus: float = 1.0):
+              max_queue: int = 256, device: str = "auto", dtype: str = "auto", num_cpus: float = 1.0,
+              api_key: str | None = None, allow_runtime_adapters: bool = False, adapter_roots=(),
+              max_request_mb: float | None = None):
     """The Ray Serve application: ``serve.run(build_app(...), route_prefix="/")``."""
     options = {"model_dir": model, "served_model_name": served_model_name, "device": device, "dtype": dtype,
                "max_loaded_mb": max_loaded_mb, "max_batch": max_batch, "max_queue": max_queue}
     engines = engine_deployment(max_loaded).options(num_replicas=replicas,
                                                     ray_actor_options={"num_cpus": num_cpus}).bind(options)
     settings = {"model_dir": model, "served_model_name": served_model_name, "adapters": adapters,
-                "replicas": replicas}
+                "replicas": replicas, "api_key": api_key, "allow_runtime_adapters": allow_runtime_adapters,
+                "adapter_roots": [str(r) for r in adapter_roots], "max_request_mb": max_request_mb}
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}).bind(engines, settings)
 
 
@@ -225,7 +232,9 @@ def run_ray(args: argparse.Namespace) -> int:
     ray.init(ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(args.model, args.adapters, args.served_model_name, args.replicas, args.max_loaded,
-                        args.max_loaded_mb, args.max_batch, args.max_queue, args.device, args.dtype),
+                        args.max_loaded_mb, args.max_batch, args.max_queue, args.device, args.dtype,
+                        api_key=args.api_key, allow_runtime_adapters=args.allow_runtime_adapters,
+                        adapter_roots=args.adapter_root, max_request_mb=args.max_request_mb),
               name="shirakit", route_prefix="/")
     print(f"serving on http://{args.host}:{args.port} with {args.replicas} Ray Serve replica(s); Ctrl-C stops")
     try:

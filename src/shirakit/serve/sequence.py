@@ -1,6 +1,8 @@
 """One generated sequence: its parameters, tokens, text, and how its next token is chosen.
 
-Greedy (``temperature == 0``) takes the argmax, as ``generate(do_sample=False)`` does. Sampling
+Greedy (``temperature`` below ``GREEDY_BELOW``, 1e-5 as vLLM's sampling epsilon) takes the
+argmax, as ``generate(do_sample=False)`` does: dividing by a smaller temperature overflows and
+picks the argmax anyway. Sampling
 divides the logits by the temperature, keeps the smallest set of tokens whose probability reaches
 ``top_p`` (nucleus sampling, Holtzman et al. 2019, arXiv 1904.09751) and draws from it with the
 sequence's own ``torch.Generator``: seeded requests give the same text whatever else is in the
@@ -9,6 +11,9 @@ batch.
 Text is the tokenizer's decode of all new tokens (``skip_special_tokens=True``), recomputed per
 token so multi-token characters come out whole; a stream sends the part that is settled: not a
 trailing replacement character, and not a tail that may still become a stop string.
+
+Every step of one row (:func:`sample`, :meth:`Sequence.decode`, :meth:`Sequence.check_stop`) may
+raise for that row alone; the engine then fails that request and the batch goes on.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+SEED_SPACE = 2**64  # torch.Generator seeds are 64-bit: seed + choice index wraps around
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,15 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    echo: bool = False  # with logprobs: the prompt's tokens' log-probabilities too
+
+    @property
+    def adjusts(self) -> bool:
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -41,10 +58,16 @@ class Sequence:
     sent: int = 0  # characters of text already streamed
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
+    logprobs: list[tuple[str, float | None, dict[str, float] | None]] = field(default_factory=list)  # not sent yet
 
     def __post_init__(self) -> None:
-        if self.params.temperature > 0 and self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+        if not self.greedy and self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed((self.params.seed + self.index) % SEED_SPACE)
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature < GREEDY_BELOW
 
     @property
     def remaining(self) -> int:
@@ -53,17 +76,45 @@ class Sequence:
     def add(self, token: int, tokenizer, eos_ids: set[int]) -> None:
         """Record a new token; set ``finish_reason`` when the sequence is done."""
         self.tokens.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
         if token in eos_ids:
             self.finish_reason = "stop"
-            self.text = tokenizer.decode(self.tokens[:-1], skip_special_tokens=True)
+            self.text = self.decode(tokenizer, self.tokens[:-1])
             return
-        self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+        self.text = self.decode(tokenizer, self.tokens)
+        cut = self.check_stop()
         if cut >= 0:
             self.text = self.text[:cut]
             self.finish_reason = "stop"
         elif self.remaining <= 0:
             self.finish_reason = "length"
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """One row's logits with ``logit_bias`` added and the penalties taken off, as OpenAI defines
+        them over the tokens generated so far: l[t] - c[t] * frequency - (c[t] > 0) * presence."""
+        out = logits.float().clone()
+        if self.params.logit_bias:
+            ids, biases = zip(*self.params.logit_bias)
+            out[list(ids)] += torch.tensor(biases, dtype=out.dtype, device=out.device)
+        if self.counts and (self.params.presence_penalty or self.params.frequency_penalty):
+            ids = torch.tensor(list(self.counts), device=out.device)
+            counts = torch.tensor(list(self.counts.values()), dtype=out.dtype, device=out.device)
+            out[ids] -= counts * self.params.frequency_penalty + self.params.presence_penalty
+        return out
+
+    def take_logprobs(self) -> list | None:
+        """The log-probability entries not sent yet (None when the request asked for none)."""
+        if self.params.logprobs is None:
+            return None
+        entries, self.logprobs = self.logprobs, []
+        return entries
+
+    def decode(self, tokenizer, tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def check_stop(self) -> int:
+        """Where the first stop string starts in the text; -1 if none does."""
+        return min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)
 
     def settled_delta(self) -> str:
         """Text not streamed yet that can no longer change; advances ``sent``."""
@@ -78,19 +129,40 @@ class Sequence:
         return delta
 
 
+def sample(logits: torch.Tensor, seq: Sequence) -> int:
+    """One row's next token by temperature and nucleus sampling (``logits``: (vocab,)).
+
+    p = softmax(logits / T); keep the smallest set of most probable tokens whose mass reaches
+    ``top_p`` (the most probable token is always kept, so a tiny ``top_p`` is greedy, not empty).
+    """
+    probs = torch.softmax(logits.float() / seq.params.temperature, dim=-1)
+    if seq.params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above
+        drop = before >= seq.params.top_p
+        drop[0] = False
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
 def choose_next(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
     """Next token per row of ``logits`` (rows, vocab), following each sequence's parameters."""
     greedy = logits.argmax(dim=-1).tolist()
+    return [greedy[row] if seq.greedy else sample(logits[row], seq) for row, seq in enumerate(sequences)]
+
+
+def logprob_entries(logprobs: torch.Tensor, tokens: list[int], top: int, tokenizer) -> list:
+    """(token text, its log-probability, {alternative text: log-probability}) for each of ``tokens``;
+    ``logprobs``: (len(tokens), vocab) log-softmax rows, row i the distribution token i was drawn from."""
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    best = logprobs.topk(top, dim=1) if top else None
     out = []
-    for row, seq in enumerate(sequences):
-        if seq.params.temperature == 0:
-            out.append(greedy[row])
-            continue
-        probs = torch.softmax(logits[row].float() / seq.params.temperature, dim=-1)
-        if seq.params.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above
-            sorted_probs[before >= seq.params.top_p] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+    for i, token in enumerate(tokens):
+        text = tokenizer.decode([token])
+        alternatives = {}
+        if best is not None:
+            alternatives = {tokenizer.decode([t]): v for t, v in zip(best.indices[i].tolist(), best.values[i].tolist())}
+        alternatives.setdefault(text, chosen[i])  # the chosen token is always listed, as OpenAI does
+        out.append((text, chosen[i], alternatives))
     return out

@@ -16,6 +16,7 @@ import torch
 
 from .build import DTYPES, build_engine
 from .engine import Engine
+from .policy import API_KEY_ENV, Policy
 
 
 @dataclass
@@ -31,8 +32,10 @@ class RunningServer:
         self.engine.stop(timeout)
 
 
-def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> RunningServer:
-    """Start the engine and uvicorn on a thread; returns once the server accepts connections."""
+def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0,
+                 policy: Policy | None = None) -> RunningServer:
+    """Start the engine and uvicorn on a thread; returns once the server accepts connections.
+    ``policy``: API key, runtime adapters, adapter roots, body size (default: ``Policy()``, all closed)."""
     import uvicorn
 
     from .app import create_app
@@ -42,7 +45,7 @@ def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, timeout
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(create_app(LocalBackend(engine)), log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(create_app(LocalBackend(engine, policy)), log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="shirakit-http")
     thread.start()
@@ -75,8 +78,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+                        f"(default: ${API_KEY_ENV}; none: open)")
+    parser.add_argument("--allow-runtime-adapters", action="store_true",
+                        help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter (off: 403)")
+    parser.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                        help="runtime loads only from folders under DIR (repeatable; symlinks resolved)")
+    parser.add_argument("--max-request-mb", type=float, default=None,
+                        help="refuse larger request bodies with 413 (default 1)")
     parser.add_argument("--ray", action="store_true", help="serve with Ray Serve (pip install shirakit[ray])")
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+
+
+def policy_from_args(args: argparse.Namespace) -> Policy:
+    return Policy.from_args(args.api_key, args.allow_runtime_adapters, args.adapter_root, args.max_request_mb)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -91,12 +106,13 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    policy = policy_from_args(args)
     engine = build_engine(args.model, args.adapters, args.served_model_name, args.device, args.dtype,
                           args.max_loaded, args.max_loaded_mb, args.max_batch, args.max_queue,
                           args.fuse_min_steps).start()
     print(f"serving {engine.base_name} and {len(engine.models()) - 1} adapter(s) on http://{args.host}:{args.port}")
     try:
-        uvicorn.run(create_app(LocalBackend(engine)), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(LocalBackend(engine, policy)), host=args.host, port=args.port, log_level="info")
     finally:
         engine.stop()
     return 0
