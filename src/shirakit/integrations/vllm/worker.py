@@ -160,6 +160,11 @@ class ShiraWorkerExtension:
     def _shira_model(self) -> torch.nn.Module:
         return self.model_runner.get_model()
 
+    def _shira_module(self, module_name: str) -> torch.nn.Module:
+        """The linear layer itself: vLLM wraps each one in a *WithLoRA layer when LoRA is on (``base_layer``)."""
+        module = self._shira_model().get_submodule(module_name)
+        return getattr(module, "base_layer", module)
+
     def _shira_locate(self, hf_name: str) -> tuple[str, torch.nn.Module, object]:
         """(vLLM module name, module, loader shard id) holding Hugging Face module ``hf_name``."""
         from vllm.model_executor.layers.linear import LinearBase, QKVParallelLinear
@@ -169,12 +174,12 @@ class ShiraWorkerExtension:
         for packed, parts in (getattr(model, "packed_modules_mapping", None) or {}).items():
             if leaf in parts:
                 module_name = f"{parent}.{packed}"
-                module = model.get_submodule(module_name)
+                module = self._shira_module(module_name)
                 index = parts.index(leaf)
                 shard = ("q", "k", "v")[index] if isinstance(module, QKVParallelLinear) else index
                 return module_name, module, shard
         try:
-            module = model.get_submodule(hf_name)
+            module = self._shira_module(hf_name)
         except AttributeError:
             raise ValueError(f"vLLM's {type(model).__name__} has no module for {hf_name!r}") from None
         if not isinstance(module, LinearBase):
@@ -249,7 +254,7 @@ class ShiraWorkerExtension:
         from safetensors import safe_open
 
         model = self._shira_model()
-        module = model.get_submodule(module_name)
+        module = self._shira_module(module_name)
         parent, _, leaf = module_name.rpartition(".")
         parts = (getattr(model, "packed_modules_mapping", None) or {}).get(leaf)
         pieces = [f"{parent}.{p}" for p in parts] if parts else [module_name]
@@ -271,7 +276,7 @@ class ShiraWorkerExtension:
         state = self._shira_state()
         if module_name in state.unpacked:
             return state.unpacked[module_name]
-        module = self._shira_model().get_submodule(module_name)
+        module = self._shira_module(module_name)
         weight = module.weight
         if weight.dim() != 2 or weight.shape != (module.output_size_per_partition, module.input_size_per_partition):
             if not hasattr(module, "cpu_linear"):
