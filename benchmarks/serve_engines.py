@@ -15,8 +15,9 @@ server is its own process (``python -m ...``) on 127.0.0.1 and a free port; this
 completions per setting (greedy, ``--tokens`` new tokens, ~30-token prompts), each naming the base or an
 adapter drawn from the setting's mix: base; 1 adapter; 4 or 16 adapters uniform; 4 or 16 zipf
 (adapter k with probability ~ 1/(k+1)^1.1). Output per setting: generated tokens per wall second (the
-median of ``--repeats`` runs, after one warm-up run), time to first token and inter-token gap p50/p95
-(over all streamed chunks of that run), and the server's resident memory (its whole process tree) at
+median of ``--repeats`` runs, after a 4-token warm-up run that loads the adapters), time to first
+token and inter-token gap p50/p95 (over all streamed chunks of that run), and the server's resident
+memory (its whole process tree) at
 the end. Model: SmolLM2-135M-Instruct from ``shirakit.data.smollm2_dir()`` (fp32). vLLM runs on both
 cores (``VLLM_CPU_OMP_THREADS_BIND=0-1``), the built-in engine with 2 torch threads.
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
-from serve import free_port, stop  # noqa: E402  (benchmarks/serve.py: the same server helpers)
+from serve import free_port  # noqa: E402  (benchmarks/serve.py)
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = ("builtin", "shirakit-vllm", "vllm-lora")
@@ -100,7 +101,9 @@ def start(command: list[str], port: int, log: Path, env: dict, timeout: float = 
     import httpx
 
     env = dict(os.environ, **env, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    # its own process group: vLLM's engine and worker processes are stopped with it (stop)
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -113,6 +116,26 @@ def start(command: list[str], port: int, log: Path, env: dict, timeout: float = 
         time.sleep(0.5)
     stop(process)
     raise RuntimeError(f"server did not start in {timeout} s: {log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole process group, SIGKILL after 30 s."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+            time.sleep(1)  # the group's other members go with the leader's signal; give them a moment
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group (vLLM's workers)
+    except ProcessLookupError:
+        pass
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -202,16 +225,25 @@ def run_engine(args) -> dict:
         url = f"http://127.0.0.1:{port}"
         for setting in SETTINGS:
             models = requests_for(setting, names, args.requests)
-            asyncio.run(load(url, models[: args.clients], args.clients, args.tokens))  # warm-up (loads adapters)
+            asyncio.run(load(url, models[: args.clients], args.clients, 4))  # warm-up: loads the adapters
             runs = [asyncio.run(load(url, models, args.clients, args.tokens)) for _ in range(args.repeats)]
             median = sorted(runs, key=lambda r: r["tokens_s"])[len(runs) // 2]
             median.update(runs=[round(r["tokens_s"], 1) for r in runs], failed=sum(r["failed"] for r in runs),
                           rss_mb=tree_rss_mb(server.pid))
             results["settings"][setting[0]] = median
             print(label, setting[0], json.dumps(median), flush=True)
+            save(args, results)  # a run cut short (the lock's time limit) keeps its finished settings
     finally:
         stop(server)
     return results
+
+
+def save(args, result: dict) -> None:
+    result = dict(result, machine=_report.machine_facts("serve_engines"), clients=args.clients,
+                  requests=args.requests, tokens=args.tokens, repeats=args.repeats, load=os.getloadavg())
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.engine + ("-" + args.policy if args.engine == "shirakit-vllm" else "")
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
 
 
 def table(folder: Path) -> str:
@@ -224,7 +256,14 @@ def table(folder: Path) -> str:
                          f"{r['rss_mb']:.0f}", str(r["failed"])])
     header = ["engine", "setting", "tokens/s (runs)", "TTFT p50/p95 ms", "inter-token p50/p95 ms", "RSS MiB",
               "failed"]
-    return _report.table(header, rows)
+    notes = [f"- {run['engine']}: {run['machine']['date']}, started in {run['start_s']:.0f} s, load average "
+             f"{', '.join(f'{x:.1f}' for x in run['load'])} at the end; {run['clients']} clients, "
+             f"{run['requests']} requests x {run['tokens']} tokens, {run['repeats']} runs per setting"
+             for run in runs]
+    machine = runs[0]["machine"] if runs else {"machine": "", "software": ""}
+    return "\n".join(["## Serving engines side by side (`benchmarks/serve_engines.py`)", "",
+                      f"{machine['machine']}. {machine['software']}.", "", _report.table(header, rows), "",
+                      *notes])
 
 
 def main(argv=None) -> int:
@@ -234,7 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/serve_engines"))
     parser.add_argument("--table", type=Path, default=None, help="print the table of the runs in this folder")
     parser.add_argument("--write-docs", type=Path, default=None)
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -247,12 +286,7 @@ def main(argv=None) -> int:
         return 0
     if not args.engine:
         parser.error("--engine or --table")
-    result = run_engine(args)
-    result.update(machine=_report.machine_facts("serve_engines"), clients=args.clients, requests=args.requests,
-                  tokens=args.tokens, repeats=args.repeats, load=os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = args.engine + ("-" + args.policy if args.engine == "shirakit-vllm" else "")
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    save(args, run_engine(args))
     return 0
 
 

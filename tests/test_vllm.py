@@ -6,7 +6,8 @@ in vLLM's own virtualenv (docs/vllm.md):
     VLLM_CPU_KVCACHE_SPACE=1 /work/venv-vllm/bin/python -m pytest tests/test_vllm.py -m vllm -q
 
 The oracle is the serving tests' one: greedy text equals offline ``generate`` with that adapter alone
-(``tests/serving.py``), for SHiRA (fused, PEFT and compact layouts) and LoRA (vLLM's own), alone and
+(``tests/serving.py``), for SHiRA (fused, PEFT and compact layouts), VeRA and MiSS (fused, dense) and
+LoRA (vLLM's own), alone and
 concurrent over every adapter, and the base weights bit for bit equal to the checkpoint after switching.
 """
 
@@ -55,7 +56,7 @@ def setup(tmp_path_factory):
     made = serving.save_adapters(model, root / "made", 7)  # lora-r4-0, shira-r2-1, vera-r8-2, ..., shira-r2-6 (compact)
     adapters = root / "adapters"
     adapters.mkdir()
-    for name in ("lora-r4-0", "shira-r2-1", "shira-r2-6"):
+    for name in ("lora-r4-0", "shira-r2-1", "vera-r8-2", "miss-balance-r5-3", "miss-bat-r4-4", "shira-r2-6"):
         made[name].rename(adapters / name)
     backend = VllmBackend(model, adapters, "tiny", max_model_len=serving.CONTEXT)
     server = start_vllm_server(backend)
@@ -79,7 +80,8 @@ def on_server_loop(backend, coro):
     return asyncio.run_coroutine_threadsafe(coro, backend.loop).result(timeout=120)
 
 
-@pytest.mark.parametrize("model", ["tiny", "shira-r2-1", "shira-r2-6", "lora-r4-0"])
+@pytest.mark.parametrize("model", ["tiny", "shira-r2-1", "shira-r2-6", "lora-r4-0", "vera-r8-2",
+                                   "miss-balance-r5-3", "miss-bat-r4-4"])
 def test_greedy_text_equals_offline_generate(setup, model):
     for prompt in PROMPTS[:2]:
         response = complete(setup["url"], model, prompt)
@@ -88,7 +90,7 @@ def test_greedy_text_equals_offline_generate(setup, model):
 
 
 def test_concurrent_requests_over_every_adapter(setup):
-    jobs = [(m, p) for m in ("tiny", "shira-r2-1", "shira-r2-6", "lora-r4-0") for p in PROMPTS] * 2
+    jobs = [(m, p) for m in ("tiny", "shira-r2-1", "shira-r2-6", "lora-r4-0", "vera-r8-2") for p in PROMPTS] * 2
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda job: complete(setup["url"], *job), jobs))
     oracle = {job: expected(setup, *job) for job in set(jobs)}
@@ -119,12 +121,17 @@ def test_unload_and_reload(setup):
     assert "shira-r2-1" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
 
 
-def test_methods_vllm_cannot_host_are_refused_by_name(setup):
-    response = httpx.post(f"{setup['url']}/v1/load_lora_adapter",
-                          json={"lora_name": "v", "lora_path": str(setup["made"]["vera-r8-2"])})
-    assert response.status_code == 400
-    assert "VERA" in response.json()["error"]["message"] and "--engine builtin" in response.json()["error"]["message"]
-    assert complete(setup["url"], "v", PROMPTS[0]).status_code == 404
+def test_a_corrupt_folder_is_a_400_and_the_rest_keeps_serving(setup, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in (setup["adapters"] / "shira-r2-1").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    response = httpx.post(f"{setup['url']}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(bad)})
+    assert response.status_code == 400 and "adapter_model.safetensors" in response.json()["error"]["message"]
+    assert complete(setup["url"], "bad", PROMPTS[0]).status_code == 404
+    ok = complete(setup["url"], "shira-r2-6", PROMPTS[3])
+    assert ok.json()["choices"][0]["text"] == expected(setup, "shira-r2-6", PROMPTS[3])
 
 
 def test_errors_match_the_builtin_engine(setup):

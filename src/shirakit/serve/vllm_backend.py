@@ -1,17 +1,19 @@
 """``shirakit serve --engine vllm``: the same HTTP app (``app.py``) over vLLM's async engine.
 
-SHiRA adapters are fused into vLLM's weights by the worker extension (:mod:`shirakit.vllm`) and a
-front scheduler runs one adapter's requests at a time (``GroupScheduler``); LoRA adapters go through
-vLLM's own LoRA and run with the base model's requests (the base weights). VeRA and MiSS are refused
-with a 400 that names ``--engine builtin`` (docs/vllm.md says why). Tokens come from vLLM; text, stop
-strings and streaming deltas are made here by the built-in engine's :class:`Sequence`, so both
-engines cut and stream text the same way.
+SHiRA adapters are fused into vLLM's weights by the worker extension (:mod:`shirakit.vllm`, two
+scatters per weight) and a front scheduler runs one adapter's requests at a time (``GroupScheduler``);
+VeRA and MiSS are fused the same way with their dense deltas (computed once here on a CPU copy of the
+model, one copy per weight per switch); LoRA adapters go through vLLM's own LoRA and run with the base
+model's requests (the base weights). docs/vllm.md says why nothing but LoRA runs per request.
+Tokens come from vLLM; text, stop strings and streaming deltas are made here by the built-in engine's
+:class:`Sequence`, so both engines cut and stream text the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,8 @@ from .engine import Output, UnknownModel
 from .metrics import Counters
 from .sequence import SamplingParams, Sequence
 
+DENSE_METHODS = ("VERA", "MISS")  # fused by their dense per-layer deltas
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's LoRAConfig.max_lora_rank accepts
-BYTES_PER_VALUE = 16  # per fused SHiRA value on each worker: int64 position, saved and merged fp32 values
 
 
 def adapter_method(folder: Path) -> tuple[str, int]:
@@ -58,7 +60,11 @@ class VllmBackend:
         self.max_lora_rank = next((r for r in LORA_RANKS if r >= wanted), 0) if wanted else 0
         if wanted > LORA_RANKS[-1]:
             raise ValueError(f"LoRA rank {wanted} exceeds vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
-        args = engine_args(str(self.model_dir), dtype="float32" if dtype == "auto" else dtype,
+        if dtype == "auto":  # as the builtin engine: CPUs run half precision slowly, GPUs keep the file's dtype
+            import torch
+
+            dtype = "auto" if torch.cuda.is_available() else "float32"
+        args = engine_args(str(self.model_dir), dtype=dtype,
                            max_model_len=max_model_len, lora_rank=self.max_lora_rank, max_loras=max_loras,
                            memory_fraction=memory_fraction, tensor_parallel_size=tensor_parallel_size)
         self.engine = AsyncLLM.from_engine_args(args)
@@ -67,12 +73,23 @@ class VllmBackend:
         self.scheduler = GroupScheduler(self._switch, policy, slice_s)
         self.kinds: dict[str, str] = {}  # loaded adapter -> "SHIRA" | "LORA"
         self.lora_requests: dict[str, object] = {}
-        self.values: dict[str, int] = {}
+        self.values: dict[str, int] = {}  # fused adapter -> bytes it keeps on the first worker
         self._lora_ids = itertools.count(1)
         self._ids = itertools.count()
         self._load_lock: asyncio.Lock | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the HTTP server's, once a request came
         self.stats, self.cache_stats = Counters("engine"), Counters("cache")
+        self._scratch = tempfile.TemporaryDirectory(prefix="shirakit-vllm-")  # dense deltas for the workers
+        self._hf = None
+
+    def _hf_model(self):
+        """A CPU fp32 copy of the Hugging Face model (dense deltas of VeRA, MiSS), loaded on first need."""
+        if self._hf is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            self._hf = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        return self._hf
 
     def _eos_ids(self) -> set[int]:
         from transformers import GenerationConfig
@@ -97,7 +114,7 @@ class VllmBackend:
         self.loop = asyncio.get_running_loop()  # for callers on other threads (tests)
         adapter = None if model == self.base_name else model
         await self._ensure_loaded(adapter)
-        group = adapter if adapter is not None and self.kinds[adapter] == "SHIRA" else None
+        group = adapter if adapter is not None and self.kinds[adapter] != "LORA" else None
         lora = self.lora_requests.get(adapter) if adapter is not None else None
         request_id = f"shirakit-{next(self._ids)}"
         finished = False
@@ -174,7 +191,7 @@ class VllmBackend:
         self.stats.switches = self.scheduler.switches
         numbers = {**self.stats.numbers(), **self.cache_stats.numbers(), "adapter_read_seconds": 0.0,
                    "adapters_loaded": len(self.kinds),
-                   "adapters_loaded_bytes": sum(self.values.values()) * BYTES_PER_VALUE}
+                   "adapters_loaded_bytes": sum(self.values.values())}
         return [({}, numbers)]
 
     # ---- adapters ----------------------------------------------------------------------------------
@@ -197,7 +214,7 @@ class VllmBackend:
             kind, r = adapter_method(folder)
             if kind == "SHIRA":  # read and mapped on every worker; the weights are not touched
                 results = await self.engine.collective_rpc("shira_load", args=(name, str(folder)))
-                self.values[name] = int(results[0]["values"])
+                self.values[name] = int(results[0]["bytes"])
             elif kind == "LORA":
                 if not self.max_lora_rank:
                     raise ValueError(f"{folder}: a LoRA adapter, but vLLM was started without LoRA "
@@ -207,9 +224,16 @@ class VllmBackend:
                 request = LoRARequest(name, next(self._lora_ids), str(folder))
                 await self.engine.add_lora(request)
                 self.lora_requests[name] = request
+            elif kind in DENSE_METHODS:
+                from shirakit.vllm import write_dense_deltas
+
+                file = Path(self._scratch.name) / f"{len(self.kinds)}-{name}.safetensors"
+                await asyncio.to_thread(write_dense_deltas, self._hf_model(), folder, file)
+                results = await self.engine.collective_rpc("shira_load_dense", args=(name, str(file)))
+                self.values[name] = int(results[0]["bytes"])
             else:
-                raise ValueError(f"{folder}: a {kind} adapter; --engine vllm serves SHiRA (fused in the weights) and "
-                                 "LoRA (vLLM's own); serve it with --engine builtin (docs/vllm.md)")
+                raise ValueError(f"{folder}: a {kind} adapter; --engine vllm serves SHiRA, VeRA, MiSS (fused in the "
+                                 "weights) and LoRA (vLLM's own); serve it with --engine builtin (docs/vllm.md)")
         except Exception as exc:
             self.cache_stats.adapter_load_failures += 1
             raise ValueError(str(exc)) from exc
@@ -230,6 +254,7 @@ class VllmBackend:
 
     def stop(self, timeout: float | None = None) -> None:
         self.engine.shutdown()
+        self._scratch.cleanup()
 
 
 async def _merge(streams: list) -> AsyncIterator[Output]:

@@ -39,12 +39,20 @@ from .files import read_shira
 
 @dataclass
 class _Write:
-    """One weight's share of one adapter: local flat positions, the base values there, the merged values."""
+    """One weight's share of one adapter: local flat positions, the base values there, the merged values.
+    A dense adapter (VeRA, MiSS) has ``positions=None``: ``saved`` is the whole base weight (shared by
+    every dense adapter of that weight), ``merged`` the whole ``W0 + ΔW``."""
 
     weight: torch.nn.Parameter
-    positions: torch.Tensor
+    positions: torch.Tensor | None
     saved: torch.Tensor
     merged: torch.Tensor
+
+    def write(self, values: torch.Tensor) -> None:
+        if self.positions is None:
+            self.weight.data.copy_(values)
+        else:
+            self.weight.data.view(-1).index_copy_(0, self.positions, values)
 
 
 @dataclass
@@ -54,7 +62,15 @@ class _State:
     unpacked: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # vllm module -> plain weight
     adapters: dict[str, dict[str, _Write]] = field(default_factory=dict)  # name -> vllm module -> write
     active: str | None = None
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)  # vllm module -> W0 (dense adapters)
     checkpoint: dict[str, Path] | None = None  # tensor name -> safetensors file
+
+
+def _bytes(writes: dict[str, _Write]) -> int:
+    """What an adapter keeps on this worker (a dense adapter's shared base copy not counted)."""
+    own = [t for w in writes.values() for t in (w.positions, w.merged, None if w.positions is None else w.saved)
+           if t is not None]
+    return int(sum(t.numel() * t.element_size() for t in own))
 
 
 def hf_linear_shapes(hf_config) -> dict[str, tuple[int, int]]:
@@ -99,7 +115,34 @@ class ShiraWorkerExtension:
             writes[module_name] = _Write(weight, positions.to(weight.device), saved, merged)
         state.adapters[name] = writes
         return {"modules": len(deltas), "weights": len(writes),
-                "values": int(sum(w.positions.numel() for w in writes.values()))}
+                "values": int(sum(w.positions.numel() for w in writes.values())), "bytes": _bytes(writes)}
+
+    def shira_load_dense(self, name: str, path: str) -> dict:
+        """A dense adapter's per-module deltas (``dense.write_dense_deltas``' file) mapped onto this
+        rank's weights; the switch writes ``W0 + ΔW`` whole (nothing in the weights changes now)."""
+        from safetensors.torch import load_file
+
+        state = self._shira_state()
+        if name in state.adapters:
+            raise ValueError(f"adapter {name!r} is already loaded; unload it first")
+        per_weight: dict[str, torch.Tensor] = {}
+        for hf_name, delta in load_file(path).items():
+            if hf_name not in state.shapes or tuple(delta.shape) != state.shapes[hf_name]:
+                raise ValueError(f"{path}: {hf_name} {tuple(delta.shape)} matches no linear module of the model")
+            module_name, row_map, col_map = self._shira_map(hf_name)
+            weight = self._shira_weight(module_name)
+            rows, cols = torch.nonzero(row_map >= 0).flatten(), torch.nonzero(col_map >= 0).flatten()
+            local = per_weight.setdefault(module_name, torch.zeros(weight.shape, dtype=torch.float32))
+            local[row_map[rows][:, None], col_map[cols][None, :]] += delta[rows][:, cols]
+        writes = {}
+        for module_name, local in per_weight.items():
+            weight = state.unpacked[module_name]
+            base = self._shira_base_copy(module_name)
+            merged = (base.float() + local.to(base.device)).to(weight.dtype)
+            writes[module_name] = _Write(weight, None, base, merged)
+        state.adapters[name] = writes
+        return {"modules": len(per_weight), "weights": len(writes),
+                "values": int(sum(w.merged.numel() for w in writes.values())), "bytes": _bytes(writes)}
 
     def shira_activate(self, name: str | None) -> str | None:
         """Make ``name`` (None: the base) the weights' content: restore the active adapter's saved
@@ -112,11 +155,11 @@ class ShiraWorkerExtension:
         with torch.no_grad():
             if state.active is not None:
                 for write in state.adapters[state.active].values():
-                    write.weight.data.view(-1).index_copy_(0, write.positions, write.saved)
+                    write.write(write.saved)
             state.active = None
             if name is not None:
                 for write in state.adapters[name].values():
-                    write.weight.data.view(-1).index_copy_(0, write.positions, write.merged)
+                    write.write(write.merged)
                 state.active = name
         return state.active
 
@@ -127,6 +170,9 @@ class ShiraWorkerExtension:
         if state.active == name:
             self.shira_activate(None)
         del state.adapters[name]
+        in_use = {m for writes in state.adapters.values() for m, w in writes.items() if w.positions is None}
+        for module_name in [m for m in state.base_copies if m not in in_use]:
+            del state.base_copies[module_name]  # no dense adapter needs this W0 copy any more
 
     def shira_active(self) -> str | None:
         return self._shira_state().active
@@ -290,11 +336,28 @@ class ShiraWorkerExtension:
         state.unpacked[module_name] = weight
         return weight
 
+    def _shira_base_copy(self, module_name: str) -> torch.Tensor:
+        """The whole base weight W0 of ``module_name`` (kept once, shared by the dense adapters)."""
+        state = self._shira_state()
+        if module_name not in state.base_copies:
+            weight = state.unpacked[module_name]
+            base = weight.data.clone()
+            active = state.adapters[state.active].get(module_name) if state.active is not None else None
+            if active is not None:  # the weight holds the active adapter: take its saved base values
+                if active.positions is None:
+                    base = active.saved
+                else:
+                    base.view(-1).index_copy_(0, active.positions, active.saved)
+            state.base_copies[module_name] = base
+        return state.base_copies[module_name]
+
     def _shira_base_values(self, module_name: str, weight, positions: torch.Tensor) -> torch.Tensor:
         """W0 at ``positions``: read from the weight, except where the active adapter has written
         (its saved values are the base there), so loading never needs a switch."""
         saved = weight.data.view(-1).index_select(0, positions.to(weight.device)).clone()
         state = self._shira_state()
+        if module_name in state.base_copies:
+            return state.base_copies[module_name].view(-1).index_select(0, positions.to(weight.device)).clone()
         if state.active is not None and module_name in state.adapters[state.active]:
             active = state.adapters[state.active][module_name]
             at = torch.searchsorted(active.positions, positions.to(active.positions.device))
