@@ -334,3 +334,40 @@ def test_batched_switch_matches_per_layer_and_sees_outside_writes(monkeypatch):
     assert torch.equal(got[idx], rewritten.reshape(-1)[idx] + a.shira_weight.detach())
     shirakit.switch_adapter(batched, None)
     assert torch.equal(batched.c2.weight, rewritten)  # bit-exact back to the base it took
+
+
+def test_mixed_batch_on_siblings():
+    """A routed batch (one adapter per row) through convs and an embedding equals each adapter alone."""
+    ids = inputs(batch=4)
+    model = tiny_convnet(grouped=True)
+    for name, seed in (("a", 1), ("b", 2)):
+        shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=["emb", "c1", "c2", "c3"],
+                                                    init_weights=False, random_seed=seed), name)
+    shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["emb", "c1", "c2"], init_lora_weights=False), "l")
+    alone = {}
+    for name in ("a", "b", "l"):
+        shirakit.set_adapter(model, name)
+        alone[name] = output(model, ids)
+    names = ["a", "b", "l", "a"]
+    with torch.no_grad(), shirakit.route(model, names):
+        got = output(model, ids)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(got[row], alone[name][row], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["shira", "lora"])
+def test_combine_on_siblings_is_the_weighted_sum(method):
+    """combine_adapters on convs and embeddings: the new adapter's delta is sum_i w_i delta_i (exact)."""
+    model = tiny_convnet()
+    for name, seed in (("a", 1), ("b", 2)):
+        if method == "shira":
+            config = shirakit.ShiraConfig(r=2, target_modules=["emb", "c1", "c2", "c3"], init_weights=False,
+                                          random_seed=seed)
+        else:
+            torch.manual_seed(seed)
+            config = shirakit.LoraConfig(r=2, target_modules=["emb", "c1", "c2", "c3"], init_lora_weights=False)
+        shirakit.inject(model, config, name)
+    shirakit.combine_adapters(model, ["a", "b"], [0.7, -0.4], "ab")
+    da, db, dab = (shirakit.delta_weights(model, n) for n in ("a", "b", "ab"))
+    for layer in da:
+        torch.testing.assert_close(dab[layer], 0.7 * da[layer] - 0.4 * db[layer], atol=1e-6, rtol=1e-5)

@@ -12,7 +12,7 @@ On the layer's siblings, in PEFT's layout (so files go both ways):
   ``(out, in * prod(k))`` the delta is again ``s * B A`` (B, A flattened), so merge equals forward.
   (PEFT's A leaves out dilation and padding mode; on layers that have neither, both agree.)
   Grouped convs are refused: B A mixes channels across groups, no grouped kernel holds it.
-- embedding: ``lora_embedding_A`` (r, rows) and ``lora_embedding_B`` (dim, r), delta_y = s * B^T A^T[ids]
+- embedding: ``lora_embedding_A`` (r, rows) and ``lora_embedding_B`` (dim, r), delta_y = s * A^T[ids] B^T
   (the table's delta is ``s (B A)^T``); A starts at zero and B ~ N(0, 1), as in PEFT.
 """
 
@@ -133,7 +133,7 @@ class LoraAdapter(Adapter):
         """
         rank = sum(c.r for c in configs)
         tensors = {}
-        for path, (_geometry, adapters) in layers.items():
+        for path, (_, adapters) in layers.items():
             present = next(a for a in adapters if a is not None)
             a_key, b_key = present.factor_keys()
             a_shape, b_shape = (t.shape for t in present._factors())
