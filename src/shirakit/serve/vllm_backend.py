@@ -25,16 +25,22 @@ from .metrics import Counters
 from .policy import Policy
 from .sequence import SamplingParams, Sequence
 
-DENSE_METHODS = ("VERA", "MISS")  # fused by their dense per-layer deltas
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's LoRAConfig.max_lora_rank accepts
 
 
+SPARSE, NATIVE, DENSE = "sparse", "native", "dense"  # fused by scatters, vLLM's own LoRA, fused by dense deltas
+
+
 def adapter_method(folder: Path) -> tuple[str, int]:
-    """(peft_type, r) of an adapter folder, from its config alone."""
+    """(how vLLM serves it, r) of an adapter folder, from its config alone: SHiRA by scatters, LoRA
+    natively, every other method by its dense per-layer deltas."""
     from shirakit.io.config_file import read_config
+    from shirakit.methods.lora import LoraConfig
+    from shirakit.methods.shira import ShiraConfig
 
     config = read_config(folder)
-    return config.peft_type, int(getattr(config, "r", 0) or 0)
+    kind = SPARSE if isinstance(config, ShiraConfig) else NATIVE if isinstance(config, LoraConfig) else DENSE
+    return kind, int(getattr(config, "r", 0) or 0)
 
 
 class VllmBackend:
@@ -57,7 +63,7 @@ class VllmBackend:
         if self.base_name in self.paths:
             raise ValueError(f"adapter folder {self.paths[self.base_name]} has the served model's name "
                              f"{self.base_name!r}; rename one")
-        lora_ranks = [r for kind, r in map(adapter_method, self.paths.values()) if kind == "LORA"]
+        lora_ranks = [r for kind, r in map(adapter_method, self.paths.values()) if kind == NATIVE]
         wanted = max(lora_ranks, default=0) if max_lora_rank is None else max_lora_rank
         self.max_lora_rank = next((r for r in LORA_RANKS if r >= wanted), 0) if wanted else 0
         if wanted > LORA_RANKS[-1]:
@@ -73,7 +79,7 @@ class VllmBackend:
         self.max_context = self.engine.model_config.max_model_len
         self.eos_ids = self._eos_ids()
         self.scheduler = GroupScheduler(self._switch, policy, slice_s)
-        self.kinds: dict[str, str] = {}  # loaded adapter -> "SHIRA" | "LORA"
+        self.kinds: dict[str, str] = {}  # loaded adapter -> SPARSE | NATIVE | DENSE
         self.lora_requests: dict[str, object] = {}
         self.values: dict[str, int] = {}  # fused adapter -> bytes it keeps on the first worker
         self._lora_ids = itertools.count(1)
@@ -116,7 +122,7 @@ class VllmBackend:
         self.loop = asyncio.get_running_loop()  # for callers on other threads (tests)
         adapter = None if model == self.base_name else model
         await self._ensure_loaded(adapter)
-        group = adapter if adapter is not None and self.kinds[adapter] != "LORA" else None
+        group = adapter if adapter is not None and self.kinds[adapter] != NATIVE else None
         lora = self.lora_requests.get(adapter) if adapter is not None else None
         request_id = f"shirakit-{next(self._ids)}"
         finished = False
@@ -178,12 +184,12 @@ class VllmBackend:
             raise UnknownModel(name)
         del self.paths[name]  # new requests get 404 at once
         kind = self.kinds.pop(name, None)
-        if kind == "SHIRA":
+        if kind in (SPARSE, DENSE):
             async with self.scheduler.exclusive():
                 await self.engine.collective_rpc("shira_unload", args=(name,))
                 if self.scheduler.active == name:
                     await self.scheduler.forget()
-        elif kind == "LORA":
+        elif kind == NATIVE:
             await self.engine.remove_lora(self.lora_requests.pop(name).lora_int_id)
         self.values.pop(name, None)
 
@@ -214,10 +220,10 @@ class VllmBackend:
         start = time.perf_counter()
         try:
             kind, r = adapter_method(folder)
-            if kind == "SHIRA":  # read and mapped on every worker; the weights are not touched
+            if kind == SPARSE:  # read and mapped on every worker; the weights are not touched
                 results = await self.engine.collective_rpc("shira_load", args=(name, str(folder)))
                 self.values[name] = int(results[0]["bytes"])
-            elif kind == "LORA":
+            elif kind == NATIVE:
                 if not self.max_lora_rank:
                     raise ValueError(f"{folder}: a LoRA adapter, but vLLM was started without LoRA "
                                      "(start with --max-lora-rank R, or put a LoRA folder under --adapters)")
@@ -226,16 +232,13 @@ class VllmBackend:
                 request = LoRARequest(name, next(self._lora_ids), str(folder))
                 await self.engine.add_lora(request)
                 self.lora_requests[name] = request
-            elif kind in DENSE_METHODS:
+            else:  # VeRA, MiSS, ...: their dense deltas
                 from shirakit.vllm import write_dense_deltas
 
                 file = Path(self._scratch.name) / f"{len(self.kinds)}-{name}.safetensors"
                 await asyncio.to_thread(write_dense_deltas, self._hf_model(), folder, file)
                 results = await self.engine.collective_rpc("shira_load_dense", args=(name, str(file)))
                 self.values[name] = int(results[0]["bytes"])
-            else:
-                raise ValueError(f"{folder}: a {kind} adapter; --engine vllm serves SHiRA, VeRA, MiSS (fused in the "
-                                 "weights) and LoRA (vLLM's own); serve it with --engine builtin (docs/vllm.md)")
         except Exception as exc:
             self.cache_stats.adapter_load_failures += 1
             raise ValueError(str(exc)) from exc
@@ -349,7 +352,7 @@ def run_vllm(args) -> int:
     from .app import create_app
 
     backend = build_vllm_backend(args)
-    shira = sum(adapter_method(p)[0] == "SHIRA" for p in backend.paths.values())
+    shira = sum(adapter_method(p)[0] == SPARSE for p in backend.paths.values())
     print(f"engine: vllm (--engine vllm): SHiRA fused in vLLM's weights ({shira} folder(s)), LoRA through vLLM's "
           f"own LoRA (max rank {backend.max_lora_rank or 'off'}), scheduler policy {args.policy}")
     print(f"serving {backend.base_name} and {len(backend.paths)} adapter(s) on http://{args.host}:{args.port}")
