@@ -41,16 +41,10 @@ def validate(args) -> None:
 
 
 def _config(args):
-    import shirakit
+    from ..app.training import adapter_config
 
     targets = args.targets[0] if len(args.targets) == 1 and args.targets[0] == "all-linear" else args.targets
-    if args.method == "shira":
-        return shirakit.ShiraConfig(r=args.r, target_modules=targets, random_seed=args.seed)
-    if args.method == "lora":
-        return shirakit.LoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets)
-    if args.method == "vera":
-        return shirakit.VeraConfig(r=args.r, target_modules=targets, projection_prng_key=args.seed)
-    return shirakit.MissConfig(r=args.r, target_modules=targets)
+    return adapter_config(args.method, args.r, targets, mask=getattr(args, "mask", None) or "random", seed=args.seed)
 
 
 def train(args) -> None:
