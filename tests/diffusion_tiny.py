@@ -6,6 +6,7 @@ encoder of width 32, a two-level VAE, and a byte-level CLIP tokenizer whose voca
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -60,8 +61,18 @@ def tiny_vae(seed: int = 0):
                          norm_num_groups=4, sample_size=32).eval()
 
 
+_PROTOTYPES: dict[int, object] = {}
+
+
 def tiny_pipeline(folder: Path, seed: int = 0):
-    """A StableDiffusionPipeline of tiny random parts (32x32 images, 16x16 latents)."""
+    """A StableDiffusionPipeline of tiny random parts (32x32 images, 16x16 latents); a fresh deep copy of one built
+    per seed (building from configs costs seconds, a copy milliseconds)."""
+    if seed not in _PROTOTYPES:
+        _PROTOTYPES[seed] = _build_pipeline(folder, seed)
+    return copy.deepcopy(_PROTOTYPES[seed])
+
+
+def _build_pipeline(folder: Path, seed: int):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
