@@ -16,7 +16,7 @@ uniform for at least
 decode steps. This script measures the three times per method and batch size, on a decode step over
 a 64-token KV cache (the engine's own step: ``DynamicCache`` built from the batch's tensors), and
 prints the crossover. The engine fuses a uniform batch when its horizon (the most tokens any row
-may still generate) is at least ``FUSE_MIN_STEPS``; docs/serving.md says how that default follows
+may still generate) is at least its method's ``Adapter.fuse_min_steps``; docs/serving.md says how that default follows
 from this table.
 
 Adapters target all seven projections: SHiRA r=32, LoRA r=32, VeRA r=256, MiSS r=64 (balance),

@@ -21,6 +21,7 @@ class Case:
     make: Callable[[object, bool], shirakit.AdapterConfig]
     params: Callable[[int, int], int]
     exact_unmerge: bool  # unmerge restores the base weights bit-exactly
+    siblings: bool = False  # the method adapts convs and embeddings too (tests/models.py SIBLING_MODELS)
 
 
 CASES = [
@@ -29,6 +30,7 @@ CASES = [
         lambda t, ident: shirakit.LoraConfig(r=4, lora_alpha=8, target_modules=t, init_lora_weights=ident),
         lambda i, o: 4 * (i + o),
         exact_unmerge=False,
+        siblings=True,
     ),
     Case(
         "lora-rslora-r8",
@@ -36,12 +38,14 @@ CASES = [
                                              init_lora_weights=ident),
         lambda i, o: 8 * (i + o),
         exact_unmerge=False,
+        siblings=True,
     ),
     Case(
         "shira-r2",
         lambda t, ident: shirakit.ShiraConfig(r=2, target_modules=t, init_weights=ident, random_seed=3),
         lambda i, o: 2 * (i + o),
         exact_unmerge=True,
+        siblings=True,
     ),
     Case(
         "vera-r8",

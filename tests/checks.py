@@ -59,3 +59,17 @@ def held_bytes(adapter) -> int:
     add(list(adapter.buffers()))
     add([v for k, v in vars(adapter).items() if k not in ("_parameters", "_buffers", "_modules")])
     return sum(storages.values())
+
+
+def lm_training_losses(model, ids: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """AdamW on the trainable parameters, ``steps`` steps of next-token loss on ``ids``; the losses."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

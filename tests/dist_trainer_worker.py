@@ -19,7 +19,6 @@ On CPU accelerate does not turn FSDP on by itself: see :func:`fsdp2_state_on_cpu
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ if __package__ in (None, ""):  # run as a script by accelerate: make `tests` imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shirakit  # noqa: E402
-from tests.dist_worker import run_and_record  # noqa: E402
+from tests.dist_worker import run_and_record, worker_args  # noqa: E402
 from tests.models import inputs, tiny_llama  # noqa: E402
 
 STEPS = 3
@@ -144,11 +143,7 @@ def run_job(job: str, out: Path, rank: int, world: int, record: dict) -> None:
 def main() -> None:
     import torch.distributed as dist
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("jobs", nargs="+", help=f"<method>-<optimizer>: {sorted(CONFIGS)} x {sorted(OPTIMIZERS)}")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = worker_args(f"<method>-<optimizer>: {sorted(CONFIGS)} x {sorted(OPTIMIZERS)}")
     fsdp2_state_on_cpu()
     rank, world = dist.get_rank(), dist.get_world_size()
     for job in args.jobs:

@@ -397,14 +397,20 @@ RUNS = {
 }
 
 
+def worker_args(jobs_help: str) -> argparse.Namespace:
+    """A worker's command line (``--out DIR job ...``); one thread per rank, as the launchers run 2 ranks on 2 cores."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("jobs", nargs="+", help=jobs_help)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    return args
+
+
 def main() -> None:
     import torch.distributed as dist
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("jobs", nargs="+", help=f"<mode>:<method>, mode in {sorted(RUNS)}, method in {sorted(CONFIGS)}")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = worker_args(f"<mode>:<method>, mode in {sorted(RUNS)}, method in {sorted(CONFIGS)}")
     if all(job.startswith("accelerate:") for job in args.jobs):
         from accelerate import PartialState
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from transformers import (
     BertConfig,
@@ -39,13 +41,46 @@ def tiny_bert(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Mod
     return BertForSequenceClassification(cfg).to(dtype).eval()
 
 
+class ConvNet(torch.nn.Module):
+    """A tiny model of the layer siblings: token embedding -> Conv1d over the sequence -> Conv2d
+    (strided) -> Conv2d (dilated, padding="same") -> linear head; called like the HF models above."""
+
+    def __init__(self, grouped: bool = False) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.emb = nn.Embedding(VOCAB, 12, padding_idx=0)
+        self.c1 = nn.Conv1d(12, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(24, 24, 3, padding="same", dilation=2, groups=4 if grouped else 1,
+                            padding_mode="reflect" if grouped else "zeros")
+        self.head = nn.Linear(24, VOCAB)
+
+    def forward(self, input_ids, labels=None):
+        h = self.c1(self.emb(input_ids).transpose(1, 2))  # (B, 16, T)
+        h = torch.tanh(h.unsqueeze(-1) * h.unsqueeze(-2))  # (B, 16, T, T): something 2-d to convolve
+        h = self.c3(torch.relu(self.c2(h)))  # (B, 24, T/2, T/2)
+        logits = self.head(h.mean(-1).transpose(1, 2).contiguous())  # (B, T/2, vocab)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels[:, ::2].reshape(-1))
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+def tiny_convnet(dtype: torch.dtype = torch.float32, seed: int = 0, grouped: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ConvNet(grouped).to(dtype).eval()
+
+
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+#: models of the layer siblings (convs, embeddings): the battery runs them for the methods that adapt them
+SIBLING_MODELS = {"convnet": tiny_convnet}
 
 # Which layers each method targets on each model (all-linear exercises the shorthand on llama).
 TARGETS = {
     "llama": "all-linear",
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "bert": ["query", "value", "dense"],
+    "convnet": ["emb", "c1", "c2", "c3"],
 }
 
 

@@ -1,5 +1,6 @@
-"""What the quantized-base tests share: a two-layer MLP (quantized, and its fp32 reference holding
-the dequantized weights), the four methods' configs, SGD steps, and the adapter comparison.
+"""What the quantized-base tests share: a two-layer MLP (quantized by each backend, and its fp32
+reference holding the dequantized weights), the four methods' configs, SGD steps, and the adapter
+comparison.
 
 Tolerance 1e-5 absolute: fp32 rounding of products of ~1e-1 values over 64-128 terms (every
 library here dequantizes to fp32 before its product, or scales an fp32 product by row)."""
@@ -108,3 +109,93 @@ def train_keeping_no_copy(model: nn.Module, x: torch.Tensor, copies: list[weakre
         gc.collect()
         assert all(ref() is None for ref in copies), "a dequantized copy outlived its step"
     return saved_numels
+
+
+# ---- the backends: (quantized MLP, fp32 MLP holding its dequantized weights), same biases ----------
+def bnb_dequantized(layer: nn.Module) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    if isinstance(weight, bnb.nn.Params4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0  # Int8Params: row-scaled codes
+
+
+def bnb_pair(kind: str) -> tuple[nn.Module, nn.Module]:
+    """bitsandbytes 4-bit NF4 (``nf4``) or 8-bit (``int8``) layers on CPU."""
+    import bitsandbytes as bnb
+
+    dense = dense_mlp()
+    if kind == "nf4":
+        make = lambda i, o: bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, quant_type="nf4")  # noqa: E731
+    else:
+        make = lambda i, o: bnb.nn.Linear8bitLt(i, o, has_fp16_weights=False)  # noqa: E731
+    quant = MLP([make(64, 128), nn.ReLU(), make(128, 32)])
+    quant.load_state_dict(dense.state_dict())
+    quant = quant.to("cpu")  # bitsandbytes quantizes on the move to a device
+    with torch.no_grad():
+        for i in (0, 2):
+            dense[i].weight.copy_(bnb_dequantized(quant[i]))
+    return quant, dense
+
+
+def torchao_weight_only(kind: str):
+    """torchao's weight-only config for ``kind`` (None: ``to_nf4`` on each weight, as torchtune does)."""
+    from torchao import quantization as ao
+
+    return {
+        "int8": lambda: ao.Int8WeightOnlyConfig(),
+        "int4": lambda: ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(32)),
+        "float8": lambda: ao.Float8WeightOnlyConfig(),
+        "nf4": lambda: None,
+    }[kind]()
+
+
+TORCHAO_KINDS = ["int8", "int4", "float8", "nf4"]
+
+
+def torchao_quantize(model: nn.Module, kind: str) -> nn.Module:
+    from torchao import quantization as ao
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    config = torchao_weight_only(kind)
+    if config is None:
+        for i in (0, 2):
+            weight = to_nf4(model[i].weight.detach(), block_size=64, scaler_block_size=32)
+            model[i].weight = nn.Parameter(weight, requires_grad=False)
+    else:
+        ao.quantize_(model, config)
+    return model
+
+
+def torchao_dequantized(weight: torch.Tensor) -> torch.Tensor:
+    if type(weight).__name__ == "NF4Tensor":
+        return weight.get_original_weight().float()
+    return weight.dequantize().float()
+
+
+def torchao_pair(kind: str) -> tuple[nn.Module, nn.Module]:
+    """torchao 0.18 weight-only kinds that run on this CPU (tests/test_torchao.py says which)."""
+    quant, dense = torchao_quantize(dense_mlp(), kind), dense_mlp()
+    with torch.no_grad():
+        for i in (0, 2):
+            dense[i].weight.copy_(torchao_dequantized(quant[i].weight))
+    return quant, dense
+
+
+#: (library, kind) of every quantized base the tests run over; a library not installed is skipped.
+BACKENDS = [("bitsandbytes", "nf4"), ("bitsandbytes", "int8")] + [("torchao", k) for k in TORCHAO_KINDS]
+PAIRS = {"bitsandbytes": bnb_pair, "torchao": torchao_pair}
+
+
+def step_input_grads(model: nn.Module, x: torch.Tensor, steps: int = 3) -> list[torch.Tensor]:
+    """SGD steps on ``model(x)^2``; the input's gradient at each (the base product must pass it on)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    grads = []
+    for _ in range(steps):
+        x = x.detach().requires_grad_()
+        model(x).pow(2).mean().backward()
+        grads.append(x.grad)
+        opt.step()
+        opt.zero_grad()
+    return grads

@@ -84,3 +84,15 @@ def offline_text(model_dir: Path, adapter_dir: Path | None, prompt: str | list[i
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                          do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def start_tiny_server(model_dir: Path, adapters: dict[str, Path], policy=None, **engine_args):
+    """A running ``shirakit serve`` (127.0.0.1, a free port) over the tiny model; the caller stops it
+    (tests/conftest.py's ``tiny_server`` does). ``policy``: default runtime adapter loading on (the
+    tests load and unload adapters over the API), nothing else."""
+    from shirakit.serve import Engine, start_server
+    from shirakit.serve.policy import Policy
+
+    model, tokenizer = load_tiny_lm(model_dir)
+    return start_server(Engine(model, tokenizer, "tiny-llama", adapters, **engine_args),
+                        policy=policy or Policy(allow_runtime_adapters=True))

@@ -198,3 +198,52 @@ def test_toy_method_needs_nothing_in_src():
     assert METHODS["TOY_DIAG"] is DiagAdapter
     naming = [p for p in (SRC / PACKAGE).rglob("*.py") if "TOY_DIAG" in p.read_text() or "toy" in p.read_text()]
     assert not naming, naming
+
+
+# The demo's story is the paper's: SHiRA against the LoRA baseline, each with its own learning rate;
+# naming its two methods is its content, not knowledge of them.
+METHOD_NAMES_ALLOWED_IN = ("shirakit/methods/", "shirakit/core/registry.py", "shirakit/app/demo.py")
+
+
+def method_name_literals(path: Path, names: set[str]) -> list[str]:
+    """``path:line 'NAME'`` for each string constant that is a method's name (any case), and each
+    dict key or comparison operand among them: a peft_type key or an ``if method == "shira"`` chain."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.lower() in names:
+            found.append(f"{path.relative_to(SRC)}:{node.lineno} {node.value!r}")
+    return found
+
+
+def test_method_knowledge_lives_on_the_methods():
+    """No peft_type keys, method tuples or method-name chains outside methods/ and the registry:
+    thresholds, recipes and choices come from the registered classes."""
+    import shirakit.methods  # noqa: F401  (registers the methods)
+    from shirakit.core.registry import METHODS
+
+    names = {peft_type.lower() for peft_type in METHODS} - {"toy_diag"}
+    assert {"shira", "lora", "vera", "miss"} <= names
+    found = [hit for p in sorted((SRC / PACKAGE).rglob("*.py"))
+             if not any(part in p.as_posix() for part in METHOD_NAMES_ALLOWED_IN)
+             for hit in method_name_literals(p, names)]
+    assert not found, found
+
+
+def test_features_check_capabilities_not_the_core():
+    """A method offers a feature's capability or not (core/capabilities.py); the core contract keeps
+    no stub for it, and a feature refuses a method without it by name."""
+    import pytest as _pytest
+
+    import shirakit.methods  # noqa: F401
+    from shirakit.core.adapter import Adapter
+    from shirakit.core.capabilities import CompactFiles, DeltaFromFile, Fusable, require, supports
+    from shirakit.core.registry import METHODS
+
+    for member in ("combine", "compact_tensors", "expand_compact", "file_delta", "file_keys", "has_compact_layout"):
+        assert not hasattr(Adapter, member), member
+    assert supports(METHODS["SHIRA"], CompactFiles) and not supports(METHODS["LORA"], CompactFiles)
+    assert {m for m, cls in METHODS.items() if supports(cls, Fusable)} >= {"SHIRA", "LORA"}
+    assert supports(METHODS["LORA"], DeltaFromFile) and not supports(METHODS["VERA"], DeltaFromFile)
+    with _pytest.raises(TypeError, match=r"combine_adapters needs a method with Fusable \(missing: combine\); "
+                                          r"VeraAdapter does not offer it"):
+        require(METHODS["VERA"], Fusable, "combine_adapters")

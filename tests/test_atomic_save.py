@@ -108,6 +108,7 @@ def torch_free_sleep(seconds: float) -> None:
     select.select([], [], [], seconds)
 
 
+@pytest.mark.slow  # forks and kills 50 saving processes
 def test_sigkill_during_save_loop(tmp_path):
     counts = kill_loop(tmp_path, kills=50)
     assert counts["a"] + counts["b"] == 50  # every folder read as one whole save (which_save raises otherwise)

@@ -5,31 +5,15 @@ from __future__ import annotations
 import pytest
 
 import shirakit
-from shirakit.cli import build_parser, main
+from shirakit.cli import main
 from tests.models import MODELS, TARGETS
 
 
 @pytest.fixture
-def two_adapters(tmp_path):
-    dirs = []
-    for i, make in enumerate([
-        lambda: shirakit.ShiraConfig(r=2, target_modules=TARGETS["llama"], init_weights=False, random_seed=1),
-        lambda: shirakit.ShiraConfig(r=2, target_modules=TARGETS["llama"], init_weights=False, random_seed=2),
-    ]):
-        model = MODELS["llama"]()
-        shirakit.inject(model, make())
-        shirakit.save_adapter(model, tmp_path / f"a{i}")
-        dirs.append(tmp_path / f"a{i}")
-    return dirs
-
-
-def test_every_subcommand_has_help(capsys):
-    commands = ["train", "eval", "switch", "fuse", "inspect", "orthogonality", "bench", "demo"]
-    for command in commands:
-        with pytest.raises(SystemExit) as exit_info:
-            build_parser().parse_args([command, "--help"])
-        assert exit_info.value.code == 0
-        assert "usage: shirakit " + command in capsys.readouterr().out
+def two_adapters(save_adapter_folder):
+    return [save_adapter_folder(shirakit.ShiraConfig(r=2, target_modules=TARGETS["llama"], init_weights=False,
+                                                     random_seed=seed), folder=f"a{i}")
+            for i, seed in enumerate((1, 2))]
 
 
 def test_inspect(two_adapters, capsys):

@@ -118,8 +118,12 @@ def test_bad_argument_other_commands(user, no_model_loads, capsys, argv, named):
     assert err.count("\n") == 1 and named in err, err
 
 
-def test_help_shows_defaults_for_every_subcommand(capsys):
-    for command in ["train", "eval", "switch", "fuse", "inspect", "orthogonality", "bench", "demo"]:
+def test_every_subcommand_has_help_with_defaults(capsys):
+    """Each subcommand the command line lists (serve included) answers --help with its usage."""
+    from shirakit.cli import SUBCOMMANDS
+
+    assert {"train", "eval", "switch", "fuse", "inspect", "orthogonality", "bench", "demo", "serve"} <= set(SUBCOMMANDS)
+    for command in SUBCOMMANDS:
         with pytest.raises(SystemExit) as info:
             build_parser().parse_args([command, "--help"])
         assert info.value.code == 0

@@ -300,6 +300,7 @@ def test_route_mixed_batch_matches_eager():
         torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow  # inductor builds a C++ kernel per fused op
 def test_inductor_outputs_equal_eager_for_every_method():
     """Inductor's generated code, one compile, adapters of every method swapped through it (one
     adapted layer: inductor builds a C++ kernel per fused op, seconds each on a small CPU)."""
@@ -322,6 +323,7 @@ def test_inductor_outputs_equal_eager_for_every_method():
     assert counter.frame_count == 1
 
 
+@pytest.mark.slow
 def test_inductor_shira_training_step_matches_eager():
     eager, other = (model_with({"a": config("shira", 0, ["mid"])}).train() for _ in range(2))
     compiled = torch.compile(other, backend="inductor")

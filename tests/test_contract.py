@@ -1,4 +1,5 @@
-"""The contract battery: every (method, config) row of tests/cases.py on tiny Llama, GPT-2, BERT."""
+"""The contract battery: every (method, config) row of tests/cases.py on tiny Llama, GPT-2, BERT, and,
+for the methods that adapt them, on a tiny model of convs and embeddings (tests/models.py ConvNet)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import torch
 import shirakit
 from shirakit.core.state import adapter_layers
 from tests.cases import CASES
-from tests.models import MODELS, TARGETS, inputs, output
+from tests.checks import lm_training_losses
+from tests.models import MODELS as LINEAR_MODELS
+from tests.models import SIBLING_MODELS, TARGETS, inputs, output
 
-MODEL_NAMES = list(MODELS)
+MODELS = {**LINEAR_MODELS, **SIBLING_MODELS}
+# (case, model) pairs: every case on the linear models, the sibling-capable ones on the conv model too
+PAIRS = [pytest.param(c, m, id=f"{m}-{c.id}") for c in CASES for m in MODELS
+         if m in LINEAR_MODELS or c.siblings]
 
 
 def build(model_name, case, identity=False, name="default"):
@@ -30,7 +36,7 @@ def merged_copy(model_name, model, adapter_name):
             layer = ref.get_submodule(name)
             w = layer.weight
             view = w.T if type(layer).__name__ == "Conv1D" else w
-            view.add_(delta.to(w.dtype))
+            view.add_(delta.to(w.dtype).view_as(view))  # a conv's delta is its flattened kernel
     return ref
 
 
@@ -39,7 +45,7 @@ def case(request):
     return request.param
 
 
-@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case,model_name", PAIRS)
 def test_identity_at_init(case, model_name):
     ids = inputs()
     base = output(MODELS[model_name](), ids)
@@ -47,7 +53,7 @@ def test_identity_at_init(case, model_name):
     assert torch.equal(output(model, ids), base)
 
 
-@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case,model_name", PAIRS)
 def test_forward_equals_base_plus_delta(case, model_name):
     ids = inputs()
     model = build(model_name, case)
@@ -56,7 +62,7 @@ def test_forward_equals_base_plus_delta(case, model_name):
     assert not torch.allclose(output(model, ids), output(MODELS[model_name](), ids), atol=1e-4)
 
 
-@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case,model_name", PAIRS)
 def test_merge_unmerge_disable(case, model_name):
     ids = inputs()
     base_model = MODELS[model_name]()
@@ -81,7 +87,7 @@ def test_merge_unmerge_disable(case, model_name):
     torch.testing.assert_close(output(model, ids), unmerged, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case,model_name", PAIRS)
 def test_save_load_roundtrip(case, model_name, tmp_path):
     ids = inputs()
     model = build(model_name, case)
@@ -96,14 +102,14 @@ def test_save_load_roundtrip(case, model_name, tmp_path):
     assert shirakit.trainable_parameters(again)[0] == shirakit.trainable_parameters(model)[0]
 
 
-@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case,model_name", PAIRS)
 def test_trainable_parameter_count(case, model_name):
     model = build(model_name, case)
     expected = sum(case.params(layer.in_features, layer.out_features) for _, layer in adapter_layers(model))
     assert shirakit.trainable_parameters(model)[0] == expected
 
 
-@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("case,model_name", [p for p in PAIRS if p.values[1] in ("llama", "gpt2", "convnet")])
 def test_two_adapters_do_not_leak(case, model_name):
     ids = inputs()
     alone = build(model_name, case)
@@ -215,15 +221,7 @@ def test_half_precision(case, dtype):
 def test_training_reduces_loss_and_saved_adapter_matches(case, tmp_path):
     ids = inputs(batch=4, length=16)
     model = build("llama", case, identity=True)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_training_losses(model, ids, steps=8, lr=1e-2)
     assert losses[-1] < losses[0]
     model.eval()
     expected = output(model, ids)

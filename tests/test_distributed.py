@@ -25,9 +25,11 @@ from safetensors.torch import load_file
 
 import shirakit
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="needs torch.distributed with gloo"),
+    pytest.mark.slow,  # launches torchrun / accelerate processes
+]
 
 from tests import dist_trainer_worker, dist_worker  # noqa: E402
 from tests.models import inputs, tiny_llama  # noqa: E402

@@ -18,11 +18,8 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 @pytest.fixture
-def saved(tmp_path):
-    model = MODELS["llama"]()
-    shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False))
-    shirakit.save_adapter(model, tmp_path)
-    return tmp_path
+def saved(save_adapter_folder):
+    return save_adapter_folder(shirakit.ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False))
 
 
 def test_missing_key(saved):
@@ -150,8 +147,10 @@ def test_target_matching_nothing_lists_names():
 
 
 def test_target_of_wrong_type():
-    with pytest.raises(TypeError, match="Embedding"):
-        shirakit.inject(MODELS["llama"](), shirakit.LoraConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(TypeError, match=r"LlamaRMSNorm"):
+        shirakit.inject(MODELS["llama"](), shirakit.LoraConfig(target_modules=["input_layernorm"]))
+    with pytest.raises(TypeError, match=r"embed_tokens \(Embedding\): VeraAdapter does not adapt embedding"):
+        shirakit.inject(MODELS["llama"](), shirakit.VeraConfig(target_modules=["embed_tokens"]))
 
 
 def test_shira_budget_too_large():
@@ -194,3 +193,19 @@ def test_inference_mode_model_is_refused_clearly():
     with pytest.raises(RuntimeError, match="inference_mode"):
         shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["0", "1"]))
     assert all(type(m) is torch.nn.Linear for m in model)  # the wrapper made for layer 0 is gone again
+
+
+def test_one_cache_variable_the_old_one_warns(monkeypatch, tmp_path):
+    """SHIRAKIT_CACHE_DIR names the cache folder; SHIRAKIT_CACHE still works for one release, with a warning."""
+    import warnings
+
+    from shirakit.app.data import smollm2_cache
+
+    monkeypatch.delenv("SHIRAKIT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("SHIRAKIT_CACHE", str(tmp_path / "old"))
+    with pytest.warns(FutureWarning, match="SHIRAKIT_CACHE_DIR"):
+        assert smollm2_cache() == tmp_path / "old" / "smollm2-135m"
+    monkeypatch.setenv("SHIRAKIT_CACHE_DIR", str(tmp_path / "new"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert smollm2_cache() == tmp_path / "new" / "smollm2-135m"

@@ -353,6 +353,7 @@ def run_fuzz(seeds: range, root: Path) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGALRM") or not hasattr(os, "mkfifo"), reason="POSIX only")
+@pytest.mark.slow
 def test_fuzz_1000_cases(tmp_path):
     counts = run_fuzz(range(1000), tmp_path)
     print(f"fuzz: {counts}")

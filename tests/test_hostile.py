@@ -21,11 +21,8 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 @pytest.fixture
-def lora_dir(tmp_path):
-    model = MODELS["llama"]()
-    shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    shirakit.save_adapter(model, tmp_path)
-    return tmp_path
+def lora_dir(save_adapter_folder):
+    return save_adapter_folder(shirakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
 
 
 def edit_config(directory, **changes) -> None:
@@ -185,6 +182,8 @@ def test_symlinked_files_load(lora_dir, tmp_path_factory):
     linked = tmp_path_factory.mktemp("linked")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         os.symlink(lora_dir / name, linked / name)
+    base = output(MODELS["llama"](), inputs())
     model = shirakit.load_adapter(MODELS["llama"](), linked)
     reference = shirakit.load_adapter(MODELS["llama"](), lora_dir)
+    assert not torch.allclose(output(model, inputs()), base), "the linked adapter changed nothing"
     assert torch.equal(output(model, inputs()), output(reference, inputs()))

@@ -1,4 +1,6 @@
-"""Adapters over a quantized base (bitsandbytes 4-bit NF4 and 8-bit, on CPU).
+"""Adapters over a quantized base: every backend (bitsandbytes 4-bit NF4 and 8-bit, torchao's
+weight-only kinds; CPU) in one parametrized test, then bitsandbytes' particulars (torchao's are in
+tests/test_torchao.py).
 
 The reference is the same network in fp32 holding the *dequantized* weights: an adapter over the
 quantized layer must compute what it computes over those values, to 1e-5 (tests/quantized_bases.py).
@@ -19,53 +21,39 @@ import shirakit
 import shirakit.core.layer
 import shirakit.core.quantized_weights
 from tests.quantized_bases import (
+    BACKENDS,
     CONFIGS,
-    MLP,
+    PAIRS,
     TOL,
     assert_adapters_close,
-    dense_mlp,
+    bnb_pair,
     inject,
     spy_dense_copies,
+    step_input_grads,
     train,
     train_keeping_no_copy,
 )
 
-bnb = pytest.importorskip("bitsandbytes")
-
-
-def dequantized(layer: nn.Module) -> torch.Tensor:
-    weight = layer.weight
-    if isinstance(weight, bnb.nn.Params4bit):
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0  # Int8Params: row-scaled codes
-
 
 def quantized_pair(kind: str) -> tuple[nn.Module, nn.Module]:
-    """(quantized MLP, fp32 MLP holding the dequantized weights), same biases."""
-    dense = dense_mlp()
-    if kind == "nf4":
-        make = lambda i, o: bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, quant_type="nf4")  # noqa: E731
-    else:
-        make = lambda i, o: bnb.nn.Linear8bitLt(i, o, has_fp16_weights=False)  # noqa: E731
-    quant = MLP([make(64, 128), nn.ReLU(), make(128, 32)])
-    quant.load_state_dict(dense.state_dict())
-    quant = quant.to("cpu")  # bitsandbytes quantizes on the move to a device
-    with torch.no_grad():
-        for i in (0, 2):
-            dense[i].weight.copy_(dequantized(quant[i]))
-    return quant, dense
+    pytest.importorskip("bitsandbytes")
+    return bnb_pair(kind)
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("backend,kind", BACKENDS, ids=[f"{b}-{k}" for b, k in BACKENDS])
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_adapter_on_quantized_base_trains_like_the_dequantized_reference(kind, method):
-    quant, dense = quantized_pair(kind)
+def test_adapter_on_quantized_base_trains_like_the_dequantized_reference(backend, kind, method):
+    """Every backend and kind: forward, 3 SGD steps and the input's gradient at each (a product that
+    dropped it silently would leave only the adapter's share), against the fp32 reference."""
+    pytest.importorskip(backend)
+    quant, dense = PAIRS[backend](kind)
     for model in (quant, dense):
         inject(model, CONFIGS[method]())
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(quant(x), dense(x), rtol=0, atol=TOL)
-    train(quant, x)
-    train(dense, x)
+    for got, want in zip(step_input_grads(quant, x), step_input_grads(dense, x)):
+        assert got is not None and want.abs().max() > 1e-4
+        torch.testing.assert_close(got, want, rtol=0, atol=TOL)
     assert_adapters_close(quant, dense)
     torch.testing.assert_close(quant(x), dense(x), rtol=0, atol=TOL)
     assert any(v.abs().max() > 1e-3 for v in shirakit.adapter_state_dict(quant).values() if v.is_floating_point())

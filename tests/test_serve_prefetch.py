@@ -99,17 +99,15 @@ def test_a_failed_read_reaches_only_its_own_future(gated_reads):
         reader.close()
 
 
-def test_a_request_whose_adapter_is_being_read_does_not_hold_up_the_batch(gated_reads, tmp_path):
-    from shirakit.serve import Engine, start_server
-    from tests.serving import load_tiny_lm, offline_text, save_adapters, save_tiny_lm
+def test_a_request_whose_adapter_is_being_read_does_not_hold_up_the_batch(gated_reads, served_folders, tiny_server):
+    from tests.serving import offline_text
 
     gates, threads = gated_reads
-    model_dir = save_tiny_lm(tmp_path / "tiny-llama")
-    adapters = save_adapters(model_dir, tmp_path / "adapters", 3)
+    model_dir, every, _ = served_folders
+    adapters = dict(list(every.items())[:3])
     slow, fast = list(adapters)[:2]
     gates[slow] = threading.Event()
-    model, tokenizer = load_tiny_lm(model_dir)
-    running = start_server(Engine(model, tokenizer, "tiny-llama", adapters, max_loaded=2))
+    running = tiny_server(model_dir, adapters, max_loaded=2)
     try:
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
 
@@ -132,5 +130,4 @@ def test_a_request_whose_adapter_is_being_read_does_not_hold_up_the_batch(gated_
         numbers = running.engine.snapshot()
         assert numbers["requests_failed"] == 0 and numbers["adapters_loaded"] <= 2
     finally:
-        gates[slow].set()
-        running.stop()
+        gates[slow].set()  # before the fixture stops the server

@@ -16,6 +16,7 @@ import pytest
 
 from tests.serving import offline_text, save_adapters, save_tiny_lm
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster and Ray Serve
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 TIMEOUT = 120

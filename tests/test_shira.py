@@ -19,21 +19,21 @@ def _shira(model_name, **kw):
 
 
 @pytest.mark.parametrize("model_name", ["llama", "gpt2", "bert"])
-def test_value_gradient_equals_dense_gradient_at_indices(model_name):
-    ids = inputs()
-    model = _shira(model_name)
+def test_value_gradient_equals_dense_gradient_at_indices(model_name, device):
+    ids = inputs().to(device)
+    model = _shira(model_name).to(device)
     model.train()
     loss = output(model, ids).float().pow(2).mean()
     loss.backward()
     # the reference: a plain model with W + delta as a trainable dense weight
-    ref = MODELS[model_name]()
+    ref = MODELS[model_name]().to(device)
     ref.train()
     deltas = shirakit.delta_weights(model, "default")
     with torch.no_grad():
         for name, delta in deltas.items():
             layer = ref.get_submodule(name)
             view = layer.weight.T if type(layer).__name__ == "Conv1D" else layer.weight
-            view.add_(delta)
+            view.add_(delta.to(device))
     output(ref, ids).float().pow(2).mean().backward()
     for name, layer in adapter_layers(model):
         adapter = layer.adapters["default"]
@@ -43,11 +43,11 @@ def test_value_gradient_equals_dense_gradient_at_indices(model_name):
         torch.testing.assert_close(adapter.shira_weight.grad, dense[rows, cols], atol=1e-6, rtol=1e-4)
 
 
-def test_hooked_base_layer_gets_same_gradient():
-    ids = inputs()
+def test_hooked_base_layer_gets_same_gradient(device):
+    ids = inputs().to(device)
     grads = []
     for hooked in (False, True):
-        model = _shira("llama")
+        model = _shira("llama").to(device)
         model.train()
         calls = []
         if hooked:
@@ -155,8 +155,8 @@ def test_unsorted_indices_in_file_load_with_their_values(tmp_path):
     torch.testing.assert_close(output(fresh, ids), expected, atol=0, rtol=0)
 
 
-def test_merge_is_a_scatter_and_unmerge_bit_exact_in_bf16():
-    model = MODELS["llama"](dtype=torch.bfloat16)
+def test_merge_is_a_scatter_and_unmerge_bit_exact_in_bf16(device):
+    model = MODELS["llama"](dtype=torch.bfloat16).to(device)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules="all-linear", init_weights=False))
     for _ in range(3):
@@ -209,17 +209,18 @@ def test_custom_named_mask_saves_and_loads(tmp_path):
         shirakit.inject(MODELS["llama"](), shirakit.read_config(tmp_path), "new")
 
 
-def test_training_steps_write_new_values_over_old_and_keep_the_base_exact():
+def test_training_steps_write_new_values_over_old_and_keep_the_base_exact(device):
     """Each step's new values are written over the last ones (one scatter, from the saved base values):
     the weight holds exactly W0 + s*v at the positions and W0 elsewhere, and the base comes back bit-exact."""
-    base = MODELS["llama"]().state_dict()
-    model = _shira("llama")
+    base = MODELS["llama"]().to(device).state_dict()
+    model = _shira("llama").to(device)
+    ids = inputs().to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         optimizer.zero_grad()
-        output(model, inputs()).pow(2).mean().backward()
+        output(model, ids).pow(2).mean().backward()
         optimizer.step()
-    output(model, inputs())  # the stepped values written in
+    output(model, ids)  # the stepped values written in
     for name, layer in adapter_layers(model):
         adapter = layer.adapters["default"]
         expected = base[f"{name}.weight"].clone().view(-1)
@@ -231,3 +232,28 @@ def test_training_steps_write_new_values_over_old_and_keep_the_base_exact():
     assert unloaded.keys() == base.keys()
     for key, value in base.items():
         assert torch.equal(unloaded[key], value), key
+
+
+def test_cpu_training_needs_no_triton():
+    """Without triton (an import that fails), SHiRA trains on CPU and never tries the Triton path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys; sys.modules['triton'] = None\n"  # 'import triton' now raises ImportError
+        "import torch, shirakit\n"
+        "from shirakit.methods.shira import triton_kernels\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(16, 8))\n"
+        "shirakit.inject(m, shirakit.ShiraConfig(r=2, target_modules=['0'], init_weights=False))\n"
+        "m(torch.randn(3, 16)).pow(2).sum().backward()\n"
+        "g = [p.grad for p in m.parameters() if p.requires_grad][0]\n"
+        "assert g is not None and bool(g.abs().sum() > 0)\n"
+        "assert not triton_kernels.usable(torch.zeros(1))\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**__import__("os").environ, "PYTHONPATH": str(root / "src"), "SHIRAKIT_TRITON": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

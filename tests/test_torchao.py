@@ -20,50 +20,24 @@ import shirakit.core.layer
 from tests.quantized_bases import (
     CONFIGS,
     TOL,
+    TORCHAO_KINDS,
     assert_adapters_close,
     dense_mlp,
     inject,
     spy_dense_copies,
+    step_input_grads,
+    torchao_pair,
+    torchao_quantize,
     train,
     train_keeping_no_copy,
 )
 
 torchao = pytest.importorskip("torchao")
 from torchao import quantization as ao  # noqa: E402
-from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # noqa: E402
 
-WEIGHT_ONLY = {
-    "int8": lambda: ao.Int8WeightOnlyConfig(),
-    "int4": lambda: ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(32)),
-    "float8": lambda: ao.Float8WeightOnlyConfig(),
-    "nf4": None,  # to_nf4 on each weight, as torchtune does
-}
-KINDS = list(WEIGHT_ONLY)
-
-
-def quantize(model: nn.Module, kind: str) -> nn.Module:
-    if WEIGHT_ONLY[kind] is None:
-        for i in (0, 2):
-            weight = to_nf4(model[i].weight.detach(), block_size=64, scaler_block_size=32)
-            model[i].weight = nn.Parameter(weight, requires_grad=False)
-    else:
-        ao.quantize_(model, WEIGHT_ONLY[kind]())
-    return model
-
-
-def dequantized(weight: torch.Tensor) -> torch.Tensor:
-    if type(weight).__name__ == "NF4Tensor":
-        return weight.get_original_weight().float()
-    return weight.dequantize().float()
-
-
-def quantized_pair(kind: str) -> tuple[nn.Module, nn.Module]:
-    """(torchao-quantized MLP, fp32 MLP holding the dequantized weights), same biases."""
-    quant, dense = quantize(dense_mlp(), kind), dense_mlp()
-    with torch.no_grad():
-        for i in (0, 2):
-            dense[i].weight.copy_(dequantized(quant[i].weight))
-    return quant, dense
+KINDS = TORCHAO_KINDS
+quantized_pair = torchao_pair
+quantize = torchao_quantize
 
 
 def inner_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -72,42 +46,11 @@ def inner_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: getattr(weight, name).detach().clone() for name in names}
 
 
-def step_input_grads(model: nn.Module, x: torch.Tensor, steps: int = 3) -> list[torch.Tensor]:
-    """SGD steps on ``model(x)^2``; the input's gradient at each (the base product must pass it on)."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    grads = []
-    for _ in range(steps):
-        x = x.detach().requires_grad_()
-        model(x).pow(2).mean().backward()
-        grads.append(x.grad)
-        opt.step()
-        opt.zero_grad()
-    return grads
-
-
 def test_every_weight_only_kind_is_seen_as_quantized():
     for kind in KINDS:
         quant, _ = quantized_pair(kind)
         shirakit.inject(quant, CONFIGS["lora"]())
         assert all(layer.quantized for layer in quant.modules() if isinstance(layer, shirakit.AdapterLinear))
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", list(CONFIGS))
-def test_adapter_over_torchao_trains_like_the_dequantized_reference(kind, method):
-    """Forward, 3 SGD steps and the input's gradient at each (a product that dropped it silently
-    would leave only the adapter's share)."""
-    quant, dense = quantized_pair(kind)
-    for model in (quant, dense):
-        inject(model, CONFIGS[method]())
-    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(quant(x), dense(x), rtol=0, atol=TOL)
-    for got, want in zip(step_input_grads(quant, x), step_input_grads(dense, x)):
-        assert got is not None and want.abs().max() > 1e-4
-        torch.testing.assert_close(got, want, rtol=0, atol=TOL)
-    assert_adapters_close(quant, dense)
-    torch.testing.assert_close(quant(x), dense(x), rtol=0, atol=TOL)
-    assert any(v.abs().max() > 1e-3 for v in shirakit.adapter_state_dict(quant).values() if v.is_floating_point())
 
 
 @pytest.fixture

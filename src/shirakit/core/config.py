@@ -95,6 +95,13 @@ class AdapterConfig:
         None: inject takes one from torch's global generator."""
         return None
 
+    @classmethod
+    def recipe(cls, r: int, target_modules, modules_to_save=None, seed: int = 0, **options: Any) -> AdapterConfig:
+        """This method's config at rank ``r`` for training recipes (the CLI, the demo): the method
+        picks what else rank ``r`` means for it (LoRA: ``lora_alpha = 2 r``) and where its seed goes.
+        ``options`` are the method's own fields (SHiRA's ``mask_type``)."""
+        return cls(r=r, target_modules=target_modules, modules_to_save=modules_to_save, **options)
+
     def _check_targets(self) -> None:
         """Regex strings must compile; PEFT's rule: layer selection needs a list of targets."""
         for name in ("target_modules", "exclude_modules"):

@@ -19,7 +19,7 @@ import weakref
 import torch
 from torch import nn
 
-from .adapter import Adapter, InWeightAdapter, LayerGeometry
+from .adapter import Adapter, ConvSpec, EmbeddingSpec, InWeightAdapter, LayerGeometry
 from .quantized_weights import (
     NO_INPUT_GRADIENT,
     QUANTIZED_MERGE,
@@ -28,15 +28,18 @@ from .quantized_weights import (
     quantized_kind,
     recomputed_linear,
 )
+from .routes import route_of
 from .sharded_weights import SHARDED_MERGE, gathered_per_call, is_sharded, whole_weight
-from .threads import ROUTES, WAIT_S, ConcurrentUseError, ModelGuard
+from .threads import WAIT_S, ConcurrentUseError, ModelGuard
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a runtime dependency, but stay importable
     Conv1D = ()  # type: ignore[assignment]
 
-SUPPORTED_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+SUPPORTED_LAYERS = ((nn.Linear, Conv1D) if Conv1D else (nn.Linear,)) + (nn.Conv1d, nn.Conv2d, nn.Embedding)
+#: what "all-linear" picks: linear layers only (as PEFT), never convs or embeddings
+LINEAR_LAYERS = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
 # FSDP (fully_shard) turns the weight into shards after inject; values a forward had already written
 # into the whole weight would be sharded as if they were the base.
@@ -47,15 +50,34 @@ LIVE_BEFORE_FSDP = (
 )
 
 
+def _conv_spec(layer: nn.Module) -> ConvSpec:
+    return ConvSpec(
+        dims=layer.weight.dim() - 2, in_channels=layer.in_channels, out_channels=layer.out_channels,
+        kernel_size=tuple(layer.kernel_size), stride=tuple(layer.stride),
+        padding=layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
+        dilation=tuple(layer.dilation), groups=layer.groups, padding_mode=layer.padding_mode)
+
+
 def geometry_of(layer: nn.Module) -> LayerGeometry:
+    """The layer as a matrix (see :class:`LayerGeometry`): linear, conv (flattened kernel), embedding."""
     if isinstance(layer, nn.Linear):
         return LayerGeometry(layer.in_features, layer.out_features, fan_in_fan_out=False)
     if Conv1D and isinstance(layer, Conv1D):
         in_f, out_f = layer.weight.shape
         return LayerGeometry(in_f, out_f, fan_in_fan_out=True)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and not isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        out_ch = layer.weight.shape[0]
+        return LayerGeometry(layer.weight[0].numel(), out_ch, conv=_conv_spec(layer))
+    if isinstance(layer, nn.Embedding):
+        if layer.max_norm is not None:
+            raise TypeError(f"nn.Embedding with max_norm={layer.max_norm} renormalizes rows of its table in place at "
+                            "every lookup, which would rewrite adapter values kept in it and the base alike; "
+                            "shirakit adapts embeddings without max_norm")
+        spec = EmbeddingSpec(layer.padding_idx, layer.scale_grad_by_freq, layer.sparse)
+        return LayerGeometry(layer.embedding_dim, layer.num_embeddings, embedding=spec)
     raise TypeError(
-        f"expected nn.Linear or transformers Conv1D, found {type(layer).__name__}; "
-        "shirakit adapts linear layers only"
+        f"expected nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d or nn.Embedding, found "
+        f"{type(layer).__name__}; shirakit adapts those layers only"
     )
 
 
@@ -114,7 +136,7 @@ class AdapterLinear(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+        return getattr(self.base_layer, "bias", None)
 
     @property
     def in_features(self) -> int:
@@ -316,6 +338,52 @@ class AdapterLinear(nn.Module):
             self.unmerge()
             self.merge([n for n in names if n in self.adapters], exact)
 
+    # ---- fused switching of many layers at once (shirakit.model.switch) ----------------------
+    # The batched path runs per layer on every switch of a model with hundreds of layers: it reads and
+    # writes plain attributes through __dict__ (nn.Module's __getattr__ / __setattr__ cost ~1 us each).
+    def batch_switch_parts(self, name: str | None):
+        """(weight, adapter to take out, adapter to put in) when switching this layer to ``name`` is
+        plain scatters a caller may batch across layers (:meth:`InWeightAdapter.scatter_many`): at most
+        one adapter merged, both able to batch, nothing live, the weight ours (not rewritten from
+        outside, not tied, sharded, gathered per call or quantized), no exact-merge copies. Else None:
+        the layer switches on its own (:meth:`switch`)."""
+        d = self.__dict__
+        merged = d["merged"]
+        if d["_live"] or d["_kept"] or len(merged) > 1 or d["weight_shared_with"] or d["quantized"]:
+            return None
+        adapters = d["_modules"]["adapters"]._modules
+        old = adapters[merged[0]] if merged else None
+        new = adapters.get(name) if name is not None else None
+        if (old is not None and not old.batched_scatter) or (new is not None and not new.batched_scatter):
+            return None
+        base = d["_modules"]["base_layer"]
+        weight = base._parameters.get("weight") if "weight" in base._parameters else base.weight
+        if weight is None or weight._version != d["_seen_version"] or weight is not d["_seen_weight"]():
+            return None  # rewritten from outside: the layer reconciles on its own
+        if is_sharded(weight) or gathered_per_call(base):
+            return None
+        return weight, old, new
+
+    def batch_restored(self) -> None:
+        """The caller scattered the merged adapter's saved base values back (bit-exact: no new base)."""
+        merged = self.__dict__["merged"]
+        self.__dict__["_modules"]["adapters"]._modules[merged.pop()].restored_by_batch()
+
+    def batch_write_key(self, weight: torch.Tensor) -> object:
+        """The base key :meth:`_apply_adapter` would pass on this (clean) weight."""
+        return (id(weight), self.__dict__["_base_generation"])
+
+    def batch_written(self, name: str | None, weight: torch.Tensor) -> None:
+        """The caller scattered ``name`` in (None: nothing): record it as merged and active, as
+        :meth:`switch` and ``set_active`` would."""
+        d = self.__dict__
+        if name is not None:
+            d["_modules"]["adapters"]._modules[name].written_by_batch()
+            d["merged"].append(name)
+        d["active"] = [name] if name is not None else []
+        d["_seen_weight"] = weakref.ref(weight)
+        d["_seen_version"] = weight._version
+
     # ---- threads: products running on this weight ------------------------------------------
     def _enter(self, plain: bool) -> None:
         """Wait until the weight may hold what this forward needs, bring it there, count the user.
@@ -367,7 +435,7 @@ class AdapterLinear(nn.Module):
         return self._eager_forward(x, *args, **kwargs)
 
     def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        routing = ROUTES.get().get(self._guard)  # this call's route, if any (per thread / task)
+        routing = route_of(self._guard)  # this call's route, if any (per thread / task)
         if routing is None and gathered_per_call(self.base_layer):
             return self._gathered_forward(x, *args, **kwargs)
         if not self._has_in_weight:  # nothing is ever written into this weight by a forward
@@ -543,6 +611,39 @@ class AdapterLinear(nn.Module):
         return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
 
 
+class AdapterConv(AdapterLinear):
+    """The conv sibling (``nn.Conv1d``, ``nn.Conv2d``): the same wrapper on the flattened kernel
+    ``(out, in/groups * prod(kernel))`` (:class:`LayerGeometry`); ``base_layer(x)`` keeps the layer's
+    stride, padding, dilation, groups and padding_mode. Reads of the conv's attributes pass through."""
+
+    in_channels = property(lambda self: self.base_layer.in_channels)
+    out_channels = property(lambda self: self.base_layer.out_channels)
+    kernel_size = property(lambda self: self.base_layer.kernel_size)
+    stride = property(lambda self: self.base_layer.stride)
+    padding = property(lambda self: self.base_layer.padding)
+    dilation = property(lambda self: self.base_layer.dilation)
+    groups = property(lambda self: self.base_layer.groups)
+    padding_mode = property(lambda self: self.base_layer.padding_mode)
+
+
+class AdapterEmbedding(AdapterLinear):
+    """The embedding sibling: the table ``(num_embeddings, dim)`` seen as (out, in) = (rows, dim);
+    the forward is ``base_layer(ids)`` plus each additive adapter's rows. A table tied to an output
+    head (``lm_head``) is never written in place (``weight_shared_with``: in-weight adapters run
+    additively there, as on any shared weight)."""
+
+    num_embeddings = property(lambda self: self.base_layer.num_embeddings)
+    embedding_dim = property(lambda self: self.base_layer.embedding_dim)
+    padding_idx = property(lambda self: self.base_layer.padding_idx)
+    max_norm = property(lambda self: self.base_layer.max_norm)
+
+
+def wrap_layer(base_layer: nn.Module) -> AdapterLinear:
+    """The wrapper for a supported layer: AdapterConv for convs, AdapterEmbedding for embeddings."""
+    kind = geometry_of(base_layer).kind
+    return {"conv": AdapterConv, "embedding": AdapterEmbedding}.get(kind, AdapterLinear)(base_layer)
+
+
 @torch.compiler.disable
 def _eager_layer_forward(layer: AdapterLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A mixed-adapter batch under torch.compile runs each layer's product eagerly: it reads the
@@ -601,7 +702,7 @@ class ModulesToSave(nn.Module):
         return self._eager_forward(*args, **kwargs)
 
     def _eager_forward(self, *args, **kwargs):
-        routing = ROUTES.get().get(self._guard)
+        routing = route_of(self._guard)
         if routing is None or self.disabled:
             return self.current()(*args, **kwargs)
         x, rest = args[0], args[1:]

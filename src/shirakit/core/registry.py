@@ -9,6 +9,8 @@ if TYPE_CHECKING:
     from .config import AdapterConfig
 
 METHODS: dict[str, type[Adapter]] = {}
+#: The method a recipe uses when it names none (the command line's ``--method``): the library's subject.
+DEFAULT_METHOD = "shira"
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
@@ -32,3 +34,13 @@ def method_for_peft_type(peft_type: str, source: str = "config") -> type[Adapter
 
 def method_for_config(config: AdapterConfig) -> type[Adapter]:
     return method_for_peft_type(config.peft_type, source=type(config).__name__)
+
+
+def method_names() -> list[str]:
+    """The registered methods as users type them (``peft_type`` lower-cased: shira, lora, ...)."""
+    return [peft_type.lower() for peft_type in METHODS]
+
+
+def method_for_name(name: str) -> type[Adapter]:
+    """The method a user names (``"shira"``, ``"LoRA"``); an unknown name lists the known ones."""
+    return method_for_peft_type(str(name).upper(), source=f"method {name!r}")

@@ -4,7 +4,7 @@ The rule (README, "Guarantees"):
 
 - Forwards (plain, routed with :func:`shirakit.route` or ``adapter_names=``, ``generate``) may run
   in any number of threads at once, and each gets the adapters it asked for. A route is per call
-  (a context variable), never state on the layers.
+  (a context variable, :mod:`shirakit.core.routes`), never state on the layers.
 - Calls that change the model (``set_adapter``, ``switch_adapter``, ``merge``, ``unmerge``,
   ``set_scale``, ``disable_adapters``, ``inject``, ``load_adapter``, ``delete_adapter``, ``unload``,
   ``combine_adapters``, and ``state_dict`` while an in-weight adapter is live) take the model's
@@ -20,16 +20,9 @@ The rule (README, "Guarantees"):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import threading
-from types import MappingProxyType
-from typing import Iterator, Mapping
-
-# Routes in force for the current call: {ModelGuard: Routing}. A context variable, so each thread
-# (and each asyncio task) sees only the routes it entered; the dict is replaced, never mutated.
-_NO_ROUTES: Mapping = MappingProxyType({})
-ROUTES: contextvars.ContextVar[Mapping] = contextvars.ContextVar("shirakit_routes", default=_NO_ROUTES)
+from typing import Iterator
 
 #: How long a layer waits for other threads' products on its weight before giving up.
 WAIT_S = 60.0
@@ -75,7 +68,7 @@ class ModelGuard:
                 self._calls.pop(me, None)
 
     def call_stack(self) -> list:
-        """This thread's stack of keyword-route tokens (see :mod:`shirakit.model.routing`)."""
+        """This thread's stack of model-call entries (see :mod:`shirakit.model.hooks`)."""
         stack = getattr(self.local, "stack", None)
         if stack is None:
             stack = self.local.stack = []

@@ -1,5 +1,5 @@
 """Checks on values that come from users and files: config fields against their annotations,
-finite scalars, regular expressions, adapter names.
+finite scalars, regular expressions, adapter names, tensors handed in for an adapter's.
 
 A config read from JSON can hold anything JSON can: ``"false"`` where a bool belongs (truthy if
 taken as it is), ``true`` where an int belongs (``True == 1`` in Python), ``1e308`` or a 5,000-digit
@@ -18,6 +18,7 @@ import typing
 from typing import Any
 
 import regex
+import torch
 from torch import nn
 
 #: Largest magnitude a float config field or an adapter scale may have. Real ones are O(1)-O(1e3)
@@ -166,3 +167,31 @@ def _module_attributes() -> frozenset[str]:
     if _MODULE_ATTRIBUTES is None:
         _MODULE_ATTRIBUTES = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.Module))
     return _MODULE_ATTRIBUTES
+
+
+# ---- tensors from files and callers ------------------------------------------------------------
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_tensor(value: torch.Tensor, own: torch.Tensor, where: str, exact_shape: bool = False) -> torch.Tensor:
+    """Check a tensor handed in for ``own`` and return it in ``own``'s dtype. Float values are
+    checked for finiteness after the cast (float64 1e300 is inf in fp32). Index tensors of
+    adapters may differ in length (the method checks the count with its meaning, e.g. SHiRA's K);
+    ``exact_shape`` asks for the exact shape (whole modules kept in modules_to_save)."""
+    if own.dtype.is_floating_point:
+        if value.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{where}: expected a float tensor (float16, bfloat16, float32 or float64), "
+                             f"found {value.dtype}")
+        if tuple(value.shape) != tuple(own.shape):
+            raise ValueError(f"{where}: expected shape {tuple(own.shape)}, found {tuple(value.shape)}")
+        value = value.to(own.dtype)
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: contains non-finite values (nan or inf) in {own.dtype}")
+        return value
+    if value.dtype not in INDEX_DTYPES or own.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{where}: expected an integer tensor (int8 to int64 or uint8), found {value.dtype}")
+    relaxed = not exact_shape and value.dim() == own.dim() and (value.dim() != 2 or value.shape[0] == own.shape[0])
+    if tuple(value.shape) != tuple(own.shape) and not relaxed:
+        raise ValueError(f"{where}: expected shape {tuple(own.shape)}, found {tuple(value.shape)}")
+    return value

@@ -7,18 +7,16 @@ path ``P`` (an AdapterLinear or a ModulesToSave) is ``P.adapters.<name>.<k>`` in
 when the method's :meth:`Adapter.shared_in_checkpoint` says so. Files are read with safetensors
 only (no pickle); the pair is written all or nothing (:mod:`shirakit.io.folder`). Loading validates
 everything before the model is changed for good (layer tensors against the config before anything
-is allocated): on any error the half-built adapter is removed again and the error names the file
-and the key.
+is allocated), then builds the adapter with those values in one :func:`inject` transaction: on any
+error nothing of it stays and the error names the file and the key.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,23 +24,23 @@ from safetensors.torch import save
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.capabilities import CompactFiles, supports
 from ..core.config import AdapterConfig
-from ..core.layer import AdapterLinear, geometry_of
 from ..core.registry import method_for_config
 from ..core.sharded_weights import full_values, is_sharded
 from ..core.state import SharedTensors, check_adapter_names, check_drawn, hosts, shared_of, state_of
 from ..core.threads import writes_weights
 from ..core.validation import check_adapter_name
 from ..model.control import merge as merge_adapters
-from ..model.control import set_adapter
-from ..model.inject import delete_adapter, find_targets, inject, unload
+from ..model.inject import inject
+from ..model.tensors import AdapterTensors
 from .atomic import check_regular_file
 from .config_file import read_config
 from .folder import BINDING_KEY, CONFIG_NAME, WEIGHTS_NAME, digest, write_adapter_folder
 
 PREFIX = "base_model.model."
 # safetensors metadata naming the file's layout: absent = PEFT's; COMPACT_V1 = methods' compact
-# layouts (Adapter.compact_tensors; SHiRA's is shirakit.methods.shira.compact), shirakit only.
+# layouts (core.capabilities.CompactFiles; SHiRA's is shirakit.methods.shira.compact), shirakit only.
 FORMAT_KEY = "shirakit_format"
 COMPACT_V1 = "compact-v1"
 
@@ -111,7 +109,7 @@ def save_adapter(
         metadata[FORMAT_KEY] = COMPACT_V1
         for path, host in hosts(model):
             owner = host.adapters[adapter_name] if adapter_name in host.adapters else None
-            if isinstance(owner, Adapter) and owner.has_compact_layout:
+            if isinstance(owner, Adapter) and supports(owner, CompactFiles):
                 packed = owner.compact_tensors()
                 prefix = _file_key(path, "")
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
@@ -180,31 +178,16 @@ def load_adapter(
     ``adapter_name``. It becomes the active adapter; its parameters train only with
     ``is_trainable=True``; ``merge=True`` also merges it (fused mode). ``directory`` may also be
     the :class:`AdapterFiles` that :func:`read_adapter_files` read before.
+
+    Read, check, inject: the files are read and their keys split by the key rule, then
+    :func:`~shirakit.model.inject.inject` checks the values against the config on the meta device
+    and builds the adapter with them as one transaction; any refusal leaves the model exactly as it was.
     """
     check_adapter_name(adapter_name)
     files = directory if isinstance(directory, AdapterFiles) else read_adapter_files(directory)
-    directory = files.directory
     config = replace(files.config, inference_mode=not is_trainable)  # files may be loaded again
-    path, tensors, metadata = files.weights_path, files.tensors, files.metadata
-    with _naming(Path(directory) / CONFIG_NAME):  # a config the model cannot take: say which file
-        tensors = _check_before_building(model, config, tensors, path)
-        had_adapters = getattr(model, "shirakit", None) is not None
-        previous_active = list(model.shirakit.active) if had_adapters else []
-        trainable_before = [p for p in model.parameters() if p.requires_grad]  # inject freezes a fresh model
-        inject(model, config, adapter_name, _from_checkpoint=True)
-    try:
-        if metadata.get(FORMAT_KEY) == COMPACT_V1:
-            tensors = _expand_compact(model, adapter_name, tensors, path)
-        _fill(model, adapter_name, tensors, path)
-    except BaseException:
-        delete_adapter(model, adapter_name)
-        if had_adapters:
-            set_adapter(model, previous_active) if previous_active else None
-        else:
-            unload(model)
-            for p in trainable_before:
-                p.requires_grad_(True)
-        raise
+    with _naming(files.directory / CONFIG_NAME):  # a config the model cannot take: say which file
+        inject(model, config, adapter_name, tensors=_file_tensors(files))
     if merge:
         merge_adapters(model, [adapter_name])
     return model
@@ -222,119 +205,16 @@ def _naming(path: Path) -> Iterator[None]:
         raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"{path}: {exc}") from exc
 
 
-def _expand_compact(model: nn.Module, adapter_name: str, tensors: dict, path: Path) -> dict[str, torch.Tensor]:
-    """Turn each compact-layout layer back into the standard tensors, for the usual checks."""
-    tensors = dict(tensors)
-    for module_path, host in hosts(model):
-        owner = host.adapters[adapter_name] if adapter_name in host.adapters else None
-        if not isinstance(owner, Adapter) or not owner.has_compact_layout:
-            continue
-        prefix = _file_key(module_path, "")
-        packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
-        expanded = owner.expand_compact(packed, f"{path}: {prefix[:-1]}")
-        tensors.update({prefix + k: v for k, v in expanded.items()})
-    return tensors
-
-
-def _fill(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Check the file's tensors against what the model expects, then copy them in."""
-    expected: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
-    for module_path, host in hosts(model):
-        if adapter_name in host.adapters:
-            owner = host.adapters[adapter_name]
-            for key, tensor in owner.state_dict().items():
-                expected[_file_key(module_path, key)] = (owner, key, tensor)
-    holder, saved = _shared_saved(model, adapter_name)
-    for key, tensor in (holder.tensors() if holder is not None else {}).items():
-        file_key = _shared_file_key(key)
-        if saved:
-            expected[file_key] = (holder, key, tensor)
-        elif file_key in tensors:  # as PEFT does: the config says they are rebuilt, so they are
-            warnings.warn(f"{path}: {file_key!r} is in the file but the config says it is not saved; "
-                          "using the tensor rebuilt from the config", stacklevel=3)
-            tensors = {k: v for k, v in tensors.items() if k != file_key}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        raise ValueError(f"{path}: missing {len(missing)} key(s), e.g. {missing[:3]}")
-    if unexpected:
-        raise ValueError(f"{path}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-    per_owner: dict[int, tuple[nn.Module, dict[str, torch.Tensor], str]] = {}
-    for file_key, (owner, key, own) in expected.items():
-        exact = not isinstance(owner, Adapter)
-        value = _check_tensor(tensors[file_key], own, f"{path}: key {file_key!r}", exact_shape=exact)
-        entry = per_owner.setdefault(id(owner), (owner, {}, file_key.rsplit(".", 1)[0]))
-        entry[1][key] = value
-    for owner, owner_tensors, where in per_owner.values():
-        source = f"{path}: {where}"
-        if isinstance(owner, (Adapter, SharedTensors)):
-            owner.load_tensors(owner_tensors, source)
-        else:
-            _copy_in(owner, owner_tensors)
-
-
-def _expected_on_meta(model: nn.Module, config: AdapterConfig) -> dict[str, torch.Tensor]:
-    """File key -> the tensor ``config`` makes for each targeted layer, built on the meta device:
-    shapes and dtypes without a byte of memory (a config's r is not trusted for allocation)."""
-    method = method_for_config(config)
-    expected = {}
-    for module_path in find_targets(model, config):
-        layer = model.get_submodule(module_path)
-        base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
-        weight = base.weight
-        stub = SimpleNamespace(weight=torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
-        with torch.device("meta"):
-            adapter = method.build(geometry_of(base), config, stub, None, source=module_path)
-        for key, tensor in adapter.state_dict().items():
-            expected[_file_key(module_path, key)] = tensor
-    return expected
-
-
-def _check_before_building(model: nn.Module, config: AdapterConfig, tensors: dict, path: Path) -> dict:
-    """Check every layer tensor the file holds against what the config asks for (dtype, shape,
-    finite after the cast) before the adapter is built. Returns the tensors, cast to the adapter's
-    dtypes. Missing float tensors are refused here; keys and index tensors are checked again in
-    :func:`_fill` (compact files hold other index keys)."""
-    checked = dict(tensors)
-    expected = _expected_on_meta(model, config)
-    missing = sorted(k for k, own in expected.items() if k not in tensors and own.dtype.is_floating_point)
-    if missing:
-        raise ValueError(f"{path}: missing {len(missing)} key(s) the config asks for, e.g. {missing[:3]}")
-    for file_key, own in expected.items():
-        if file_key in tensors:
-            checked[file_key] = _check_tensor(tensors[file_key], own, f"{path}: key {file_key!r}")
-    return checked
-
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-def _check_tensor(value: torch.Tensor, own: torch.Tensor, where: str, exact_shape: bool = False) -> torch.Tensor:
-    """Check a file tensor against the model's and return it in the model's dtype. Float values
-    are checked for finiteness after the cast (float64 1e300 is inf in fp32). Index tensors of
-    adapters may differ in length (the method checks the count with its meaning, e.g. SHiRA's K);
-    ``exact_shape`` asks for the exact shape (whole modules kept in modules_to_save)."""
-    if own.dtype.is_floating_point:
-        if value.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{where}: expected a float tensor (float16, bfloat16, float32 or float64), "
-                             f"found {value.dtype}")
-        if tuple(value.shape) != tuple(own.shape):
-            raise ValueError(f"{where}: expected shape {tuple(own.shape)}, found {tuple(value.shape)}")
-        value = value.to(own.dtype)
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{where}: contains non-finite values (nan or inf) in {own.dtype}")
-        return value
-    if value.dtype not in _INDEX_DTYPES or own.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{where}: expected an integer tensor (int8 to int64 or uint8), found {value.dtype}")
-    relaxed = not exact_shape and value.dim() == own.dim() and (value.dim() != 2 or value.shape[0] == own.shape[0])
-    if tuple(value.shape) != tuple(own.shape) and not relaxed:
-        raise ValueError(f"{where}: expected shape {tuple(own.shape)}, found {tuple(value.shape)}")
-    return value
-
-
-@torch.no_grad()
-def _copy_in(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    own = module.state_dict()
-    for key, value in tensors.items():
-        own[key].copy_(value.to(own[key].dtype))
+def _file_tensors(files: AdapterFiles) -> AdapterTensors:
+    """The file's tensors split by the key rule into layer and shared tensors, for inject (which
+    checks them against the adapter it builds, on the meta device first: see
+    :mod:`shirakit.model.tensors`); a key the rule does not know is refused here."""
+    path, tensors = files.weights_path, files.tensors
+    shared_prefix = _shared_file_key("")
+    foreign = sorted(k for k in tensors if not k.startswith(shared_prefix))
+    if foreign:
+        raise ValueError(f"{path}: {len(foreign)} unexpected key(s), e.g. {foreign[:3]}")
+    layers = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
+    shared = {k[len(shared_prefix):]: v for k, v in tensors.items() if not k.startswith(PREFIX)}
+    return AdapterTensors(layers, shared, source=str(path), prefix=PREFIX, shared_prefix=shared_prefix,
+                          compact=files.metadata.get(FORMAT_KEY) == COMPACT_V1)

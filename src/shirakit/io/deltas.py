@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.capabilities import DeltaFromFile, supports
 from ..core.registry import method_for_config
 from ..core.sparse_delta import Delta, SparseDelta
 from .checkpoint import COMPACT_V1, FORMAT_KEY, PREFIX, read_weights
@@ -23,7 +24,7 @@ def deltas_from_dir(directory) -> tuple[dict[str, Delta], str]:
     config = read_config(directory)
     path, tensors, metadata = read_weights(directory)
     method = method_for_config(config)
-    if not method.file_keys:
+    if not supports(method, DeltaFromFile):
         raise ValueError(f"{path}: a {config.peft_type} adapter's delta needs the base model; load both adapters "
                          "into it and use shirakit.adapter_orthogonality")
     layers: dict[str, dict[str, torch.Tensor]] = {}

@@ -139,6 +139,7 @@ class _MissShards:
     """What every mode shares: the shape checks, the block M (``miss_block``) and its init."""
 
     mode: ClassVar[str]
+    fuse_min_steps: ClassVar[int] = 27  # a switch is a tiled block per layer (docs/serving.md)
 
     def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
         geometry, config = self.geometry, self.config
@@ -179,6 +180,9 @@ class _MissShards:
 @register
 class MissAdapter(_MissShards, Adapter):
     """MiSS; this class is the "balance" mode, and :meth:`build` picks the class of the config's mode."""
+
+    layer_kinds_why = ("its shards split a linear weight's input features into r-wide blocks; PEFT's MiSS adapts "
+                       "linear layers only")
 
     config_class = MissConfig
     mode = "balance"
@@ -238,6 +242,8 @@ class MissMiniAdapter(MissAdapter):
 
 class MissBatAdapter(_MissShards, InWeightAdapter):
     """MiSS "bat": W'_bc = W_bc + s * (W_bc M_b + M_b), written into the weight while active."""
+
+    layer_kinds_why = MissAdapter.layer_kinds_why
 
     config_class = MissConfig
     mode = "bat"

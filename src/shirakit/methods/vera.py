@@ -61,6 +61,12 @@ class VeraConfig(AdapterConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is set but layers_to_transform is not; set both or neither")
 
+    @classmethod
+    def recipe(cls, r: int, target_modules, modules_to_save=None, seed: int = 0, **options) -> VeraConfig:
+        """Rank ``r``; ``seed`` draws the shared projections (``projection_prng_key``)."""
+        return cls(r=r, target_modules=target_modules, modules_to_save=modules_to_save,
+                   projection_prng_key=seed, **options)
+
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """U(-bound, bound), bound = sqrt(3) * gain / sqrt(fan_in), gain = sqrt(2), fan_in = shape[1].
@@ -74,6 +80,10 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 
 @register
 class VeraAdapter(Adapter):
+    fuse_min_steps = 41  # a switch is a scaled B @ A per layer (docs/serving.md)
+    layer_kinds_why = ("its projections shared by all layers, A (r, in) and B (out, r), act on a linear layer's "
+                       "features; PEFT's VeRA adapts linear layers only, so a conv or embedding adapter would "
+                       "have no file format to share")
     config_class = VeraConfig
     slot_padded = ("r",)  # zero entries of lambda_d, zero rows/columns of the projections
     slot_scaled = "vera_lambda_b"

@@ -21,12 +21,14 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..core.capabilities import Fusable, require
 from ..core.layer import ModulesToSave
 from ..core.registry import method_for_config
 from ..core.state import adapter_layers, check_adapter_names, hosts, state_of
 from ..core.threads import writes_weights
 from ..core.validation import check_scalar
 from .inject import inject
+from .tensors import AdapterTensors
 
 
 def _saved_module_sources(model: nn.Module, names: list[str], modules_from: str | None) -> dict[str, str]:
@@ -70,6 +72,7 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
     if len(methods) != 1:
         raise ValueError(f"can only combine adapters of one method, found {sorted(c.peft_type for c in configs)}")
     method = methods.pop()
+    require(method, Fusable, "combine_adapters")
     layers = {
         path: (layer.geometry, [layer.adapters[n] if n in layer.adapters else None for n in names])
         for path, layer in adapter_layers(model)
@@ -83,11 +86,10 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], n
     config = dataclasses.replace(config, modules_to_save=saved or None,
                                  task_type=task_types.pop() if len(task_types) == 1 else None)
     config.inference_mode = True
-    inject(model, config, new_name, _from_checkpoint=True)
-    for path, layer in adapter_layers(model):
-        if path in tensors:
-            layer.adapters[new_name].load_tensors(tensors[path], source=f"combine_adapters({names}) at {path}")
+    values = {f"{path}.{key}": value for path, layer_tensors in tensors.items() for key, value in layer_tensors.items()}
     for path, host in hosts(model):
         if path in sources:
-            host.adapters[new_name].load_state_dict(host.adapters[sources[path]].state_dict())
+            values.update({f"{path}.{key}": value
+                           for key, value in host.adapters[sources[path]].state_dict().items()})
+    inject(model, config, new_name, tensors=AdapterTensors(values, source=f"combine_adapters({names})"))
     return model

@@ -32,8 +32,9 @@ from torch import nn
 from ..compile.slots import LayerSlots, ModelSlots, buffers_only, key_name, needs_slot, set_recompile_policy
 from ..compile.sync import HOTSWAP_ATTR, forget_layers
 from ..core.adapter import Adapter
+from ..core.capabilities import HotSwappable, require
 from ..core.config import AdapterConfig
-from ..core.layer import AdapterLinear
+from ..core.layer import AdapterLinear, wrap_layer
 from ..core.state import SharedTensors, adapter_layers, state_of
 from ..core.threads import writes_weights
 from .inject import _set_submodule, _weight_sharers, find_targets
@@ -91,7 +92,7 @@ def _wrap_union(model: nn.Module, target_modules) -> None:
     for name in find_targets(model, AdapterConfig(target_modules=target_modules)):
         module = model.get_submodule(name)
         if not isinstance(module, AdapterLinear):
-            layer = AdapterLinear(module)
+            layer = wrap_layer(module)
             layer._guard = guard  # the model's: a compiled forward guards on it (see inject._attach)
             _set_submodule(model, name, layer)
     sharers = _weight_sharers(model)
@@ -106,6 +107,7 @@ def _templates(layers) -> dict[tuple, list[Adapter]]:
     for _, layer in layers:
         for adapter in layer.adapters.values():
             if needs_slot(layer, adapter):
+                require(adapter, HotSwappable, "prepare_for_hotswap")
                 out.setdefault(adapter.slot_key(), []).append(adapter)
     return {key: adapters for key, adapters in out.items()}
 

@@ -24,7 +24,7 @@ from ..compile.slots import check_new_adapter
 from ..compile.sync import forget_compiled, forget_layers
 from ..core.adapter import Adapter
 from ..core.config import AdapterConfig
-from ..core.layer import SUPPORTED_LAYERS, AdapterLinear, ModulesToSave
+from ..core.layer import LINEAR_LAYERS, SUPPORTED_LAYERS, AdapterLinear, ModulesToSave, wrap_layer
 from ..core.registry import method_for_config
 from ..core.sharded_weights import storage_key
 from ..core.state import (
@@ -41,7 +41,8 @@ from ..core.state import (
 from ..core.threads import writes_weights
 from ..core.validation import REGEX_TIME_LIMIT, bounded_match, check_adapter_name
 from .control import merge, set_adapter
-from .routing import install_keyword_routing, uninstall_keyword_routing
+from .hooks import install_keyword_routing, uninstall_keyword_routing
+from .tensors import AdapterTensors, check_before_building, fill
 
 ALL_LINEAR = "all-linear"
 
@@ -55,7 +56,15 @@ def _user_modules(model: nn.Module):
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (AdapterLinear, *SUPPORTED_LAYERS))
+    """A linear layer ("all-linear" picks these, as PEFT does: no convs, no embeddings)."""
+    inner = module.base_layer if isinstance(module, AdapterLinear) else module
+    return isinstance(inner, LINEAR_LAYERS)
+
+
+def _is_supported(module: nn.Module) -> bool:
+    """A layer shirakit can wrap: linear, Conv1d / Conv2d, embedding (a method may still refuse a kind)."""
+    inner = module.base_layer if isinstance(module, AdapterLinear) else module
+    return isinstance(inner, SUPPORTED_LAYERS) and not isinstance(inner, nn.modules.conv._ConvTransposeNd)
 
 
 def _layer_index(name: str, layers_pattern, deadline: float) -> int | None:
@@ -107,13 +116,14 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         names = [n for n in names if not _matches(config.exclude_modules, n, deadline, "exclude_modules")]
     names = [n for n in names if not in_saved(n)]
     if not names:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_linear(m)})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_supported(m)})
         raise ValueError(
-            f"target_modules={spec!r} matched no module; the model's linear layers are named {linear}"
+            f"target_modules={spec!r} matched no module; the model's adaptable layers are named {linear}"
         )
-    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not _is_linear(modules[n])]
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not _is_supported(modules[n])]
     if wrong:
-        raise TypeError(f"targets must be nn.Linear or transformers Conv1D; found {wrong}")
+        raise TypeError("targets must be nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d or nn.Embedding; "
+                        f"found {wrong}")
     return names
 
 
@@ -126,14 +136,17 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 # ---- inject ---------------------------------------------------------------------------------
 @writes_weights
 def inject(
-    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, _from_checkpoint: bool = False
+    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, tensors: AdapterTensors | None = None
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to every layer ``config`` targets; returns the same model.
 
     The base model is frozen; the new adapter becomes the active one and is trainable (unless
     ``config.inference_mode``). Random draws (masks, LoRA's A) come from one seed, split per
     layer, so the result is reproducible and identical on every rank that shares the seed.
-    All or nothing: if any step fails, every change made so far is undone before the error is raised.
+    ``tensors`` (:class:`~shirakit.model.tensors.AdapterTensors`: a file's, a fusion's) gives the
+    values instead: nothing is drawn, every tensor is checked and copied in.
+    All or nothing: if any step fails (a tensor refused included), every change made so far is
+    undone before the error is raised; this undo log is the only rollback loading has.
     """
     check_adapter_name(adapter_name)
     state = getattr(model, "shirakit", None)
@@ -144,6 +157,9 @@ def inject(
         raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or use another name")
     method = method_for_config(config)
     targets = find_targets(model, config)
+    given = tensors is not None
+    if given:  # before any change: nothing to undo yet
+        tensors = check_before_building(model, method, config, targets, tensors)
     undo: list[Callable[[], None]] = []  # each change made, as the step that takes it back
     try:
         wrapped = [n for n in targets if not isinstance(model.get_submodule(n), AdapterLinear)]
@@ -152,8 +168,8 @@ def inject(
         shared = method.make_shared(config, [layer.geometry for _, layer in layers])
         seed = seed_of(config)
         # on the meta device nothing can be drawn (nor kept): placeholders, drawn by reset_adapter_parameters
-        undrawn = not _from_checkpoint and any(layer.weight.is_meta for _, layer in layers)
-        generators = [None if _from_checkpoint or undrawn else layer_generator(seed, adapter_name, name)
+        undrawn = not given and any(layer.weight.is_meta for _, layer in layers)
+        generators = [None if given or undrawn else layer_generator(seed, adapter_name, name)
                       for name, _ in layers]
         new_adapters = [
             _build_adapter(method, config, layer, generator, name)
@@ -161,11 +177,13 @@ def inject(
         ]
         check_new_adapter(model, adapter_name, layers, new_adapters, wrapped)
         _attach(model, state, fresh, config, adapter_name, layers, new_adapters, shared, undo)
-        if not _from_checkpoint:  # reset_adapter_parameters repeats these draws (meta-device models)
+        if given:
+            fill(model, adapter_name, method, config, tensors)
+        else:  # reset_adapter_parameters repeats these draws (meta-device models)
             state.seeds[adapter_name] = seed
         if undrawn:
             state.undrawn.add(adapter_name)
-    except BaseException:  # a shape the method cannot take, a failing hook, KeyboardInterrupt, ...
+    except BaseException:  # a shape the method cannot take, a refused tensor, KeyboardInterrupt, ...
         _run_undo(undo)
         raise
     return model
@@ -185,7 +203,7 @@ def _wrap_targets(model: nn.Module, targets: list[str], undo: list) -> list[tupl
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, AdapterLinear):
-            module = AdapterLinear(module)
+            module = wrap_layer(module)
             _set_submodule(model, name, module)
             undo.append(lambda name=name, base=module.base_layer: _set_submodule(model, name, base))
         layers.append((name, module))

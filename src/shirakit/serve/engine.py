@@ -20,7 +20,7 @@ tensors into the model; until its files are read, a request waits without holdin
 
 Fusing costs a switch in and out and saves the per-row delta on every step in between, so a
 uniform batch is fused when its horizon (the most tokens a row may still generate) is at least
-its method's crossover in steps (``FUSE_MIN_STEPS``, measured by benchmarks/fuse_crossover.py;
+its method's crossover in steps (``Adapter.fuse_min_steps``, measured by benchmarks/fuse_crossover.py;
 docs/serving.md): SHiRA's switch is two scatters, LoRA's and VeRA's a dense product per layer.
 """
 
@@ -41,6 +41,8 @@ from typing import Callable
 import torch
 
 import shirakit
+from shirakit.core.adapter import Adapter
+from shirakit.core.registry import METHODS
 from shirakit.io.checkpoint import read_adapter_files
 from shirakit.model.routing import BASE
 
@@ -52,10 +54,7 @@ from .sequence import SamplingParams, Sequence, logprob_entries, sample
 
 log = logging.getLogger("shirakit.serve")
 
-# A uniform batch is fused when it may still run this many decode steps: the measured crossover
-# (switch in + out) / (routed step - fused step), SmolLM2-135M, 1-32 rows, rounded up (docs/serving.md).
-FUSE_MIN_STEPS = {"SHIRA": 3, "LORA": 38, "VERA": 41, "MISS": 27}
-FUSE_MIN_STEPS_OTHER = 41
+# A uniform batch is fused when it may still run its method's Adapter.fuse_min_steps decode steps.
 
 # what admitting a waiting request found (Engine._pin)
 READY, FAILED, READING, NO_SLOT = "ready", "failed", "reading", "no slot"
@@ -411,7 +410,7 @@ class Engine:
     def _fuse_threshold(self, name: str) -> int:
         if self.fuse_min_steps is not None:
             return self.fuse_min_steps
-        return FUSE_MIN_STEPS.get(self._methods.get(name, ""), FUSE_MIN_STEPS_OTHER)
+        return METHODS.get(self._methods.get(name, ""), Adapter).fuse_min_steps
 
     def _switch(self, target: str | None) -> None:
         if target == self._fused:

@@ -27,7 +27,10 @@ from ...core.config import AdapterConfig, check_rank, no_serialize
 from ...core.registry import register
 from ...core.sharded_weights import full_values, is_sharded, shard_positions, sharded_rows
 from ...core.sparse_delta import SparseDelta
-from . import compact, grouped, index_io
+import numpy as np
+from torch.autograd.graph import increment_version
+
+from . import compact, grouped, index_io, native_sddmm, siblings
 from .masks import MASKS, shira_budget, validate_indices
 from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, sparse_delta, value_grad_tap
 
@@ -60,6 +63,11 @@ class ShiraConfig(AdapterConfig):
         return self.random_seed
 
     @classmethod
+    def recipe(cls, r: int, target_modules, modules_to_save=None, seed: int = 0, **options) -> ShiraConfig:
+        """Rank ``r`` (K = r (m + n) values, LoRA's count at the same r); ``seed`` draws the masks."""
+        return cls(r=r, target_modules=target_modules, modules_to_save=modules_to_save, random_seed=seed, **options)
+
+    @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> ShiraConfig:
         """A saved adapter may name a custom mask shirakit does not know: its indices come from the
         file, so it loads; only drawing a new mask with this config would need the function."""
@@ -77,14 +85,16 @@ class ShiraConfig(AdapterConfig):
 
 @register
 class ShiraAdapter(InWeightAdapter):
+    fuse_min_steps = 3  # a switch is two scatters of K values (docs/serving.md)
     config_class = ShiraConfig
-    has_compact_layout = True
     merges_into_shards = True  # scatters each rank's positions into its own rows (see _target)
     _device_tensors = ("_saved", "_merged_values")
     # A hot-swap slot (only where SHiRA runs additively: tied weights) holds the layer's largest K,
     # r being what sets K = r(m+n); positions past an adapter's K are (0, 0) with value 0.
     slot_padded = ("r",)
     slot_scaled = "shira_weight"
+    # convs: K positions in the flattened kernel (out, in/groups * prod(k)); embeddings: in the table
+    layer_kinds = frozenset({"linear", "conv", "embedding"})
 
     def init_parameters(self, base_layer: nn.Module, generator: torch.Generator | None, source: str) -> None:
         geometry, config, source = self.geometry, self.config, source or "mask"
@@ -113,6 +123,9 @@ class ShiraAdapter(InWeightAdapter):
         self._merged_state: object = None  # the values state W0 + s*v was computed for
         self._merged_values: torch.Tensor | None = None  # W0 + s*v last scattered (weight dtype)
         self._local_map = None  # FSDP2: ((first row, end row), local positions, which values) of a shard
+        self._weight_shape = tuple(weight.shape)
+        if geometry.kind != "linear":  # the gathered / dequantized copy paths are written for linear products
+            self.writes_gathered_copy = self.writes_dequantized_copy = False
 
     def storage_index(self, keep: bool = True) -> torch.Tensor:
         """The K positions in the weight's own storage, int64 (``index_copy_`` takes no other; the
@@ -150,6 +163,13 @@ class ShiraAdapter(InWeightAdapter):
         """delta_y = s * x S^T by a sparse product (mixed batches, and weights that cannot carry the
         values: tied, quantized). Under torch.compile a gather + index_add instead (dynamo traces no
         sparse tensor), reading the indices directly: a hot-swap slot rewrites them in place."""
+        g = self.geometry
+        if g.conv is not None:
+            return siblings.conv_delta(x, self.shira_weight, self.storage_index(), self._weight_shape, g.conv,
+                                       self.scale)
+        if g.embedding is not None:
+            return siblings.embedding_delta(x, self.shira_weight, self.shira_indices[1], self.pattern().crow,
+                                            g.in_features, g.embedding, self.scale)
         if torch.compiler.is_compiling():
             return gathered_delta(x, self.shira_indices, self.shira_weight * self.scale, self.geometry.out_features)
         return sparse_delta(x, self.shira_weight, self.pattern(), self.scale)
@@ -157,9 +177,15 @@ class ShiraAdapter(InWeightAdapter):
     @classmethod
     def add_routed_deltas(cls, layer, y, x, groups) -> None:
         """Every SHiRA group of a routed batch in one kernel call where it applies (inference on
-        CPU: :mod:`.grouped`), else one sparse product per group."""
-        if not (grouped.can_group(y, x) and grouped.add_grouped(layer, y, x, groups, ShiraAdapter)):
-            super().add_routed_deltas(layer, y, x, groups)
+        CPU: :mod:`.grouped`'s numba kernel; on CUDA: its Triton launch), else one sparse product
+        per group (convs and embeddings: always per group)."""
+        if layer.geometry.kind == "linear":
+            if grouped.can_group(y, x) and grouped.add_grouped(layer, y, x, groups, ShiraAdapter):
+                return
+            if grouped.can_group_on_device(y, x) and grouped.add_grouped_on_device(layer, y, x, groups,
+                                                                                   ShiraAdapter):
+                return
+        super().add_routed_deltas(layer, y, x, groups)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -200,6 +226,14 @@ class ShiraAdapter(InWeightAdapter):
         hooked = base_layer._forward_hooks or base_layer._forward_pre_hooks
         if hooked:  # respect the hooks: call the layer, add the gradient through a copying tap
             return self.tap_value_grad(base_layer(x), x)
+        g = self.geometry
+        if g.conv is not None:
+            return siblings.scattered_conv(x, self.shira_weight, base_layer.weight, base_layer.bias,
+                                           self.storage_index(), g.conv, self.scale)
+        if g.embedding is not None:
+            idx = self.shira_indices
+            return siblings.scattered_embedding(x, self.shira_weight, base_layer.weight, idx[0], idx[1],
+                                                g.embedding, self.scale)
         return scattered_linear(
             x, self.shira_weight, base_layer.weight, base_layer.bias, self.pattern(),
             self.scale, self.geometry.fan_in_fan_out,
@@ -209,6 +243,13 @@ class ShiraAdapter(InWeightAdapter):
         """y unchanged (a copy); backward adds dv = s * SDDMM(g, x) at the K positions."""
         if not self.shira_weight.requires_grad:
             return y
+        g = self.geometry
+        if g.conv is not None:
+            return siblings.conv_value_tap(y, x, self.shira_weight, self._weight_shape, self.storage_index(), g.conv,
+                                           self.scale)
+        if g.embedding is not None:
+            idx = self.shira_indices
+            return siblings.embedding_value_tap(y, x, self.shira_weight, idx[0], idx[1], g.embedding, self.scale)
         return value_grad_tap(y, x, self.shira_weight, self.pattern(), self.scale)
 
     # ---- cost model of a mixed-batch group (InWeightAdapter.prefers_weight) ------------------
@@ -341,7 +382,10 @@ class ShiraAdapter(InWeightAdapter):
         map is computed once per shard layout.
         """
         if not is_sharded(weight):
-            return self._flat(weight), self.storage_index(), None
+            positions = self.__dict__["_positions"]  # storage_index(), without its checks when kept
+            if positions is None or positions.device != weight.device:
+                positions = self.storage_index()
+            return self._flat(weight), positions, None
         local, start, stop = sharded_rows(weight)
         if self._local_map is None or self._local_map[0] != (start, stop):
             positions = self.storage_index(keep=False)
@@ -368,18 +412,69 @@ class ShiraAdapter(InWeightAdapter):
         When the layer vouches (same ``base_key``) that the weight is the one the saved values
         were read from, the read is skipped: a warm switch is then two scatters.
         """
+        flat, index, values = self.planned_write(weight, base_key)
+        scatter_values(flat, index, values)
+        self._after_write()
+
+    def _after_write(self) -> None:
+        if self._parameters["shira_weight"].requires_grad:
+            self.pattern()  # now, eagerly: a compiled training forward reads it as a plain input
+
+    # ---- many layers in one call (fused switching, shirakit.model.switch) -----------------------
+    batched_scatter = True
+
+    @torch.no_grad()
+    def planned_write(self, weight: torch.Tensor, base_key: object):
+        """(flat weight, positions, W0 + s*v): the base values read first unless ``base_key`` vouches
+        for the saved ones, the sum made unless the kept one is current (see :meth:`write_into`).
+        Plain attributes go through ``__dict__``: this runs per layer on every switch."""
         flat, index, which = self._target(weight)
-        reread = base_key is None or base_key != self._saved_key or self._saved is None
+        d = self.__dict__
+        reread = base_key is None or base_key != d["_saved_key"] or d.get("_saved") is None
         if reread:
-            self._saved = flat.index_select(0, index)
-        self._saved_key = base_key
+            d["_saved"] = flat.index_select(0, index)
+        d["_saved_key"] = base_key
         state = self.values_state()
         # W0 + s*v is kept too (K values in the weight's dtype), so a warm switch does no arithmetic
-        if reread or self._merged_values is None or self._merged_state != state:
-            self._merged_state, self._merged_values = state, self.merged_values(weight, self._saved, which)
-        scatter_values(flat, index, self._merged_values)
-        if self.shira_weight.requires_grad:
-            self.pattern()  # now, eagerly: a compiled training forward reads it as a plain input
+        if reread or d["_merged_values"] is None or d["_merged_state"] != state:
+            d["_merged_state"], d["_merged_values"] = state, self.merged_values(weight, d["_saved"], which)
+        d["_batch_state"] = state
+        return flat, index, d["_merged_values"]
+
+    def planned_restore(self, weight: torch.Tensor):
+        flat, index, _ = self._target(weight)
+        return flat, index, self.__dict__["_saved"]
+
+    def written_by_batch(self) -> None:
+        self.__dict__["_applied_state"] = self.__dict__.pop("_batch_state")
+        self._after_write()
+
+    def restored_by_batch(self) -> None:
+        self.__dict__["_applied_state"] = None
+
+    @classmethod
+    def scatter_many(cls, writes) -> None:
+        """Every layer's K values in one C call on CPU (:mod:`.native_sddmm`, ``shirakit_scatter_many``:
+        bit copies through the storages' addresses, one per element size), then each weight's version
+        counter bumped as ``index_copy_`` would; elsewhere, or without the C kernels, one
+        :func:`scatter_values` per layer."""
+        kernels = native_sddmm.kernels() if writes and writes[0][0].device.type == "cpu" else None
+        if kernels is None or any(flat.device.type != "cpu" for flat, _, _ in writes):
+            for flat, index, values in writes:
+                scatter_values(flat, index, values)
+            return
+        by_size: dict[int, list] = {}
+        for flat, index, values in writes:
+            if values.dtype != flat.dtype or not (index.is_contiguous() and values.is_contiguous()):
+                raise RuntimeError(f"scatter_many: expected contiguous int64 positions and {flat.dtype} values, "
+                                   f"found {index.dtype} {values.dtype}")
+            by_size.setdefault(flat.element_size(), []).append((flat, index, values))
+        for size, group in by_size.items():
+            addresses = np.array([(f.data_ptr(), i.data_ptr(), v.data_ptr(), i.numel()) for f, i, v in group],
+                                 dtype=np.int64).T.copy()
+            kernels.scatter_many(addresses[0], addresses[1], addresses[2], addresses[3], size)
+        for flat, _, _ in writes:
+            increment_version(flat)
 
     @torch.no_grad()
     def refresh_in(self, weight: torch.Tensor) -> bool:

@@ -323,3 +323,105 @@ def add_grouped(layer, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[obje
     _kernel()(arena.crow, arena.col, arena.vals, arena.crow_start, arena.nnz_start, which,
               x2.shape[0] // batch, x2.numpy(), y.view(-1, y.shape[-1]).numpy())
     return True
+
+
+# ---- CUDA: the same grouped delta by one Triton launch (methods/shira/triton_kernels.py) ----------
+
+@dataclass
+class _DeviceArena:
+    """A layer's SHiRA adapters' CSR arrays end to end on their device, for the Triton kernel (plain
+    CSR order: the kernel takes a block of rows and walks their values side by side)."""
+
+    dtype: torch.dtype
+    adapters: tuple  # held, as in _Arena
+    sources: tuple
+    stamps: dict[int, tuple]
+    position: dict[int, int]
+    crow: torch.Tensor  # int32
+    col: torch.Tensor  # int32
+    vals: torch.Tensor  # values times scale, in the adapters' dtype
+    crow_start: torch.Tensor  # int64
+    nnz_start: torch.Tensor  # int64
+
+    holds_current = _Arena.holds_current
+
+
+_DEVICE_ARENAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def can_group_on_device(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether :func:`add_grouped_on_device` may apply: inference, outside torch.compile, y and x
+    of one float dtype that the Triton kernels take on their device (CUDA; CPU only when forced,
+    see :func:`.triton_kernels.usable`), y contiguous."""
+    from . import triton_kernels
+
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return x.dtype == y.dtype and y.is_contiguous() and x.device == y.device and triton_kernels.usable(y, x)
+
+
+def _device_arena(layer, kind: type, y: torch.Tensor, groups: list) -> _DeviceArena | None:
+    def fits(a) -> bool:
+        return a.shira_weight.dtype == y.dtype and a.shira_weight.device == y.device \
+            and a.shira_indices.device == y.device
+
+    arena = _DEVICE_ARENAS.get(layer)
+    if arena is not None and arena.dtype == y.dtype and arena.crow.device == y.device and arena.holds_current(groups):
+        return arena
+    if not all(fits(a) for a, _ in groups):
+        return None
+    adapters = [a for a in layer.adapters.values() if isinstance(a, kind) and fits(a)]
+    crows, cols = zip(*(a.pattern().csr_int32() for a in adapters))
+    crow_start = torch.tensor([0] + [c.numel() for c in crows[:-1]], dtype=torch.int64).cumsum(0)
+    nnz_start = torch.tensor([0] + [c.numel() for c in cols[:-1]], dtype=torch.int64).cumsum(0)
+    values = torch.cat([a.shira_weight.detach() * a.scale for a in adapters])
+    sources = tuple((a.shira_weight.detach(), a.shira_indices) for a in adapters)
+    arena = _DeviceArena(y.dtype, tuple(adapters), sources, {id(a): _stamp(a) for a in adapters},
+                         {id(a): i for i, a in enumerate(adapters)}, torch.cat(crows), torch.cat(cols), values,
+                         crow_start.to(y.device), nnz_start.to(y.device))
+    _DEVICE_ARENAS[layer] = arena
+    return arena
+
+
+_WHICH_ON_DEVICE: dict[tuple, tuple[torch.Tensor, list]] = {}
+
+
+def _which_on_device(arena: _DeviceArena, groups: list, batch: int, device: torch.device) -> torch.Tensor:
+    """int32 per batch row on ``device``: its adapter's index in the arena, -1 for none. Built on
+    the host and copied once, then kept for the step's other layers (keyed as ``_WHICH``): one small
+    host-to-device copy per step, not one per group and layer."""
+    position = arena.position
+    try:
+        key = (batch, str(device), *[(id(rows), rows._version, position[id(adapter)]) for adapter, rows in groups])
+    except RuntimeError:  # inference tensors have no version counter: not kept
+        key = None
+    kept = _WHICH_ON_DEVICE.get(key)
+    if kept is not None:
+        return kept[0]
+    which = torch.full((batch,), -1, dtype=torch.int32)
+    for adapter, rows in groups:
+        which[rows.cpu()] = position[id(adapter)]
+    which = which.to(device)
+    if key is not None:
+        if len(_WHICH_ON_DEVICE) >= _WHICH_KEPT:
+            _WHICH_ON_DEVICE.clear()
+        _WHICH_ON_DEVICE[key] = (which, [rows for _, rows in groups])
+    return which
+
+
+def add_grouped_on_device(layer, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[object, torch.Tensor]],
+                          kind: type) -> bool:
+    """:func:`add_grouped` on CUDA: every group's ``y[rows] += s x[rows] S^T`` in one Triton launch
+    (fp32 sums, one rounding into y's dtype). False, and nothing done, when an adapter cannot take
+    part (another dtype or device)."""
+    from . import triton_kernels
+
+    arena = _device_arena(layer, kind, y, groups)
+    if arena is None:
+        return False
+    batch = x.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    which = _which_on_device(arena, groups, batch, y.device)
+    triton_kernels.csr_rows(y.view(-1, y.shape[-1]), x2, arena.crow, arena.col, arena.vals, arena.crow_start,
+                            arena.nnz_start, which)
+    return True

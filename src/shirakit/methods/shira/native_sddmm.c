@@ -131,3 +131,23 @@ void shirakit_transpose_f32(const float *src, long tokens, long cols, float *dst
     for (long c = c0; c < c1; c++)
         for (long t = full_t; t < tokens; t++) dst[c * width + t] = src[t * cols + c];
 }
+
+/* Fused switching across many layers in one call (see ShiraAdapter.scatter_many): for each layer l
+ * of n, weight_l[index_l[k]] = values_l[k] for k < counts[l], as bit copies of `size`-byte elements
+ * (any dtype of that width). Pointers come as int64 addresses. A UNet's ~130 small layers then
+ * cost one call instead of one torch op (and its dispatch) per layer. */
+#define SCATTER_MANY(T)                                                          \
+    for (long l = 0; l < n; l++) {                                               \
+        T *w = (T *)(intptr_t)weights[l];                                        \
+        const T *v = (const T *)(intptr_t)values[l];                             \
+        const int64_t *ix = (const int64_t *)(intptr_t)indices[l];               \
+        for (int64_t k = 0; k < counts[l]; k++) w[ix[k]] = v[k];                 \
+    }
+
+void shirakit_scatter_many(long n, const int64_t *weights, const int64_t *indices, const int64_t *values,
+                           const int64_t *counts, long size) {
+    if (size == 4) { SCATTER_MANY(uint32_t) }
+    else if (size == 2) { SCATTER_MANY(uint16_t) }
+    else if (size == 8) { SCATTER_MANY(uint64_t) }
+    else { SCATTER_MANY(uint8_t) }
+}

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ...core.cache_dir import cache_dir_from_env, default_cache_dir
 from .lazy import once
 
 SOURCE = Path(__file__).with_suffix(".c")
@@ -39,6 +40,7 @@ class Kernels(NamedTuple):
 
     transpose_fp32: object  # (src (T, c) fp32, dst (c, W) fp32, c0, c1)
     dots: object  # (a_rows, b_rows, ia, ib, out, start, stop), ia/ib int64 or int32
+    scatter_many: object  # (weights, indices, values, counts: int64 address arrays, element size)
 
 
 def _compiler() -> str | None:
@@ -59,10 +61,9 @@ def _cpu_signature() -> str:
 
 
 def cache_dirs() -> list[Path]:
-    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shirakit"
     # Per user under the temp dir: a shared name there could be made by someone else first.
     user = os.getuid() if hasattr(os, "getuid") else "user"  # Windows: the temp dir is per user
-    candidates = [os.environ.get("SHIRAKIT_CACHE_DIR"), home_cache,
+    candidates = [cache_dir_from_env(), default_cache_dir(),
                   Path(tempfile.gettempdir()) / f"shirakit-cache-{user}"]
     return [Path(c) for c in candidates if c]
 
@@ -133,7 +134,15 @@ def _wrap(library: ctypes.CDLL) -> Kernels:
         dots_by_index[ia.dtype](a_rows.ctypes.data, b_rows.ctypes.data, ia.ctypes.data, ib.ctypes.data,
                                 out.ctypes.data, a_rows.shape[1], start, stop)
 
-    return Kernels(transpose_fp32, dots)
+    many = library.shirakit_scatter_many
+    many.argtypes = [_LONG, _POINTER, _POINTER, _POINTER, _POINTER, _LONG]
+    many.restype = None
+
+    def scatter_many(weights: np.ndarray, indices: np.ndarray, values: np.ndarray, counts: np.ndarray,
+                     size: int) -> None:
+        many(len(weights), weights.ctypes.data, indices.ctypes.data, values.ctypes.data, counts.ctypes.data, size)
+
+    return Kernels(transpose_fp32, dots, scatter_many)
 
 
 @once

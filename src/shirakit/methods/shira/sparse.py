@@ -7,14 +7,18 @@ originals kept aside), so the forward is the plain product ``y = x W^T + b``. Th
     dL/dv_k = s * sum_t g[t, i_k] x[t, j_k]   for the K positions (i_k, j_k)
 
 The second is a sampled dense-dense product (SDDMM), K*T multiply-adds. On CPU it runs in
-:mod:`shirakit.methods.shira.cpu_sddmm` (numba, every core); elsewhere, on fp64, or without numba,
-``torch.sparse.sampled_addmm`` on a fixed CSR pattern computes the same K dots (cuSPARSE on CUDA).
+:mod:`shirakit.methods.shira.cpu_sddmm` (C or numba, every core); on CUDA with triton in
+:mod:`shirakit.methods.shira.triton_kernels` (fp32/bf16/fp16 read as they are, fp32 sums); on fp64,
+or without those, ``torch.sparse.sampled_addmm`` on a fixed CSR pattern computes the same K dots
+(cuSPARSE on CUDA). The additive product ``x S^T`` and its ``g S`` take the Triton kernel on CUDA
+too, torch's CSR product elsewhere.
 Masks made of whole rows, columns and the diagonal (SHiRA-Struct) take dense products on CPU
 instead (:mod:`shirakit.methods.shira.struct_grad`, found from the positions once per pattern).
 Known limits of torch 2.13's ``sampled_addmm`` on CPU that shaped this file:
 - with int32 CSR indices it returns wrong values: its call converts the (int32) columns to int64
   for that call only (a transient K-long copy; the numba kernel reads the int32 ones as they are).
-- it rejects bf16/fp16: half-precision inputs are upcast to fp32 for the value gradient.
+- it rejects bf16/fp16: half-precision inputs are upcast to fp32 for the value gradient (on the
+  torch path only; the C, numba and Triton kernels read them as they are).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import warnings
 
 import torch
 
-from . import cpu_sddmm, struct_grad
+from . import cpu_sddmm, struct_grad, triton_kernels
 
 
 class SparsePattern:
@@ -102,10 +106,17 @@ class SparsePattern:
             values, shape = values[order], self.shape[::-1]
         else:
             (crow, col), shape = self.csr_int32(), self.shape
-        with warnings.catch_warnings():  # torch calls CSR support "beta" on every construction
-            warnings.simplefilter("ignore", UserWarning)
+        if triton_kernels.usable(values, x2):  # CUDA: one launch, fp32 sums, in the values' dtype
+            x2 = x2.to(values.dtype)
+            return triton_kernels.sparse_product(values, x2, crow, col, shape[0])
+        out_dtype = values.dtype
+        if values.dtype in (torch.bfloat16, torch.float16):  # MKL's CSR product has no half kernel:
+            values, x2 = values.float(), x2.float()  # fp32 operands (exact) and sums, one rounding at the end
+        # autocast would cast the sparse operand to its dtype, which the CSR product does not take
+        with warnings.catch_warnings(), torch.autocast(self.device.type, enabled=False):
+            warnings.simplefilter("ignore", UserWarning)  # torch calls CSR support "beta" on every construction
             sparse = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-        return (sparse @ x2.T.contiguous()).T.contiguous()
+            return (sparse @ x2.T.contiguous()).T.contiguous().to(out_dtype)
 
 
 def _ones_csr(crow: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -126,6 +137,8 @@ def sampled_value_grad(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tens
     """
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
+    if triton_kernels.usable(g2, x2):  # CUDA (or forced, under the interpreter): bf16/fp16 read as they are
+        return triton_kernels.value_grad(g2, x2, rows, cols)
     if cpu_sddmm.usable(g2, x2):
         return cpu_sddmm.value_grad(g2, x2, rows, cols)
     if g2.dtype not in (torch.float32, torch.float64):
@@ -168,8 +181,15 @@ class _ScatteredLinear(torch.autograd.Function):
         ctx.save_for_backward(x, None if transient else weight, rows, cols, crow)
         ctx.scale, ctx.fan_in_fan_out, ctx.structure = scale, fan_in_fan_out, structure
         ctx.values_dtype, ctx.refill = values.dtype, refill
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         w_out_in = weight.T if fan_in_fan_out else weight
-        return torch.nn.functional.linear(x, w_out_in, bias)
+        y = torch.nn.functional.linear(x, w_out_in, bias)
+        # The dtype the product ran in: the inputs' own, or autocast's (any device, any dtype).
+        # The backward runs outside autocast, so it casts its operands to this one itself, as
+        # autocast's linear does; the weight is saved as it is (no second, cast copy kept).
+        ctx.compute_dtype = y.dtype
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -178,19 +198,23 @@ class _ScatteredLinear(torch.autograd.Function):
         if ctx.refill is not None and ctx.needs_input_grad[0]:  # only dx reads the weight
             weight, undo = ctx.refill(weight)
         grad_x = grad_w = grad_b = grad_v = None
+        dtype = ctx.compute_dtype
+        grad_out = grad_out.to(dtype)
         if ctx.needs_input_grad[0]:
             try:
-                grad_x = grad_out @ (weight.T if ctx.fan_in_fan_out else weight)
+                w = weight.T if ctx.fan_in_fan_out else weight
+                grad_x = (grad_out @ w.to(dtype)).to(ctx.x_dtype)
             finally:
                 if undo is not None:
                     undo()
         if ctx.needs_input_grad[1]:
             grad_v = (value_grad(grad_out, x, pattern, ctx.structure) * ctx.scale).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:  # the user unfroze the base weight: give it its dense gradient
-            g = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-            grad_w = g.T if ctx.fan_in_fan_out else g
+            g = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(dtype)
+            grad_w = (g.T if ctx.fan_in_fan_out else g).to(ctx.weight_dtype)
         if ctx.needs_input_grad[3]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            sum_dtype = torch.promote_types(dtype, torch.float32)  # half-precision sums in fp32
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=sum_dtype).to(ctx.bias_dtype)
         return grad_x, grad_v, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
@@ -247,11 +271,19 @@ class _SparseDelta(torch.autograd.Function):
 def sparse_delta(x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, scale: float) -> torch.Tensor:
     """``s x S^T`` with S's ``values`` at ``pattern``'s positions, differentiable in x and the values
     without a dense (m, n) tensor: the additive path, for weights that cannot carry the values
-    (quantized, tied, several SHiRA adapters on one FSDP-gathered copy) and mixed batches."""
+    (quantized, tied, several SHiRA adapters on one FSDP-gathered copy) and mixed batches.
+
+    Computed in the values' dtype (fp32 sums for half precision); under autocast the result is
+    handed on in autocast's dtype, the dtype of the base product it is added to."""
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
-        return _SparseDelta.apply(x, values, pattern, scale)
-    x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
-    return pattern.product(values * scale, x2).reshape(*x.shape[:-1], -1)
+        delta = _SparseDelta.apply(x, values, pattern, scale)
+    else:
+        x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+        delta = pattern.product(values * scale, x2).reshape(*x.shape[:-1], -1)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        delta = delta.to(torch.get_autocast_dtype(device_type))
+    return delta
 
 
 def value_grad_tap(y, x, values, pattern: SparsePattern, scale: float):
