@@ -13,21 +13,33 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import CONTEXT, SERVE_CASES, load_tiny_lm, offline_text, start_tiny_server
+from tests.serving import CONTEXT, SERVE_CASES, load_tiny_lm, offline_text, save_adapters, save_tiny_lm
 
 pytest.importorskip("fastapi")
+from shirakit.serve import Engine, start_server  # noqa: E402
+from shirakit.serve.policy import Policy  # noqa: E402
 
 TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
-def folders(served_folders):
-    return served_folders
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = save_tiny_lm(root / "tiny-llama")
+    adapters = save_adapters(model_dir, root / "adapters", 8)
+    return model_dir, adapters, root
+
+
+def _server(folders, adapters=None, **engine_args):
+    model_dir, found, _ = folders
+    model, tokenizer = load_tiny_lm(model_dir)
+    engine = Engine(model, tokenizer, "tiny-llama", found if adapters is None else adapters, **engine_args)
+    return start_server(engine, policy=Policy(allow_runtime_adapters=True))
 
 
 @pytest.fixture(scope="module")
 def server(folders):
-    running = start_tiny_server(folders[0], folders[1], max_loaded=8)
+    running = _server(folders, max_loaded=8)
     yield running
     running.stop()
 
@@ -161,17 +173,20 @@ def test_load_and_unload_adapter_any_method(server, client, folders, tmp_path):
         _complete(client, "fresh", "gone")
 
 
-def test_eviction_with_max_loaded_2_loses_no_request(folders, oracle, tiny_server):
+def test_eviction_with_max_loaded_2_loses_no_request(folders, oracle):
     five = dict(list(folders[1].items())[:5])
-    running = tiny_server(folders[0], five, max_loaded=2)
-    client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
-    jobs = [(name, f"turn {k}") for k in range(4) for name in five]  # rotation: every turn misses
-    with ThreadPoolExecutor(10) as pool:
-        texts = list(pool.map(lambda job: _complete(client, *job, max_tokens=8).choices[0].text, jobs))
-    assert texts == [oracle(name, prompt, 8) for name, prompt in jobs]
-    numbers = running.engine.snapshot()
-    assert numbers["cache_evictions"] >= 3 and numbers["adapters_loaded"] <= 2
-    assert numbers["requests_finished"] == len(jobs) and numbers["requests_failed"] == 0
+    running = _server(folders, adapters=five, max_loaded=2)
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        jobs = [(name, f"turn {k}") for k in range(4) for name in five]  # rotation: every turn misses
+        with ThreadPoolExecutor(10) as pool:
+            texts = list(pool.map(lambda job: _complete(client, *job, max_tokens=8).choices[0].text, jobs))
+        assert texts == [oracle(name, prompt, 8) for name, prompt in jobs]
+        numbers = running.engine.snapshot()
+        assert numbers["cache_evictions"] >= 3 and numbers["adapters_loaded"] <= 2
+        assert numbers["requests_finished"] == len(jobs) and numbers["requests_failed"] == 0
+    finally:
+        running.stop()
 
 
 # ---- bad input: OpenAI-style errors, and the server keeps serving -------------------------------
@@ -226,21 +241,24 @@ def test_corrupt_adapter_is_a_clear_error_and_nothing_else_changes(server, clien
         oracle(name, "after the corrupt one", 12)
 
 
-def test_corrupt_adapter_folder_found_at_startup(folders, oracle, tmp_path, tiny_server):
+def test_corrupt_adapter_folder_found_at_startup(folders, oracle, tmp_path):
     good = list(folders[1])[1]
     _corrupt(folders[1][good], tmp_path / "broken")
-    running = tiny_server(folders[0], {good: folders[1][good], "broken": tmp_path / "broken"})
-    client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
-    with ThreadPoolExecutor(4) as pool:
-        bad = pool.submit(_complete, client, "broken", "x")
-        fine = [pool.submit(_complete, client, good, f"fine {i}") for i in range(3)]
-        with pytest.raises(openai.BadRequestError, match="could not be loaded"):
-            bad.result()
-        assert [f.result().choices[0].text for f in fine] == [oracle(good, f"fine {i}", 12) for i in range(3)]
+    running = _server(folders, adapters={good: folders[1][good], "broken": tmp_path / "broken"})
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        with ThreadPoolExecutor(4) as pool:
+            bad = pool.submit(_complete, client, "broken", "x")
+            fine = [pool.submit(_complete, client, good, f"fine {i}") for i in range(3)]
+            with pytest.raises(openai.BadRequestError, match="could not be loaded"):
+                bad.result()
+            assert [f.result().choices[0].text for f in fine] == [oracle(good, f"fine {i}", 12) for i in range(3)]
+    finally:
+        running.stop()
 
 
-def test_queue_full_is_429(folders, tiny_server):
-    running = tiny_server(folders[0], folders[1], max_queue=2)
+def test_queue_full_is_429(folders):
+    running = _server(folders, max_queue=2)
     gate = threading.Event()
     running.engine.call(lambda: gate.wait(TIMEOUT))  # hold the engine thread: requests pile up
     try:
@@ -255,7 +273,8 @@ def test_queue_full_is_429(folders, tiny_server):
             gate.set()
             assert all(w.result().choices[0].finish_reason for w in waiting)
     finally:
-        gate.set()  # before the fixture stops the server: the engine thread is held by the gate
+        gate.set()
+        running.stop()
 
 
 def test_disconnect_mid_stream_frees_the_slot(server, folders):

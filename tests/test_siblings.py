@@ -195,7 +195,8 @@ def test_training_on_convs_reduces_loss():
 @pytest.mark.parametrize("target", ["c2", "emb"])
 def test_vera_and_miss_refuse_siblings_by_name(make, target):
     model = tiny_convnet()
-    with pytest.raises(TypeError, match=rf"{target} \((Conv2d|Embedding)\): \w+ does not adapt (conv|embedding) layers"):
+    refusal = rf"{target} \((Conv2d|Embedding)\): \w+ does not adapt (conv|embedding) layers"
+    with pytest.raises(TypeError, match=refusal):
         shirakit.inject(model, make([target]))
     assert not any(isinstance(m, shirakit.AdapterLinear) for m in model.modules())  # nothing half-done
 
@@ -300,7 +301,6 @@ def test_batched_switch_matches_per_layer_and_sees_outside_writes(monkeypatch):
     original = ShiraAdapter.scatter_many.__func__
     monkeypatch.setattr(ShiraAdapter, "scatter_many",
                         classmethod(lambda cls, writes: (calls.append(len(writes)), original(cls, writes))[1]))
-    ids = inputs()
     targets = ["emb", "c1", "c2", "c3"]
     models = []
     for _ in range(2):

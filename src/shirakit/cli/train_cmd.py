@@ -3,6 +3,7 @@
     shirakit train --model PATH --data FILE --task {causal-lm,sft,classification} --method shira ...
     shirakit train --config recipe.yaml [flags that override it]
     shirakit train --preset bbc_news          # the packaged tasks
+    shirakit train --task text-to-image --model PIPELINE_DIR --data IMAGES_DIR --prompt "..."   # diffusers
 
 Where a value comes from, weakest first: the flag's default, the preset, the recipe file, the
 command line. Every argument is checked before the tokenizer, data or model load; then the data
@@ -30,7 +31,7 @@ from .common import (
 )
 from .models import DEVICES, DTYPES
 
-TASKS = ("causal-lm", "sft", "classification")
+TASKS = ("causal-lm", "sft", "classification", "text-to-image")
 MASKS = ("random", "struct", "wm", "grad", "snip")
 PRESETS = ("bbc_news", "tweet_sentiment", "shakespeare")
 
@@ -47,7 +48,8 @@ def register(sub) -> None:
     g.add_argument("--data", metavar="PATH", help="training data: .jsonl/.json, .csv, .parquet, .txt, a folder of "
                    "such files, or a folder saved by datasets' save_to_disk")
     g.add_argument("--task", choices=TASKS, help="causal-lm: next-token loss on a text column, packed in blocks; "
-                   "sft: chat-template conversations, loss on assistant tokens; classification: text -> label")
+                   "sft: chat-template conversations, loss on assistant tokens; classification: text -> label; "
+                   "text-to-image: a style/subject adapter on a diffusers pipeline folder from a folder of images")
     g.add_argument("--text-column", default="text", help="column of text (causal-lm, classification)")
     g.add_argument("--label-column", default="label", help="column of labels (classification)")
     g.add_argument("--messages-column", default="messages", help="column of [{role, content}, ...] (sft)")
@@ -56,6 +58,16 @@ def register(sub) -> None:
                    help="held out of --data when there is no --eval-data: a fraction, or a row count")
     g.add_argument("--train-rows", type=positive_int, help="use at most this many prepared training rows")
     g.add_argument("--eval-rows", type=positive_int, help="use at most this many prepared evaluation rows")
+    g = p.add_argument_group("text-to-image (diffusers pipelines)")
+    g.add_argument("--prompt", help="the prompt naming the style or subject (text-conditioned pipelines)")
+    g.add_argument("--class-data", metavar="DIR", help="images of the class, for prior preservation")
+    g.add_argument("--class-prompt", help="the class's prompt (with --class-data)")
+    g.add_argument("--prior-loss-weight", type=positive_float, default=1.0)
+    g.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 autocast on a GPU that has it, none on the CPU")
+    g.add_argument("--no-gradient-checkpointing", action="store_true")
+    g.add_argument("--samples", type=int, default=4, help="sample images written per epoch (0: none)")
+    g.add_argument("--sample-steps", type=positive_int, default=20, help="denoising steps of each sample")
     g = p.add_argument_group("adapter")
     g.add_argument("--method", default=DEFAULT_METHOD, metavar="NAME",
                    help=f"a registered adapter method (peft_type, any case; default {DEFAULT_METHOD})")
@@ -196,6 +208,11 @@ def validate(args) -> None:
 
 
 def run(args) -> None:
+    if args.task == "text-to-image":
+        from . import train_diffusion
+
+        train_diffusion.train(args)
+        return
     validate(args)
     from . import train_run
 

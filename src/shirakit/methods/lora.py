@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from ..core.adapter import Adapter
 from ..core.config import AdapterConfig, check_dropout, check_rank
@@ -134,7 +133,7 @@ class LoraAdapter(Adapter):
         """
         rank = sum(c.r for c in configs)
         tensors = {}
-        for path, (geometry, adapters) in layers.items():
+        for path, (_geometry, adapters) in layers.items():
             present = next(a for a in adapters if a is not None)
             a_key, b_key = present.factor_keys()
             a_shape, b_shape = (t.shape for t in present._factors())

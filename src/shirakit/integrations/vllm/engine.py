@@ -1,0 +1,149 @@
+"""vLLM's async engine with SHiRA adapters fused in its weights, behind a front scheduler.
+
+A fused adapter is in the weights for every row of vLLM's batch, so the rows running together must
+all want the same weights. :class:`GroupScheduler` sees to it: every request names a *group* (a
+SHiRA adapter, or ``None``: the base weights, which the base model's requests and vLLM-native LoRA
+requests share, LoRA adding its own deltas per row), and only one group's requests run at a time.
+To change groups it stops admitting the active group, waits until that group's last request has
+finished, switches the weights (``collective_rpc`` -> :class:`~.worker.ShiraWorkerExtension`, two
+scatters per weight) and admits the next group: the one whose oldest request has waited longest.
+
+Two policies decide when the active group stops being admitted once another group waits:
+
+- ``drain``: the active group keeps being admitted for the requests that arrived before the first
+  waiting request of another group (a group is drained as it stood; later arrivals wait their turn);
+- ``slice``: the active group is admitted for ``slice_s`` seconds after it became active, then
+  stops (time slices, round robin by age).
+
+Requests of one group still share vLLM's continuous batches; what the scheduler costs is the time a
+group waits for the others, measured by ``benchmarks/serve_engines.py`` (docs/vllm.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import Awaitable, Callable
+
+POLICIES = ("drain", "slice")
+
+
+class GroupScheduler:
+    """Admit requests of one group at a time; ``switch(group)`` changes the weights between groups."""
+
+    def __init__(self, switch: Callable[[str | None], Awaitable[None]], policy: str = "drain",
+                 slice_s: float = 0.5) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduler policy must be one of {POLICIES}, found {policy!r}")
+        if not slice_s > 0:
+            raise ValueError(f"slice_s must be positive, found {slice_s}")
+        self._switch, self.policy, self.slice_s = switch, policy, slice_s
+        self.active: str | None = None
+        self.inflight = 0
+        self.switches = 0
+        self._waiting: deque[tuple[int, str | None]] = deque()  # (ticket, group), arrival order
+        self._seq = itertools.count()
+        self._since = time.monotonic()
+        self._cond = asyncio.Condition()
+        self._switching = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _admits(self, ticket: int, group: str | None) -> bool:
+        if group != self.active or self._switching:
+            return False
+        other = next((t for t, g in self._waiting if g != self.active), None)
+        if other is None:
+            return True  # nobody else waits: the active group runs on
+        if self.policy == "drain":
+            return ticket < other
+        return time.monotonic() - self._since < self.slice_s
+
+    async def _maybe_switch(self) -> None:
+        """With nothing in flight and the head of the queue wanting other weights, switch to them."""
+        if self.inflight or self._switching or not self._waiting:
+            return
+        ticket, group = self._waiting[0]
+        if group == self.active:
+            if self._admits(ticket, group):
+                return
+            group = next(g for _, g in self._waiting if g != self.active)  # _admits said one waits
+        self._switching = True
+        try:
+            await self._switch(group)  # the lock is held: nobody is admitted meanwhile
+            self.active, self._since = group, time.monotonic()
+            self.switches += 1
+        finally:
+            self._switching = False
+            self._cond.notify_all()
+
+    @asynccontextmanager
+    async def turn(self, group: str | None):
+        """Wait until ``group``'s weights are in and it is admitted; hold a place until the block ends."""
+        async with self._cond:
+            ticket = next(self._seq)
+            entry = (ticket, group)
+            self._waiting.append(entry)
+            try:
+                while not self._admits(ticket, group):
+                    await self._maybe_switch()
+                    if self._admits(ticket, group):
+                        break
+                    try:  # slices expire by time, not only by events
+                        await asyncio.wait_for(self._cond.wait(), timeout=self.slice_s)
+                    except asyncio.TimeoutError:
+                        pass
+            except BaseException:
+                self._waiting.remove(entry)
+                self._cond.notify_all()
+                raise
+            self._waiting.remove(entry)
+            self.inflight += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.inflight -= 1
+                await self._maybe_switch()
+                self._cond.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self):
+        """Nothing in flight for the block (unloading the active adapter, say)."""
+        async with self._cond:
+            while self.inflight or self._switching:
+                await self._cond.wait()
+            self._switching = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._switching = False
+                self._cond.notify_all()
+
+    async def forget(self) -> None:
+        """The weights were reset to the base outside :meth:`turn` (an unload)."""
+        self.active = None
+        self._since = time.monotonic()
+
+
+def engine_args(model: str, *, dtype: str = "auto", max_model_len: int | None = None, lora_rank: int = 0,
+                max_loras: int = 4, memory_fraction: float = 0.25, tensor_parallel_size: int = 1, seed: int = 0):
+    """vLLM's AsyncEngineArgs for fused SHiRA: the worker extension, eager mode (on CPU the touched
+    layers are unpacked after tracing would have taken the packed kernels; see :mod:`.worker`) and no
+    prefix caching (a cached key/value block computed under one adapter is wrong under another)."""
+    from vllm import AsyncEngineArgs
+
+    from . import WORKER_EXTENSION
+
+    kwargs = dict(model=model, dtype=dtype, max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION,
+                  enforce_eager=True, enable_prefix_caching=False, gpu_memory_utilization=memory_fraction,
+                  tensor_parallel_size=tensor_parallel_size, seed=seed)
+    if lora_rank:
+        kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=max_loras)
+    return AsyncEngineArgs(**kwargs)

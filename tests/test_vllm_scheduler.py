@@ -1,0 +1,97 @@
+"""The front scheduler of ``--engine vllm`` (``shirakit.vllm.GroupScheduler``), without vLLM: one group's
+requests run at a time, the weights switch only with nothing in flight, and the two policies order
+groups as documented (drain: a group as it stood; slice: turns by time)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shirakit.vllm import GroupScheduler
+
+
+def run(policy: str, arrivals: list[tuple[float, str | None]], hold: float, slice_s: float = 0.05):
+    """Requests (arrival time, group), each holding its turn ``hold`` seconds -> (order started, switches, log)."""
+    log = []
+
+    async def main():
+        running: dict[str | None, int] = {}
+
+        async def switch(group):
+            assert not any(running.values()), "switched with requests in flight"
+            log.append(("switch", group))
+            await asyncio.sleep(0.001)
+
+        scheduler = GroupScheduler(switch, policy, slice_s)
+        started = []
+
+        async def request(i, at, group):
+            await asyncio.sleep(at)
+            async with scheduler.turn(group):
+                assert scheduler.active == group
+                assert all(n == 0 for g, n in running.items() if g != group), "two groups ran together"
+                running[group] = running.get(group, 0) + 1
+                started.append(i)
+                await asyncio.sleep(hold)
+                running[group] -= 1
+
+        await asyncio.wait_for(asyncio.gather(*(request(i, at, g) for i, (at, g) in enumerate(arrivals))), 20)
+        return started, scheduler.switches
+
+    started, switches = asyncio.run(main())
+    return started, switches, log
+
+
+def test_drain_runs_a_group_as_it_stood_then_the_next():
+    # a arrives first; b waits from t=0.01; the a that comes after b waits for b's turn
+    arrivals = [(0.0, "a"), (0.0, "a"), (0.01, "b"), (0.02, "a"), (0.02, None)]
+    started, switches, log = run("drain", arrivals, hold=0.05)
+    assert started[:2] == [0, 1] and started[2] == 2  # a, a, then b before the later a
+    assert [g for kind, g in log] == ["a", "b", "a", None]
+    assert switches == 4
+
+
+def test_slice_alternates_by_time():
+    # a steady stream of a keeps coming; b must still get a turn within a slice
+    arrivals = [(0.01 * i, "a") for i in range(30)] + [(0.02, "b")]
+    started, _, log = run("slice", arrivals, hold=0.02, slice_s=0.05)
+    assert started.index(30) < 25  # drain-free of the later a requests
+    assert ("switch", "b") in log
+
+
+def test_one_group_never_switches_again():
+    started, switches, log = run("drain", [(0.0, "a")] * 6, hold=0.01)
+    assert sorted(started) == list(range(6)) and switches == 1 and log == [("switch", "a")]
+
+
+def test_base_requests_need_no_switch():
+    _, switches, log = run("drain", [(0.0, None)] * 4, hold=0.01)
+    assert switches == 0 and log == []
+
+
+@pytest.mark.parametrize("kwargs, message", [({"policy": "fifo"}, "policy"), ({"slice_s": 0}, "slice_s")])
+def test_bad_settings_are_refused(kwargs, message):
+    async def switch(group):
+        pass
+
+    with pytest.raises(ValueError, match=message):
+        GroupScheduler(switch, **kwargs)
+
+
+def test_a_cancelled_waiter_leaves_the_queue():
+    async def main():
+        async def switch(group):
+            await asyncio.sleep(0.001)
+
+        scheduler = GroupScheduler(switch, "drain")
+        async with scheduler.turn("a"):
+            waiter = asyncio.create_task(scheduler.turn("b").__aenter__())
+            await asyncio.sleep(0.01)
+            assert scheduler.waiting == 1
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+            assert scheduler.waiting == 0
+        return scheduler.active
+
+    assert asyncio.run(main()) == "a"
