@@ -7,9 +7,7 @@ uvicorn on a thread bound to 127.0.0.1 and a free port, and :meth:`RunningServer
 from __future__ import annotations
 
 import argparse
-import socket
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +15,7 @@ import torch
 from .build import DTYPES, build_engine
 from .engine import Engine
 from .policy import API_KEY_ENV, Policy
+from .threaded import serve_on_thread
 
 
 @dataclass
@@ -36,27 +35,14 @@ def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, timeout
                  policy: Policy | None = None) -> RunningServer:
     """Start the engine and uvicorn on a thread; returns once the server accepts connections.
     ``policy``: API key, runtime adapters, adapter roots, body size (default: ``Policy()``, all closed)."""
-    import uvicorn
 
     from .app import create_app
     from .backend import LocalBackend
 
     engine.start()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    config = uvicorn.Config(create_app(LocalBackend(engine, policy)), log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="shirakit-http")
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            engine.stop()
-            raise RuntimeError("the HTTP server did not start")
-        time.sleep(0.02)
-    return RunningServer(f"http://{host}:{sock.getsockname()[1]}", engine, server, thread)
+    url, server, thread = serve_on_thread(create_app(LocalBackend(engine, policy)), host, port, timeout,
+                                          engine.stop)
+    return RunningServer(url, engine, server, thread)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -313,27 +313,11 @@ class RunningVllmServer:
 
 def start_vllm_server(backend: VllmBackend, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
     """uvicorn on a thread over ``backend`` (tests, benchmarks); ``.stop()`` stops both."""
-    import socket
-    import threading
-
-    import uvicorn
-
     from .app import create_app
+    from .threaded import serve_on_thread
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(create_app(backend), log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="shirakit-http")
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            backend.stop()
-            raise RuntimeError("the HTTP server did not start")
-        time.sleep(0.02)
-    return RunningVllmServer(f"http://{host}:{sock.getsockname()[1]}", backend, server, thread)
+    url, server, thread = serve_on_thread(create_app(backend), host, port, timeout, backend.stop)
+    return RunningVllmServer(url, backend, server, thread)
 
 
 def build_vllm_backend(args) -> VllmBackend:
