@@ -73,3 +73,17 @@ def lm_training_losses(model, ids: torch.Tensor, steps: int, lr: float) -> list[
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def rows_alone(model, ids, names):
+    """Each row of ``ids`` run alone with its adapter active (``"__base__"``: adapters disabled): what a
+    routed batch over ``names`` must equal."""
+    rows = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with shirakit.disable_adapters(model):
+                rows.append(output(model, ids[i : i + 1]))
+        else:
+            shirakit.set_adapter(model, name)
+            rows.append(output(model, ids[i : i + 1]))
+    return torch.cat(rows)

@@ -20,6 +20,7 @@ import shirakit.core.layer
 from shirakit.core.state import adapter_layers
 from shirakit.model.routing import route
 from tests.cases import CASES
+from tests.checks import rows_alone
 from tests.models import MODELS, TARGETS, inputs, output
 
 
@@ -189,15 +190,7 @@ def test_routed_rows_equal_rows_alone_in_half_precision(dtype):
                                                     random_seed=i), name)
     names = ["a", "b", "__base__", "a"]
     ids = inputs(batch=len(names))
-    rows = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with shirakit.disable_adapters(model):
-                rows.append(output(model, ids[i : i + 1]))
-        else:
-            shirakit.set_adapter(model, name)
-            rows.append(output(model, ids[i : i + 1]))
-    expected = torch.cat(rows)
+    expected = rows_alone(model, ids, names)
     with route(model, names):
         routed = output(model, ids)
     assert routed.dtype == dtype

@@ -9,6 +9,7 @@ import shirakit
 from shirakit.core.adapter import InWeightAdapter
 from shirakit.model.routing import route
 from tests.cases import CASES
+from tests.checks import rows_alone
 from tests.models import MODELS, TARGETS, inputs, output
 
 
@@ -18,18 +19,6 @@ def _model_with(makers):
         torch.manual_seed(10 + i)
         shirakit.inject(model, make(), name)
     return model
-
-
-def _alone(model, ids, names):
-    rows = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with shirakit.disable_adapters(model):
-                rows.append(output(model, ids[i : i + 1]))
-        else:
-            shirakit.set_adapter(model, name)
-            rows.append(output(model, ids[i : i + 1]))
-    return torch.cat(rows)
 
 
 def _generate_alone(model, ids, names, kwargs):
@@ -58,7 +47,7 @@ def test_routed_rows_equal_rows_alone(case, scatter_path, monkeypatch):
     monkeypatch.setattr(InWeightAdapter, "prefers_weight", lambda self, tokens: scatter_path)
     model = _model_with(_case_makers(case))
     ids = inputs(batch=len(NAMES))
-    expected = _alone(model, ids, NAMES)
+    expected = rows_alone(model, ids, NAMES)
     with route(model, NAMES):
         routed = output(model, ids)
     torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
@@ -73,7 +62,7 @@ def test_mix_of_methods():
     model = _model_with(makers)
     names = list(makers) + ["__base__"] + list(makers)[::-1]
     ids = inputs(batch=len(names))
-    expected = _alone(model, ids, names)
+    expected = rows_alone(model, ids, names)
     with route(model, names):
         torch.testing.assert_close(output(model, ids), expected, atol=1e-5, rtol=1e-5)
 
@@ -113,7 +102,7 @@ def test_modules_to_save_are_routed_per_row():
             model.classifier.adapters[name].weight.add_(torch.randn_like(model.classifier.adapters[name].weight))
     names = ["a", "__base__", "b"]
     ids = inputs(batch=3)
-    expected = _alone(model, ids, names)
+    expected = rows_alone(model, ids, names)
     with route(model, names):
         torch.testing.assert_close(output(model, ids), expected, atol=1e-5, rtol=1e-5)
 

@@ -14,8 +14,8 @@ import shirakit
 from shirakit import ConcurrentUseError
 from shirakit.core.adapter import InWeightAdapter
 from shirakit.model.routing import route
+from tests.checks import rows_alone
 from tests.models import MODELS, TARGETS, inputs, output
-from tests.test_routing import _alone
 
 JOIN_S = 120
 ROUNDS = 12
@@ -89,7 +89,7 @@ def test_two_routed_threads_and_a_plain_one_each_get_their_own_adapters(makers, 
     ids = inputs(batch=3)
     names_1, names_2 = ["a", "b", "__base__"], ["b", "__base__", "a"]
     with torch.no_grad():
-        want_1, want_2 = _alone(model, ids, names_1), _alone(model, ids, names_2)
+        want_1, want_2 = rows_alone(model, ids, names_1), rows_alone(model, ids, names_2)
         shirakit.set_adapter(model, "a")  # the plain thread runs with "a" live in the weights
         want_plain = output(model, ids)
     wrong = {"route 1": 0, "route 2": 0, "plain": 0}
@@ -118,7 +118,7 @@ def test_keyword_routing_in_two_threads():
     model = _model({"a": _shira, "b": _bat})
     ids = inputs(batch=2)
     with torch.no_grad():
-        want = {("a", "b"): _alone(model, ids, ["a", "b"]), ("b", "a"): _alone(model, ids, ["b", "a"])}
+        want = {("a", "b"): rows_alone(model, ids, ["a", "b"]), ("b", "a"): rows_alone(model, ids, ["b", "a"])}
     wrong = []
 
     def run(names):
