@@ -166,3 +166,38 @@ def test_429_carries_retry_after_and_a_refused_batch_leaves_nothing_queued(serve
             assert "retry-after" not in ok.headers
     finally:
         gate.set()
+
+
+def test_tokenize_and_detokenize_as_vllm_does(http, tokenizer):
+    """vLLM's tokenizer routes (lm-eval's local-completions finds them and tokenizes through them)."""
+    ids = tokenizer("Hi there").input_ids
+    answer = http.post("/tokenize", json={"prompt": "Hi there"}).json()
+    assert answer["tokens"] == ids and answer["count"] == len(ids) and answer["max_model_len"] == 96
+    assert http.post("/tokenize", json={"prompt": "</s>", "add_special_tokens": False}).json()["tokens"] == [2]
+    assert http.post("/detokenize", json={"tokens": ids}).json() == {"prompt": tokenizer.decode(ids)}
+    info = http.get("/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"], info["pad_token"]) == ("<s>", "</s>", "<pad>")
+    assert info["chat_template"] == tokenizer.chat_template
+    error = http.post("/detokenize", json={"tokens": [5, 100]}).json()["error"]
+    assert error["param"] == "tokens" and "[0, 100); found [100]" in error["message"]
+    assert http.post("/tokenize", json={"prompt": "x", "model": "nope"}).status_code == 404
+    assert http.post("/tokenize", json={"prompt": 5}).status_code == 400
+
+
+def test_tokenizer_routes_are_behind_the_api_key(served_folders, monkeypatch):
+    from shirakit.serve import Engine, start_server
+    from shirakit.serve.policy import Policy
+
+    model_dir, adapters, _ = served_folders
+    model, tok = load_tiny_lm(model_dir)
+    running = start_server(Engine(model, tok, "tiny-llama", adapters), policy=Policy(api_key="k3y"))
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            assert http.get("/tokenizer_info").status_code == 401
+            assert http.post("/tokenize", json={"prompt": "x"}).status_code == 401
+            assert http.post("/detokenize", json={"tokens": [5]}).status_code == 401
+            key = {"Authorization": "Bearer k3y"}
+            assert http.post("/tokenize", json={"prompt": "x"}, headers=key).status_code == 200
+            assert http.get("/health").status_code == 200
+    finally:
+        running.stop()

@@ -7,6 +7,8 @@
     POST /v1/chat/completions         messages -> text, through the tokenizer's chat template
     POST /v1/load_lora_adapter        {"lora_name", "lora_path"}: any method, not LoRA only
     POST /v1/unload_lora_adapter      {"lora_name"}
+    POST /tokenize, /detokenize       vLLM's: text <-> token ids with the served tokenizer
+    GET  /tokenizer_info              its special tokens and chat template (lm-eval's remote tokenizer)
 
 Handlers validate, tokenize (on a worker thread, after a bound on the text's length) and hand the
 request to the backend; they never touch the model. The backend's ``policy`` (``policy.py``)
@@ -39,14 +41,17 @@ from .protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadAdapterRequest,
     Sampling,
+    TokenizeRequest,
     UnloadAdapterRequest,
     error_response,
 )
 from .sequence import SamplingParams
 
 log = logging.getLogger("shirakit.serve")
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")  # behind the API key, as /v1/* is
 
 
 def api_error_for(exc: Exception) -> ApiError:
@@ -81,7 +86,8 @@ class Guard:
             return await self.app(scope, receive, send)
         policy: Policy = self.policy_of()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        if scope["path"].startswith("/v1/") and not policy.authorized(headers.get("authorization")):
+        guarded = scope["path"].startswith("/v1/") or scope["path"] in TOKENIZER_ROUTES
+        if guarded and not policy.authorized(headers.get("authorization")):
             return await self._refuse(scope, send, 401, "a valid API key is required: Authorization: Bearer KEY")
         limit = policy.max_body_bytes
         too_big = f"the request body is larger than this server accepts ({limit} bytes)"
@@ -180,6 +186,39 @@ def create_app(backend) -> FastAPI:
             return await _respond(backend, request, body, [(prompt, None)], [params], chat=True)
         except Exception as exc:
             return failed(exc)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        try:
+            if body.model is not None and not backend.knows(body.model):
+                raise UnknownModel(body.model)
+            _check_text_length(backend, len(body.prompt), "prompt")
+            tokens = (await asyncio.to_thread(backend.tokenizer, body.prompt,
+                                              add_special_tokens=body.add_special_tokens)).input_ids
+        except Exception as exc:
+            return failed(exc)
+        return {"count": len(tokens), "max_model_len": backend.max_context, "tokens": tokens, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        try:
+            if body.model is not None and not backend.knows(body.model):
+                raise UnknownModel(body.model)
+            vocab = len(backend.tokenizer)
+            bad = [t for t in body.tokens if not 0 <= t < vocab]
+            if bad:
+                raise ApiError(400, f"tokens: token ids must lie in [0, {vocab}); found {bad[:5]}", "tokens")
+            text = await asyncio.to_thread(backend.tokenizer.decode, body.tokens)
+        except Exception as exc:
+            return failed(exc)
+        return {"prompt": text}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = backend.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "model_max_length": backend.max_context,
+                "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+                "unk_token": tok.unk_token, "chat_template": getattr(tok, "chat_template", None)}
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):

@@ -183,6 +183,21 @@ class ChatRequest(Sampling):
         return self
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize`` (the completions form): text -> token ids."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``: token ids -> text."""
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
 class LoadAdapterRequest(BaseModel):
     lora_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
     lora_path: str = Field(min_length=1, max_length=4096)
