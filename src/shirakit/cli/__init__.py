@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 
+from ..core.extras import missing_extra
 from .common import Parser, UsageError
 
 # subcommand -> module in this package, in the order --help lists them
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return _report(exc)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:  # an optional package: one line naming the extra that installs it
+        hint = missing_extra(exc, f"shirakit {argv[0]}" if argv else "shirakit")
+        if hint is None or os.environ.get("SHIRAKIT_DEBUG"):
+            raise
+        return _report(hint)
     except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
         if os.environ.get("SHIRAKIT_DEBUG"):
             raise
