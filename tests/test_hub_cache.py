@@ -114,3 +114,13 @@ def test_serve_adapters_by_repo_id(hub, tmp_path):
         adapter_folders("org/style,org/style")
     with pytest.raises(FileNotFoundError, match="--adapters 'org/nothing': no such local folder"):
         adapter_folders("org/nothing")
+
+
+def test_cli_inspect_by_repo_id(hub, tmp_path, capsys):
+    from shirakit.cli import main
+
+    snapshot = put_in_cache(hub, "org/name", saved(tmp_path, "a", seed=1))
+    assert main(["inspect", "org/name"]) == 0
+    assert str(snapshot) in capsys.readouterr().out
+    assert main(["inspect", "org/absent"]) == 2
+    assert "adapter 'org/absent': no such local folder" in capsys.readouterr().err
