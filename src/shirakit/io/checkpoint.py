@@ -36,7 +36,7 @@ from ..model.inject import inject
 from ..model.tensors import AdapterTensors
 from .atomic import check_regular_file
 from .config_file import read_config
-from .folder import BINDING_KEY, CONFIG_NAME, WEIGHTS_NAME, digest, write_adapter_folder
+from .folder import BINDING_KEY, CONFIG_NAME, WEIGHTS_NAME, check_save_target, digest, write_adapter_folder
 from .hub import resolve_adapter_source
 
 PREFIX = "base_model.model."
@@ -102,7 +102,7 @@ def save_adapter(
     """
     state = state_of(model)
     check_adapter_names(model, [adapter_name])
-    directory = Path(directory)
+    directory = check_save_target(directory)  # on every rank, before the gather: no rank waits on a refusal
     sharded = _sharded(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
     metadata = {"format": "pt"}
