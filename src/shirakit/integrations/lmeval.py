@@ -54,12 +54,14 @@ def task_manager(tasks: list[str], include_path: str | Path | list | None = None
 
 def evaluate(model, tokenizer, tasks: list[str] | str, include_path=None, limit: int | float | None = None,
              num_fewshot: int | None = None, batch_size: int = 8, device: str | None = None,
-             log_samples: bool = False, **evaluate_args) -> dict:
+             add_bos_token: bool | None = None, log_samples: bool = False, **evaluate_args) -> dict:
     """Run lm-eval ``tasks`` (names, or one comma-separated string) on ``model`` (a causal LM with
     its adapters loaded) and return lm-eval's result dict (``results``, ``configs``, ``samples``
     when ``log_samples``...). ``include_path``: folders or files of task YAMLs of your own.
-    ``limit``: at most this many documents per task (a fraction: that share). ``evaluate_args``
-    go to ``lm_eval.simple_evaluate`` unchanged."""
+    ``limit``: at most this many documents per task (a fraction: that share). ``add_bos_token``:
+    None tokenizes as the tokenizer does by default (Llama's puts BOS first), as ``lm_eval --model
+    hf`` does; False matches lm-eval's ``local-completions`` client, which sends no BOS unless told
+    (docs/serving.md). ``evaluate_args`` go to ``lm_eval.simple_evaluate`` unchanged."""
     require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -73,7 +75,8 @@ def evaluate(model, tokenizer, tasks: list[str] | str, include_path=None, limit:
         where = f" (nor under {include_path})" if include_path else ""
         raise ValueError(f"unknown lm-eval task(s) {unknown}: not among lm-eval's tasks{where}")
     device = device or str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+              add_bos_token=add_bos_token)
     results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                               log_samples=log_samples, **evaluate_args)
     if results is None:  # simple_evaluate returns None on non-zero ranks of a distributed run
