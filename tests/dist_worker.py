@@ -43,10 +43,10 @@ GLOBAL_BATCH = 8
 LR = 0.5
 
 
-def build(method: str) -> torch.nn.Module:
+def build(method: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The same model and adapter on every process: tiny_llama seeds torch's global RNG, and the
     adapter's seed (no random_seed given) is then drawn from it, so every rank draws the same masks."""
-    model = tiny_llama(seed=0)
+    model = tiny_llama(dtype=dtype, seed=0)
     shirakit.inject(model, CONFIGS[method]())
     return model.train()
 
@@ -85,11 +85,12 @@ def init_digest(model: torch.nn.Module, method: str) -> str:
     return digest(p for n, p in model.named_parameters() if p.requires_grad)
 
 
-def train_single(method: str, resume_dir: Path | None = None) -> tuple[torch.nn.Module, list[float]]:
+def train_single(method: str, resume_dir: Path | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, list[float]]:
     """The reference: one process, the mean loss over the whole global batch, the same steps.
     ``resume_dir``: save after RESUME_AT steps, load the save into a fresh base, train on (a fresh
     optimizer: what is resumed here is the adapter, the optimizer state is torch's own checkpoint)."""
-    model = build(method)
+    model = build(method, dtype)
     optimizer = optimizer_for(model)
     ids = global_batch()
     losses = []
@@ -149,10 +150,11 @@ def run_ddp(method: str, rank: int, world: int, record: dict, out: Path) -> torc
     return model
 
 
-def run_fsdp(method: str, rank: int, world: int, record: dict, out: Path, keep_adapted_whole: bool):
+def run_fsdp(method: str, rank: int, world: int, record: dict, out: Path, keep_adapted_whole: bool,
+             dtype: torch.dtype = torch.float32):
     from torch.distributed.fsdp import fully_shard
 
-    model = build(method)
+    model = build(method, dtype)
     record["init"] = init_digest(model, method)
     ignored = None
     if keep_adapted_whole:
@@ -176,6 +178,19 @@ def run_fsdp(method: str, rank: int, world: int, record: dict, out: Path, keep_a
             shirakit.merge(model)
         except RuntimeError as exc:
             record["merge_error"] = str(exc)
+    return model
+
+
+def run_fsdp_logits(method: str, rank: int, world: int, record: dict, out: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """``fsdp`` in ``dtype``, then the trained model's logits on the global batch (an FSDP2 forward is
+    collective: every rank runs it), written by rank 0 to ``logits.safetensors`` for the test to compare."""
+    from safetensors.torch import save_file
+
+    model = run_fsdp(method, rank, world, record, out, keep_adapted_whole=False, dtype=dtype)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=global_batch()).logits
+    if rank == 0:
+        save_file({"logits": logits.contiguous()}, str(out / "logits.safetensors"))
     return model
 
 
@@ -389,6 +404,8 @@ RUNS = {
     "accelerate": run_accelerate,
     "fsdp": lambda *a: run_fsdp(*a, keep_adapted_whole=False),
     "fsdp-ignored": lambda *a: run_fsdp(*a, keep_adapted_whole=True),
+    "fsdp64": lambda *a: run_fsdp_logits(*a, dtype=torch.float64),
+    "fsdp32": lambda *a: run_fsdp_logits(*a, dtype=torch.float32),
     "fsdp-resume": run_fsdp_resume,
     "fsdp-meta": run_fsdp_meta,
     "zero3": run_zero3,

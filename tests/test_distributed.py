@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "dist_worker.py")
 TORCHRUN_JOBS = ["ddp:shira", "ddp:lora", "fsdp:lora", "fsdp:shira", "fsdp:vera", "fsdp:miss", "fsdp:missbat",
                  "fsdp-ignored:shira", "fsdp-resume:shira", "fsdp-resume:lora",
-                 "fsdp-meta:shira", "fsdp-meta:lora", "fsdp-meta:vera", "fsdp-meta:missbat"]
+                 "fsdp-meta:shira", "fsdp-meta:lora", "fsdp-meta:vera", "fsdp-meta:missbat",
+                 "fsdp64:shira", "fsdp64:missbat", "fsdp32:missbat"]
 # DeepSpeed ZeRO-3 on its CPU accelerator (gloo), last in the launch (deepspeed is a dev dependency)
 ZERO3_MERGE_JOBS = ["zero3-merge:shira", "zero3-merge:lora", "zero3-merge:missbat"]
 ZERO3_JOBS = ["zero3:shira", "zero3:lora", "zero3-release:shira", "zero3-release:missbat", *ZERO3_MERGE_JOBS] \
@@ -171,6 +172,40 @@ def test_fsdp2_merging_lora_into_shards_is_refused_with_the_way_out(torchrun_out
 def test_fsdp2_other_methods_on_sharded_base_weights(method, torchrun_out, reference):
     """VeRA, MiSS balance and MiSS bat (which reads the gathered weight, additively) under FSDP2."""
     assert_matches_single_process(torchrun_out, f"fsdp:{method}", reference)
+
+
+def trained_logits(method: str, dtype: torch.dtype) -> torch.Tensor:
+    """One process, the whole global batch: the trained model's logits (float64 for comparison)."""
+    model, _ = dist_worker.train_single(method, None, dtype)
+    with torch.no_grad():
+        return model.eval()(input_ids=dist_worker.global_batch()).logits.double()
+
+
+def fsdp_logits(out: Path, job: str) -> torch.Tensor:
+    for r in records(out, job):
+        assert "error" not in r, f"rank {r['rank']}: {r['error']}\n{r.get('traceback', '')}"
+    return load_file(str(out / job.replace(":", "-") / "logits.safetensors"))["logits"].double()
+
+
+@pytest.mark.parametrize("method", ["shira", "missbat"])
+def test_fsdp2_float64_logits_equal_one_process(method, torchrun_out):
+    """In float64, 3 SGD steps on 2 ranks give one process's logits: MiSS bat runs additively on FSDP2's
+    gathered weight and in the weight in one process, and both now compute its delta and W0 + delta in
+    float64 (it was fp32: 1.1e-5 apart here; measured 0.0 since). docs/distributed.md."""
+    got, want = fsdp_logits(torchrun_out, f"fsdp64:{method}"), trained_logits(method, torch.float64)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_fsdp2_fp32_missbat_gap_is_fp32_rounding(torchrun_out):
+    """In fp32 MiSS bat on 2 ranks is ~6e-5 from one process (scale 0.6): no missing term (float64 agrees,
+    above) but fp32 rounding (the additive route vs W0 + delta rounded once, the gradients' reduction order)
+    that bat's training amplifies: one process in fp32 is as far from itself in float64."""
+    exact = trained_logits("missbat", torch.float64)
+    own_error = (trained_logits("missbat", torch.float32) - exact).abs().max().item()
+    gap = (fsdp_logits(torchrun_out, "fsdp32:missbat") - trained_logits("missbat", torch.float32)).abs().max().item()
+    assert own_error > 1e-6  # fp32 alone moves bat's logits this much (measured 5.0e-5)
+    assert gap < 2e-4 and gap < 4 * own_error, (gap, own_error)  # measured 6.5e-5
 
 
 @pytest.mark.parametrize("method", ["shira", "lora"])

@@ -26,8 +26,7 @@ def pyproject_extras() -> dict[str, list[str]]:
 
 def test_every_extra_named_exists_and_brings_the_package():
     extras = pyproject_extras()
-    # "eval" (lm-eval) is added by the lm-evaluation-harness work on another branch; nothing else may be missing
-    assert {extra for extra, _ in EXTRAS.values()} - set(extras) <= {"eval"}
+    assert {extra for extra, _ in EXTRAS.values()} <= set(extras)
     for module, (extra, dist) in EXTRAS.items():
         if extra not in extras:
             continue

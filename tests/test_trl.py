@@ -159,3 +159,19 @@ def test_refused_models():
         check_model(model)
     with pytest.raises(TypeError, match="found str"):
         base_reference("model")
+
+
+@pytest.mark.slow
+def test_the_example_runs(tmp_path):
+    """examples/trl_sft_dpo.py, shortened: SFT then DPO then save, offline."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+           "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(root / "examples" / "trl_sft_dpo.py"), "--steps", "2",
+                           "--method", "miss"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DPO loss" in done.stdout and "saved ['adapter_config.json', 'adapter_model.safetensors']" in done.stdout

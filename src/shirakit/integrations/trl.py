@@ -22,6 +22,9 @@ places and calls it like a model, and no weight is copied.
 
 Both trainers compute log-probabilities from ``lm_head.weight`` directly (TRL's fused LM head), so an adapter on
 the output head would be skipped: :func:`check_model` refuses that.
+
+Tested in one process (CPU, fp32 and TRL's default bf16 autocast; tests/test_trl.py). Under FSDP or DeepSpeed TRL
+wraps ``ref_model`` with its own sharding, which this parameterless view is not made for: untested there.
 """
 
 from __future__ import annotations

@@ -94,6 +94,13 @@ def block_sum(x: torch.Tensor, r: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, r).sum(dim=-2)
 
 
+def _sum_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Where bat's delta and W0 + delta are computed: fp32 for half-precision and fp32 weights, float64 for
+    float64 ones. (An fp32 sum for a float64 weight would round W0 itself to fp32 precision, and the additive
+    route, x W0^T + s x delta^T in the weight's dtype, would then disagree with it by ~1e-7 relative.)"""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 def bat_delta(w: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """delta_W with delta_W_bc = W_bc M_b + M_b, from w (out, in) and M (out/r, r, r); autograd-safe.
 
@@ -268,11 +275,12 @@ class MissBatAdapter(_MissShards, InWeightAdapter):
         return F.linear(x.to(block.dtype), delta) * self.scale
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """Dense (out, in) delta in fp32, relative to ``weight``, or, while the adapter is written
-        in, to the weight it was written into."""
+        """Dense (out, in) delta in fp32 (float64 for a float64 weight), relative to ``weight``, or, while the
+        adapter is written in, to the weight it was written into."""
         base = self._saved if self._saved is not None else weight
+        acc = _sum_dtype(base)
         with torch.no_grad():
-            return bat_delta(self.geometry.as_out_in(base).float(), self.miss_block.detach().float()) * self.scale
+            return bat_delta(self.geometry.as_out_in(base).to(acc), self.miss_block.detach().to(acc)) * self.scale
 
     # ---- cost model of a mixed-batch group (InWeightAdapter.prefers_weight) ------------------
     # Both routes build the dense delta (m n r multiply-adds), so it drops out. Writing in keeps a
@@ -295,11 +303,11 @@ class MissBatAdapter(_MissShards, InWeightAdapter):
         return self.miss_block
 
     def write_into(self, weight: torch.Tensor, base_key: object) -> None:
-        """Keep W0 aside, write W0 + delta (fp32 sum, rounded once)."""
+        """Keep W0 aside, write W0 + delta (summed in fp32, or float64 for a float64 weight; rounded once)."""
         delta = self.delta_weight(weight)
         self._saved = weight.detach().clone()
         view = self.geometry.as_out_in(weight)
-        view.copy_((view.float() + delta).to(weight.dtype))
+        view.copy_((view.to(delta.dtype) + delta).to(weight.dtype))
 
     def restore_into(self, weight: torch.Tensor) -> None:
         """Put W0 back bit-exactly."""
