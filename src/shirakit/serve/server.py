@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(any method, PEFT or compact layout), named by the subfolder, loaded on first use")
     parser.add_argument("--served-model-name", default=None, help="the base model's name in the API "
                         "(default: the model folder's name)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="the address the API listens on; with --ray also "
+                        "Ray's node address and its dashboard (the dashboard only on a loopback address)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-loaded", type=int, default=8, help="adapters held in the model at once (LRU)")
     parser.add_argument("--max-loaded-mb", type=float, default=None, help="bound on the loaded adapters' size")
