@@ -78,7 +78,7 @@ def run(engine, names: list[str], rows: int, tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="0: only --profile")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -112,6 +112,10 @@ def main() -> None:
         run(eng, names, args.rows, args.tokens)
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    if args.rounds < 1:  # --profile alone
+        bare.stop()
+        full.stop()
+        return
     results = {mix: [] for mix in MIXES}
     for _ in range(args.rounds):
         for mix in MIXES:
