@@ -261,6 +261,7 @@ class AdapterLinear(nn.Module):
                 self._withdraw_live()
 
     def _withdraw_live(self) -> None:
+        self._ready = None  # every change of the layer comes here: drop the record (and what it holds)
         self._reconcile()
         while self._live:
             self._remove_adapter(self._live.pop())
