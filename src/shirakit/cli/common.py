@@ -118,7 +118,13 @@ def check_file_out(path: str | Path, flag: str) -> Path:
 
 
 def check_adapter_dir(path: str | Path, what: str = "adapter") -> Path:
-    path = Path(path)
+    """An adapter folder, or the snapshot of a repo id (org/name) in the local Hugging Face hub cache."""
+    from ..io.hub import resolve_adapter_source
+
+    try:
+        path = resolve_adapter_source(str(path))
+    except FileNotFoundError as exc:
+        raise UsageError(f"{what} {exc}") from None
     if not path.is_dir():
         raise UsageError(f"{what} {path}: no such folder")
     if not (path / "adapter_config.json").is_file():

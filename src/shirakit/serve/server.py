@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder "
                         "(default: the packaged SmolLM2-135M)")
     parser.add_argument("--adapters", default=None, help="a folder whose every subfolder is one adapter "
-                        "(any method, PEFT or compact layout), named by the subfolder, loaded on first use")
+                        "(any method, PEFT or compact layout), named by the subfolder, loaded on first use; or "
+                        "one adapter folder, or a repo id (org/name) in the local Hugging Face cache; "
+                        "several comma-separated")
     parser.add_argument("--served-model-name", default=None, help="the base model's name in the API "
                         "(default: the model folder's name)")
     parser.add_argument("--host", default="127.0.0.1", help="the address the API listens on; with --ray also "
