@@ -166,7 +166,7 @@ def train_rows(args) -> list[list[str]]:
     if not args.no_peft:
         variants += [("PEFT SHiRA", "peft", "shira"), ("PEFT LoRA", "peft", "lora")]
     for shape in ("1B", "3B"):
-        times = {}
+        times, measured = {}, []
         for label, library, method in variants:
             fresh_memory(args.dev)
             model = build_model(args, shape)
@@ -195,11 +195,11 @@ def train_rows(args) -> list[list[str]]:
             fresh_memory(args.dev)
             samples = [timed(step, args.dev) for _ in range(args.steps)]
             times[label] = statistics.median(samples)
-            memory = peak_gib(args.dev)
-            count = trainable(model)
+            measured.append((label, peak_gib(args.dev), trainable(model)))
             del model, optimizer, params, step, embed
             fresh_memory(args.dev)
-            anchor = times.get("shirakit LoRA")
+        anchor = times.get("shirakit LoRA")  # every row's ratio, the rows run before it too
+        for label, memory, count in measured:
             ratio = f"{times[label] / anchor:.2f}" if anchor and label != "shirakit LoRA" else ""
             rows.append([f"train step, {shape}", label, f"{times[label] * 1e3:.1f} ms", ratio, memory,
                          f"{count / 1e6:.2f} M"])

@@ -1,8 +1,8 @@
 """Where a serving step's time goes: the engine alone (no HTTP), one base model, one batch mix at a time.
 
-    python benchmarks/serve_engine_steps.py [--rounds 3] [--rows 16] [--tokens 64] [--profile shira]
+    python benchmarks/serve_engine_steps.py [--rounds 3] [--rows 16] [--tokens 64] [--threads 1] [--profile "SHiRA 1"]
 
-SmolLM2-135M (fp32, 1 torch thread), adapters on q_proj and v_proj with equal trainable values
+SmolLM2-135M (fp32, ``--threads`` torch threads, default 1), adapters on q_proj and v_proj with equal trainable values
 (SHiRA r=8 and LoRA r=8: 460,800 each). Rows: ``--rows`` greedy requests of ``--tokens`` tokens,
 submitted together to one ``Engine``; throughput = generated tokens / wall second. Mixes, run
 interleaved round by round (each round runs every mix once, so a load change hits all alike):
@@ -78,12 +78,13 @@ def run(engine, names: list[str], rows: int, tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="0: only --profile")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--profile", default=None, choices=[None, *MIXES])
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shirakit.data import smollm2_dir
@@ -111,13 +112,17 @@ def main() -> None:
         run(eng, names, args.rows, args.tokens)
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    if args.rounds < 1:  # --profile alone
+        bare.stop()
+        full.stop()
+        return
     results = {mix: [] for mix in MIXES}
     for _ in range(args.rounds):
         for mix in MIXES:
             eng, names = setups[mix]
             results[mix].append(run(eng, names, args.rows, args.tokens))
     print(f"\nload average {os.getloadavg()}, {args.rounds} rounds, {args.rows} rows x {args.tokens} greedy tokens, "
-          f"1 thread, SmolLM2-135M fp32")
+          f"{args.threads} thread(s), SmolLM2-135M fp32")
     print("| mix | tok/s (median) | / base, bare (median of rounds) | runs |")
     print("|---|---|---|---|")
     for mix in MIXES:

@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None, help="default 1024x2816 576x1536")
     p.add_argument("--steps", type=int, default=None, help="timed rounds (default 9; --quick 3)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=None, help="default 8192 (--quick 512); issue 26's check: 1000")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
+                   help="default all; e.g. frozen lora shira-random shira-floor (issue 26's targets)")
     p.add_argument("--write-docs", type=Path, default=None, metavar="FILE")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "size,threads": one point, here
     args = p.parse_args(argv)
@@ -77,7 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sizes = args.sizes or (["128x352"] if args.quick else ["1024x2816", "576x1536"])
     args.steps = args.steps or (3 if args.quick else 9)
     # the model settings train_step.py's helpers read (its "full" preset; --quick: smaller)
+    vocab = args.vocab
     args.layers, args.vocab, args.batch, args.seq, args.r = (2, 512, 2, 64, 8) if args.quick else (2, 8192, 2, 256, 16)
+    args.vocab = vocab or args.vocab
+    args.rows = args.rows or list(ROWS)
+    for row in list(args.rows):  # a row reusing another's model needs that model built
+        if row in SHARED and SHARED[row] not in args.rows:
+            args.rows.insert(0, SHARED[row])
     args.alpha, args.seed = 2.0 * args.r, 0
     return args
 
@@ -97,6 +106,8 @@ def worker(args: argparse.Namespace) -> None:
 
     models = {}
     for name, (method, mask, _) in ROWS.items():
+        if name not in args.rows:
+            continue
         if name in SHARED:
             models[name] = models[SHARED[name]]
             continue
@@ -116,7 +127,7 @@ def worker(args: argparse.Namespace) -> None:
             optimizer.step()
         return time.perf_counter() - start
 
-    names = list(ROWS)
+    names = [n for n in ROWS if n in args.rows]
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(args.warmup + args.steps):
         gc.collect()
@@ -133,6 +144,8 @@ def point_section(size: str, threads: int, result: dict) -> str:
     rows = [[LABELS[n], f"{statistics.median(t) * 1e3:,.0f}", f"{min(t) * 1e3:,.0f}"] for n, t in times.items()]
     ratios = []
     for a, b in PAIRS:
+        if a not in times or b not in times:
+            continue
         paired = statistics.median(x / y for x, y in zip(times[a], times[b]))
         ratios.append([f"{LABELS[a]} / {LABELS[b]}", f"{statistics.median(times[a]) / statistics.median(times[b]):.3f}",
                        f"{paired:.3f}", f"{min(times[a]) / min(times[b]):.3f}"])
@@ -153,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes:
         for threads in args.threads:
             print(f"  {size}, {threads} thread(s); load {os.getloadavg()[0]:.1f} ...", file=sys.stderr, flush=True)
-            flags = ["--worker", f"{size},{threads}", "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            flags = ["--worker", f"{size},{threads}", "--steps", str(args.steps), "--warmup", str(args.warmup),
+                     "--vocab", str(args.vocab), "--rows", *args.rows]
             result = run_worker_process(__file__, flags + (["--quick"] if args.quick else []),
                                         {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"})
             sections.append(point_section(size, threads, result))

@@ -19,6 +19,7 @@ import weakref
 import torch
 from torch import nn
 
+from . import adapter as adapter_module
 from .adapter import Adapter, ConvSpec, EmbeddingSpec, InWeightAdapter, LayerGeometry
 from .quantized_weights import (
     NO_INPUT_GRADIENT,
@@ -28,7 +29,7 @@ from .quantized_weights import (
     quantized_kind,
     recomputed_linear,
 )
-from .routes import route_of
+from .routes import ROUTES, route_of
 from .sharded_weights import SHARDED_MERGE, gathered_per_call, is_sharded, whole_weight
 from .threads import WAIT_S, ConcurrentUseError, ModelGuard
 
@@ -120,6 +121,7 @@ class AdapterLinear(nn.Module):
         self._guard = ModelGuard()
         self._use = _WeightUse()
         self._has_in_weight = False  # an in-weight adapter here: forwards coordinate (see _enter)
+        self._ready: tuple | None = None  # what _enter last found in sync (see _mark_ready)
         # Other parameters sharing this weight's storage (tied embeddings), found by inject: no
         # adapter is then kept written into it; SHiRA / MiSS bat run additively (see _in_weight).
         self.weight_shared_with: tuple[str, ...] = ()
@@ -259,6 +261,7 @@ class AdapterLinear(nn.Module):
                 self._withdraw_live()
 
     def _withdraw_live(self) -> None:
+        self._ready = None  # every change of the layer comes here: drop the record (and what it holds)
         self._reconcile()
         while self._live:
             self._remove_adapter(self._live.pop())
@@ -403,6 +406,27 @@ class AdapterLinear(nn.Module):
                 use.plain = plain
             use.users += 1
             guard.layer_users += 1
+            self._ready = self._mark_ready() if plain else None
+
+    def _mark_ready(self) -> tuple | None:
+        """What the fast path of :meth:`_eager_forward` compares to know the weight still holds what
+        this (plain, just synced) forward found: the guard and its epoch (no set_adapter, merge,
+        switch, set_scale, ... since), the weight object and its version counter (no write by
+        shirakit or anyone else since), the one live adapter's values stamp and scale. None where
+        the fast path does not apply (a gathered weight, several live adapters, a quantized base)."""
+        weight = self.base_layer._parameters.get("weight")
+        if (weight is None or weight is not self.weight or len(self._live) > 1 or self.quantized
+                or gathered_per_call(self.base_layer) or not self._in_sync()):
+            return None
+        live = None
+        if self._live:
+            adapter = self.adapters[self._live[0]]
+            values = adapter.trained_values()
+            live = (values, values._version, adapter_module._optimizer_steps, adapter, adapter.scale)
+        guard = self._guard
+        pending = self._pending()
+        bare = not pending  # nothing to apply: the forward is the base layer's own
+        return (guard, guard.epoch, weakref.ref(weight), weight._version, live, bare)
 
     def _wait_for_weight(self, plain: bool) -> None:
         """Wait (lock released meanwhile) until this forward may use the weight; bounded by WAIT_S."""
@@ -435,7 +459,40 @@ class AdapterLinear(nn.Module):
         return self._eager_forward(x, *args, **kwargs)
 
     def _eager_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        routing = route_of(self._guard)  # this call's route, if any (per thread / task)
+        d = self.__dict__  # plain reads: nn.Module's __getattr__ costs a Python call per attribute
+        guard = d["_guard"]
+        routing = ROUTES.get().get(guard)  # this call's route, if any (per thread / task): route_of
+        ready = d["_ready"]
+        if routing is None and ready is not None:
+            # Fast path (serving, inference with an adapter fused or live): nothing changed since the
+            # last forward found this weight in sync, so the sync (reconcile, value stamps, the wanted
+            # live adapters) would do nothing; only count this product as a user of the weight.
+            r_guard, r_epoch, r_weight, r_version, live, bare = ready
+            base = d["_modules"]["base_layer"]
+            weight = base._parameters.get("weight")
+            use = d["_use"]
+            with guard.lock:
+                entered = (
+                    r_guard is guard and guard.epoch == r_epoch and weight is r_weight()
+                    and weight._version == r_version and not (use.users and not use.plain)
+                    and not hasattr(weight, "ds_id") and not base.__dict__.get("_is_fsdp_managed_module")
+                    and (live is None or (live[0]._version == live[1] and live[2] == adapter_module._optimizer_steps
+                                          and live[3].scale == live[4])))
+                if entered:
+                    use.plain = True
+                    use.users += 1
+                    guard.layer_users += 1
+            if entered:
+                try:
+                    if bare:
+                        return base(x, *args, **kwargs)
+                    return self._plain_forward(x, *args, **kwargs)
+                finally:
+                    with guard.lock:
+                        use.users -= 1
+                        guard.layer_users -= 1
+                        if not use.users and guard.waiting:
+                            guard.idle.notify_all()
         if routing is None and gathered_per_call(self.base_layer):
             return self._gathered_forward(x, *args, **kwargs)
         if not self._has_in_weight:  # nothing is ever written into this weight by a forward

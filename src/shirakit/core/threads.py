@@ -45,6 +45,9 @@ class ModelGuard:
         self._calls: dict[int, int] = {}  # thread ident -> depth of model calls (forward, generate) in flight
         self.layer_users = 0  # layer products reading an in-weight state, all threads
         self.waiting = 0  # forwards waiting on ``idle`` (notified only when someone waits)
+        # Moves on entering and leaving every change of the model (``writing``): a layer's record that
+        # its weight is ready for plain forwards (AdapterLinear._ready) holds only while it stands.
+        self.epoch = 0
         # Per thread: the keyword-routing hooks' stack, and ``routed``: whether the model call this
         # thread is in runs under a route (set eagerly before a compiled call; see shirakit.compile.sync).
         self.local = threading.local()
@@ -91,7 +94,11 @@ class ModelGuard:
     def writing(self, what: str) -> Iterator[None]:
         with self.lock:
             self.check_alone(what)
-            yield
+            self.epoch += 1
+            try:
+                yield
+            finally:
+                self.epoch += 1
 
 
 def guard_of(model) -> ModelGuard | None:
