@@ -58,6 +58,7 @@ class Sequence:
     sent: int = 0  # characters of text already streamed
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    cached: int = 0  # prompt tokens whose keys/values are in the cache (chunked prefill)
     counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
     logprobs: list[tuple[str, float | None, dict[str, float] | None]] = field(default_factory=list)  # not sent yet
 
@@ -68,6 +69,11 @@ class Sequence:
     @property
     def greedy(self) -> bool:
         return self.params.temperature < GREEDY_BELOW
+
+    @property
+    def prefill_left(self) -> int:
+        """Prompt tokens not prefilled yet."""
+        return len(self.prompt) - self.cached
 
     @property
     def remaining(self) -> int:
