@@ -226,3 +226,102 @@ def test_slots_move_one_row_on_retirement_not_the_batch():
     assert torch.equal(kv.keys[1][3, :, :40], keys[rows - 1] + 1)
     assert torch.equal(kv.keys[0][3, :, 40], new[rows - 1, :, 0])
     assert kv.lengths == [41] * (rows - 1)
+
+
+# ---- incremental detokenization ------------------------------------------------------------------
+def _byte_fallback_tokenizer():
+    """A Llama-style tokenizer: SentencePiece pieces with "▁" for spaces and <0xNN> byte-fallback
+    tokens for anything else (multi-byte characters come out of several tokens)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["▁", "▁the", "▁cat", "the", "é", "▁é", "▁.", "日", "本"]
+    pieces += [c for c in "abcdefghijklmnopqrstuvwxyz.,"]  # ASCII as pieces: byte tokens only for the rest
+    vocab = {p: i for i, p in enumerate(pieces)}
+    model = models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True)
+    tok = Tokenizer(model)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _byte_level_tokenizer():
+    """A GPT-2-style byte-level BPE: every byte is a token, a few merges; characters of 2-4 bytes
+    are split across tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def _stream_of(tokenizer, rng, length: int) -> list[int]:
+    """The ids of random multi-byte text, some replaced by random other ids. Byte-fallback: never
+    by a byte token (its decoder renders a whole run of byte tokens as replacement characters
+    once one byte of it is wrong, earlier characters too, so no stream of it can be exact; a
+    model emits byte tokens for whole characters). Byte-level: any id (its decoder is lossy per
+    bad byte only)."""
+    text = "".join(rng.choice(["é", "日本", "😀", " the", " cat", "a", ".", "ß", "€", " é"]) for _ in range(length))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    byte_fallback = "<0x41>" in tokenizer.get_vocab()
+    pieces = [i for i in range(len(tokenizer)) if not byte_fallback or "<0x" not in tokenizer.convert_ids_to_tokens(i)]
+    return [t if rng.random() < 0.8 else rng.choice(pieces) for t in ids[:length]]
+
+
+@pytest.mark.parametrize("make", [_byte_fallback_tokenizer, _byte_level_tokenizer])
+def test_incremental_text_equals_the_full_decode(make):
+    import random
+
+    from shirakit.serve.sequence import Sequence
+
+    tokenizer = make()
+    rng = random.Random(0)
+    byte_tokens = exact = 0
+    for trial in range(150):
+        stream = _stream_of(tokenizer, rng, rng.randrange(1, 40))
+        seq = Sequence("r", 0, "base", [1], SamplingParams(max_tokens=len(stream), temperature=0))
+        for i, token in enumerate(stream):
+            seq.add(token, tokenizer, eos_ids=set())
+            read = tokenizer.decode(stream[: seq.read], skip_special_tokens=True)
+            if seq.finish_reason is None and "\ufffd" not in read:
+                # the text of the tokens read; the rest waits for its character. (Where the tokens
+                # read hold a broken character the decoder itself may rewrite earlier characters:
+                # byte-fallback turns a whole run of byte tokens into replacement characters.)
+                assert seq.text == read, stream[: i + 1]
+                exact += 1
+                pending = tokenizer.decode(stream[seq.read: i + 1], skip_special_tokens=True)
+                assert seq.read == i + 1 or pending == "" or "\ufffd" in pending, (stream[: i + 1], pending)
+        assert seq.finish_reason == "length"
+        assert seq.text == tokenizer.decode(stream, skip_special_tokens=True), stream
+        byte_tokens += sum(1 for t in stream if "<0x" in tokenizer.convert_ids_to_tokens(t) or
+                           tokenizer.decode([t]).endswith("\ufffd"))
+    assert byte_tokens > 100  # the streams did split characters across tokens
+    assert exact > 500  # most steps checked exactly
+
+
+def test_stop_strings_across_token_boundaries_and_eos():
+    from shirakit.serve.sequence import Sequence
+
+    tokenizer = _byte_fallback_tokenizer()
+    ids = tokenizer("the cat. 日本the cat", add_special_tokens=False).input_ids
+    for stop, expected in ((("t.",), "the ca"), (("本t",), "the cat. 日"), (("日",), "the cat. ")):
+        seq = Sequence("r", 0, "base", [1], SamplingParams(max_tokens=50, temperature=0, stop=stop))
+        for token in ids:
+            seq.add(token, tokenizer, eos_ids={2})
+            if seq.finish_reason:
+                break
+        assert (seq.text, seq.finish_reason) == (expected, "stop"), stop
+    seq = Sequence("r", 0, "base", [1], SamplingParams(max_tokens=50, temperature=0))
+    japanese = tokenizer("日", add_special_tokens=False).input_ids
+    for token in japanese[:-1] + [2]:  # the end of text in the middle of a character: flushed
+        seq.add(token, tokenizer, eos_ids={2})
+    assert seq.finish_reason == "stop" and seq.text == tokenizer.decode(japanese[:-1])

@@ -8,9 +8,16 @@ divides the logits by the temperature, keeps the smallest set of tokens whose pr
 sequence's own ``torch.Generator``: seeded requests give the same text whatever else is in the
 batch.
 
-Text is the tokenizer's decode of all new tokens (``skip_special_tokens=True``), recomputed per
-token so multi-token characters come out whole; a stream sends the part that is settled: not a
-trailing replacement character, and not a tail that may still become a stop string.
+Text is the tokenizer's decode of the new tokens (``skip_special_tokens=True``), built
+incrementally: each token decodes a short window, the tokens since the last emitted piece and the
+piece before them as context (``Sequence.detokenize``), and appends what the window adds past its
+context. A window whose text ends in a replacement character (half of a multi-byte character,
+byte-fallback or byte-level tokens) waits for the next token; when the sequence ends the rest is
+decoded whole, once. So a token costs a decode of a few tokens, not of the whole text (O(n)
+instead of O(n^2) over a sequence), and the text equals the full decode of the tokens read so far
+(tests/test_serve_engine.py checks it on random streams with byte-fallback and byte-level tokens). Stop strings are searched only in the text's new
+tail (and the ``len(stop) - 1`` characters before it), so they are found across token boundaries;
+a stream sends the part that is settled: not a tail that may still become a stop string.
 
 Every step of one row (:func:`sample`, :meth:`Sequence.decode`, :meth:`Sequence.check_stop`) may
 raise for that row alone; the engine then fails that request and the batch goes on.
@@ -59,6 +66,8 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     cached: int = 0  # prompt tokens whose keys/values are in the cache (chunked prefill)
+    shown: int = 0  # tokens[shown:read] are the context of the next decode window
+    read: int = 0  # tokens[:read] are in ``text``
     counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
     logprobs: list[tuple[str, float | None, dict[str, float] | None]] = field(default_factory=list)  # not sent yet
 
@@ -85,15 +94,32 @@ class Sequence:
         self.counts[token] = self.counts.get(token, 0) + 1
         if token in eos_ids:
             self.finish_reason = "stop"
-            self.text = self.decode(tokenizer, self.tokens[:-1])
+            self.detokenize(tokenizer, len(self.tokens) - 1, final=True)
             return
-        self.text = self.decode(tokenizer, self.tokens)
-        cut = self.check_stop()
+        before = len(self.text)
+        self.detokenize(tokenizer, len(self.tokens), final=self.remaining <= 0)
+        cut = self.check_stop(before)
         if cut >= 0:
             self.text = self.text[:cut]
             self.finish_reason = "stop"
         elif self.remaining <= 0:
             self.finish_reason = "length"
+
+    def detokenize(self, tokenizer, end: int, final: bool = False) -> None:
+        """Append the text of ``tokens[read:end]``: decode the window ``tokens[shown:end]`` and keep
+        what it adds to its context ``tokens[shown:read]`` (the context makes spaces and merges
+        come out as in the full decode). An unfinished character waits. ``final``: the text is
+        the full decode of ``tokens[:end]``, once (a byte-fallback decoder renders a run of byte
+        tokens that ends unfinished as one replacement character per byte, the bytes before too)."""
+        if final:
+            self.text = self.decode(tokenizer, self.tokens[:end])
+            self.shown = self.read = end
+            return
+        context = self.decode(tokenizer, self.tokens[self.shown:self.read])
+        window = self.decode(tokenizer, self.tokens[self.shown:end])
+        if len(window) > len(context) and not window.endswith("\ufffd"):
+            self.text += window[len(context):]
+            self.shown, self.read = self.read, end
 
     def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
         """One row's logits with ``logit_bias`` added and the penalties taken off, as OpenAI defines
@@ -118,9 +144,11 @@ class Sequence:
     def decode(self, tokenizer, tokens: list[int]) -> str:
         return tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def check_stop(self) -> int:
-        """Where the first stop string starts in the text; -1 if none does."""
-        return min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+    def check_stop(self, since: int = 0) -> int:
+        """Where the first stop string starts in the text (one that ends after ``since``: earlier
+        text was checked before); -1 if none does."""
+        return min((i for i in (self.text.find(s, max(0, since - len(s) + 1)) for s in self.params.stop) if i >= 0),
+                   default=-1)
 
     def settled_delta(self) -> str:
         """Text not streamed yet that can no longer change; advances ``sent``."""
