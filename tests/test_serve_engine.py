@@ -325,3 +325,52 @@ def test_stop_strings_across_token_boundaries_and_eos():
     for token in japanese[:-1] + [2]:  # the end of text in the middle of a character: flushed
         seq.add(token, tokenizer, eos_ids={2})
     assert seq.finish_reason == "stop" and seq.text == tokenizer.decode(japanese[:-1])
+
+
+# ---- batched sampling ------------------------------------------------------------------------------
+def _texts(engine: Engine, jobs: list[tuple[list[int], SamplingParams, int]]) -> list[list[str]]:
+    """Submit every job at once (so they share batches); the text of each choice."""
+    sinks = []
+    for prompt, params, n in jobs:
+        texts, done, errors = [""] * n, threading.Event(), []
+        left = [n]
+
+        def sink(event, texts=texts, done=done, errors=errors, left=left):
+            if isinstance(event, Exception):
+                errors.append(event)
+                done.set()
+                return
+            texts[event.index] += event.text
+            if event.finish_reason:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+        engine.submit("tiny-llama", prompt, params, n, sink)
+        sinks.append((texts, done, errors))
+    for texts, done, errors in sinks:
+        assert done.wait(TIMEOUT) and not errors, errors
+    return [texts for texts, _, _ in sinks]
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(folders):
+    """Temperature, top_p, seed, logit_bias and penalties per row, sampled in one batched pass:
+    each seeded request gives the text it gives alone, whatever shares its batch."""
+    seeded = [
+        (_prompt(1, 8), SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5), 2),
+        (_prompt(2, 5), SamplingParams(max_tokens=12, temperature=1.3, seed=11, logit_bias=((7, 3.0),),
+                                       frequency_penalty=0.5), 1),
+        (_prompt(3, 9), SamplingParams(max_tokens=12, temperature=0.5, top_p=0.3, seed=2**63 - 1, logprobs=2), 1),
+    ]
+    others = [(_prompt(10 + i, 4 + i), SamplingParams(max_tokens=12, temperature=[0.0, 1.0, 0.7][i % 3],
+                                                      top_p=[1.0, 0.5, 0.95][i % 3]), 1) for i in range(5)]
+    engine = _engine(folders).start()
+    try:
+        alone = [_texts(engine, [job])[0] for job in seeded]
+        together = _texts(engine, [*others[:3], *seeded, *others[3:]])[3:6]
+        again = _texts(engine, [*seeded, *others])[:3]
+    finally:
+        engine.stop()
+    assert together == alone and again == alone
+    assert alone[0][0] != alone[0][1]  # choice 1 draws with seed + 1
+    assert len({t for texts in alone for t in texts}) == 4

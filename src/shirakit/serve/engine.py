@@ -63,7 +63,7 @@ from .cache import AdapterCache, AdapterLoadError
 from .kv import SlotKV
 from .metrics import Counters
 from .prefetch import Prefetcher
-from .sequence import SamplingParams, Sequence, logprob_entries, sample
+from .sequence import SamplingParams, Sequence, logprob_entries, sample, sampling_probs
 
 log = logging.getLogger("shirakit.serve")
 
@@ -523,23 +523,43 @@ class Engine:
     def _advance(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Choose each row's next token, stream what settled, retire finished or cancelled rows.
 
+        The math is batched: greedy rows take one argmax over the batch, sampled rows one batched
+        softmax with their temperatures and nucleus cuts (``sampling_probs``), rows asking for
+        log-probabilities one log-softmax; only each sampled row's draw (its own generator) and
+        its text are per row.
+
         A row whose sampling, stop check, text or sink raises fails its own request only (its
         other choices too); the rest of the batch goes on as if it had never been there.
         """
-        greedy = logits.argmax(dim=-1).tolist()
+        logits = logits.float()
+        live = [not self._requests[s.request_id].failed for s in rows]
+        adjusted = logits
+        if any(s.params.adjusts for s in rows):  # logit_bias, penalties: sparse edits of those rows
+            adjusted = logits.clone()
+            for row, seq in enumerate(rows):
+                if live[row] and seq.params.adjusts:
+                    try:
+                        adjusted[row] = seq.adjusted(logits[row])
+                    except Exception as exc:
+                        self._fail_request(self._requests[seq.request_id], exc)
+                        live[row] = False
+        greedy = adjusted.argmax(dim=-1).tolist()
+        drawn = [row for row, seq in enumerate(rows) if live[row] and not seq.greedy]
+        probs = sampling_probs(adjusted[drawn], [rows[r] for r in drawn]) if drawn else None
+        where = {row: i for i, row in enumerate(drawn)}
+        scored = [row for row, seq in enumerate(rows) if live[row] and seq.params.logprobs is not None]
+        # of the model's distribution, before any adjustment
+        logprobs = torch.log_softmax(logits[scored], dim=-1) if scored else None
+        scored = {row: i for i, row in enumerate(scored)}
         for row, seq in enumerate(rows):
             request = self._requests[seq.request_id]
             if request.failed:
                 continue
             try:
-                if seq.params.adjusts:  # logit_bias, penalties: this row's own logits
-                    adjusted = seq.adjusted(logits[row])
-                    token = int(adjusted.argmax()) if seq.greedy else sample(adjusted, seq)
-                else:
-                    token = greedy[row] if seq.greedy else sample(logits[row], seq)
-                if seq.params.logprobs is not None:  # of the model's distribution, before any adjustment
-                    logprobs = torch.log_softmax(logits[row : row + 1].float(), dim=-1)
-                    seq.logprobs += logprob_entries(logprobs, [token], seq.params.logprobs, self.tokenizer)
+                token = greedy[row] if seq.greedy else sample(probs[where[row]], seq)
+                if seq.params.logprobs is not None:
+                    i = scored[row]
+                    seq.logprobs += logprob_entries(logprobs[i: i + 1], [token], seq.params.logprobs, self.tokenizer)
                 seq.add(token, self.tokenizer, self.eos_ids)
                 self.stats.generation_tokens += 1
                 delta = seq.settled_delta()

@@ -163,27 +163,31 @@ class Sequence:
         return delta
 
 
-def sample(logits: torch.Tensor, seq: Sequence) -> int:
-    """One row's next token by temperature and nucleus sampling (``logits``: (vocab,)).
+def sampling_probs(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+    """The distributions the sampled rows draw from, for all of them in one batched pass
+    (``logits``: (rows, vocab), row i for ``sequences[i]``).
 
-    p = softmax(logits / T); keep the smallest set of most probable tokens whose mass reaches
-    ``top_p`` (the most probable token is always kept, so a tiny ``top_p`` is greedy, not empty).
-    """
-    probs = torch.softmax(logits.float() / seq.params.temperature, dim=-1)
-    if seq.params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above
-        drop = before >= seq.params.top_p
-        drop[0] = False
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    p = softmax(logits / T) with each row's own temperature; then each row keeps the smallest set of
+    most probable tokens whose mass reaches its ``top_p`` (the most probable token is always kept,
+    so a tiny ``top_p`` is greedy, not empty). Rows are independent: a row's probabilities are
+    the same whatever else is in the batch."""
+    device = logits.device
+    temperature = torch.tensor([s.params.temperature for s in sequences], dtype=torch.float32, device=device)
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    top_p = torch.tensor([s.params.top_p for s in sequences], dtype=torch.float32, device=device)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
+        drop = before >= top_p[:, None]
+        drop[:, 0] = False
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0))
+    return probs
+
+
+def sample(probs: torch.Tensor, seq: Sequence) -> int:
+    """One row's draw from its distribution (``probs``: (vocab,), from :func:`sampling_probs`) with
+    the sequence's own generator: seeded choices are reproducible alone or in any batch."""
     return int(torch.multinomial(probs, 1, generator=seq.generator))
-
-
-def choose_next(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-    """Next token per row of ``logits`` (rows, vocab), following each sequence's parameters."""
-    greedy = logits.argmax(dim=-1).tolist()
-    return [greedy[row] if seq.greedy else sample(logits[row], seq) for row, seq in enumerate(sequences)]
 
 
 def logprob_entries(logprobs: torch.Tensor, tokens: list[int], top: int, tokenizer) -> list:
