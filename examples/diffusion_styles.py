@@ -4,8 +4,8 @@ No pretrained diffusion weights can be had offline, so the base model is trained
 ``UNet2DModel`` (diffusers) with a DDPM scheduler learns 16x16 images of the digits 0-9, drawn with the DejaVu
 Sans font that matplotlib ships (random size, offset and tilt). Two "styles" are the same digits drawn in other
 palettes: A is red ink on a yellow ground, B is cyan ink on a dark blue ground. A SHiRA adapter is trained on each
-(denoiser only: attention projections and time-embedding projections, the linear layers; K = r (m + n) values per
-layer), then the pipeline is switched between them in fused mode (two scatters per layer) and the two are fused
+(denoiser only: its convolutions, attention and time-embedding projections; K = r (m + n) values per layer, a
+conv's kernel flattened to (out, in * kh * kw)), then the pipeline is switched between them in fused mode (two scatters per layer) and the two are fused
 into one (``combine_adapters``, SHiRA paper §4.3). The grid's rows: base, style A, style B, A+B (same noise each row).
 
     python examples/diffusion_styles.py --out out/diffusion_styles     # a few minutes on 2 CPU cores
@@ -31,7 +31,10 @@ PALETTES = {  # (ink, ground) in RGB 0-1
     "A": ((0.85, 0.05, 0.05), (1.0, 0.9, 0.2)),
     "B": ((0.1, 0.95, 0.95), (0.05, 0.05, 0.35)),
 }
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "time_emb_proj", "linear_1", "linear_2"]
+# Colour lives in the convolutions (conv_in reads RGB, the ResNet convs carry it), so a palette style needs them;
+# the attention and time-embedding projections alone barely move the colours. conv_out (3 x in*9) is left out:
+# K = r (m + n) does not fit a 3-row weight for r > 2, and the fused A+B adapter needs room for both masks.
+TARGETS = ["conv_in", "conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0", "time_emb_proj"]
 
 
 def digit_masks(n: int, seed: int) -> torch.Tensor:
@@ -110,7 +113,7 @@ def main(argv=None) -> dict:
     small = args.small
     sizes = dict(width=8, images=64, base_steps=30, style_steps=10, batch=16, samples=4, sample_steps=10, r=2) \
         if small else dict(width=16, images=256, base_steps=500, style_steps=80, batch=16, samples=6,
-                           sample_steps=40, r=8)
+                           sample_steps=40, r=4)
     out = Path(args.out)
     t0 = time.perf_counter()
     masks = digit_masks(sizes["images"], args.seed)
