@@ -343,7 +343,9 @@ async def long_prompt_scenario(url: str, model: str, vocab: int, eos: dict, rows
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
-    gaps = [b - a for t in times for a, b in zip(t, t[1:]) if start < b <= end]
+    # every gap that overlaps the window: a row stalled by the whole prefill gets its next token only
+    # after the long prompt's first one, so its gap ends after the window
+    gaps = [b - a for t in times for a, b in zip(t, t[1:]) if b > start and a < end]
     return {"p50": _percentile(gaps, 0.5), "p95": _percentile(gaps, 0.95), "max": max(gaps), "gaps": len(gaps),
             "ttft": ttft}
 
@@ -461,7 +463,8 @@ def report_engine(described: str, results: dict, args, load: tuple[float, float]
                      "n/a (not counted)" if copied is None else f"{copied:,.0f}"])
     text = (f"{described}; base model only; {args.clients} greedy streams (32-token prompts) decoding, then one "
             f"{args.long_tokens}-token prompt arrives (or, for the 'no long prompt' columns, {args.window} more "
-            f"tokens per stream); gaps between stream events of the running rows from its arrival to its first token; "
+            f"tokens per stream); gaps between stream events of the running rows that overlap the time from its arrival "
+            f"to its first token; "
             f"median of {args.repeats} runs per column; --threads {args.threads}; {_report.cpu_model()}, "
             f"{_report.cores()}, shared with other jobs (load average {load[0]:.1f} at the start, {load[1]:.1f} at "
             f"the end); {_report.software()}; {_report.today()}\n\n" + _report.table(header, rows))
