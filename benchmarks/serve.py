@@ -3,6 +3,16 @@
     python benchmarks/serve.py                  # SmolLM2-135M, 100 SHiRA adapters (~10 min on 2 busy cores)
     python benchmarks/serve.py --quick          # tiny random Llama: a < 1 min smoke test
     python benchmarks/serve.py --write-docs docs/benchmarks.md
+    python benchmarks/serve.py --engine-rows [--before-src DIR]   # issue 24: chunked prefill, KV slots
+
+``--engine-rows`` measures the engine's memory half instead: ``--clients`` greedy streams decode
+(32-token prompts, end of text biased away so they run on), then one ``--long-tokens`` prompt
+arrives; the running rows' inter-token gaps (p50/p95/max, between stream events) from its arrival
+to its first token, against the same window without it; the long prompt's time to first token;
+the KV bytes the cache moved per decode step (/metrics). Servers: chunked prefill at
+``--batched-tokens``, ``--no-chunked-prefill`` (the "before" of chunking), and with
+``--before-src`` an earlier shirakit's ``src/`` (``git archive``), the dense left-padded cache.
+Then throughput at ``--clients`` clients with prompts of ``--prompt-lengths`` tokens.
 
 The server is the real command, ``python -m shirakit.cli serve``, in its own process on 127.0.0.1
 and a free port; this process is the load: ``--clients`` concurrent clients (asyncio + httpx, each
@@ -36,6 +46,7 @@ import asyncio
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,10 +103,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(command: list[str], port: int, log: Path, timeout: float = 300) -> subprocess.Popen:
+def start(command: list[str], port: int, log: Path, timeout: float = 300, src: Path = REPO / "src") -> subprocess.Popen:
     import httpx
 
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -263,6 +274,211 @@ def report(results: dict, described: str, args, load: tuple[float, float]) -> st
             + f"\n\nshirakit serve, 16 adapters / PEFT-style baseline, 16 adapters: {ratio:.1f}x throughput")
 
 
+# ---- the engine's memory half (issue 24): a long prompt among decoding rows, long prompts' throughput ----
+def token_prompt(seed: int, length: int, vocab: int) -> list[int]:
+    rng = random.Random(seed)
+    low = 100 if vocab > 1000 else 3  # past the special tokens
+    return [rng.randrange(low, vocab) for _ in range(length)]
+
+
+async def _stream(http, url: str, body: dict, times: list, stop: asyncio.Event | None) -> None:
+    async with http.stream("POST", url + "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                times.append(time.perf_counter())
+            if stop is not None and stop.is_set():
+                break  # closing the stream cancels the row on the server
+
+
+async def _wait_for(condition, timeout: float, what: str, tasks=()) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        for task in tasks:
+            if task.done():
+                task.result()  # its error, if any
+                raise RuntimeError(f"a stream ended while waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def long_prompt_scenario(url: str, model: str, vocab: int, eos: dict, rows: int, long_tokens: int,
+                               window_steps: int, with_long: bool, seed: int, stream_tokens: int = 400) -> dict:
+    """``rows`` greedy streams decode; once each has 8 tokens, either a ``long_tokens`` prompt
+    arrives (``with_long``) or nothing does. Inter-token gaps of the running rows are taken over
+    the window from then until the long prompt's first token (or ``window_steps`` more tokens per
+    row without it); TTFT is the long prompt's first token after its arrival."""
+    import httpx
+
+    stop = asyncio.Event()
+    times = [[] for _ in range(rows)]
+    async with httpx.AsyncClient(timeout=900) as http:
+        tasks = [asyncio.create_task(_stream(http, url, {"model": model, "prompt": [token_prompt(seed + i, 32, vocab)],
+                                                         "max_tokens": stream_tokens, "temperature": 0,
+                                                         "stream": True, "logit_bias": eos},
+                                             times[i], stop)) for i in range(rows)]
+        try:
+            await _wait_for(lambda: all(len(t) >= 8 for t in times), 600, "the rows to decode", tasks)
+            start = time.perf_counter()
+            ttft = None
+            if with_long:
+                first: list[float] = []
+                body = {"model": model, "prompt": [token_prompt(seed + 999, long_tokens, vocab)], "max_tokens": 2,
+                        "temperature": 0, "stream": True}
+                await _stream(http, url, body, first, None)
+                end = first[0]
+                ttft = end - start
+            else:
+                counts = [len(t) for t in times]
+                await _wait_for(lambda: all(len(t) >= c + window_steps for t, c in zip(times, counts)), 600,
+                                "the window", tasks)
+                end = time.perf_counter()
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
+    # every gap that overlaps the window: a row stalled by the whole prefill gets its next token only
+    # after the long prompt's first one, so its gap ends after the window
+    gaps = [b - a for t in times for a, b in zip(t, t[1:]) if b > start and a < end]
+    return {"p50": _percentile(gaps, 0.5), "p95": _percentile(gaps, 0.95), "max": max(gaps), "gaps": len(gaps),
+            "ttft": ttft}
+
+
+async def prompt_throughput(url: str, model: str, vocab: int, clients: int, requests: int, prompt_tokens: int,
+                            tokens: int, seed: int) -> dict:
+    import httpx
+
+    queue = list(range(requests))
+    generated, latencies = 0, []
+
+    async def client(http) -> None:
+        nonlocal generated
+        while queue:
+            i = queue.pop()
+            body = {"model": model, "prompt": [token_prompt(seed + i, prompt_tokens, vocab)], "max_tokens": tokens,
+                    "temperature": 0}
+            begin = time.perf_counter()
+            response = await http.post(url + "/v1/completions", json=body)
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+            latencies.append(time.perf_counter() - begin)
+            generated += response.json()["usage"]["completion_tokens"]
+
+    begin = time.perf_counter()
+    async with httpx.AsyncClient(timeout=900) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    wall = time.perf_counter() - begin
+    return {"throughput": generated / wall, "prompt_throughput": requests * prompt_tokens / wall,
+            "p50": _percentile(latencies, 0.5)}
+
+
+def _metrics(url: str) -> dict[str, float]:
+    import httpx
+
+    numbers = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("shirakit_") and " " in line and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            numbers[name] = float(value)
+    return numbers
+
+
+def measure_engine(args, root: Path) -> tuple[str, dict]:
+    """The engine rows; each server config is started once, its scenarios run ``--repeats`` times."""
+    from transformers import AutoTokenizer
+
+    model_dir, described = model_folder(args.quick, root)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = min(len(tokenizer), 30000)
+    eos = {str(tokenizer.eos_token_id): -100} if tokenizer.eos_token_id is not None else {}  # streams run on
+    name = model_dir.name
+    configs = [(f"chunked, --max-num-batched-tokens {args.batched_tokens}", False, REPO / "src"),
+               ("unchunked (--no-chunked-prefill)", True, REPO / "src")]
+    if args.before_src:
+        configs.append(("before: dense left-padded KV (no long prompt: per-step time only)", None,
+                        Path(args.before_src)))
+    results: dict = {}
+    for label, no_chunk, src in configs:
+        port = free_port()
+        command = [sys.executable, "-m", "shirakit.cli", "serve", "--model", str(model_dir), "--port", str(port),
+                   "--max-batch", str(args.clients + 1), "--threads", str(args.threads)]
+        if no_chunk is not None:  # the flags exist from this change on
+            command += ["--max-num-batched-tokens", str(args.batched_tokens)] + (["--no-chunked-prefill"] if no_chunk else [])
+        server = start(command, port, root / "engine.log", src=src)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(long_prompt_scenario(url, name, vocab, eos, 4, min(64, args.long_tokens), 4, True, seed=7,
+                                             stream_tokens=args.stream_tokens))  # warm-up
+            runs = {"without": [], "with": []}
+            before = _metrics(url)
+            for repeat in range(args.repeats):
+                for key, with_long in (("without", False), ("with", True))[: 1 if no_chunk is None else 2]:
+                    runs[key].append(asyncio.run(long_prompt_scenario(
+                        url, name, vocab, eos, args.clients, args.long_tokens, args.window, with_long, seed=100 * repeat,
+                        stream_tokens=args.stream_tokens)))
+                    print(label, key, runs[key][-1], flush=True)
+            after = _metrics(url)
+            entry = {key: {field: statistics.median(r[field] for r in rs) for field in ("p50", "p95", "max")}
+                     for key, rs in runs.items() if rs}
+            entry["ttft"] = statistics.median(r["ttft"] for r in runs["with"]) if runs["with"] else None
+            entry["runs"] = runs
+            steps = after.get("shirakit_decode_steps_total", 0) - before.get("shirakit_decode_steps_total", 0)
+            copied = after.get("shirakit_kv_bytes_copied_total", after.get("shirakit_kv_bytes_copied"))
+            if copied is not None and steps:
+                entry["copied_per_step"] = (copied - before.get("shirakit_kv_bytes_copied_total",
+                                                                before.get("shirakit_kv_bytes_copied", 0))) / steps
+            if no_chunk is False:
+                for prompt_tokens in args.prompt_lengths:
+                    runs_tp = [asyncio.run(prompt_throughput(url, name, vocab, args.clients, args.clients,
+                                                             prompt_tokens, args.tokens, seed=1000 * r))
+                               for r in range(args.repeats)]
+                    print(label, prompt_tokens, runs_tp, flush=True)
+                    entry[f"throughput{prompt_tokens}"] = sorted(runs_tp, key=lambda r: r["throughput"])[len(runs_tp) // 2]
+            results[label] = entry
+        finally:
+            stop(server)
+    return described, results
+
+
+def report_engine(described: str, results: dict, args, load: tuple[float, float]) -> str:
+    header = ["server", "inter-token p50 ms (no long prompt)", "p95 ms (no long prompt)",
+              f"p50 ms ({args.long_tokens}-token prompt arriving)", "p95 ms (arriving)", "p95 ratio", "max gap ms",
+              "long prompt TTFT s", "KV bytes copied / decode step"]
+    rows = []
+    for label, r in results.items():
+        copied = r.get("copied_per_step")
+        if "with" in r:
+            arriving = [f"{1e3 * r['with']['p50']:.0f}", f"{1e3 * r['with']['p95']:.0f}",
+                        f"{r['with']['p95'] / r['without']['p95']:.2f}x", f"{1e3 * r['with']['max']:.0f}",
+                        f"{r['ttft']:.1f}"]
+        else:
+            arriving = ["-"] * 5
+        rows.append([label, f"{1e3 * r['without']['p50']:.0f}", f"{1e3 * r['without']['p95']:.0f}", *arriving,
+                     "n/a (not counted)" if copied is None else f"{copied:,.0f}"])
+    text = (f"{described}; base model only; {args.clients} greedy streams (32-token prompts) decoding, then one "
+            f"{args.long_tokens}-token prompt arrives (or, for the 'no long prompt' columns, {args.window} more "
+            f"tokens per stream); gaps between stream events of the running rows that overlap the time from its arrival "
+            f"to its first token; "
+            f"median of {args.repeats} runs per column; --threads {args.threads}; {_report.cpu_model()}, "
+            f"{_report.cores()}, shared with other jobs (load average {load[0]:.1f} at the start, {load[1]:.1f} at "
+            f"the end); {_report.software()}; {_report.today()}\n\n" + _report.table(header, rows))
+    chunked = next(iter(results.values()))
+    tp_rows = [[f"{n} tokens", f"{chunked[f'throughput{n}']['throughput']:.1f}",
+                f"{chunked[f'throughput{n}']['prompt_throughput']:.0f}", f"{chunked[f'throughput{n}']['p50']:.2f}"]
+               for n in args.prompt_lengths if f"throughput{n}" in chunked]
+    if tp_rows:
+        text += (f"\n\nThroughput, {args.clients} clients (closed loop, {args.clients} requests per run, "
+                 f"at most {args.tokens} new tokens each), {next(iter(results))}, median of {args.repeats} runs:\n\n"
+                 + _report.table(["prompt", "generated tokens/s", "prompt tokens/s", "p50 latency s"], tp_rows))
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -273,6 +489,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--write-docs", type=Path, default=None)
+    parser.add_argument("--engine-rows", action="store_true",
+                        help="only the engine rows (issue 24): a long prompt among decoding rows, chunked vs not; "
+                        "throughput with 32- and 512-token prompts")
+    parser.add_argument("--long-tokens", type=int, default=2000)
+    parser.add_argument("--stream-tokens", type=int, default=400, help="max_tokens of the decoding streams")
+    parser.add_argument("--window", type=int, default=24, help="tokens per row in the no-long-prompt window")
+    parser.add_argument("--batched-tokens", type=int, default=32, help="--max-num-batched-tokens of the chunked server")
+    parser.add_argument("--prompt-lengths", type=int, nargs="*", default=[32, 512])
+    parser.add_argument("--before-src", default=None,
+                        help="a src/ folder of an earlier shirakit to run as the 'before' server (git archive)")
     parser.add_argument("--baseline-server", nargs=3, metavar=("MODEL", "ADAPTERS", "PORT"), default=None)
     args = parser.parse_args(argv)
     if args.baseline_server:
@@ -283,6 +509,22 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.adapters, args.requests, args.tokens, args.repeats, args.clients = 20, 24, 8, 1, 8
+    if args.engine_rows:
+        if args.quick:
+            args.long_tokens, args.prompt_lengths, args.tokens, args.repeats = 40, [8, 32], 8, 1
+            args.stream_tokens, args.window = 40, 8
+        load_before = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory(prefix="shirakit-serve-engine-") as tmp:
+            described, results = measure_engine(args, Path(tmp))
+        body = report_engine(described, results, args, (load_before, os.getloadavg()[0]))
+        print()
+        print(body)
+        if args.write_docs:
+            _report.replace_section(args.write_docs, "<!-- serve-engine:begin -->", "<!-- serve-engine:end -->",
+                                    "## The engine's memory half: a long prompt among decoding rows (benchmarks/serve.py "
+                                    "--engine-rows)\n\nCommand: `python benchmarks/serve.py --engine-rows --write-docs "
+                                    "docs/benchmarks.md`\n\n" + body)
+        return 0
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="shirakit-serve-bench-") as tmp:
         results, described = measure(args, Path(tmp))

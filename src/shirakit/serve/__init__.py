@@ -1,7 +1,7 @@
 """``shirakit serve``: many adapters on one base model behind an OpenAI-compatible HTTP API.
 
     engine.py    the engine thread: continuous batching, fused vs routed steps
-    kv.py        the running batch's left-padded key/value cache
+    kv.py        the running batch's key/value cache: preallocated slots, per-row positions
     sequence.py  one generated sequence: sampling, text, stop strings
     cache.py     the adapter cache: LRU over the model, disk below, pins
     protocol.py  request bodies and OpenAI-style errors

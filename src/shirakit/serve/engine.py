@@ -4,15 +4,27 @@ HTTP handlers only call :meth:`Engine.submit` / :meth:`Engine.cancel` / :meth:`E
 everything that touches the model (forward passes, adapter loads, evictions, fused switches)
 happens on the engine thread, so adapter state can never interleave between requests.
 
-Scheduling (continuous batching, as in Orca, Yu et al. OSDI 2022): between two decode steps the
-engine retires finished rows and admits waiting requests; the newcomers' prompts are prefilled in
-one left-padded forward and their keys/values joined to the running batch (see ``kv.py``). Each
-step then decodes one token for every running row. Which adapter a row uses:
+Scheduling (continuous batching, as in Orca, Yu et al. OSDI 2022): each iteration the engine
+retires finished rows, admits waiting requests while rows and the KV budget allow, runs one
+prefill forward over a chunk of the newcomers' prompts, then one decode step for every row whose
+prompt is in. Rows keep their keys/values in preallocated slots (``kv.py``).
+
+- Admission counts tokens, not only rows: a row reserves ``prompt + max_tokens`` positions, and
+  the slots the batch would take (rows x its longest reservation, rounded as ``SlotKV.fit``) must
+  stay within the KV budget (``max_kv_tokens``; by default derived from memory). A request that
+  could never fit alone is refused at :meth:`submit` (HTTP 400); others wait their turn.
+- Chunked prefill (as in Sarathi, Agrawal et al. 2023, arXiv 2308.16369): one iteration feeds at
+  most ``max_num_batched_tokens`` tokens, one per decoding row and the rest to prompts, so a long
+  prompt is prefilled over several iterations while the running rows keep decoding. With
+  ``chunked_prefill=False`` the newcomers' prompts go in whole (the decoding rows wait for it).
+
+Which adapter a forward uses:
 
 - every row wants one adapter (or the base) -> *fused*: ``switch_adapter`` merges it (SHiRA: two
   scatters per layer) and the forward is the bare base product;
 - rows want different adapters -> *mixed*: nothing merged, ``shirakit.route`` gives each row its
-  adapter's delta.
+  adapter's delta. The prefill chunk and the decode step of one iteration decide together, so
+  they do not switch back and forth between them.
 
 Adapter cache misses (``cache.py``) are split in two: a worker thread reads the adapter's folder
 as soon as a request for it is queued (``prefetch.py``), and the engine thread only puts the read
@@ -30,6 +42,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -47,14 +60,18 @@ from shirakit.io.checkpoint import read_adapter_files
 from shirakit.model.routing import BASE
 
 from .cache import AdapterCache, AdapterLoadError
-from .kv import BatchKV, cache_from
+from .kv import SlotKV
 from .metrics import Counters
 from .prefetch import Prefetcher
-from .sequence import SamplingParams, Sequence, logprob_entries, sample
+from .sequence import SamplingParams, Sequence, logprob_entries, sample, sampling_probs
 
 log = logging.getLogger("shirakit.serve")
 
 # A uniform batch is fused when it may still run its method's Adapter.fuse_min_steps decode steps.
+
+DEFAULT_BATCHED_TOKENS = 256  # tokens one iteration feeds (decoding rows + prefill chunk), chunked prefill
+MIN_PREFILL_CHUNK = 16  # a prompt always advances by at least this many tokens an iteration
+KV_MEMORY_SHARE = 0.4  # the default KV budget: this share of the memory free at start
 
 # what admitting a waiting request found (Engine._pin)
 READY, FAILED, READING, NO_SLOT = "ready", "failed", "reading", "no slot"
@@ -66,6 +83,10 @@ class QueueFull(RuntimeError):
 
 class UnknownModel(KeyError):
     """The request names neither the base model nor a registered adapter (HTTP 404)."""
+
+
+class RequestTooLarge(ValueError):
+    """The request could never fit the KV budget, even alone (HTTP 400)."""
 
 
 class RequestFailed(RuntimeError):
@@ -106,16 +127,33 @@ class Engine:
 
     def __init__(self, model, tokenizer, base_name: str, adapters: dict[str, Path] | None = None,
                  max_loaded: int = 8, max_loaded_mb: float | None = None, max_batch: int = 32,
-                 max_queue: int = 256, fuse_min_steps: int | None = None) -> None:
+                 max_queue: int = 256, fuse_min_steps: int | None = None,
+                 max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS, max_kv_tokens: int | None = None,
+                 chunked_prefill: bool = True) -> None:
         self.model, self.tokenizer, self.base_name = model.eval(), tokenizer, base_name
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.max_batch, self.max_queue, self.fuse_min_steps = max_batch, max_queue, fuse_min_steps
+        if max_num_batched_tokens < MIN_PREFILL_CHUNK:
+            raise ValueError(f"max_num_batched_tokens must be at least {MIN_PREFILL_CHUNK}; got {max_num_batched_tokens}")
+        self.max_num_batched_tokens, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
         max_bytes = None if max_loaded_mb is None else int(max_loaded_mb * 2**20)
         self.cache = AdapterCache(self._load_into_model, self._unload_from_model, max_loaded, max_bytes)
         for name, path in (adapters or {}).items():
             self.cache.register(name, path)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.max_context = _context_length(model, tokenizer)
+        self._kv = SlotKV(max_batch, self.max_context)
+        self._decoding = 0  # rows [0, _decoding) decode; rows after it are still prefilling their prompts
+        self._union: set[str] = set()  # the adapters of this iteration's forwards
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
+        if max_kv_tokens is None:
+            max_kv_tokens = derived_kv_tokens(self.kv_bytes_per_token, self.device,
+                                              self._kv.footprint(max_batch, self.max_context))
+        if max_kv_tokens < self._kv.footprint(1, 1):
+            raise ValueError(f"max_kv_tokens must hold at least one row ({self._kv.footprint(1, 1)} tokens); "
+                             f"got {max_kv_tokens}")
+        self.max_kv_tokens = int(max_kv_tokens)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.stats = Counters("engine")
@@ -126,7 +164,6 @@ class Engine:
         self._cancelled: set[str] = set()
         self._running: list[Sequence] = []
         self._requests: dict[str, Request] = {}
-        self._batch = BatchKV()
         self._fused: str | None = None  # the adapter merged into the weights now
         self._methods: dict[str, str] = {}  # adapter -> peft_type, for its fusing threshold
         self._ids = itertools.count()
@@ -154,7 +191,9 @@ class Engine:
     def snapshot(self) -> dict[str, float]:
         """Counters and gauges for /metrics (plain numbers: they cross process boundaries under Ray)."""
         return {**self.stats.numbers(), **self.cache.stats.numbers(),
-                "adapter_read_seconds": self.prefetch.read_seconds,
+                "adapter_read_seconds": self.prefetch.read_seconds, "kv_bytes_copied": self._kv.bytes_copied,
+                "kv_budget_tokens": self.max_kv_tokens,
+                "kv_allocated_tokens": self._kv.shape[0] * self._kv.shape[1],
                 "adapters_loaded": len(self.cache.loaded), "adapters_loaded_bytes": self.cache.loaded_bytes}
 
     def knows(self, name: str) -> bool:
@@ -166,6 +205,12 @@ class Engine:
         """Queue a request; the sink receives :class:`Output` events (or one exception)."""
         if not self.knows(model):
             raise UnknownModel(model)
+        need = self._kv.footprint(n, len(prompt) + params.max_tokens)
+        if need > self.max_kv_tokens:
+            raise RequestTooLarge(
+                f"this request needs {need} KV token positions ({n} choice(s) x prompt {len(prompt)} + max_tokens "
+                f"{params.max_tokens}, rounded to the cache's slots); the server's KV budget is {self.max_kv_tokens} "
+                f"(--max-kv-tokens): ask for fewer tokens or choices")
         request = Request(f"req-{next(self._ids)}", model, list(prompt), params, n, sink)
         with self._lock:
             if len(self._waiting) >= self.max_queue:
@@ -241,8 +286,7 @@ class Engine:
             try:
                 self._retire()
                 self._admit()
-                if self._running:
-                    self._decode_step()
+                self._iterate()
             except Exception as exc:  # keep serving: fail what was running, start from a clean batch
                 log.exception("engine step failed")
                 self._fail_running(exc)
@@ -277,7 +321,9 @@ class Engine:
                     self._remove_waiting(index)
                     self.stats.requests_cancelled += 1
                     continue
-                full = len(self._running) + len(admitted) + request.n > self.max_batch
+                rows = len(self._running) + len(admitted) + request.n
+                longest = max([reserved(s) for s in (*self._running, *admitted)] + [reserved_by(request)])
+                full = rows > self.max_batch or self._kv.footprint(rows, longest) > self.max_kv_tokens
                 if full and (self._running or admitted):
                     break
             verdict = self._pin(request)
@@ -295,7 +341,9 @@ class Engine:
                     self._fail_request(request, exc)
                     self._close_failed(request)
         if admitted:
-            self._prefill(admitted)
+            self._running.extend(admitted)
+            self._kv.add(len(admitted))
+            self._plan()
 
     def _remove_waiting(self, index: int) -> None:  # with self._lock held
         del self._waiting[index]
@@ -347,56 +395,108 @@ class Engine:
         return rows
 
     # ---- forward passes ------------------------------------------------------------------
-    def _prefill(self, sequences: list[Sequence]) -> None:
-        """One left-padded forward over the newcomers' prompts; their first tokens; join the batch."""
-        length = max(len(s.prompt) for s in sequences)
-        ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, length - len(seq.prompt):] = torch.tensor(seq.prompt)
-            mask[row, length - len(seq.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        echo = {id(s) for s in sequences if s.params.echo and s.params.logprobs is not None}
-        out = self._forward(sequences, ids, mask, positions, None, every_position=bool(echo))
-        for row, seq in enumerate(sequences):
-            if id(seq) in echo:  # the prompt's own log-probabilities: position i predicts token i + 1
-                try:
-                    start = length - len(seq.prompt)
-                    logprobs = torch.log_softmax(out.logits[row, start:length - 1].float(), dim=-1)
-                    first = (self.tokenizer.decode([seq.prompt[0]]), None, None)
-                    seq.logprobs = [first, *logprob_entries(logprobs, seq.prompt[1:], seq.params.logprobs,
-                                                            self.tokenizer)]
-                except Exception as exc:
-                    self._fail_request(self._requests[seq.request_id], exc)
-        joined = BatchKV()
-        joined.set(out.past_key_values, mask)
-        self._batch.extend(joined)
-        self._running.extend(sequences)
+    def _plan(self) -> None:
+        self._kv.plan(len(self._running), max((reserved(s) for s in self._running), default=0))
+
+    def _iterate(self) -> None:
+        """One prefill chunk (if a prompt is waiting for it), then one decode step of the decoding
+        rows; both forwards decide fused or routed over the adapters of the whole iteration."""
+        group, chunk = self._prefill_group()
+        self._union = {s.adapter for s in self._running[: self._decoding]} | {s.adapter for s in group}
+        if group:
+            self._prefill(group, chunk, self._union)
+        if self._decoding:
+            self._union |= {s.adapter for s in self._running[: self._decoding]}
+            self._decode_step()
+
+    def _prefill_group(self) -> tuple[list[Sequence], int]:
+        """The prefilling rows this iteration feeds, and the chunk (tokens per row) it feeds them.
+
+        Chunked: at most ``max_num_batched_tokens - decoding rows`` tokens (at least
+        ``MIN_PREFILL_CHUNK``), padding counted, go to the first prefilling rows in order; the first
+        row sets the chunk. Unchunked: every prefilling row's whole prompt in one forward."""
+        rows = self._running[self._decoding:]
+        if not rows:
+            return [], 0
+        if not self.chunked_prefill:
+            return rows, max(s.prefill_left for s in rows)
+        budget = max(self.max_num_batched_tokens - self._decoding, MIN_PREFILL_CHUNK)
+        chunk = min(budget, rows[0].prefill_left)
+        capacity = self._kv.shape[1]
+        group = [rows[0]]
+        for slot, seq in enumerate(rows[1:], start=self._decoding + 1):
+            if (len(group) + 1) * chunk > budget or self._kv.lengths[slot] + chunk > capacity:
+                break
+            group.append(seq)
+        return group, chunk
+
+    def _prefill(self, group: list[Sequence], chunk: int, union: set[str]) -> None:
+        """Feed ``chunk`` prompt tokens (fewer where a prompt ends; right-padded) to the rows of
+        ``group`` (slots ``[decoding, decoding + len(group))``); rows whose prompt is then in get
+        their first token and join the decoding rows."""
+        start = self._decoding
+        fed = [min(chunk, s.prefill_left) for s in group]
+        ids = torch.full((len(group), chunk), self.pad_id, dtype=torch.long)
+        for row, (seq, count) in enumerate(zip(group, fed)):
+            ids[row, :count] = torch.tensor(seq.prompt[seq.cached: seq.cached + count])
+        finishing = [row for row, (seq, count) in enumerate(zip(group, fed)) if count == seq.prefill_left]
+        echo = [row for row, seq in enumerate(group) if seq.params.echo and seq.params.logprobs is not None]
+        if echo or not self._keep_logits:
+            keep, where = 0, {row: fed[row] - 1 for row in finishing}  # every position
+        else:  # only the positions some finishing row ends at
+            last = sorted({fed[row] - 1 for row in finishing}) or [chunk - 1]
+            keep = torch.tensor(last, device=self.device)
+            where = {row: last.index(fed[row] - 1) for row in finishing}
+        cache, mask, positions = self._kv.step(start, start + len(group), chunk, self.dtype, self.device)
+        out = self._forward(group, ids.to(self.device), mask, positions, cache, union, keep)
+        self._kv.advance(start, fed)
+        for seq, count in zip(group, fed):
+            seq.cached += count
+        for row in echo:  # the prompt's own log-probabilities: position i predicts token i + 1
+            seq = group[row]
+            try:
+                begin = seq.cached - fed[row]
+                if begin == 0:
+                    seq.logprobs.append((self.tokenizer.decode([seq.prompt[0]]), None, None))
+                targets = seq.prompt[begin + 1: seq.cached + 1]
+                if targets:
+                    logprobs = torch.log_softmax(out.logits[row, : len(targets)].float(), dim=-1)
+                    seq.logprobs += logprob_entries(logprobs, targets, seq.params.logprobs, self.tokenizer)
+            except Exception as exc:
+                self._fail_request(self._requests[seq.request_id], exc)
         self.stats.prefill_batches += 1
-        self._advance(sequences, out.logits[:, -1])
+        if not finishing:
+            return
+        done = [group[row] for row in finishing]
+        logits = torch.stack([out.logits[row, where[row]] for row in finishing])
+        for seq in done:  # to the end of the decoding rows (no copy when it is there already)
+            self._place_swap(self._running.index(seq), self._decoding)
+            self._decoding += 1
+        self._advance(done, logits)
 
     def _decode_step(self) -> None:
-        rows = self._running
+        rows = self._running[: self._decoding]
         ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
-        mask = self._batch.step_mask()
-        out = self._forward(rows, ids, mask, self._batch.positions(), self._batch.kv)
-        self._batch.set(out.past_key_values, mask)
+        cache, mask, positions = self._kv.step(0, len(rows), 1, self.dtype, self.device)
+        out = self._forward(rows, ids, mask, positions, cache, self._union, 1)
+        self._kv.advance(0, [1] * len(rows))
         self.stats.decode_steps += 1
         self._advance(rows, out.logits[:, -1])
 
     @torch.inference_mode()
-    def _forward(self, rows: list[Sequence], ids, mask, positions, kv, every_position: bool = False):
-        kwargs = {"logits_to_keep": 1} if self._keep_logits and not every_position else {}
+    def _forward(self, rows: list[Sequence], ids, mask, positions, cache, union: set[str], keep):
+        """``keep``: logits_to_keep (0: every position; an int n: the last n; a tensor: those positions)."""
+        kwargs = {"logits_to_keep": keep} if self._keep_logits else {}
         horizon = max(s.remaining for s in rows)
-        with self._adapters_for([s.adapter for s in rows], horizon):
+        with self._adapters_for([s.adapter for s in rows], horizon, union):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              past_key_values=cache_from(kv), use_cache=True, **kwargs)
+                              past_key_values=cache, use_cache=True, **kwargs)
 
-    def _adapters_for(self, names: list[str], horizon: int):
-        """Fused when every row wants one adapter and fusing pays off; otherwise route per row."""
+    def _adapters_for(self, names: list[str], horizon: int, union: set[str]):
+        """Fused when every row of this iteration wants one adapter and fusing pays off; otherwise
+        route per row."""
         wanted = set(names)
-        if len(wanted) == 1:
+        if len(wanted) == 1 and union == wanted:
             target = None if names[0] == BASE else names[0]
             if target in (self._fused, None) or horizon >= self._fuse_threshold(target):
                 self._switch(target)
@@ -423,23 +523,43 @@ class Engine:
     def _advance(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Choose each row's next token, stream what settled, retire finished or cancelled rows.
 
+        The math is batched: greedy rows take one argmax over the batch, sampled rows one batched
+        softmax with their temperatures and nucleus cuts (``sampling_probs``), rows asking for
+        log-probabilities one log-softmax; only each sampled row's draw (its own generator) and
+        its text are per row.
+
         A row whose sampling, stop check, text or sink raises fails its own request only (its
         other choices too); the rest of the batch goes on as if it had never been there.
         """
-        greedy = logits.argmax(dim=-1).tolist()
+        logits = logits.float()
+        live = [not self._requests[s.request_id].failed for s in rows]
+        adjusted = logits
+        if any(s.params.adjusts for s in rows):  # logit_bias, penalties: sparse edits of those rows
+            adjusted = logits.clone()
+            for row, seq in enumerate(rows):
+                if live[row] and seq.params.adjusts:
+                    try:
+                        adjusted[row] = seq.adjusted(logits[row])
+                    except Exception as exc:
+                        self._fail_request(self._requests[seq.request_id], exc)
+                        live[row] = False
+        greedy = adjusted.argmax(dim=-1).tolist()
+        drawn = [row for row, seq in enumerate(rows) if live[row] and not seq.greedy]
+        probs = sampling_probs(adjusted[drawn], [rows[r] for r in drawn]) if drawn else None
+        where = {row: i for i, row in enumerate(drawn)}
+        scored = [row for row, seq in enumerate(rows) if live[row] and seq.params.logprobs is not None]
+        # of the model's distribution, before any adjustment
+        logprobs = torch.log_softmax(logits[scored], dim=-1) if scored else None
+        scored = {row: i for i, row in enumerate(scored)}
         for row, seq in enumerate(rows):
             request = self._requests[seq.request_id]
             if request.failed:
                 continue
             try:
-                if seq.params.adjusts:  # logit_bias, penalties: this row's own logits
-                    adjusted = seq.adjusted(logits[row])
-                    token = int(adjusted.argmax()) if seq.greedy else sample(adjusted, seq)
-                else:
-                    token = greedy[row] if seq.greedy else sample(logits[row], seq)
-                if seq.params.logprobs is not None:  # of the model's distribution, before any adjustment
-                    logprobs = torch.log_softmax(logits[row : row + 1].float(), dim=-1)
-                    seq.logprobs += logprob_entries(logprobs, [token], seq.params.logprobs, self.tokenizer)
+                token = greedy[row] if seq.greedy else sample(probs[where[row]], seq)
+                if seq.params.logprobs is not None:
+                    i = scored[row]
+                    seq.logprobs += logprob_entries(logprobs[i: i + 1], [token], seq.params.logprobs, self.tokenizer)
                 seq.add(token, self.tokenizer, self.eos_ids)
                 self.stats.generation_tokens += 1
                 delta = seq.settled_delta()
@@ -474,14 +594,37 @@ class Engine:
             for seq, gone in zip(self._running, done):
                 if gone:
                     self._close(seq, cancelled=seq.finish_reason is None)
-            keep = [i for i, gone in enumerate(done) if not gone]
-            self._running = [self._running[i] for i in keep]
-            self._batch.select(keep)
+            for slot in reversed([i for i, gone in enumerate(done) if gone]):
+                self._drop(slot)
+            self._plan()
         self.stats.running = len(self._running)
         if cancelled:  # forget ids of requests that are gone (finished, or cancelled twice)
             with self._lock:
                 waiting = {w.request_id for w in self._waiting}
                 self._cancelled = {c for c in self._cancelled if c in self._requests or c in waiting}
+
+    def _place(self, src: int, dst: int) -> None:
+        if src != dst:
+            self._kv.move(src, dst)
+            self._running[dst] = self._running[src]
+
+    def _place_swap(self, a: int, b: int) -> None:
+        if a != b:
+            self._kv.swap(a, b)
+            self._running[a], self._running[b] = self._running[b], self._running[a]
+
+    def _drop(self, slot: int) -> None:
+        """Take row ``slot`` out, keeping decoding rows first: the last decoding row fills the hole,
+        the last row fills its place (one row moved each, at most two)."""
+        last = len(self._running) - 1
+        if slot < self._decoding:
+            self._place(self._decoding - 1, slot)
+            self._place(last, self._decoding - 1)
+            self._decoding -= 1
+        else:
+            self._place(last, slot)
+        self._running.pop()
+        self._kv.pop()
 
     def _close(self, seq: Sequence, cancelled: bool) -> None:
         request = self._requests.get(seq.request_id)
@@ -513,10 +656,48 @@ class Engine:
                     self._fail(request, exc)
         self._requests.clear()
         self._running = []
-        self._batch = BatchKV()
+        self._kv = SlotKV(self.max_batch, self.max_context)
+        self._decoding = 0
         self.stats.running = 0
         with contextlib.suppress(Exception):
             self._switch(None)
+
+
+def reserved(seq: Sequence) -> int:
+    """KV positions a row may come to hold: its prompt and every token it may generate."""
+    return len(seq.prompt) + seq.params.max_tokens
+
+
+def reserved_by(request: Request) -> int:
+    return len(request.prompt) + request.params.max_tokens
+
+
+def kv_bytes_per_token(model) -> int | None:
+    """Bytes one token's keys and values take over all layers (None when the config does not say)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def derived_kv_tokens(per_token: int | None, device: torch.device, most: int) -> int:
+    """The default KV budget: ``KV_MEMORY_SHARE`` of the memory free now (the GPU's, or the
+    machine's available RAM), in tokens; never more than ``most`` (every row at full context)."""
+    if per_token is None:
+        return most
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return most
+    return max(1, min(most, int(free * KV_MEMORY_SHARE) // per_token))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

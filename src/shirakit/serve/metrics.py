@@ -33,7 +33,7 @@ METRICS = {
         ("generation_tokens", "generation_tokens", "counter", "tokens generated"),
         ("waiting", "queue_depth", "gauge", "requests waiting to join the batch"),
         ("running", "running_sequences", "gauge", "sequences in the running batch"),
-        ("prefill_batches", "prefill_batches", "counter", "prefill forwards (newcomers joining the batch)"),
+        ("prefill_batches", "prefill_batches", "counter", "prefill forwards (chunks of newcomers' prompts)"),
         ("decode_steps", "decode_steps", "counter", "decode steps"),
         ("fused_steps", "fused_steps", "counter", "forwards with one adapter merged into the weights"),
         ("routed_steps", "routed_steps", "counter", "forwards with nothing merged, each row routed to its adapter"),
@@ -53,6 +53,10 @@ METRICS = {
          "worker-thread seconds spent reading adapter folders (off the engine thread)"),
         ("adapters_loaded", "adapters_loaded", "gauge", "adapters in the model now"),
         ("adapters_loaded_bytes", "adapters_loaded_bytes", "gauge", "bytes of the loaded adapters' tensors"),
+        ("kv_bytes_copied", "kv_bytes_copied", "counter",
+         "bytes of keys/values moved inside the KV cache (rows moved on retirement, buffers resized)"),
+        ("kv_budget_tokens", "kv_budget_tokens", "gauge", "KV token positions admission may fill (--max-kv-tokens)"),
+        ("kv_allocated_tokens", "kv_allocated_tokens", "gauge", "KV token positions the cache's slots hold now"),
     ]),
 }
 

@@ -8,9 +8,16 @@ divides the logits by the temperature, keeps the smallest set of tokens whose pr
 sequence's own ``torch.Generator``: seeded requests give the same text whatever else is in the
 batch.
 
-Text is the tokenizer's decode of all new tokens (``skip_special_tokens=True``), recomputed per
-token so multi-token characters come out whole; a stream sends the part that is settled: not a
-trailing replacement character, and not a tail that may still become a stop string.
+Text is the tokenizer's decode of the new tokens (``skip_special_tokens=True``), built
+incrementally: each token decodes a short window, the tokens since the last emitted piece and the
+piece before them as context (``Sequence.detokenize``), and appends what the window adds past its
+context. A window whose text ends in a replacement character (half of a multi-byte character,
+byte-fallback or byte-level tokens) waits for the next token; when the sequence ends the rest is
+decoded whole, once. So a token costs a decode of a few tokens, not of the whole text (O(n)
+instead of O(n^2) over a sequence), and the text equals the full decode of the tokens read so far
+(tests/test_serve_engine.py checks it on random streams with byte-fallback and byte-level tokens). Stop strings are searched only in the text's new
+tail (and the ``len(stop) - 1`` characters before it), so they are found across token boundaries;
+a stream sends the part that is settled: not a tail that may still become a stop string.
 
 Every step of one row (:func:`sample`, :meth:`Sequence.decode`, :meth:`Sequence.check_stop`) may
 raise for that row alone; the engine then fails that request and the batch goes on.
@@ -58,6 +65,9 @@ class Sequence:
     sent: int = 0  # characters of text already streamed
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    cached: int = 0  # prompt tokens whose keys/values are in the cache (chunked prefill)
+    shown: int = 0  # tokens[shown:read] are the context of the next decode window
+    read: int = 0  # tokens[:read] are in ``text``
     counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
     logprobs: list[tuple[str, float | None, dict[str, float] | None]] = field(default_factory=list)  # not sent yet
 
@@ -70,6 +80,11 @@ class Sequence:
         return self.params.temperature < GREEDY_BELOW
 
     @property
+    def prefill_left(self) -> int:
+        """Prompt tokens not prefilled yet."""
+        return len(self.prompt) - self.cached
+
+    @property
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.tokens)
 
@@ -79,15 +94,32 @@ class Sequence:
         self.counts[token] = self.counts.get(token, 0) + 1
         if token in eos_ids:
             self.finish_reason = "stop"
-            self.text = self.decode(tokenizer, self.tokens[:-1])
+            self.detokenize(tokenizer, len(self.tokens) - 1, final=True)
             return
-        self.text = self.decode(tokenizer, self.tokens)
-        cut = self.check_stop()
+        before = len(self.text)
+        self.detokenize(tokenizer, len(self.tokens), final=self.remaining <= 0)
+        cut = self.check_stop(before)
         if cut >= 0:
             self.text = self.text[:cut]
             self.finish_reason = "stop"
         elif self.remaining <= 0:
             self.finish_reason = "length"
+
+    def detokenize(self, tokenizer, end: int, final: bool = False) -> None:
+        """Append the text of ``tokens[read:end]``: decode the window ``tokens[shown:end]`` and keep
+        what it adds to its context ``tokens[shown:read]`` (the context makes spaces and merges
+        come out as in the full decode). An unfinished character waits. ``final``: the text is
+        the full decode of ``tokens[:end]``, once (a byte-fallback decoder renders a run of byte
+        tokens that ends unfinished as one replacement character per byte, the bytes before too)."""
+        if final:
+            self.text = self.decode(tokenizer, self.tokens[:end])
+            self.shown = self.read = end
+            return
+        context = self.decode(tokenizer, self.tokens[self.shown:self.read])
+        window = self.decode(tokenizer, self.tokens[self.shown:end])
+        if len(window) > len(context) and not window.endswith("\ufffd"):
+            self.text += window[len(context):]
+            self.shown, self.read = self.read, end
 
     def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
         """One row's logits with ``logit_bias`` added and the penalties taken off, as OpenAI defines
@@ -112,9 +144,11 @@ class Sequence:
     def decode(self, tokenizer, tokens: list[int]) -> str:
         return tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def check_stop(self) -> int:
-        """Where the first stop string starts in the text; -1 if none does."""
-        return min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+    def check_stop(self, since: int = 0) -> int:
+        """Where the first stop string starts in the text (one that ends after ``since``: earlier
+        text was checked before); -1 if none does."""
+        return min((i for i in (self.text.find(s, max(0, since - len(s) + 1)) for s in self.params.stop) if i >= 0),
+                   default=-1)
 
     def settled_delta(self) -> str:
         """Text not streamed yet that can no longer change; advances ``sent``."""
@@ -129,27 +163,31 @@ class Sequence:
         return delta
 
 
-def sample(logits: torch.Tensor, seq: Sequence) -> int:
-    """One row's next token by temperature and nucleus sampling (``logits``: (vocab,)).
+def sampling_probs(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+    """The distributions the sampled rows draw from, for all of them in one batched pass
+    (``logits``: (rows, vocab), row i for ``sequences[i]``).
 
-    p = softmax(logits / T); keep the smallest set of most probable tokens whose mass reaches
-    ``top_p`` (the most probable token is always kept, so a tiny ``top_p`` is greedy, not empty).
-    """
-    probs = torch.softmax(logits.float() / seq.params.temperature, dim=-1)
-    if seq.params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above
-        drop = before >= seq.params.top_p
-        drop[0] = False
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    p = softmax(logits / T) with each row's own temperature; then each row keeps the smallest set of
+    most probable tokens whose mass reaches its ``top_p`` (the most probable token is always kept,
+    so a tiny ``top_p`` is greedy, not empty). Rows are independent: a row's probabilities are
+    the same whatever else is in the batch."""
+    device = logits.device
+    temperature = torch.tensor([s.params.temperature for s in sequences], dtype=torch.float32, device=device)
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    top_p = torch.tensor([s.params.top_p for s in sequences], dtype=torch.float32, device=device)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
+        drop = before >= top_p[:, None]
+        drop[:, 0] = False
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0))
+    return probs
+
+
+def sample(probs: torch.Tensor, seq: Sequence) -> int:
+    """One row's draw from its distribution (``probs``: (vocab,), from :func:`sampling_probs`) with
+    the sequence's own generator: seeded choices are reproducible alone or in any batch."""
     return int(torch.multinomial(probs, 1, generator=seq.generator))
-
-
-def choose_next(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-    """Next token per row of ``logits`` (rows, vocab), following each sequence's parameters."""
-    greedy = logits.argmax(dim=-1).tolist()
-    return [greedy[row] if seq.greedy else sample(logits[row], seq) for row, seq in enumerate(sequences)]
 
 
 def logprob_entries(logprobs: torch.Tensor, tokens: list[int], top: int, tokenizer) -> list:

@@ -60,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-loaded", type=int, default=8, help="adapters held in the model at once (LRU)")
     parser.add_argument("--max-loaded-mb", type=float, default=None, help="bound on the loaded adapters' size")
     parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens one engine iteration feeds: one per decoding row, the rest to chunks of "
+                        "newcomers' prompts (default 256; docs/serving.md)")
+    parser.add_argument("--max-kv-tokens", type=int, default=None,
+                        help="KV token positions admission may fill, rows x their longest prompt + max_tokens "
+                        "(default: 40%% of the memory free at start, in tokens)")
+    parser.add_argument("--no-chunked-prefill", action="store_true",
+                        help="prefill newcomers' whole prompts in one forward (the decoding rows wait for it)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     parser.add_argument("--fuse-min-steps", type=int, default=None,
                         help="fuse a one-adapter batch when it may still run this many steps "
@@ -118,7 +126,8 @@ def main(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
     engine = build_engine(args.model, args.adapters, args.served_model_name, args.device, args.dtype,
                           args.max_loaded, args.max_loaded_mb, args.max_batch, args.max_queue,
-                          args.fuse_min_steps).start()
+                          args.fuse_min_steps, args.max_num_batched_tokens, args.max_kv_tokens,
+                          not args.no_chunked_prefill).start()
     print("engine: builtin (the default: every method per request, fused when a batch wants one adapter; "
           "--engine vllm runs vLLM)")
     print(f"serving {engine.base_name} and {len(engine.models()) - 1} adapter(s) on http://{args.host}:{args.port}")

@@ -1,0 +1,376 @@
+"""The engine's memory half (issue 24): token-budget admission, the slot KV cache, chunked prefill.
+
+The engine is driven directly (no HTTP) over the tiny model; the oracle is offline greedy
+``generate`` with the request's adapter alone (tests/serving.py), as for the HTTP tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from tests.serving import load_tiny_lm, offline_text, save_adapters, save_tiny_lm
+
+pytest.importorskip("fastapi")
+from shirakit.serve import Engine, start_server  # noqa: E402
+from shirakit.serve.engine import RequestTooLarge  # noqa: E402
+from shirakit.serve.kv import SlotKV  # noqa: E402
+from shirakit.serve.policy import Policy  # noqa: E402
+from shirakit.serve.sequence import SamplingParams  # noqa: E402
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    model_dir = save_tiny_lm(root / "tiny-llama")
+    return model_dir, save_adapters(model_dir, root / "adapters", 3), root
+
+
+def _engine(folders, **engine_args) -> Engine:
+    model_dir, adapters, _ = folders
+    model, tokenizer = load_tiny_lm(model_dir)
+    return Engine(model, tokenizer, "tiny-llama", adapters, **engine_args)
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(3, 99, (length - 1,), generator=generator).tolist()
+
+
+class Collector:
+    """A sink per request: its text, and when each event came."""
+
+    def __init__(self) -> None:
+        self.text, self.times, self.done, self.error = "", [], threading.Event(), None
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Exception):
+            self.error = event
+            self.done.set()
+            return
+        self.text += event.text
+        self.times.append(time.perf_counter())
+        if event.finish_reason is not None:
+            self.done.set()
+
+
+def _run(engine: Engine, jobs: list[tuple[str, list[int], int]]) -> list[Collector]:
+    sinks = []
+    for model, prompt, max_tokens in jobs:
+        sink = Collector()
+        engine.submit(model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0), 1, sink)
+        sinks.append(sink)
+    for sink in sinks:
+        assert sink.done.wait(TIMEOUT), "a request did not finish"
+        assert sink.error is None, sink.error
+    return sinks
+
+
+def _record_rows(engine: Engine) -> list[tuple[str, int, int]]:
+    """Every forward the engine runs: ("prefill", rows, tokens per row) or ("decode", rows, 1)."""
+    seen = []
+    prefill, decode = engine._prefill, engine._decode_step
+
+    def recording_prefill(group, chunk, union):
+        seen.append(("prefill", len(group), chunk, len(engine._running)))
+        prefill(group, chunk, union)
+
+    def recording_decode():
+        seen.append(("decode", engine._decoding, 1, len(engine._running)))
+        decode()
+
+    engine._prefill, engine._decode_step = recording_prefill, recording_decode
+    return seen
+
+
+def test_token_budget_queues_long_requests_and_refuses_what_never_fits(folders):
+    """A budget of 4 slots x 64 positions: rows reserving up to 64 run 4 at a time and the others
+    wait; a request reserving more than the budget allows alone is refused with a clear error."""
+    model_dir, adapters, _ = folders
+    name = list(adapters)[0]
+    engine = _engine(folders, max_kv_tokens=256, max_batch=32).start()
+    seen = _record_rows(engine)
+    try:
+        with pytest.raises(RequestTooLarge, match=r"needs \d+ KV token positions.*budget is 256"):
+            engine.submit(name, _prompt(0, 40), SamplingParams(max_tokens=40, temperature=0), 1, Collector())
+        with pytest.raises(RequestTooLarge, match="choice"):  # n rows of 64: 8 slots
+            engine.submit(name, _prompt(0, 20), SamplingParams(max_tokens=10, temperature=0), 5, Collector())
+        jobs = [(name if i % 2 else "tiny-llama", _prompt(i, 20 + i), 30) for i in range(7)]
+        sinks = _run(engine, jobs)
+    finally:
+        engine.stop()
+    assert max(rows for _, _, _, rows in seen) == 4  # the budget, not max_batch, bounded the batch
+    for (model, prompt, max_tokens), sink in zip(jobs, sinks):
+        assert sink.text == offline_text(model_dir, adapters.get(model), prompt, max_tokens)
+
+
+def test_token_budget_refusal_over_http_is_a_400_naming_the_budget(folders):
+    model_dir, adapters, _ = folders
+    running = start_server(_engine(folders, max_kv_tokens=256), policy=Policy())
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            body = {"model": "tiny-llama", "prompt": [_prompt(1, 50)], "max_tokens": 30, "temperature": 0}
+            response = http.post("/v1/completions", json=body)
+            assert response.status_code == 400, response.text
+            assert "KV budget is 256" in response.json()["error"]["message"]
+            body["max_tokens"] = 10  # 60 positions: fits
+            response = http.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, chunked):
+    """Four rows decode; a 70-token prompt arrives. Chunked (16 tokens an iteration): it goes in
+    over several forwards, each followed by a decode step of the running rows; unchunked: one
+    forward. Every text equals offline generate either way."""
+    model_dir, adapters, _ = folders
+    names = list(adapters)
+    engine = _engine(folders, max_num_batched_tokens=20, chunked_prefill=chunked).start()
+    seen = _record_rows(engine)
+    try:
+        short = [(names[i % 3], _prompt(10 + i, 6), 20) for i in range(4)]
+        sinks = []
+        for model, prompt, max_tokens in short:
+            sink = Collector()
+            engine.submit(model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0), 1, sink)
+            sinks.append(sink)
+        deadline = time.monotonic() + TIMEOUT
+        while engine.stats.decode_steps < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        long_job = ("tiny-llama", _prompt(99, 70), 8)
+        sinks += _run(engine, [long_job])
+        for sink in sinks:
+            assert sink.done.wait(TIMEOUT) and sink.error is None
+    finally:
+        engine.stop()
+    at = [i for i, entry in enumerate(seen) if entry[0] == "prefill" and entry[2] > 6]
+    long_chunks = [seen[i] for i in at]
+    if chunked:
+        assert len(long_chunks) >= 4 and all(chunk <= 20 for _, _, chunk, _ in long_chunks)
+        # between two chunks of the long prompt the running rows took a decode step
+        assert all(seen[i + 1][0] == "decode" and seen[i + 1][1] >= 1 for i in at[:-1])
+    else:
+        assert [chunk for _, _, chunk, _ in long_chunks] == [70]
+    for (model, prompt, max_tokens), sink in zip([*short, long_job], sinks):
+        assert sink.text == offline_text(model_dir, adapters.get(model), prompt, max_tokens)
+
+
+def test_echo_logprobs_are_the_same_chunked_or_not(folders):
+    """Prompt log-probabilities gathered chunk by chunk equal those of one whole-prompt forward."""
+    entries = {}
+    for chunked in (True, False):
+        engine = _engine(folders, max_num_batched_tokens=16, chunked_prefill=chunked).start()
+        got = []
+        done = threading.Event()
+
+        def sink(event, got=got, done=done):
+            if isinstance(event, Exception):
+                got.append(event)
+                done.set()
+                return
+            got.extend(event.logprobs or [])
+            if event.finish_reason:
+                done.set()
+
+        try:
+            params = SamplingParams(max_tokens=2, temperature=0, logprobs=2, echo=True)
+            engine.submit("tiny-llama", _prompt(5, 45), params, 1, sink)
+            assert done.wait(TIMEOUT)
+        finally:
+            engine.stop()
+        assert not any(isinstance(g, Exception) for g in got), got
+        entries[chunked] = got
+    assert len(entries[True]) == 45 + 2
+    for (text_a, value_a, top_a), (text_b, value_b, top_b) in zip(entries[True], entries[False]):
+        assert text_a == text_b
+        assert (value_a is None) == (value_b is None)
+        if value_a is not None:
+            assert value_a == pytest.approx(value_b, abs=1e-5)
+            assert top_a.keys() == top_b.keys()
+
+
+def test_slots_move_one_row_on_retirement_not_the_batch():
+    """16 rows of 40 tokens: a retirement copies the last row into the hole (one row's bytes), a
+    decode step writes in place (no copy), and the data each row reads is what it wrote."""
+    kv = SlotKV(max_rows=32, max_time=96)
+    rows, heads, dim = 16, 2, 8
+    kv.add(rows)
+    kv.plan(rows, 64)
+    with torch.inference_mode():
+        keys = torch.randn(rows, heads, 40, dim)
+        cache, mask, positions = kv.step(0, rows, 40, torch.float32, "cpu")
+        for layer in range(2):
+            cache.update(keys + layer, keys - layer, layer)
+        kv.advance(0, [40] * rows)
+        assert kv.bytes_copied == 0  # the first write allocated, nothing copied
+        cache, mask, positions = kv.step(0, rows, 1, torch.float32, "cpu")
+        assert positions[:, 0].tolist() == [40] * rows and mask.shape == (rows, 1, 1, 41)
+        new = torch.randn(rows, heads, 1, dim)
+        for layer in range(2):
+            k, v = cache.update(new, new, layer)
+            assert k.shape == (rows, heads, 41, dim) and k.data_ptr() == kv.keys[layer].data_ptr()
+        kv.advance(0, [1] * rows)
+        assert kv.bytes_copied == 0  # a decode step writes in place
+    kv.move(rows - 1, 3)
+    kv.pop()
+    one_row = 2 * 2 * heads * 41 * dim * 4  # 2 layers x (keys, values) x 41 tokens, fp32
+    assert kv.bytes_copied == one_row
+    assert torch.equal(kv.keys[1][3, :, :40], keys[rows - 1] + 1)
+    assert torch.equal(kv.keys[0][3, :, 40], new[rows - 1, :, 0])
+    assert kv.lengths == [41] * (rows - 1)
+
+
+# ---- incremental detokenization ------------------------------------------------------------------
+def _byte_fallback_tokenizer():
+    """A Llama-style tokenizer: SentencePiece pieces with "▁" for spaces and <0xNN> byte-fallback
+    tokens for anything else (multi-byte characters come out of several tokens)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["▁", "▁the", "▁cat", "the", "é", "▁é", "▁.", "日", "本"]
+    pieces += [c for c in "abcdefghijklmnopqrstuvwxyz.,"]  # ASCII as pieces: byte tokens only for the rest
+    vocab = {p: i for i, p in enumerate(pieces)}
+    model = models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True)
+    tok = Tokenizer(model)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _byte_level_tokenizer():
+    """A GPT-2-style byte-level BPE: every byte is a token, a few merges; characters of 2-4 bytes
+    are split across tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def _stream_of(tokenizer, rng, length: int) -> list[int]:
+    """The ids of random multi-byte text, some replaced by random other ids. Byte-fallback: never
+    by a byte token (its decoder renders a whole run of byte tokens as replacement characters
+    once one byte of it is wrong, earlier characters too, so no stream of it can be exact; a
+    model emits byte tokens for whole characters). Byte-level: any id (its decoder is lossy per
+    bad byte only)."""
+    text = "".join(rng.choice(["é", "日本", "😀", " the", " cat", "a", ".", "ß", "€", " é"]) for _ in range(length))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    byte_fallback = "<0x41>" in tokenizer.get_vocab()
+    pieces = [i for i in range(len(tokenizer)) if not byte_fallback or "<0x" not in tokenizer.convert_ids_to_tokens(i)]
+    return [t if rng.random() < 0.8 else rng.choice(pieces) for t in ids[:length]]
+
+
+@pytest.mark.parametrize("make", [_byte_fallback_tokenizer, _byte_level_tokenizer])
+def test_incremental_text_equals_the_full_decode(make):
+    import random
+
+    from shirakit.serve.sequence import Sequence
+
+    tokenizer = make()
+    rng = random.Random(0)
+    byte_tokens = exact = 0
+    for trial in range(150):
+        stream = _stream_of(tokenizer, rng, rng.randrange(1, 40))
+        seq = Sequence("r", 0, "base", [1], SamplingParams(max_tokens=len(stream), temperature=0))
+        for i, token in enumerate(stream):
+            seq.add(token, tokenizer, eos_ids=set())
+            read = tokenizer.decode(stream[: seq.read], skip_special_tokens=True)
+            if seq.finish_reason is None and "\ufffd" not in read:
+                # the text of the tokens read; the rest waits for its character. (Where the tokens
+                # read hold a broken character the decoder itself may rewrite earlier characters:
+                # byte-fallback turns a whole run of byte tokens into replacement characters.)
+                assert seq.text == read, stream[: i + 1]
+                exact += 1
+                pending = tokenizer.decode(stream[seq.read: i + 1], skip_special_tokens=True)
+                assert seq.read == i + 1 or pending == "" or "\ufffd" in pending, (stream[: i + 1], pending)
+        assert seq.finish_reason == "length"
+        assert seq.text == tokenizer.decode(stream, skip_special_tokens=True), stream
+        byte_tokens += sum(1 for t in stream if "<0x" in tokenizer.convert_ids_to_tokens(t) or
+                           tokenizer.decode([t]).endswith("\ufffd"))
+    assert byte_tokens > 100  # the streams did split characters across tokens
+    assert exact > 500  # most steps checked exactly
+
+
+def test_stop_strings_across_token_boundaries_and_eos():
+    from shirakit.serve.sequence import Sequence
+
+    tokenizer = _byte_fallback_tokenizer()
+    ids = tokenizer("the cat. 日本the cat", add_special_tokens=False).input_ids
+    for stop, expected in ((("t.",), "the ca"), (("本t",), "the cat. 日"), (("日",), "the cat. ")):
+        seq = Sequence("r", 0, "base", [1], SamplingParams(max_tokens=50, temperature=0, stop=stop))
+        for token in ids:
+            seq.add(token, tokenizer, eos_ids={2})
+            if seq.finish_reason:
+                break
+        assert (seq.text, seq.finish_reason) == (expected, "stop"), stop
+    seq = Sequence("r", 0, "base", [1], SamplingParams(max_tokens=50, temperature=0))
+    japanese = tokenizer("日", add_special_tokens=False).input_ids
+    for token in japanese[:-1] + [2]:  # the end of text in the middle of a character: flushed
+        seq.add(token, tokenizer, eos_ids={2})
+    assert seq.finish_reason == "stop" and seq.text == tokenizer.decode(japanese[:-1])
+
+
+# ---- batched sampling ------------------------------------------------------------------------------
+def _texts(engine: Engine, jobs: list[tuple[list[int], SamplingParams, int]]) -> list[list[str]]:
+    """Submit every job at once (so they share batches); the text of each choice."""
+    sinks = []
+    for prompt, params, n in jobs:
+        texts, done, errors = [""] * n, threading.Event(), []
+        left = [n]
+
+        def sink(event, texts=texts, done=done, errors=errors, left=left):
+            if isinstance(event, Exception):
+                errors.append(event)
+                done.set()
+                return
+            texts[event.index] += event.text
+            if event.finish_reason:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+        engine.submit("tiny-llama", prompt, params, n, sink)
+        sinks.append((texts, done, errors))
+    for texts, done, errors in sinks:
+        assert done.wait(TIMEOUT) and not errors, errors
+    return [texts for texts, _, _ in sinks]
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(folders):
+    """Temperature, top_p, seed, logit_bias and penalties per row, sampled in one batched pass:
+    each seeded request gives the text it gives alone, whatever shares its batch."""
+    seeded = [
+        (_prompt(1, 8), SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5), 2),
+        (_prompt(2, 5), SamplingParams(max_tokens=12, temperature=1.3, seed=11, logit_bias=((7, 3.0),),
+                                       frequency_penalty=0.5), 1),
+        (_prompt(3, 9), SamplingParams(max_tokens=12, temperature=0.5, top_p=0.3, seed=2**63 - 1, logprobs=2), 1),
+    ]
+    others = [(_prompt(10 + i, 4 + i), SamplingParams(max_tokens=12, temperature=[0.0, 1.0, 0.7][i % 3],
+                                                      top_p=[1.0, 0.5, 0.95][i % 3]), 1) for i in range(5)]
+    engine = _engine(folders).start()
+    try:
+        alone = [_texts(engine, [job])[0] for job in seeded]
+        together = _texts(engine, [*others[:3], *seeded, *others[3:]])[3:6]
+        again = _texts(engine, [*seeded, *others])[:3]
+    finally:
+        engine.stop()
+    assert together == alone and again == alone
+    assert alone[0][0] != alone[0][1]  # choice 1 draws with seed + 1
+    assert len({t for texts in alone for t in texts}) == 4
