@@ -400,8 +400,8 @@ def test_lora_file_errors(pipe, tmp_path):
 
 # ---- torch.compile --------------------------------------------------------------------------------------------
 def _hotswap_round(pipe, backend):
-    """Adapters on different layers of the UNet and the text encoder (LoRA: slots; SHiRA: in the weight) swap
-    under torch.compile; returns the frames compiled after warm-up (0 expected) after checking outputs."""
+    """Adapters on different layers of the UNet (attention, feed-forward, convolutions) and the text encoder
+    (LoRA: slots; SHiRA: in the weight) swap under torch.compile; returns the frames compiled after warm-up (0 expected) after checking outputs."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     sd.inject(pipe, both(method="lora"), "a")
@@ -409,8 +409,12 @@ def _hotswap_round(pipe, backend):
                      "text_encoder": shirakit.LoraConfig(r=1, target_modules=["fc1"], init_lora_weights=False)}, "b")
     sd.inject(pipe, both(5, 6), "c")
     randomize(pipe, "c", 7)
+    # convolutions too: a LoRA conv (slots) and a SHiRA conv (in the weight) on layers no other adapter has
+    sd.inject(pipe, {"unet": shirakit.LoraConfig(r=2, target_modules=["conv1"], init_lora_weights=False)}, "d")
+    sd.inject(pipe, {"unet": shirakit.ShiraConfig(r=1, target_modules=["conv2", "conv_in"], random_seed=8)}, "e")
+    randomize(pipe, "e", 9)
     want = {}
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d", "e"):
         sd.set_adapter(pipe, name)
         want[name] = unet_out(pipe), text_out(pipe)
     sd.prepare_for_hotswap(pipe, on_recompile="raise")
@@ -428,7 +432,7 @@ def _hotswap_round(pipe, backend):
     sd.set_adapter(pipe, "a")
     run()
     warm = counter.frame_count
-    for name in ("b", "c", "a", "c", "b"):
+    for name in ("b", "c", "e", "a", "d", "c", "e", "b"):
         sd.set_adapter(pipe, name)
         got = run()
         torch.testing.assert_close(got[0], want[name][0], atol=1e-4, rtol=1e-4)

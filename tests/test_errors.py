@@ -209,3 +209,20 @@ def test_one_cache_variable_the_old_one_warns(monkeypatch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert smollm2_cache() == tmp_path / "new" / "smollm2-135m"
+
+
+@pytest.mark.parametrize("where", ["the path", "a parent"])
+def test_save_onto_a_file_names_it(tmp_path, where):
+    """save_adapter to a path that is a file (or under one): a FileExistsError naming it, nothing written."""
+    model = MODELS["llama"]()
+    shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    blocker = tmp_path / "adapter.bin"
+    blocker.write_bytes(b"not a folder")
+    target = blocker if where == "the path" else blocker / "sub" / "adapter"
+    with pytest.raises(FileExistsError) as info:
+        shirakit.save_adapter(model, target)
+    text = str(info.value)
+    assert f"cannot save an adapter to {str(target)!r}: {str(blocker)!r}" in text
+    assert "exists and is a file" in text and "give a folder path" in text
+    assert (where == "a parent") == ("a parent of" in text)
+    assert blocker.read_bytes() == b"not a folder" and sorted(tmp_path.iterdir()) == [blocker]

@@ -184,3 +184,14 @@ def test_load_straight_into_fused_mode(tmp_path):
     shirakit.load_adapter(fresh, tmp_path, "a", merge=True)
     assert all(layer.merged == ["a"] for _, layer in adapter_layers(fresh))
     torch.testing.assert_close(output(fresh, ids), expected, atol=0, rtol=0)
+
+
+def test_combine_that_cannot_fit_a_small_layer_names_it():
+    """Two r=2 masks (24 of a 4x8 weight's 32 entries each) together hold more than 24 positions, so the combined
+    file needs r=3: K = 36 > 32 entries. A clear error naming the layer; both inputs stay loaded."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    for i, name in enumerate(["a", "b"]):
+        shirakit.inject(model, shirakit.ShiraConfig(r=2, target_modules=["0"], random_seed=i), name)
+    with pytest.raises(ValueError, match=r"layer '0'.*smaller r"):
+        combine_adapters(model, ["a", "b"], [1.0, 1.0], "ab")
+    assert [set(layer.adapters) for _, layer in adapter_layers(model)] == [{"a", "b"}]

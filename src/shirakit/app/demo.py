@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.extras import require
 from ..io.checkpoint import save_adapter
 from ..model.control import set_adapter, trainable_parameters
 from ..model.fusion import combine_adapters
@@ -117,8 +118,7 @@ def run(out_dir: str | Path = "demo_out", steps: int = 80, r: int = 8, seq_len: 
 
 
 def _plot_concept_loss(fused: dict, path: Path) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the figures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import AdapterConfig
+from ..core.extras import require
 from ..integrations import diffusers as sd
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -54,7 +55,7 @@ def image_geometry(pipe) -> tuple[int, int]:
 
 def load_images(folder: str | Path, channels: int, side: int) -> torch.Tensor:
     """Every image in ``folder`` as (N, channels, side, side) in [-1, 1]: centre-cropped square, resized."""
-    from PIL import Image
+    Image = require("PIL.Image", "reading training images")
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -83,7 +84,7 @@ def load_images(folder: str | Path, channels: int, side: int) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
     """(N, C, H, W) in [-1, 1] written as one PNG grid."""
-    from PIL import Image
+    Image = require("PIL.Image", "reading training images")
 
     n, c, h, w = images.shape
     columns = columns or n
@@ -289,7 +290,7 @@ def _bar(total: int, progress: bool):
     if not progress:
         return _NoBar()
     try:
-        from tqdm.auto import tqdm
+        tqdm = require("tqdm.auto", "the progress bar").tqdm
     except ImportError:
         return _NoBar()
     return tqdm(total=total, desc="diffusion adapter", unit="step")

@@ -6,13 +6,13 @@ import re
 
 import torch
 
+from ..core.extras import require
 from ..model.metrics import Orthogonality
 
 
 def heatmap(rows: list[Orthogonality], path, title: str = "AWOR per layer") -> None:
     """A PNG: one cell per layer (blocks x projection when names allow), colour = AWOR."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the figures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

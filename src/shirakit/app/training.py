@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import methods  # noqa: F401  (registers the methods)
+from ..core.extras import require
 from ..core.registry import method_for_name
 from .data import DECODER_TARGETS, ENCODER_TARGETS, TextDataset, minilm_dir  # noqa: F401  (targets re-exported)
 
@@ -100,7 +101,7 @@ def training_loop(model: nn.Module, epoch_batches, loss_of, evaluate, *, lr: flo
     ``epochs`` and runs as many epochs as it takes. ``history`` continues a resumed run: its steps
     count toward ``max_steps``. ``on_epoch(history)`` runs after each epoch's evaluation (a checkpoint).
     """
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "the progress bar").tqdm
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     history = history or History(metric_name=metric_name)
@@ -202,8 +203,7 @@ def train_causal_lm(model, train_blocks: torch.Tensor, test_blocks: torch.Tensor
 
 def plot_history(histories: dict[str, History], path: str | Path, title: str = "") -> Path:
     """Loss per step and the per-epoch metric, one line per run, as a PNG."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the figures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

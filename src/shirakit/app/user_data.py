@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.extras import require
+
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (PyTorch's cross_entropy default)
 
 # file suffix -> the ``datasets`` builder that reads it
@@ -62,7 +64,7 @@ def check_source(path: str | Path) -> Path:
 
 def load_table(path: str | Path):
     """One ``datasets.Dataset`` from a local file or folder (see the module docstring)."""
-    import datasets
+    datasets = require("datasets", "reading your own data (shirakit train --data)")
 
     path = check_source(path)
     datasets.disable_progress_bars()

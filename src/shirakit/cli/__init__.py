@@ -2,6 +2,8 @@
 
 Every subcommand has ``--help`` (with defaults). Bad arguments and bad inputs are one line on
 stderr and exit status 2, checked before any model loads; ``SHIRAKIT_DEBUG=1`` shows tracebacks.
+A missing optional package is one line naming the extra to install (:mod:`shirakit.core.extras`).
+Known start-up messages of other libraries are hidden (:mod:`.quiet`; ``--verbose`` shows them).
 Subcommand modules import torch and transformers only when they run, so ``--help`` is fast.
 
 Adding a subcommand: a module in this package with ``register(subparsers)`` (which sets
@@ -16,7 +18,9 @@ import importlib
 import os
 import sys
 
+from ..core.extras import missing_extra
 from .common import Parser, UsageError
+from .quiet import hide_known_noise, verbose_requested
 
 # subcommand -> module in this package, in the order --help lists them
 SUBCOMMANDS = {
@@ -38,6 +42,9 @@ def _modules():
 
 def build_parser() -> Parser:
     parser = Parser(prog="shirakit", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="show the known start-up messages of other "
+                        "libraries that shirakit hides (torchao's CUDA kernels on CPU, ...; see shirakit.cli.quiet); "
+                        "also SHIRAKIT_VERBOSE=1")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for module in _modules():
         module.register(sub)
@@ -57,6 +64,11 @@ def _report(message) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never a silent download
+    verbose = bool(argv) and argv[0] == "--verbose"
+    if verbose:
+        argv = argv[1:]  # a top-level flag: the subcommand comes next
+    if not (verbose or verbose_requested()):
+        hide_known_noise()
     parser = build_parser()
     try:
         if argv and argv[0] in SUBCOMMANDS:
@@ -70,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return _report(exc)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:  # an optional package: one line naming the extra that installs it
+        hint = missing_extra(exc, f"shirakit {argv[0]}" if argv else "shirakit")
+        if hint is None or os.environ.get("SHIRAKIT_DEBUG"):
+            raise
+        return _report(hint)
     except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
         if os.environ.get("SHIRAKIT_DEBUG"):
             raise

@@ -25,7 +25,7 @@ from .common import (
     positive_int,
     training_record,
 )
-from .models import DEVICES, DTYPES
+from .models import DEVICES, DTYPES, find_base
 
 
 def _base_flags(p) -> None:
@@ -46,7 +46,14 @@ def register(sub) -> None:
         p.add_argument(f"--{column}-column", help=f"default: the training run's, else {default!r}")
     p.add_argument("--seq-len", type=positive_int, help="default: the training run's, else 128")
     p.add_argument("--eval-rows", type=positive_int, help="use at most this many prepared rows")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
+    p.add_argument("--lm-eval", metavar="TASKS", help="run these lm-evaluation-harness tasks (comma-separated) "
+                   "on the adapted model instead, with lm-eval's HF model wrapper (pip install \"shirakit[eval]\")")
+    p.add_argument("--include-path", metavar="DIR", action="append",
+                   help="with --lm-eval: a folder of your own task YAML files (repeatable)")
+    p.add_argument("--limit", type=float, help="with --lm-eval: at most this many documents per task "
+                   "(below 1: that fraction of them)")
+    p.add_argument("--num-fewshot", type=int, help="with --lm-eval: few-shot examples (default: each task's own)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("switch", help="load adapters and time fused-mode switching among them")
@@ -137,6 +144,11 @@ def _eval_settings(args, record: dict, task: str) -> argparse.Namespace:
 
 
 def cmd_eval(args) -> None:
+    if args.lm_eval:
+        return cmd_lm_eval(args)
+    for flag in ("include_path", "limit", "num_fewshot"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} goes with --lm-eval TASKS")
     import shirakit
 
     from ..app import user_training
@@ -163,6 +175,48 @@ def cmd_eval(args) -> None:
         print(f"base     {metric} {user_training.evaluate(model, rows, task, pad, device, args.batch_size):.4g}")
     shirakit.load_adapter(model, directory)
     print(f"adapter  {metric} {user_training.evaluate(model, rows, task, pad, device, args.batch_size):.4g}")
+
+
+def cmd_lm_eval(args) -> None:
+    """``eval ADAPTER --lm-eval TASKS``: lm-evaluation-harness on the adapted model, in process."""
+    import shirakit
+
+    from ..integrations import lmeval
+
+    try:
+        lmeval.require_lm_eval()
+    except ModuleNotFoundError:
+        raise UsageError(f"--lm-eval needs lm-evaluation-harness: {lmeval.INSTALL}") from None
+    directory = check_adapter_dir(args.adapter)
+    if args.model:
+        check_model_dir(args.model)
+    ignored = [f for f in ("data", "task", "text_column", "label_column", "messages_column", "seq_len", "eval_rows")
+               if getattr(args, f) is not None]
+    if ignored:
+        raise UsageError(f"--{ignored[0].replace('_', '-')} does not apply to --lm-eval (the tasks bring their data)")
+    tasks = [t.strip() for t in args.lm_eval.split(",")]
+    if not all(tasks):
+        raise UsageError(f"--lm-eval {args.lm_eval!r}: expected comma-separated task names")
+    for path in args.include_path or ():
+        if not Path(path).exists():
+            raise UsageError(f"--include-path {path}: no such file or folder")
+    if args.limit is not None and (args.limit <= 0 or (args.limit >= 1 and args.limit != int(args.limit))):
+        raise UsageError(f"--limit {args.limit:g}: expected a document count >= 1 or a fraction in (0, 1)")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UsageError(f"--num-fewshot {args.num_fewshot}: expected 0 or more")
+    if _task_of(directory) == "classification":
+        raise UsageError(f"{directory}: a classification adapter; --lm-eval evaluates causal LMs")
+    args.task = "causal-lm"
+    model, tokenizer, _, _, device = _base_model([directory], args)
+    shirakit.load_adapter(model, directory)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    try:
+        results = lmeval.evaluate(model, tokenizer, tasks, include_path=args.include_path, limit=limit,
+                                  num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=str(device))
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"--lm-eval: {exc}") from None
+    print(f"lm-eval on {directory} (base {find_base(directory, args.model)})")
+    print(lmeval.results_table(results))
 
 
 # ---- switch / fuse --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ argument or the folder it is about. Nothing here imports torch (``shirakit --hel
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -19,11 +20,29 @@ class UsageError(Exception):
     """A bad argument or input: printed as one line, exit status 2, no traceback."""
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option that has a default shows it in --help, also options without a help text
+    (argparse's formatter skips those); a ``None`` default is left out (the help says what it means)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default is None or action.default is argparse.SUPPRESS
+                or "%(default)" in text):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+    def _format_action(self, action) -> str:
+        if action.help is None and self._get_help_string(action):
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with defaults in --help and one-line errors (argparse prints the whole usage)."""
 
     def __init__(self, *args, populate=None, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
         self._populate = populate  # adds the arguments on first parse (a subcommand with heavy imports)
 
@@ -99,7 +118,13 @@ def check_file_out(path: str | Path, flag: str) -> Path:
 
 
 def check_adapter_dir(path: str | Path, what: str = "adapter") -> Path:
-    path = Path(path)
+    """An adapter folder, or the snapshot of a repo id (org/name) in the local Hugging Face hub cache."""
+    from ..io.hub import resolve_adapter_source
+
+    try:
+        path = resolve_adapter_source(str(path))
+    except FileNotFoundError as exc:
+        raise UsageError(f"{what} {exc}") from None
     if not path.is_dir():
         raise UsageError(f"{what} {path}: no such folder")
     if not (path / "adapter_config.json").is_file():

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..core.extras import require
 from ..core.registry import DEFAULT_METHOD
 from .common import (
     TRAINING_FILE,
@@ -105,6 +106,8 @@ def _load_recipe(path: Path) -> dict:
         raise UsageError(f"--config {path}: expected a .yaml, .yml or .json file")
     if not path.is_file():
         raise UsageError(f"--config {path}: no such file")
+    if suffix != ".json":
+        require("yaml", f"--config {path}")
     try:
         text = path.read_text()
         if suffix == ".json":

@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from ..core.extras import require
 from .common import TRAINING_FILE, UsageError, check_out_dir
 
 PIPELINE_FILE = "model_index.json"  # what diffusers' save_pretrained writes at a pipeline's root
@@ -50,7 +51,8 @@ def _config(args):
 def train(args) -> None:
     validate(args)  # before torch and diffusers load
     import torch
-    from diffusers import DiffusionPipeline
+
+    DiffusionPipeline = require("diffusers", "shirakit train --task text-to-image").DiffusionPipeline
 
     from ..app.diffusion import train as train_adapter
     from ..integrations import diffusers as sd

@@ -36,7 +36,8 @@ from ..model.inject import inject
 from ..model.tensors import AdapterTensors
 from .atomic import check_regular_file
 from .config_file import read_config
-from .folder import BINDING_KEY, CONFIG_NAME, WEIGHTS_NAME, digest, write_adapter_folder
+from .folder import BINDING_KEY, CONFIG_NAME, WEIGHTS_NAME, check_save_target, digest, write_adapter_folder
+from .hub import resolve_adapter_source
 
 PREFIX = "base_model.model."
 # safetensors metadata naming the file's layout: absent = PEFT's; COMPACT_V1 = methods' compact
@@ -101,7 +102,7 @@ def save_adapter(
     """
     state = state_of(model)
     check_adapter_names(model, [adapter_name])
-    directory = Path(directory)
+    directory = check_save_target(directory)  # on every rank, before the gather: no rank waits on a refusal
     sharded = _sharded(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
     metadata = {"format": "pt"}
@@ -160,7 +161,10 @@ class AdapterFiles:
 
 def read_adapter_files(directory: str | Path) -> AdapterFiles:
     """Read ``adapter_config.json`` and ``adapter_model.safetensors`` (no model needed, so a server
-    can do it off the thread that owns the model; :func:`load_adapter` then takes the result)."""
+    can do it off the thread that owns the model; :func:`load_adapter` then takes the result).
+    ``directory`` may be a Hugging Face repo id already in the local hub cache (:mod:`shirakit.io.hub`;
+    a local folder of that name wins)."""
+    directory = resolve_adapter_source(directory)
     config = read_config(directory)
     path, tensors, metadata = read_weights(directory)
     return AdapterFiles(Path(directory), config, path, tensors, metadata)
@@ -175,7 +179,8 @@ def load_adapter(
     merge: bool = False,
 ) -> nn.Module:
     """Add the adapter saved in ``directory`` (by shirakit or by PEFT, either layout) under
-    ``adapter_name``. It becomes the active adapter; its parameters train only with
+    ``adapter_name``; ``directory`` may also be a repo id (``"org/name"``) already in the local Hugging Face
+    hub cache, never downloaded (:mod:`shirakit.io.hub`). It becomes the active adapter; its parameters train only with
     ``is_trainable=True``; ``merge=True`` also merges it (fused mode). ``directory`` may also be
     the :class:`AdapterFiles` that :func:`read_adapter_files` read before.
 

@@ -12,6 +12,7 @@ from ..core.registry import method_for_peft_type
 from ..core.validation import short_repr
 from .atomic import read_regular_file
 from .folder import CONFIG_NAME, bound_config_bytes
+from .hub import resolve_adapter_source
 
 #: adapter_config.json files are a few KB; anything this large is not one (and is not read whole).
 MAX_CONFIG_BYTES = 4 << 20
@@ -19,8 +20,9 @@ MAX_CONFIG_BYTES = 4 << 20
 
 def read_config(directory: str | Path) -> AdapterConfig:
     """Read ``adapter_config.json`` and return the matching method's config (the one saved with the
-    weights beside it, should a save have been interrupted: see :mod:`shirakit.io.folder`)."""
-
+    weights beside it, should a save have been interrupted: see :mod:`shirakit.io.folder`). ``directory`` may be
+    a Hugging Face repo id already in the local hub cache (:mod:`shirakit.io.hub`)."""
+    directory = resolve_adapter_source(directory)
     path = Path(directory) / CONFIG_NAME
     raw = read_regular_file(path, MAX_CONFIG_BYTES, "adapter config")
     return config_from_bytes(bound_config_bytes(Path(directory), raw), path)

@@ -51,9 +51,25 @@ def _temp_files(directory: Path, name: str) -> list[Path]:
 
 
 # ---- writing ------------------------------------------------------------------------------------
+def check_save_target(directory: str | Path) -> Path:
+    """``directory`` as a Path, if an adapter folder can be made there: it, and every parent of it that exists,
+    must be a folder. A file in the way is a FileExistsError naming it (before any work is done)."""
+    directory = Path(directory)
+    for path in (directory, *directory.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                kind = "a file" if path.is_file() else "not a folder"
+                where = "" if path == directory else f" (a parent of {str(directory)!r})"
+                raise FileExistsError(
+                    f"cannot save an adapter to {str(directory)!r}: {str(path)!r}{where} exists and is {kind}; an "
+                    f"adapter is a folder (adapter_config.json + adapter_model.safetensors): give a folder path")
+            break
+    return directory
+
+
 def write_adapter_folder(directory: str | Path, config_bytes: bytes, weights_bytes: bytes) -> None:
     """Commit the pair: weights (carrying ``digest(config_bytes)``) first, the config last."""
-    directory = Path(directory)
+    directory = check_save_target(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _finish_interrupted_save(directory)
     for name in (WEIGHTS_NAME, CONFIG_NAME):

@@ -7,6 +7,8 @@
     POST /v1/chat/completions         messages -> text, through the tokenizer's chat template
     POST /v1/load_lora_adapter        {"lora_name", "lora_path"}: any method, not LoRA only
     POST /v1/unload_lora_adapter      {"lora_name"}
+    POST /tokenize, /detokenize       vLLM's: text <-> token ids with the served tokenizer
+    GET  /tokenizer_info              its special tokens and chat template (lm-eval's remote tokenizer)
 
 Handlers validate, tokenize (on a worker thread, after a bound on the text's length) and hand the
 request to the backend; they never touch the model. The backend's ``policy`` (``policy.py``)
@@ -22,6 +24,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -38,14 +41,17 @@ from .protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadAdapterRequest,
     Sampling,
+    TokenizeRequest,
     UnloadAdapterRequest,
     error_response,
 )
 from .sequence import SamplingParams
 
 log = logging.getLogger("shirakit.serve")
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")  # behind the API key, as /v1/* is
 
 
 def api_error_for(exc: Exception) -> ApiError:
@@ -80,7 +86,8 @@ class Guard:
             return await self.app(scope, receive, send)
         policy: Policy = self.policy_of()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        if scope["path"].startswith("/v1/") and not policy.authorized(headers.get("authorization")):
+        guarded = scope["path"].startswith("/v1/") or scope["path"] in TOKENIZER_ROUTES
+        if guarded and not policy.authorized(headers.get("authorization")):
             return await self._refuse(scope, send, 401, "a valid API key is required: Authorization: Bearer KEY")
         limit = policy.max_body_bytes
         too_big = f"the request body is larger than this server accepts ({limit} bytes)"
@@ -164,9 +171,10 @@ def create_app(backend) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         try:
-            prompt = await _completion_prompt(backend, body.prompt)
-            params = _params(backend, body, prompt, body.max_tokens)
-            return await _respond(backend, request, body, prompt, params, chat=False)
+            prompts = await _completion_prompts(backend, body.prompt)
+            params = [_params(backend, body, ids, body.max_tokens, where)
+                      for (ids, _), where in zip(prompts, _prompt_params(len(prompts)))]
+            return await _respond(backend, request, body, prompts, params, chat=False)
         except Exception as exc:
             return failed(exc)
 
@@ -175,9 +183,42 @@ def create_app(backend) -> FastAPI:
         try:
             prompt = await _chat_prompt(backend, body)
             params = _params(backend, body, prompt, body.max_completion_tokens or body.max_tokens)
-            return await _respond(backend, request, body, prompt, params, chat=True)
+            return await _respond(backend, request, body, [(prompt, None)], [params], chat=True)
         except Exception as exc:
             return failed(exc)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        try:
+            if body.model is not None and not backend.knows(body.model):
+                raise UnknownModel(body.model)
+            _check_text_length(backend, len(body.prompt), "prompt")
+            tokens = (await asyncio.to_thread(backend.tokenizer, body.prompt,
+                                              add_special_tokens=body.add_special_tokens)).input_ids
+        except Exception as exc:
+            return failed(exc)
+        return {"count": len(tokens), "max_model_len": backend.max_context, "tokens": tokens, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        try:
+            if body.model is not None and not backend.knows(body.model):
+                raise UnknownModel(body.model)
+            vocab = len(backend.tokenizer)
+            bad = [t for t in body.tokens if not 0 <= t < vocab]
+            if bad:
+                raise ApiError(400, f"tokens: token ids must lie in [0, {vocab}); found {bad[:5]}", "tokens")
+            text = await asyncio.to_thread(backend.tokenizer.decode, body.tokens)
+        except Exception as exc:
+            return failed(exc)
+        return {"prompt": text}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = backend.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "model_max_length": backend.max_context,
+                "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+                "unk_token": tok.unk_token, "chat_template": getattr(tok, "chat_template", None)}
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):
@@ -218,22 +259,37 @@ def _check_text_length(backend, chars: int, param: str) -> None:
                             f"{backend.max_context} tokens", param)
 
 
-async def _completion_prompt(backend, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-        _check_text_length(backend, len(prompt), "prompt")
-        ids = (await asyncio.to_thread(backend.tokenizer, prompt)).input_ids  # off the event loop
-    else:
+def _prompt_params(count: int) -> list[str]:
+    """How errors name each prompt: ``prompt``, or ``prompt[i]`` when the request has several."""
+    return ["prompt"] if count == 1 else [f"prompt[{i}]" for i in range(count)]
+
+
+async def _completion_prompts(backend, prompts: list[str | list[int]]) -> list[tuple[list[int], str | None]]:
+    """(token ids, the prompt's text as sent or None for token ids) of every prompt of a request
+    (``protocol.prompts_of`` has checked their shapes); strings are tokenized off the event loop."""
+    vocab = len(backend.tokenizer)
+    texts = []
+    for prompt, where in zip(prompts, _prompt_params(len(prompts))):
+        if isinstance(prompt, str):
+            _check_text_length(backend, len(prompt), where)
+            texts.append(prompt)
+            continue
         if len(prompt) > backend.max_context:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
+            raise ApiError(400, f"{where} has {len(prompt)} tokens; this model's context is "
                                 f"{backend.max_context} tokens", "prompt")
-        vocab = len(backend.tokenizer)
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise ApiError(400, f"prompt token ids must lie in [0, {vocab}); found {bad[:5]}", "prompt")
-        ids = list(prompt)
-    if not ids:
-        raise ApiError(400, "the prompt is empty", "prompt")
-    return ids
+            raise ApiError(400, f"{where}: token ids must lie in [0, {vocab}); found {bad[:5]}", "prompt")
+    encoded = iter(())
+    if texts:
+        encoded = iter(await asyncio.to_thread(lambda: [backend.tokenizer(t).input_ids for t in texts]))
+    out = []
+    for prompt, where in zip(prompts, _prompt_params(len(prompts))):
+        ids = next(encoded) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ApiError(400, f"{where} is empty (it has no tokens)", "prompt")
+        out.append((ids, prompt if isinstance(prompt, str) else None))
+    return out
 
 
 async def _chat_prompt(backend, body: ChatRequest) -> list[int]:
@@ -250,18 +306,22 @@ async def _chat_prompt(backend, body: ChatRequest) -> list[int]:
     return await asyncio.to_thread(tokenize)  # off the event loop: /health and the streams go on
 
 
-def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None) -> SamplingParams:
+def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None,
+            where: str = "prompt") -> SamplingParams:
+    """The engine's parameters for one prompt. ``max_tokens=0`` (echo: the prompt's log-probabilities
+    only) runs one step, whose token :func:`_prompt_only` drops: the engine always samples one."""
     if not backend.knows(body.model):
         raise UnknownModel(body.model)
     room = backend.max_context - len(prompt)
     if room <= 0:
-        raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
-                            f"{backend.max_context} tokens", "prompt")
+        raise ApiError(400, f"{'the ' * (where == 'prompt')}{where} has {len(prompt)} tokens; this model's context "
+                            f"is {backend.max_context} tokens (and a completion needs one more)", "prompt")
     if max_tokens is None:
         max_tokens = room
     if max_tokens > room:
-        raise ApiError(400, f"this model's context is {backend.max_context} tokens; the prompt has "
+        raise ApiError(400, f"this model's context is {backend.max_context} tokens; {where} has "
                             f"{len(prompt)} and max_tokens asks for {max_tokens}", "max_tokens")
+    max_tokens = max(max_tokens, 1)
     vocab = len(backend.tokenizer)
     bias = body.logit_bias or {}
     outside = [t for t in bias if not 0 <= t < vocab]
@@ -273,44 +333,119 @@ def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None) 
                           logprobs=getattr(body, "logprobs", None), echo=getattr(body, "echo", False))
 
 
-async def _respond(backend, request: Request, body: Sampling, prompt: list[int], params: SamplingParams,
-                   chat: bool):
-    events = backend.generate(body.model, prompt, params, body.n)
+async def _respond(backend, request: Request, body: Sampling, prompts: list[tuple[list[int], str | None]],
+                   params: list[SamplingParams], chat: bool):
+    """One engine request per prompt, ``n`` choices each; prompt i's choices answer as indexes
+    i * n ... i * n + n - 1 (OpenAI's and vLLM's order)."""
+    echo, logprobs = getattr(body, "echo", False), getattr(body, "logprobs", None) is not None
+    streams = []
+    for (ids, _), p in zip(prompts, params):
+        stream = backend.generate(body.model, ids, p, body.n)
+        streams.append(_prompt_only(stream, len(ids)) if getattr(body, "max_tokens", None) == 0 else stream)
+    events = _fan_in(streams, body.n)
     try:
         first = await anext(events)  # errors (404, 429, a corrupt adapter) surface before any byte is sent
     except BaseException:
         await events.aclose()
         raise
-    echo, logprobs = getattr(body, "echo", False), getattr(body, "logprobs", None) is not None
-    text = None
-    if echo or logprobs:  # the prompt as the client sent it, or its tokens' text
-        text = body.prompt if isinstance(body.prompt, str) else backend.tokenizer.decode(prompt)
-    shape = _Shape(body.model, chat, len(prompt), text if echo else None, logprobs)
-    shape.prompt_chars = len(text or "")
+    texts = None
+    if echo or logprobs:  # each prompt as the client sent it, or its tokens' text
+        texts = [text if text is not None else backend.tokenizer.decode(ids) for ids, text in prompts]
+    shape = _Shape(body.model, chat, [len(ids) for ids, _ in prompts], body.n, texts if echo else None, logprobs)
+    shape.prompt_chars = [len(t) for t in texts or [""] * len(prompts)]
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(shape, first, events, usage, body.n), media_type="text/event-stream")
-    return await _collect(shape, first, events, request, body.n)
+        return StreamingResponse(_sse(shape, first, events, usage), media_type="text/event-stream")
+    return await _collect(shape, first, events, request)
+
+
+async def _prompt_only(events: AsyncIterator[Output], prompt_tokens: int) -> AsyncIterator[Output]:
+    """``max_tokens=0``: the events of a one-token request without that token (its text, its
+    log-probability, its count): what is left is the echoed prompt and its log-probabilities."""
+    sent: dict[int, int] = {}  # choice -> log-probability entries passed on
+    try:
+        async for event in events:
+            entries = event.logprobs
+            if entries is not None:
+                done = sent.get(event.index, 0)
+                entries = entries[:max(prompt_tokens - done, 0)]
+                sent[event.index] = done + len(entries)
+            yield replace(event, text="", completion_tokens=0, logprobs=entries,
+                          finish_reason="length" if event.finish_reason else None)
+    finally:
+        await events.aclose()
+
+
+async def _fan_in(streams: list[AsyncIterator[Output]], n: int) -> AsyncIterator[Output]:
+    """The events of every prompt's stream as one stream, choice indexes offset by prompt (i * n).
+    Nothing is yielded before every stream has produced its first event, so an error of any prompt
+    (429, an adapter that fails to load) fails the whole request before a byte is sent; closing
+    this stream cancels every prompt's engine request."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield event
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    finished = object()
+
+    async def pump(i: int, stream: AsyncIterator[Output]) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((i, replace(event, index=i * n + event.index)))
+            queue.put_nowait((i, finished))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        held, started, open_streams = [], set(), len(streams)
+        while open_streams:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is finished:
+                open_streams -= 1
+                started.add(i)
+            elif len(started) < len(streams):
+                started.add(i)
+                held.append(item)
+            else:
+                yield item
+            if held and len(started) == len(streams):
+                for event in held:
+                    yield event
+                held = []
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Shape:
-    """OpenAI's response objects for one request: completion or chat, whole or chunked."""
+    """OpenAI's response objects for one request: completion or chat, whole or chunked; choice
+    ``index`` belongs to prompt ``index // n``."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int, echo: str | None = None,
-                 logprobs: bool = False) -> None:
-        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+    def __init__(self, model: str, chat: bool, prompt_tokens: list[int], n: int = 1,
+                 echo: list[str] | None = None, logprobs: bool = False) -> None:
+        self.model, self.chat, self.prompt_tokens, self.n = model, chat, prompt_tokens, n
         self.echo, self.logprobs = echo, logprobs
+        self.choices = n * len(prompt_tokens)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.prompt_chars = 0  # the prompt's length in characters: where the completion's text starts
+        self.prompt_chars = [0] * len(prompt_tokens)  # each prompt's length in characters: where its completion starts
         self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
         self.echoed: set[int] = set()
 
     def text(self, index: int, text: str) -> str:
-        """A completion's text, the echoed prompt in front of its first piece."""
+        """A completion's text, its prompt echoed in front of its first piece."""
         if self.echo is not None and index not in self.echoed:
             self.echoed.add(index)
-            return self.echo + text
+            return self.echo[index // self.n] + text
         return text
 
     def logprob_block(self, index: int, entries: list | None) -> dict | None:
@@ -319,7 +454,7 @@ class _Shape:
         if not self.logprobs:
             return None
         entries = entries or []
-        start = self.offsets.get(index, 0 if self.echo is not None else self.prompt_chars)
+        start = self.offsets.get(index, 0 if self.echo is not None else self.prompt_chars[index // self.n])
         offsets = []
         for token, _, _ in entries:
             offsets.append(start)
@@ -329,8 +464,9 @@ class _Shape:
                 "top_logprobs": [e[2] for e in entries], "text_offset": offsets}
 
     def usage(self, completion_tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+        prompt_tokens = sum(self.prompt_tokens)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
     def whole(self, texts: dict[int, str], reasons: dict[int, str], tokens: int, logprobs: dict | None = None) -> dict:
         logprobs = logprobs or {}
@@ -355,7 +491,8 @@ class _Shape:
                 "created": self.created, "model": self.model, "choices": [choice]}
 
 
-async def _collect(shape: _Shape, first: Output, events: AsyncIterator[Output], request: Request, n: int):
+async def _collect(shape: _Shape, first: Output, events: AsyncIterator[Output], request: Request):
+    n = shape.choices
     texts, reasons, tokens, logprobs = {i: "" for i in range(n)}, {}, {}, {i: [] for i in range(n)}
 
     def take(event: Output) -> None:
@@ -376,7 +513,7 @@ async def _collect(shape: _Shape, first: Output, events: AsyncIterator[Output], 
     return shape.whole(texts, reasons, sum(tokens.values()), logprobs)
 
 
-async def _sse(shape: _Shape, first: Output, events: AsyncIterator[Output], usage: bool, n: int):
+async def _sse(shape: _Shape, first: Output, events: AsyncIterator[Output], usage: bool):
     """Server-sent events as OpenAI streams them; closing the stream (disconnect) cancels the request."""
     tokens = {}
 
@@ -385,7 +522,7 @@ async def _sse(shape: _Shape, first: Output, events: AsyncIterator[Output], usag
 
     try:
         if shape.chat:
-            for i in range(n):
+            for i in range(shape.choices):
                 yield frame(shape.chunk(i, "", None, first=True))
         tokens[first.index] = first.completion_tokens
         yield frame(shape.chunk(first.index, first.text, first.finish_reason, logprobs=first.logprobs))

@@ -7,19 +7,39 @@ from pathlib import Path
 
 import torch
 
+from ..io.folder import CONFIG_NAME
+from ..io.hub import resolve_adapter_source
 from .engine import Engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def adapter_folders(directory: str | Path | None) -> dict[str, Path]:
-    """Every subfolder of ``directory`` is one adapter, named by the folder."""
+    """``--adapters``: one or more comma-separated sources, each a local folder or a Hugging Face repo id
+    (``org/name``) already in the local hub cache (a local folder of that name wins; nothing is downloaded).
+    A source holding ``adapter_config.json`` is one adapter, named by its folder (a repo by its last part);
+    otherwise every subfolder of it is one adapter, named by the subfolder."""
     if directory is None:
         return {}
-    root = Path(directory)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--adapters {root}: not a folder")
-    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    found: dict[str, Path] = {}
+    sources = [directory] if isinstance(directory, Path) else [s.strip() for s in str(directory).split(",")]
+    for source in sources:
+        try:
+            root = resolve_adapter_source(source)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"--adapters {exc}") from None
+        if not root.is_dir():
+            raise FileNotFoundError(f"--adapters {source}: not a folder")
+        if (root / CONFIG_NAME).is_file():
+            name = Path(str(source)).name if root == Path(source) else str(source).rsplit("/", 1)[-1]
+            entries = {name: root}
+        else:
+            entries = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+        clash = sorted(set(entries) & set(found))
+        if clash:
+            raise ValueError(f"--adapters {source}: adapter name(s) {clash} already given by an earlier source")
+        found.update(entries)
+    return found
 
 
 def resolve_device(device: str) -> torch.device:

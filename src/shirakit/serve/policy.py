@@ -3,9 +3,9 @@
 One :class:`Policy` per server, read by the HTTP app (``app.py``) on every request, so the
 builtin engine and other engines behind the same app answer alike:
 
-- ``api_key``: every ``/v1/*`` request carries ``Authorization: Bearer KEY`` (as vLLM's
-  ``--api-key``), compared in constant time (``hmac.compare_digest``); ``/health`` and
-  ``/metrics`` stay open. 401 otherwise.
+- ``api_key``: every ``/v1/*`` request, and ``/tokenize``, ``/detokenize``, ``/tokenizer_info``,
+  carries ``Authorization: Bearer KEY`` (as vLLM's ``--api-key``), compared in constant time
+  (``hmac.compare_digest``); ``/health`` and ``/metrics`` stay open. 401 otherwise.
 - ``allow_runtime_adapters``: ``load_lora_adapter`` / ``unload_lora_adapter`` answer 403 unless
   the server was started with ``--allow-runtime-adapters`` (vLLM gates them behind
   ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``): a client that may load a folder may make the server

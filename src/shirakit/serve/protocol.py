@@ -10,7 +10,7 @@ unknown fields are ignored. Errors have OpenAI's shape:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -38,9 +38,13 @@ class ApiError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait (the queue drains in steps of a few tens of ms)
+
+
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     body = {"message": message, "type": ERROR_TYPES.get(status, "Error"), "param": param, "code": status}
-    return JSONResponse({"error": body}, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None  # RFC 6585 section 4; RFC 9110 10.2.3
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 class StreamOptions(BaseModel):
@@ -91,22 +95,63 @@ class Sampling(BaseModel):
         return self
 
 
+MAX_PROMPTS = 256  # prompts in one completions request (each becomes its own engine request)
+PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
+def _token_ids(value: list, where: str) -> list[int]:
+    if not value:
+        raise ApiError(400, f"{where} is an empty list of token ids", "prompt")
+    for i, token in enumerate(value):
+        if type(token) is not int:  # bool is an int to Python, not to the API
+            raise ApiError(400, f"{where}[{i}]: expected a token id (an integer), found "
+                                f"{type(token).__name__} {repr(token)[:40]}", "prompt")
+    return value
+
+
+def prompts_of(value) -> list[str | list[int]]:
+    """The prompts of a completions request, as OpenAI's API reads its ``prompt`` field: a string,
+    a list of strings, a list of token ids (one prompt) or a list of token-id lists; each prompt a
+    string or a list of token ids."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ApiError(400, f"prompt: expected {PROMPT_FORMS}; found {type(value).__name__}", "prompt")
+    if not value:
+        raise ApiError(400, f"prompt: expected {PROMPT_FORMS}; found an empty list", "prompt")
+    kinds = {"string" if isinstance(v, str) else "list" if isinstance(v, list) else
+             "token id" if type(v) is int else type(v).__name__ for v in value}
+    if kinds == {"token id"}:
+        return [value]
+    if len(kinds) > 1 or not kinds <= {"string", "list"}:
+        raise ApiError(400, f"prompt: a list must hold only strings, only token ids or only token-id lists; "
+                            f"found {', '.join(sorted(kinds))}", "prompt")
+    if len(value) > MAX_PROMPTS:
+        raise ApiError(400, f"prompt: at most {MAX_PROMPTS} prompts per request; found {len(value)}", "prompt")
+    if kinds == {"string"}:
+        return list(value)
+    return [_token_ids(v, f"prompt[{i}]") for i, v in enumerate(value)]
+
+
 class CompletionRequest(Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    # str | list[str] | list[int] | list[list[int]], read by prompts_of (its errors name what is wrong);
+    # after validation, always the list of prompts
+    prompt: Any
+    max_tokens: int | None = Field(16, ge=0)  # 0: with echo, the prompt's log-probabilities only
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            if len(value) != 1:
-                raise ValueError("one prompt per request (send several requests; they are batched together)")
-            return value[0]
-        if isinstance(value, list) and not value:
-            raise ValueError("the prompt is empty")
-        return value
+    def _prompts(cls, value):
+        return prompts_of(value)
+
+    @model_validator(mode="after")
+    def _nothing_to_do(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens=0 generates nothing: it takes echo=true (the prompt back, with "
+                                "logprobs its tokens' log-probabilities)", "max_tokens")
+        return self
 
 
 class TextPart(BaseModel):
@@ -136,6 +181,21 @@ class ChatRequest(Sampling):
             if extra.get(name) not in (None, False):
                 raise ApiError(400, f"{name} is implemented for /v1/completions only", name)
         return self
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize`` (the completions form): text -> token ids."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``: token ids -> text."""
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
 
 
 class LoadAdapterRequest(BaseModel):

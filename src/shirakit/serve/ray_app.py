@@ -223,14 +223,39 @@ def app_builder(args: dict):
     return build_app(**{k: numbers.get(k, str)(v) for k, v in args.items()})
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::", "")
+
+
+def ray_init_args(host: str) -> dict:
+    """``ray.init`` arguments that bind the Ray this command starts to ``host``, as the HTTP proxy is.
+
+    - the dashboard (it accepts job submissions: code execution) listens on ``host`` when that is a
+      loopback address, else on 127.0.0.1: a public ``--host`` exposes the API, never the dashboard;
+    - the node address (what Ray's processes listen on and advertise) is ``host`` when that names
+      one interface. Ray itself replaces a loopback node address by the machine's own (its workers
+      must reach each other), so with ``--host 127.0.0.1`` its internal ports still listen on the
+      machine's address: docs/serving.md says which to firewall.
+
+    Joining a running cluster (``RAY_ADDRESS``) starts no Ray process: nothing to bind."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        return {"ignore_reinit_error": True}
+    found = {"ignore_reinit_error": True, "dashboard_host": host if host in LOOPBACK else "127.0.0.1"}
+    if host not in LOOPBACK + WILDCARD:
+        found["_node_ip_address"] = host
+    return found
+
+
 def run_ray(args: argparse.Namespace) -> int:
     """``shirakit serve --ray``: start (or join, with RAY_ADDRESS) Ray, run the app, block until Ctrl-C."""
     import time
 
     import ray
 
-    ray.init(ignore_reinit_error=True)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    ray.init(**ray_init_args(args.host))
+    serve.start(http_options={"host": args.host, "port": args.port})  # no gRPC proxy: it starts none
     serve.run(build_app(args.model, args.adapters, args.served_model_name, args.replicas, args.max_loaded,
                         args.max_loaded_mb, args.max_batch, args.max_queue, args.device, args.dtype,
                         api_key=args.api_key, allow_runtime_adapters=args.allow_runtime_adapters,

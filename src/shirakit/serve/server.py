@@ -49,10 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder "
                         "(default: the packaged SmolLM2-135M)")
     parser.add_argument("--adapters", default=None, help="a folder whose every subfolder is one adapter "
-                        "(any method, PEFT or compact layout), named by the subfolder, loaded on first use")
+                        "(any method, PEFT or compact layout), named by the subfolder, loaded on first use; or "
+                        "one adapter folder, or a repo id (org/name) in the local Hugging Face cache; "
+                        "several comma-separated")
     parser.add_argument("--served-model-name", default=None, help="the base model's name in the API "
                         "(default: the model folder's name)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="the address the API listens on; with --ray also "
+                        "Ray's node address and its dashboard (the dashboard only on a loopback address)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-loaded", type=int, default=8, help="adapters held in the model at once (LRU)")
     parser.add_argument("--max-loaded-mb", type=float, default=None, help="bound on the loaded adapters' size")

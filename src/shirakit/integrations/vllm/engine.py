@@ -159,9 +159,10 @@ def engine_args(model: str, *, dtype: str = "auto", max_model_len: int | None = 
     """vLLM's AsyncEngineArgs for fused SHiRA: the worker extension, eager mode (on CPU the touched
     layers are unpacked after tracing would have taken the packed kernels; see :mod:`.worker`) and no
     prefix caching (a cached key/value block computed under one adapter is wrong under another)."""
-    from vllm import AsyncEngineArgs
-
+    from ...core.extras import require
     from . import WORKER_EXTENSION
+
+    AsyncEngineArgs = require("vllm", "shirakit.vllm").AsyncEngineArgs
 
     kwargs = dict(model=model, dtype=dtype, max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION,
                   enforce_eager=True, enable_prefix_caching=False, gpu_memory_utilization=memory_fraction,

@@ -519,7 +519,15 @@ class ShiraAdapter(InWeightAdapter):
         tensors = {}
         for path, (geometry, flat, summed, dtype) in unions.items():
             n = geometry.in_features
-            k = shira_budget(r, geometry)  # raises if the union does not fit this layer
+            try:
+                k = shira_budget(r, geometry)
+            except ValueError as err:  # the union needs a larger r than this small layer can hold
+                raise ValueError(
+                    f"combining SHiRA adapters: the union of their positions needs r={r} somewhere (one r per "
+                    f"file, K = r*(in+out) per layer, as PEFT reads it), which does not fit layer {path!r}: {err}. "
+                    f"Leave that layer out of the adapters, or train them with a smaller r"
+                ) from None
+
             window = torch.arange(k)
             pad = window[~torch.isin(window, flat)][: k - flat.numel()]
             all_flat, order = torch.sort(torch.cat([flat, pad]))
