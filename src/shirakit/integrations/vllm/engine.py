@@ -157,7 +157,8 @@ class GroupScheduler:
 def engine_args(model: str, *, dtype: str = "auto", max_model_len: int | None = None, lora_rank: int = 0,
                 max_loras: int = 4, memory_fraction: float = 0.25, tensor_parallel_size: int = 1, seed: int = 0):
     """vLLM's AsyncEngineArgs for fused SHiRA: the worker extension, eager mode (on CPU the touched
-    layers are unpacked after tracing would have taken the packed kernels; see :mod:`.worker`) and no
+    layers are packed again after every switch, and a traced graph would keep the old packed handles;
+    see :mod:`.worker`) and no
     prefix caching (a cached key/value block computed under one adapter is wrong under another)."""
     from ...core.extras import require
     from . import WORKER_EXTENSION
