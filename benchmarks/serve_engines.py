@@ -223,7 +223,7 @@ def run_engine(args) -> dict:
     results = {"engine": label, "start_s": started, "settings": {}}
     try:
         url = f"http://127.0.0.1:{port}"
-        for setting in SETTINGS:
+        for setting in [s for s in SETTINGS if args.settings is None or s[0] in args.settings]:
             models = requests_for(setting, names, args.requests)
             asyncio.run(load(url, models[: args.clients], args.clients, 4))  # warm-up: loads the adapters
             runs = [asyncio.run(load(url, models, args.clients, args.tokens)) for _ in range(args.repeats)]
@@ -240,7 +240,8 @@ def run_engine(args) -> dict:
 
 def save(args, result: dict) -> None:
     result = dict(result, machine=_report.machine_facts("serve_engines"), clients=args.clients,
-                  requests=args.requests, tokens=args.tokens, repeats=args.repeats, load=os.getloadavg())
+                  requests=args.requests, tokens=args.tokens, repeats=args.repeats, load=os.getloadavg(),
+                  load_start=getattr(args, "load_start", None))
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.engine + ("-" + args.policy if args.engine == "shirakit-vllm" else "")
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
@@ -250,14 +251,17 @@ def table(folder: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     rows = []
     for run in runs:
+        base = run["settings"].get("base", {}).get("tokens_s")
         for name, r in run["settings"].items():
             rows.append([run["engine"], name, f"{r['tokens_s']:.1f} ({', '.join(map(str, r['runs']))})",
+                         f"{r['tokens_s'] / base:.2f}" if base else "-",
                          f"{r['ttft_p50']:.0f} / {r['ttft_p95']:.0f}", f"{r['itl_p50']:.0f} / {r['itl_p95']:.0f}",
                          f"{r['rss_mb']:.0f}", str(r["failed"])])
-    header = ["engine", "setting", "tokens/s (runs)", "TTFT p50/p95 ms", "inter-token p50/p95 ms", "RSS MiB",
-              "failed"]
+    header = ["engine", "setting", "tokens/s (runs)", "x its base", "TTFT p50/p95 ms", "inter-token p50/p95 ms",
+              "RSS MiB", "failed"]
     notes = [f"- {run['engine']}: {run['machine']['date']}, started in {run['start_s']:.0f} s, load average "
-             f"{', '.join(f'{x:.1f}' for x in run['load'])} at the end; {run['clients']} clients, "
+             + (f"{', '.join(f'{x:.1f}' for x in run['load_start'])} at the start, " if run.get("load_start") else "")
+             + f"{', '.join(f'{x:.1f}' for x in run['load'])} at the end; {run['clients']} clients, "
              f"{run['requests']} requests x {run['tokens']} tokens, {run['repeats']} runs per setting"
              for run in runs]
     machine = runs[0]["machine"] if runs else {"machine": "", "software": ""}
@@ -277,6 +281,8 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--settings", nargs="+", default=None, choices=[s[0] for s in SETTINGS], metavar="SETTING",
+                        help=f"run only these settings (default: all of {[s[0] for s in SETTINGS]})")
     args = parser.parse_args(argv)
     if args.table:
         text = table(args.table)
@@ -286,6 +292,7 @@ def main(argv=None) -> int:
         return 0
     if not args.engine:
         parser.error("--engine or --table")
+    args.load_start = os.getloadavg()
     save(args, run_engine(args))
     return 0
 

@@ -111,6 +111,23 @@ def test_base_is_bit_exact_after_switching(setup):
     assert exact and all(exact[0].values()) and len(exact[0]) >= 8, exact  # 2 layers x (qkv, o, gate_up, down)
 
 
+def test_packed_kernels_follow_every_switch(setup):
+    # on CPU vLLM multiplies with a packed copy of each weight: after each switch it must hold the new weights
+    backend = setup["backend"]
+
+    async def check():
+        async with backend.scheduler.exclusive():
+            out = []
+            for group in ("shira-r2-1", "vera-r8-2", "shira-r2-6", None):
+                await backend.engine.collective_rpc("shira_activate", args=(group,))
+                out.append(await backend.engine.collective_rpc("shira_kernels_match"))
+            await backend.scheduler.forget()
+            return out
+
+    for per_worker in on_server_loop(backend, check()):
+        assert per_worker[0] and all(per_worker[0].values()), per_worker
+
+
 def test_unload_and_reload(setup):
     url, folder = setup["url"], str(setup["adapters"] / "shira-r2-1")
     assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "shira-r2-1"}).status_code == 200

@@ -11,7 +11,8 @@ import pytest
 from shirakit.vllm import GroupScheduler
 
 
-def run(policy: str, arrivals: list[tuple[float, str | None]], hold: float, slice_s: float = 0.05):
+def run(policy: str, arrivals: list[tuple[float, str | None]], hold: float, slice_s: float = 0.05,
+        max_wait_s: float = 10.0):
     """Requests (arrival time, group), each holding its turn ``hold`` seconds -> (order started, switches, log)."""
     log = []
 
@@ -23,7 +24,7 @@ def run(policy: str, arrivals: list[tuple[float, str | None]], hold: float, slic
             log.append(("switch", group))
             await asyncio.sleep(0.001)
 
-        scheduler = GroupScheduler(switch, policy, slice_s)
+        scheduler = GroupScheduler(switch, policy, slice_s, max_wait_s)
         started = []
 
         async def request(i, at, group):
@@ -52,6 +53,23 @@ def test_drain_runs_a_group_as_it_stood_then_the_next():
     assert switches == 4
 
 
+def test_a_switch_admits_the_whole_waiting_group_largest_first():
+    # a runs; b, c, c, b, c queue behind it: c (3 waiting) goes before b (2, though older), each as one batch
+    arrivals = [(0.0, "a"), (0.01, "b"), (0.01, "c"), (0.01, "c"), (0.01, "b"), (0.01, "c")]
+    started, switches, log = run("drain", arrivals, hold=0.05)
+    assert [g for kind, g in log] == ["a", "c", "b"] and switches == 3
+    assert started == [0, 2, 3, 5, 1, 4]
+
+
+def test_a_request_waiting_past_max_wait_goes_first():
+    # b has waited longer than max_wait_s when a's turn ends: b goes before the larger group c
+    arrivals = [(0.0, "a"), (0.01, "b"), (0.02, "c"), (0.02, "c")]
+    _, _, log = run("drain", arrivals, hold=0.1, max_wait_s=0.05)
+    assert [g for kind, g in log] == ["a", "b", "c"]
+    _, _, log = run("drain", arrivals, hold=0.1, max_wait_s=5)
+    assert [g for kind, g in log] == ["a", "c", "b"]
+
+
 def test_slice_alternates_by_time():
     # a steady stream of a keeps coming; b must still get a turn within a slice
     arrivals = [(0.01 * i, "a") for i in range(30)] + [(0.02, "b")]
@@ -70,7 +88,8 @@ def test_base_requests_need_no_switch():
     assert switches == 0 and log == []
 
 
-@pytest.mark.parametrize("kwargs, message", [({"policy": "fifo"}, "policy"), ({"slice_s": 0}, "slice_s")])
+@pytest.mark.parametrize("kwargs, message", [({"policy": "fifo"}, "policy"), ({"slice_s": 0}, "slice_s"),
+                                             ({"max_wait_s": -1}, "max_wait_s")])
 def test_bad_settings_are_refused(kwargs, message):
     async def switch(group):
         pass

@@ -8,12 +8,20 @@ To change groups it stops admitting the active group, waits until that group's l
 finished, switches the weights (``collective_rpc`` -> :class:`~.worker.ShiraWorkerExtension`, two
 scatters per weight) and admits the next group: the one whose oldest request has waited longest.
 
+When the active group stops being admitted, the next group is the one with the most waiting requests
+(the largest batch for vLLM; ties: the oldest request first), unless a request has waited more than
+``max_wait_s``: then its group goes next, so a rare adapter is not starved by a popular one. The group
+then admits every request of it that has arrived by the switch (it runs as one batch). Measured here:
+taking only the queue's head (the order before) switched 24 times for 32 requests over 4 uniform adapters
+(a batch of 1.3 requests per switch, 12.6 tokens/s against 30-58 for the base).
+
 Two policies decide when the active group stops being admitted once another group waits:
 
-- ``drain``: the active group keeps being admitted for the requests that arrived before the first
-  waiting request of another group (a group is drained as it stood; later arrivals wait their turn);
+- ``drain``: the active group keeps being admitted for the requests that arrived before it became
+  active or before the first waiting request of another group (a group is drained as it stood; later
+  arrivals wait their turn);
 - ``slice``: the active group is admitted for ``slice_s`` seconds after it became active, then
-  stops (time slices, round robin by age).
+  stops (time slices).
 
 Requests of one group still share vLLM's continuous batches; what the scheduler costs is the time a
 group waits for the others, measured by ``benchmarks/serve_engines.py`` (docs/vllm.md).
@@ -22,7 +30,6 @@ group waits for the others, measured by ``benchmarks/serve_engines.py`` (docs/vl
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections import deque
 from contextlib import asynccontextmanager
@@ -35,17 +42,20 @@ class GroupScheduler:
     """Admit requests of one group at a time; ``switch(group)`` changes the weights between groups."""
 
     def __init__(self, switch: Callable[[str | None], Awaitable[None]], policy: str = "drain",
-                 slice_s: float = 0.5) -> None:
+                 slice_s: float = 0.5, max_wait_s: float = 10.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"scheduler policy must be one of {POLICIES}, found {policy!r}")
         if not slice_s > 0:
             raise ValueError(f"slice_s must be positive, found {slice_s}")
-        self._switch, self.policy, self.slice_s = switch, policy, slice_s
+        if not max_wait_s > 0:
+            raise ValueError(f"max_wait_s must be positive, found {max_wait_s}")
+        self._switch, self.policy, self.slice_s, self.max_wait_s = switch, policy, slice_s, max_wait_s
         self.active: str | None = None
         self.inflight = 0
         self.switches = 0
-        self._waiting: deque[tuple[int, str | None]] = deque()  # (ticket, group), arrival order
-        self._seq = itertools.count()
+        self._waiting: deque[tuple[int, str | None, float]] = deque()  # (ticket, group, arrived), arrival order
+        self._next_ticket = 0
+        self._cutoff = 0  # the active group's requests with a smaller ticket had arrived when it became active
         self._since = time.monotonic()
         self._cond = asyncio.Condition()
         self._switching = False
@@ -57,26 +67,38 @@ class GroupScheduler:
     def _admits(self, ticket: int, group: str | None) -> bool:
         if group != self.active or self._switching:
             return False
-        other = next((t for t, g in self._waiting if g != self.active), None)
+        other = next((t for t, g, _ in self._waiting if g != self.active), None)
         if other is None:
             return True  # nobody else waits: the active group runs on
         if self.policy == "drain":
-            return ticket < other
+            return ticket < max(other, self._cutoff)
         return time.monotonic() - self._since < self.slice_s
+
+    def _next_group(self) -> str | None:
+        """The group to switch to (another group waits): the one with the most waiting requests, ties by
+        the oldest request, except that a request waiting over ``max_wait_s`` takes its group first."""
+        counts: dict[str | None, int] = {}
+        first: dict[str | None, tuple[int, float]] = {}  # group -> its oldest (ticket, arrived)
+        for ticket, group, arrived in self._waiting:
+            if group != self.active:
+                counts[group] = counts.get(group, 0) + 1
+                first.setdefault(group, (ticket, arrived))
+        oldest = min(first, key=lambda g: first[g][0])
+        if time.monotonic() - first[oldest][1] > self.max_wait_s:
+            return oldest
+        return max(counts, key=lambda g: (counts[g], -first[g][0]))
 
     async def _maybe_switch(self) -> None:
         """With nothing in flight and the head of the queue wanting other weights, switch to them."""
         if self.inflight or self._switching or not self._waiting:
             return
-        ticket, group = self._waiting[0]
-        if group == self.active:
-            if self._admits(ticket, group):
-                return
-            group = next(g for _, g in self._waiting if g != self.active)  # _admits said one waits
+        if any(g == self.active and self._admits(t, g) for t, g, _ in self._waiting):
+            return  # the active group has admitted requests not yet woken: they run first
+        group = self._next_group()  # only other groups' requests (or the active one's late ones) wait
         self._switching = True
         try:
             await self._switch(group)  # the lock is held: nobody is admitted meanwhile
-            self.active, self._since = group, time.monotonic()
+            self.active, self._since, self._cutoff = group, time.monotonic(), self._next_ticket
             self.switches += 1
         finally:
             self._switching = False
@@ -86,8 +108,8 @@ class GroupScheduler:
     async def turn(self, group: str | None):
         """Wait until ``group``'s weights are in and it is admitted; hold a place until the block ends."""
         async with self._cond:
-            ticket = next(self._seq)
-            entry = (ticket, group)
+            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+            entry = (ticket, group, time.monotonic())
             self._waiting.append(entry)
             try:
                 while not self._admits(ticket, group):
@@ -135,7 +157,8 @@ class GroupScheduler:
 def engine_args(model: str, *, dtype: str = "auto", max_model_len: int | None = None, lora_rank: int = 0,
                 max_loras: int = 4, memory_fraction: float = 0.25, tensor_parallel_size: int = 1, seed: int = 0):
     """vLLM's AsyncEngineArgs for fused SHiRA: the worker extension, eager mode (on CPU the touched
-    layers are unpacked after tracing would have taken the packed kernels; see :mod:`.worker`) and no
+    layers are packed again after every switch, and a traced graph would keep the old packed handles;
+    see :mod:`.worker`) and no
     prefix caching (a cached key/value block computed under one adapter is wrong under another)."""
     from ...core.extras import require
     from . import WORKER_EXTENSION
