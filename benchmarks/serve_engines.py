@@ -284,6 +284,11 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", nargs="+", default=None, choices=[s[0] for s in SETTINGS], metavar="SETTING",
                         help=f"run only these settings (default: all of {[s[0] for s in SETTINGS]})")
     args = parser.parse_args(argv)
+    import signal
+
+    # `timeout` and the heavy lock end a run with SIGTERM, whose default action skips `finally`: make it an exit, so
+    # the server this run started is always stopped (a left-over vLLM worker once spun on a core for 45 minutes)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.table:
         text = table(args.table)
         print(text)
