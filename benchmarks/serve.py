@@ -409,7 +409,8 @@ def measure_engine(args, root: Path) -> tuple[str, dict]:
         command = [sys.executable, "-m", "shirakit.cli", "serve", "--model", str(model_dir), "--port", str(port),
                    "--max-batch", str(args.clients + 1), "--threads", str(args.threads)]
         if no_chunk is not None:  # the flags exist from this change on
-            command += ["--max-num-batched-tokens", str(args.batched_tokens)] + (["--no-chunked-prefill"] if no_chunk else [])
+            command += ["--max-num-batched-tokens", str(args.batched_tokens)]
+            command += ["--no-chunked-prefill"] if no_chunk else []
         server = start(command, port, root / "engine.log", src=src)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -420,8 +421,8 @@ def measure_engine(args, root: Path) -> tuple[str, dict]:
             for repeat in range(args.repeats):
                 for key, with_long in (("without", False), ("with", True))[: 1 if no_chunk is None else 2]:
                     runs[key].append(asyncio.run(long_prompt_scenario(
-                        url, name, vocab, eos, args.clients, args.long_tokens, args.window, with_long, seed=100 * repeat,
-                        stream_tokens=args.stream_tokens)))
+                        url, name, vocab, eos, args.clients, args.long_tokens, args.window, with_long,
+                        seed=100 * repeat, stream_tokens=args.stream_tokens)))
                     print(label, key, runs[key][-1], flush=True)
             after = _metrics(url)
             entry = {key: {field: statistics.median(r[field] for r in rs) for field in ("p50", "p95", "max")}
@@ -439,7 +440,8 @@ def measure_engine(args, root: Path) -> tuple[str, dict]:
                                                              prompt_tokens, args.tokens, seed=1000 * r))
                                for r in range(args.repeats)]
                     print(label, prompt_tokens, runs_tp, flush=True)
-                    entry[f"throughput{prompt_tokens}"] = sorted(runs_tp, key=lambda r: r["throughput"])[len(runs_tp) // 2]
+                    middle = sorted(runs_tp, key=lambda r: r["throughput"])[len(runs_tp) // 2]
+                    entry[f"throughput{prompt_tokens}"] = middle
             results[label] = entry
         finally:
             stop(server)
@@ -463,8 +465,8 @@ def report_engine(described: str, results: dict, args, load: tuple[float, float]
                      "n/a (not counted)" if copied is None else f"{copied:,.0f}"])
     text = (f"{described}; base model only; {args.clients} greedy streams (32-token prompts) decoding, then one "
             f"{args.long_tokens}-token prompt arrives (or, for the 'no long prompt' columns, {args.window} more "
-            f"tokens per stream); gaps between stream events of the running rows that overlap the time from its arrival "
-            f"to its first token; "
+            f"tokens per stream); gaps between stream events of the running rows that overlap the time from its "
+            f"arrival to its first token; "
             f"median of {args.repeats} runs per column; --threads {args.threads}; {_report.cpu_model()}, "
             f"{_report.cores()}, shared with other jobs (load average {load[0]:.1f} at the start, {load[1]:.1f} at "
             f"the end); {_report.software()}; {_report.today()}\n\n" + _report.table(header, rows))
@@ -517,25 +519,26 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="shirakit-serve-engine-") as tmp:
             described, results = measure_engine(args, Path(tmp))
         body = report_engine(described, results, args, (load_before, os.getloadavg()[0]))
-        print()
-        print(body)
-        if args.write_docs:
-            _report.replace_section(args.write_docs, "<!-- serve-engine:begin -->", "<!-- serve-engine:end -->",
-                                    "## The engine's memory half: a long prompt among decoding rows (benchmarks/serve.py "
-                                    "--engine-rows)\n\nCommand: `python benchmarks/serve.py --engine-rows --write-docs "
-                                    "docs/benchmarks.md`\n\n" + body)
+        publish(args, body, "serve-engine",
+                "The engine's memory half: a long prompt among decoding rows (benchmarks/serve.py --engine-rows)",
+                "python benchmarks/serve.py --engine-rows --write-docs docs/benchmarks.md")
         return 0
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="shirakit-serve-bench-") as tmp:
         results, described = measure(args, Path(tmp))
     body = report(results, described, args, (load_before, os.getloadavg()[0]))
+    publish(args, body, "serve", "Serving under HTTP load (benchmarks/serve.py)",
+            "python benchmarks/serve.py --write-docs docs/benchmarks.md")
+    return 0
+
+
+def publish(args, body: str, marker: str, heading: str, command: str) -> None:
+    """Print the table; with --write-docs, replace its section (between the marker comments) in the docs."""
     print()
     print(body)
     if args.write_docs:
-        _report.replace_section(args.write_docs, "<!-- serve:begin -->", "<!-- serve:end -->",
-                                "## Serving under HTTP load (benchmarks/serve.py)\n\n"
-                                "Command: `python benchmarks/serve.py --write-docs docs/benchmarks.md`\n\n" + body)
-    return 0
+        _report.replace_section(args.write_docs, f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->",
+                                f"## {heading}\n\nCommand: `{command}`\n\n" + body)
 
 
 if __name__ == "__main__":

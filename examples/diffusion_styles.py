@@ -5,8 +5,9 @@ No pretrained diffusion weights can be had offline, so the base model is trained
 Sans font that matplotlib ships (random size, offset and tilt). Two "styles" are the same digits drawn in other
 palettes: A is red ink on a yellow ground, B is cyan ink on a dark blue ground. A SHiRA adapter is trained on each
 (denoiser only: its convolutions, attention and time-embedding projections; K = r (m + n) values per layer, a
-conv's kernel flattened to (out, in * kh * kw)), then the pipeline is switched between them in fused mode (two scatters per layer) and the two are fused
-into one (``combine_adapters``, SHiRA paper §4.3). The grid's rows: base, style A, style B, A+B (same noise each row).
+conv's kernel flattened to (out, in * kh * kw)), then the pipeline is switched between them in fused mode (two
+scatters per layer) and the two are fused into one (``combine_adapters``, SHiRA paper §4.3). The grid's rows:
+base, style A, style B, A+B (same noise each row).
 
     python examples/diffusion_styles.py --out out/diffusion_styles     # a few minutes on 2 CPU cores
     python examples/diffusion_styles.py --small                        # seconds: the test's setting

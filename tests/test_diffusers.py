@@ -401,7 +401,8 @@ def test_lora_file_errors(pipe, tmp_path):
 # ---- torch.compile --------------------------------------------------------------------------------------------
 def _hotswap_round(pipe, backend):
     """Adapters on different layers of the UNet (attention, feed-forward, convolutions) and the text encoder
-    (LoRA: slots; SHiRA: in the weight) swap under torch.compile; returns the frames compiled after warm-up (0 expected) after checking outputs."""
+    (LoRA: slots; SHiRA: in the weight) swap under torch.compile; returns the frames compiled after warm-up (0
+    expected) after checking outputs."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     sd.inject(pipe, both(method="lora"), "a")

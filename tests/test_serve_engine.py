@@ -286,7 +286,7 @@ def test_incremental_text_equals_the_full_decode(make):
     tokenizer = make()
     rng = random.Random(0)
     byte_tokens = exact = 0
-    for trial in range(150):
+    for _ in range(150):
         stream = _stream_of(tokenizer, rng, rng.randrange(1, 40))
         seq = Sequence("r", 0, "base", [1], SamplingParams(max_tokens=len(stream), temperature=0))
         for i, token in enumerate(stream):
@@ -348,7 +348,7 @@ def _texts(engine: Engine, jobs: list[tuple[list[int], SamplingParams, int]]) ->
 
         engine.submit("tiny-llama", prompt, params, n, sink)
         sinks.append((texts, done, errors))
-    for texts, done, errors in sinks:
+    for _, done, errors in sinks:
         assert done.wait(TIMEOUT) and not errors, errors
     return [texts for texts, _, _ in sinks]
 

@@ -135,7 +135,8 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.max_batch, self.max_queue, self.fuse_min_steps = max_batch, max_queue, fuse_min_steps
         if max_num_batched_tokens < MIN_PREFILL_CHUNK:
-            raise ValueError(f"max_num_batched_tokens must be at least {MIN_PREFILL_CHUNK}; got {max_num_batched_tokens}")
+            raise ValueError(
+                f"max_num_batched_tokens must be at least {MIN_PREFILL_CHUNK}; got {max_num_batched_tokens}")
         self.max_num_batched_tokens, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
         max_bytes = None if max_loaded_mb is None else int(max_loaded_mb * 2**20)
         self.cache = AdapterCache(self._load_into_model, self._unload_from_model, max_loaded, max_bytes)

@@ -15,9 +15,10 @@ context. A window whose text ends in a replacement character (half of a multi-by
 byte-fallback or byte-level tokens) waits for the next token; when the sequence ends the rest is
 decoded whole, once. So a token costs a decode of a few tokens, not of the whole text (O(n)
 instead of O(n^2) over a sequence), and the text equals the full decode of the tokens read so far
-(tests/test_serve_engine.py checks it on random streams with byte-fallback and byte-level tokens). Stop strings are searched only in the text's new
-tail (and the ``len(stop) - 1`` characters before it), so they are found across token boundaries;
-a stream sends the part that is settled: not a tail that may still become a stop string.
+(tests/test_serve_engine.py checks it on random streams with byte-fallback and byte-level tokens).
+Stop strings are searched only in the text's new tail (and the ``len(stop) - 1`` characters before
+it), so they are found across token boundaries; a stream sends the part that is settled: not a
+tail that may still become a stop string.
 
 Every step of one row (:func:`sample`, :meth:`Sequence.decode`, :meth:`Sequence.check_stop`) may
 raise for that row alone; the engine then fails that request and the batch goes on.
