@@ -91,6 +91,10 @@ _TASKS_PER_THREAD = 3  # enough for a free worker to take over a slow one's shar
 # 2026-11-28): 576 x 1536 196 -> 190 ms per step; the 14 calls of the 1024 x 2816 step took 39 ms
 # with the pool and 31 ms on the caller. Bigger calls (wide layers, long batches) still spread out.
 _MACS_PER_EXTRA_THREAD = 64 * 2**20
+# The same where the C kernels run on torch's own OpenMP workers (native_sddmm.openmp_here): those
+# are the threads that spin after torch's products, so they take the work at once; only calls too
+# small to pay for waking a second thread stay on the caller.
+_MACS_PER_EXTRA_OPENMP_THREAD = 2 * 2**20
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
@@ -254,11 +258,22 @@ def _scratch_buffer(slot: object, count: int) -> torch.Tensor:
     return buffer[:count]
 
 
+def _rows_buffer(slot: object, tokens: int, cols: int) -> torch.Tensor:
+    """This thread's scratch ``slot`` as fp32 (cols, padded T): where a (T, cols) source's columns go."""
+    return _scratch_buffer(slot, cols * _padded_width(tokens)).view(cols, _padded_width(tokens))
+
+
+def _half_as_rows(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """bf16/fp16 ``src`` (T, c) into fp32 ``dst`` (c, padded T): torch converts exactly while it transposes."""
+    tokens = src.shape[0]
+    dst[:, tokens:].zero_()
+    dst[:, :tokens].copy_(src.T)
+
+
 def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> np.ndarray:
     """``src`` (T, c) -> fp32 (c, padded T) with zeros past T: each column becomes a contiguous row."""
     tokens, cols = src.shape
-    width = _padded_width(tokens)
-    dst = _scratch_buffer(slot, cols * width).view(cols, width)
+    dst = _rows_buffer(slot, tokens, cols)
     if src.dtype == torch.float32:
         native = native_sddmm.kernels()
         if native is not None:
@@ -267,25 +282,47 @@ def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> np.ndarra
             tiled, wide, _ = _kernels()
             transpose = tiled if cols <= _TILED_MAX_COLUMNS else wide
         _run_tasks(transpose, (src.contiguous().numpy(), dst.numpy()), cols, threads, align=16)
-    else:  # bf16/fp16: torch converts exactly while it transposes
-        dst[:, tokens:].zero_()
-        dst[:, :tokens].copy_(src.T)
+    else:
+        _half_as_rows(src, dst)
     return dst.numpy()
+
+
+def _input_key(x2: torch.Tensor) -> tuple:
+    return (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2.dtype, x2._version)
+
+
+def _kept_inputs() -> list:
+    kept = getattr(_scratch, "inputs", None)
+    if kept is None:
+        kept = _scratch.inputs = []  # [(key, source tensor, scratch slot, rows)], most recent first
+    return kept
+
+
+def _kept_input(x2: torch.Tensor) -> np.ndarray | None:
+    """x^T as rows if this thread kept it for this very input, unchanged (see :func:`_input_rows`)."""
+    key = _input_key(x2)
+    return next((entry[3] for entry in _kept_inputs() if entry[0] == key), None)
+
+
+def _free_input_slot() -> object:
+    """A scratch slot for a new kept input: a new one while fewer than two are kept, else the oldest's."""
+    kept = _kept_inputs()
+    return ("input", len(kept)) if len(kept) < 2 else kept.pop()[2]
+
+
+def _keep_input(x2: torch.Tensor, slot: object, rows: np.ndarray) -> None:
+    # x2 held: its memory cannot become another tensor's while the entry lives
+    _kept_inputs().insert(0, (_input_key(x2), x2, slot, rows))
 
 
 def _input_rows(x2: torch.Tensor, threads: int) -> np.ndarray:
     """x^T as rows (:func:`_columns_as_rows`), reused while the same unchanged input comes back
     (q, k and v read one input, gate and up another): the last two are kept per thread."""
-    key = (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2.dtype, x2._version)
-    kept = getattr(_scratch, "inputs", None)
-    if kept is None:
-        kept = _scratch.inputs = []  # [(key, source tensor, scratch slot, rows)], most recent first
-    for entry in kept:
-        if entry[0] == key:
-            return entry[3]
-    slot = ("input", len(kept)) if len(kept) < 2 else kept.pop()[2]
-    rows = _columns_as_rows(x2, threads, slot)
-    kept.insert(0, (key, x2, slot, rows))  # x2 held: its memory cannot become another tensor's meanwhile
+    rows = _kept_input(x2)
+    if rows is None:
+        slot = _free_input_slot()
+        rows = _columns_as_rows(x2, threads, slot)
+        _keep_input(x2, slot, rows)
     return rows
 
 
@@ -294,9 +331,11 @@ def forget_inputs() -> None:
     _scratch.inputs = []
 
 
-def _default_threads(macs: int) -> int:
-    """torch's thread count, capped at one thread per ``_MACS_PER_EXTRA_THREAD`` of work."""
-    return max(1, min(torch.get_num_threads(), 1 + macs // _MACS_PER_EXTRA_THREAD))
+def _default_threads(macs: int, openmp: bool = False) -> int:
+    """torch's thread count, capped at one thread per ``_MACS_PER_EXTRA_THREAD`` of work
+    (``_MACS_PER_EXTRA_OPENMP_THREAD`` where the kernels run on torch's OpenMP workers)."""
+    per_thread = _MACS_PER_EXTRA_OPENMP_THREAD if openmp else _MACS_PER_EXTRA_THREAD
+    return max(1, min(torch.get_num_threads(), 1 + macs // per_thread))
 
 
 def value_grad(
@@ -306,9 +345,11 @@ def value_grad(
 
     ``rows``/``cols``: both int64 or both int32, contiguous, on CPU, sorted row-major (so equal rows
     are adjacent; any order is correct, sorted is fast). ``threads``: default
-    ``torch.get_num_threads()``, but one per ``_MACS_PER_EXTRA_THREAD`` multiply-adds at most (the
+    ``torch.get_num_threads()``, but one per ``_MACS_PER_EXTRA_OPENMP_THREAD`` multiply-adds at most
+    where the C kernels run on torch's OpenMP workers, else per ``_MACS_PER_EXTRA_THREAD`` (the
     calling thread alone for small calls, see there); given, it is used as is. Callers check
-    :func:`usable` first.
+    :func:`usable` first. Each value is one thread's dot, whatever the threads: the results do not
+    depend on them.
     """
     if rows.dtype != cols.dtype or rows.dtype not in (torch.int64, torch.int32) or rows.shape != cols.shape:
         raise TypeError(f"value_grad takes rows and cols of one shape, both int64 or both int32; found "
@@ -321,11 +362,33 @@ def value_grad(
         return out
     if g2.shape[0] == 0:
         return out.zero_()
-    threads = threads or _default_threads(count * g2.shape[0])
+    native = native_sddmm.kernels()
+    openmp = native is not None and native_sddmm.openmp_here(native)
+    threads = threads or _default_threads(count * g2.shape[0], openmp)
+    positions = (rows.contiguous().numpy(), cols.contiguous().numpy())
+    if native is not None and (threads == 1 or openmp):
+        _native_value_grad(native, g2, x2, positions, out, threads)
+        return out
     g_rows = _columns_as_rows(g2, threads, slot="grad")
     x_rows = _input_rows(x2, threads)
-    native = native_sddmm.kernels()
     dots = native.dots if native is not None else _kernels()[2]
-    positions = (rows.contiguous().numpy(), cols.contiguous().numpy())
     _run_tasks(dots, (g_rows, x_rows, *positions, out.numpy()), count, threads, align=8)
     return out
+
+
+def _native_value_grad(native, g2: torch.Tensor, x2: torch.Tensor, positions: tuple, out: torch.Tensor,
+                       threads: int) -> None:
+    """The C kernels in one call (transposes and dots, ``threads`` OpenMP threads): fp32 sources are
+    transposed there, half-precision ones here by torch first; x's rows reused when kept."""
+    tokens = g2.shape[0]
+    g_rows = _rows_buffer("grad", tokens, g2.shape[1])
+    g_src = g2.contiguous().numpy() if g2.dtype == torch.float32 else _half_as_rows(g2, g_rows)
+    x_rows, x_src, slot = _kept_input(x2), None, None
+    if x_rows is None:
+        slot = _free_input_slot()
+        x_buffer = _rows_buffer(slot, tokens, x2.shape[1])
+        x_src = x2.contiguous().numpy() if x2.dtype == torch.float32 else _half_as_rows(x2, x_buffer)
+        x_rows = x_buffer.numpy()
+    native.value_grad(g_src, g_rows.numpy(), x_src, x_rows, *positions, out.numpy(), tokens, threads)
+    if slot is not None:
+        _keep_input(x2, slot, x_rows)

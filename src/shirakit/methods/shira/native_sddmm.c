@@ -186,6 +186,50 @@ void shirakit_transpose_f32(const float *src, long tokens, long cols, float *dst
         for (long t = full_t; t < tokens; t++) dst[c * width + t] = src[t * cols + c];
 }
 
+/* The whole value gradient in one call, on `threads` threads of the OpenMP runtime this library is
+ * linked to (in a process that imported torch first, torch's own: the same workers that just ran its
+ * products, still spinning, take the work at once; no second pool competes with them for the cores).
+ * Phase 1: the transposes of g and (unless x_ready) x, by blocks of TRANSPOSE_COLUMNS columns, g's
+ * and x's blocks in one list; phase 2: the dots, by chunks of DOT_CHUNK positions. Both phases deal
+ * their pieces out one at a time (schedule dynamic), so a thread slowed by another process on its
+ * core takes fewer of them; each value is one thread's dot, so the results do not depend on the
+ * split. g_rows/x_rows: m (n) rows of width floats; g_ready/x_ready: already transposed there. */
+#define TRANSPOSE_COLUMNS 64
+#define DOT_CHUNK 2048
+#define VALUE_GRAD(NAME, DOTS, INDEX)                                                              \
+    void NAME(const float *g, float *g_rows, long m, int g_ready, const float *x, float *x_rows,    \
+              long n, int x_ready, long tokens, long width, const INDEX *ia, const INDEX *ib,       \
+              float *out, long count, long threads) {                                              \
+        long gb = g_ready ? 0 : (m + TRANSPOSE_COLUMNS - 1) / TRANSPOSE_COLUMNS;                   \
+        long xb = x_ready ? 0 : (n + TRANSPOSE_COLUMNS - 1) / TRANSPOSE_COLUMNS;                   \
+        long chunks = (count + DOT_CHUNK - 1) / DOT_CHUNK;                                         \
+        _Pragma("omp parallel num_threads(threads) if (threads > 1)")                               \
+        {                                                                                          \
+            _Pragma("omp for schedule(dynamic, 1)")                                                \
+            for (long b = 0; b < gb + xb; b++) {                                                   \
+                long c0 = (b < gb ? b : b - gb) * TRANSPOSE_COLUMNS, cols = b < gb ? m : n;        \
+                long c1 = c0 + TRANSPOSE_COLUMNS < cols ? c0 + TRANSPOSE_COLUMNS : cols;           \
+                if (b < gb) shirakit_transpose_f32(g, tokens, m, g_rows, width, c0, c1);           \
+                else shirakit_transpose_f32(x, tokens, n, x_rows, width, c0, c1);                  \
+            }                                                                                      \
+            _Pragma("omp for schedule(dynamic, 1)")                                                \
+            for (long c = 0; c < chunks; c++) {                                                    \
+                long k1 = (c + 1) * DOT_CHUNK < count ? (c + 1) * DOT_CHUNK : count;               \
+                DOTS(g_rows, x_rows, ia, ib, out, width, c * DOT_CHUNK, k1);                       \
+            }                                                                                      \
+        }                                                                                          \
+    }
+VALUE_GRAD(shirakit_value_grad_i64, shirakit_dots_i64, int64_t)
+VALUE_GRAD(shirakit_value_grad_i32, shirakit_dots_i32, int32_t)
+
+/* How many threads the OpenMP runtime would use (0 when built without OpenMP): a probe. */
+#ifdef _OPENMP
+#include <omp.h>
+long shirakit_openmp_threads(void) { return omp_get_max_threads(); }
+#else
+long shirakit_openmp_threads(void) { return 0; }
+#endif
+
 /* Fused switching across many layers in one call (see ShiraAdapter.scatter_many): for each layer l
  * of n, weight_l[index_l[k]] = values_l[k] for k < counts[l], as bit copies of `size`-byte elements
  * (any dtype of that width). Pointers come as int64 addresses. A UNet's ~130 small layers then
