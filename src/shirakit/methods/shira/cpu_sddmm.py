@@ -270,7 +270,7 @@ def _half_as_rows(src: torch.Tensor, dst: torch.Tensor) -> None:
     dst[:, :tokens].copy_(src.T)
 
 
-def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> np.ndarray:
+def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> torch.Tensor:
     """``src`` (T, c) -> fp32 (c, padded T) with zeros past T: each column becomes a contiguous row."""
     tokens, cols = src.shape
     dst = _rows_buffer(slot, tokens, cols)
@@ -284,7 +284,7 @@ def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> np.ndarra
         _run_tasks(transpose, (src.contiguous().numpy(), dst.numpy()), cols, threads, align=16)
     else:
         _half_as_rows(src, dst)
-    return dst.numpy()
+    return dst
 
 
 def _input_key(x2: torch.Tensor) -> tuple:
@@ -298,7 +298,7 @@ def _kept_inputs() -> list:
     return kept
 
 
-def _kept_input(x2: torch.Tensor) -> np.ndarray | None:
+def _kept_input(x2: torch.Tensor) -> torch.Tensor | None:
     """x^T as rows if this thread kept it for this very input, unchanged (see :func:`_input_rows`)."""
     key = _input_key(x2)
     return next((entry[3] for entry in _kept_inputs() if entry[0] == key), None)
@@ -310,12 +310,12 @@ def _free_input_slot() -> object:
     return ("input", len(kept)) if len(kept) < 2 else kept.pop()[2]
 
 
-def _keep_input(x2: torch.Tensor, slot: object, rows: np.ndarray) -> None:
+def _keep_input(x2: torch.Tensor, slot: object, rows: torch.Tensor) -> None:
     # x2 held: its memory cannot become another tensor's while the entry lives
     _kept_inputs().insert(0, (_input_key(x2), x2, slot, rows))
 
 
-def _input_rows(x2: torch.Tensor, threads: int) -> np.ndarray:
+def _input_rows(x2: torch.Tensor, threads: int) -> torch.Tensor:
     """x^T as rows (:func:`_columns_as_rows`), reused while the same unchanged input comes back
     (q, k and v read one input, gate and up another): the last two are kept per thread."""
     rows = _kept_input(x2)
@@ -365,30 +365,39 @@ def value_grad(
     native = native_sddmm.kernels()
     openmp = native is not None and native_sddmm.openmp_here(native)
     threads = threads or _default_threads(count * g2.shape[0], openmp)
-    positions = (rows.contiguous().numpy(), cols.contiguous().numpy())
+    rows, cols = rows.contiguous(), cols.contiguous()
     if native is not None and (threads == 1 or openmp):
-        _native_value_grad(native, g2, x2, positions, out, threads)
+        _native_value_grad(native, g2, x2, rows, cols, out, threads)
         return out
-    g_rows = _columns_as_rows(g2, threads, slot="grad")
-    x_rows = _input_rows(x2, threads)
+    positions = (rows.numpy(), cols.numpy())
+    g_rows = _columns_as_rows(g2, threads, slot="grad").numpy()
+    x_rows = _input_rows(x2, threads).numpy()
     dots = native.dots if native is not None else _kernels()[2]
     _run_tasks(dots, (g_rows, x_rows, *positions, out.numpy()), count, threads, align=8)
     return out
 
 
-def _native_value_grad(native, g2: torch.Tensor, x2: torch.Tensor, positions: tuple, out: torch.Tensor,
-                       threads: int) -> None:
+def _native_value_grad(native, g2: torch.Tensor, x2: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       out: torch.Tensor, threads: int) -> None:
     """The C kernels in one call (transposes and dots, ``threads`` OpenMP threads): fp32 sources are
-    transposed there, half-precision ones here by torch first; x's rows reused when kept."""
-    tokens = g2.shape[0]
-    g_rows = _rows_buffer("grad", tokens, g2.shape[1])
-    g_src = g2.contiguous().numpy() if g2.dtype == torch.float32 else _half_as_rows(g2, g_rows)
+    transposed there, half-precision ones here by torch first; x's rows reused when kept. Called
+    with addresses: a call costs a few microseconds of Python, not a hundred."""
+    (tokens, m), n = g2.shape, x2.shape[1]
+    width = _padded_width(tokens)
+    g_rows = _rows_buffer("grad", tokens, m)
+    g_src = g2.contiguous() if g2.dtype == torch.float32 else None
+    if g_src is None:
+        _half_as_rows(g2, g_rows)
     x_rows, x_src, slot = _kept_input(x2), None, None
     if x_rows is None:
         slot = _free_input_slot()
-        x_buffer = _rows_buffer(slot, tokens, x2.shape[1])
-        x_src = x2.contiguous().numpy() if x2.dtype == torch.float32 else _half_as_rows(x2, x_buffer)
-        x_rows = x_buffer.numpy()
-    native.value_grad(g_src, g_rows.numpy(), x_src, x_rows, *positions, out.numpy(), tokens, threads)
+        x_rows = _rows_buffer(slot, tokens, n)
+        x_src = x2.contiguous() if x2.dtype == torch.float32 else None
+        if x_src is None:
+            _half_as_rows(x2, x_rows)
+    native.value_grad[rows.dtype](
+        0 if g_src is None else g_src.data_ptr(), g_rows.data_ptr(), m, int(g_src is None),
+        0 if x_src is None else x_src.data_ptr(), x_rows.data_ptr(), n, int(x_src is None), tokens, width,
+        rows.data_ptr(), cols.data_ptr(), out.data_ptr(), out.numel(), threads)
     if slot is not None:
         _keep_input(x2, slot, x_rows)
