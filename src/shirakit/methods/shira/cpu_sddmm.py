@@ -16,38 +16,44 @@ load of g's row feeding 8 accumulators.
 Two implementations of the transposes and the dots, with the same results up to fp32 rounding:
 
 - C (:mod:`native_sddmm`, ``native_sddmm.c``), compiled with the system compiler at first use
-  and cached: the transposes go through 16 x 16 register blocks, token blocks outside (0.09 ms
-  for 1024 columns x 512 tokens, 0.19 ms for 2816; 2-6x faster than numba's), the dots are 16
-  floats wide with one shuffle-tree reduction per run. The dots then run at 18-20 GMAC/s on one
-  core of this project's machine, which is what moving a fresh 4-byte x value per multiply-add
-  from L2/L3 allows (x's rows are read at random, so nothing of them is reused from registers).
+  and cached: the transposes go through LANES x LANES register blocks (16 with AVX-512, else 8),
+  the dots are LANES floats wide, 8 sums in registers, one shuffle-tree reduction per run. On this
+  project's AVX2 machine (2.0 GHz EPYC, 2026-12-04, 1 thread, T = 512, r = 16): the dots 8.4-10
+  GMAC/s with x's rows in L2/L3 (11.6 with them in L2, 5.3 for a 2816-wide x that spills L3:
+  ~80% of the 9-loads-per-8-FMAs bound), the transposes at about memcpy speed (0.41 ms for 1024
+  columns, 1.7 ms for 2816). Until then the sums were 16 floats wide on every machine: on AVX2 the
+  8 accumulators then needed all 16 registers, GCC kept them on the stack and the dots ran at 2.3.
 - numba (the fallback without a compiler, or with ``SHIRAKIT_NATIVE=0``): the transposes go by
   16 x 16 blocks through a small tile, element by element above 2048 columns
   (``_TILED_MAX_COLUMNS``); numba vectorizes the 8-run dot loop only 4 floats wide.
 
-In a training step of the 1024 x 2816 benchmark model (2 layers x 7 projections, T = 512, r = 16,
-1 thread) the 14 value gradients took 31 ms with the C kernels against 52 ms with numba's
-(transposes 10 vs 28 ms, dots 20 ms; measured inside the step, where g and x come from memory).
+In a training step of the 576 x 1536 benchmark model (2 layers x 7 projections, T = 512, r = 16)
+the 14 value gradients take about 31 ms at 1 thread and 20 ms at 2 (C kernels; measured inside
+the step, where g and x come from memory; ``benchmarks/struct_step.py`` for the whole step).
 
 Projections that read the same input (q/k/v, gate/up) share its transpose: the last two
 transposed inputs are kept per thread, each holding a reference to its source tensor (so its
 memory cannot become another tensor's while the entry lives), keyed by address, shape, strides,
 dtype and version counter (an in-place write through any view bumps it).
 
-Threads: the columns of a transpose and the K positions are cut into a few tasks per thread that
-``torch.get_num_threads()`` workers of a plain thread pool (the kernels release the GIL) take one
-after another, so a worker slowed by another process on a shared core takes fewer tasks instead
-of holding the others at a barrier. There is no spinning OpenMP barrier, which on a shared
-machine is what makes ``torch.sparse.sampled_addmm`` slower with more threads than with one.
+Threads. The C kernels do a whole call (both transposes, then the dots) in one OpenMP parallel
+region, on torch's own OpenMP workers where torch runs GNU OpenMP (see :mod:`native_sddmm`): the
+threads that just ran torch's products, still spinning, take the pieces at once, dealt one at a
+time (dynamic schedule). Calls of at least ``_MACS_PER_EXTRA_OPENMP_THREAD`` multiply-adds take a
+second thread (in the benchmark models, every call). In the 2-thread step that took SHiRA / LoRA
+from 0.99 to 0.965 (1024 x 2816) and from 0.98 to 0.97 (576 x 1536) against the same kernels on the
+calling thread alone (interleaved in one process, 2026-12-04, ``benchmarks/struct_step.py``). Without OpenMP in the library (or in
+a forked child, or with a second OpenMP runtime in the process) the Python pool runs them: the
+columns of a transpose and the K positions cut into a few tasks per thread that workers of a plain
+thread pool (the kernels release the GIL) take one after another, and there only calls above
+``_MACS_PER_EXTRA_THREAD`` (64 M) spread out, as that pool competes with torch's spinning workers.
+Each value is one thread's dot in a fixed order, so the results do not depend on the threads.
 
-Measured against ``torch.sparse.sampled_addmm`` (``benchmarks/value_grad.py``, C kernels, 2026-11-28
-14:40, a shared 2-core machine at load 1.6; wall-time ratios): with x's transpose shared (k, v, up)
-0.25-0.41x at 1 thread and 0.30-0.72x at 2; with x transposed afresh 0.39-0.73x at 1 thread and
-0.55-1.38x at 2. Two threads barely beat one: the transposes are memory-bound, and right after
-torch's own OpenMP products its idle workers spin on the cores for a while (in the 1024 x 2816 step
-the 14 calls take 39 ms at 2 threads, 26 ms with ``OMP_WAIT_POLICY=PASSIVE``, 31 ms at 1). It
-stays the CPU path whenever numba imports, since in a training step 3 of a layer's 7 calls share x, and unlike
-sampled_addmm it handles bf16/fp16. fp64 inputs and other devices (CUDA: cuSPARSE's
+Measured against ``torch.sparse.sampled_addmm`` before the AVX2 fix (``benchmarks/value_grad.py``,
+2026-11-28, load 1.6; wall-time ratios): with x's transpose shared (k, v, up) 0.25-0.41x at 1 thread
+and 0.30-0.72x at 2; with x transposed afresh 0.39-0.73x at 1 thread and 0.55-1.38x at 2. It stays
+the CPU path whenever numba imports, since in a training step 3 of a layer's 7 calls share x, and
+unlike sampled_addmm it handles bf16/fp16. fp64 inputs and other devices (CUDA: cuSPARSE's
 sampled_addmm) keep the torch path. Half-precision g and x are upcast to fp32 (exact), and the
 accumulation is fp32.
 
