@@ -56,7 +56,8 @@ ROWS = {  # row -> (method, mask, struct path on)
     "shira-floor": ("shira", "random", True),
     "shira-1thread": ("shira", "random", True),
 }
-SHARED = {"shira-struct-sampled": "shira-struct", "shira-floor": "shira-random", "shira-1thread": "shira-random"}  # row -> the model it reuses
+SHARED = {"shira-struct-sampled": "shira-struct", "shira-floor": "shira-random",
+          "shira-1thread": "shira-random"}  # row -> the model it reuses  # row -> the model it reuses
 LABELS = {"frozen": "frozen base", "lora": "LoRA", "shira-random": "SHiRA random mask",
           "shira-struct": "SHiRA struct mask, dense products",
           "shira-struct-sampled": "SHiRA struct mask, sampled kernel",
@@ -126,7 +127,8 @@ def worker(args: argparse.Namespace) -> None:
         os.environ["SHIRAKIT_STRUCT_GRAD"] = "1" if ROWS[name][2] else "0"
         sparse.value_grad = zero_value_grad if name == "shira-floor" else value_grad
         one = name == "shira-1thread"  # every call below the threshold of a second thread
-        cpu_sddmm._MACS_PER_EXTRA_THREAD, cpu_sddmm._MACS_PER_EXTRA_OPENMP_THREAD = (2**62, 2**62) if one else per_thread
+        thresholds = (2**62, 2**62) if one else per_thread
+        cpu_sddmm._MACS_PER_EXTRA_THREAD, cpu_sddmm._MACS_PER_EXTRA_OPENMP_THREAD = thresholds
         start = time.perf_counter()
         if optimizer:
             optimizer.zero_grad(set_to_none=True)

@@ -42,11 +42,12 @@ threads that just ran torch's products, still spinning, take the pieces at once,
 time (dynamic schedule). Calls of at least ``_MACS_PER_EXTRA_OPENMP_THREAD`` multiply-adds take a
 second thread (in the benchmark models, every call). In the 2-thread step that took SHiRA / LoRA
 from 0.99 to 0.965 (1024 x 2816) and from 0.98 to 0.97 (576 x 1536) against the same kernels on the
-calling thread alone (interleaved in one process, 2026-12-04, ``benchmarks/struct_step.py``). Without OpenMP in the library (or in
-a forked child, or with a second OpenMP runtime in the process) the Python pool runs them: the
-columns of a transpose and the K positions cut into a few tasks per thread that workers of a plain
-thread pool (the kernels release the GIL) take one after another, and there only calls above
-``_MACS_PER_EXTRA_THREAD`` (64 M) spread out, as that pool competes with torch's spinning workers.
+calling thread alone (interleaved in one process, 2026-12-04, benchmarks/struct_step.py).
+Without OpenMP in the library (or in a forked child, or with a second OpenMP runtime in the
+process) the Python pool runs them: the columns of a transpose and the K positions cut into a few
+tasks per thread that workers of a plain thread pool (the kernels release the GIL) take one after
+another, and there only calls above ``_MACS_PER_EXTRA_THREAD`` (64 M) spread out, as that pool
+competes with torch's spinning workers.
 Each value is one thread's dot in a fixed order, so the results do not depend on the threads.
 
 Measured against ``torch.sparse.sampled_addmm`` before the AVX2 fix (``benchmarks/value_grad.py``,
