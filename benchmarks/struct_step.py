@@ -18,6 +18,8 @@ load on a shared machine hits them alike:
 - SHiRA with the struct mask, value gradient by dense products (``methods/shira/struct_grad.py``);
 - the same SHiRA struct model, value gradient by the sampled kernel (``SHIRAKIT_STRUCT_GRAD=0`` for
   that step): the A/B of the struct path alone, on the same model and memory;
+- the SHiRA random-mask model with its value gradient on the calling thread only for that step (the
+  A/B of spreading it over torch's threads; at 1 thread the same as the random-mask row);
 - the SHiRA random-mask model with its value gradient replaced by zeros for that step. Not a
   training configuration: it is SHiRA's floor, the step with every cost but the value gradient
   (the scatter into the weight, the dense products, AdamW), so ``floor / LoRA`` is the lowest
@@ -52,15 +54,19 @@ ROWS = {  # row -> (method, mask, struct path on)
     "shira-struct": ("shira", "struct", True),
     "shira-struct-sampled": ("shira", "struct", False),
     "shira-floor": ("shira", "random", True),
+    "shira-1thread": ("shira", "random", True),
 }
-SHARED = {"shira-struct-sampled": "shira-struct", "shira-floor": "shira-random"}  # row -> the model it reuses
+SHARED = {"shira-struct-sampled": "shira-struct", "shira-floor": "shira-random",
+          "shira-1thread": "shira-random"}  # row -> the model it reuses  # row -> the model it reuses
 LABELS = {"frozen": "frozen base", "lora": "LoRA", "shira-random": "SHiRA random mask",
           "shira-struct": "SHiRA struct mask, dense products",
           "shira-struct-sampled": "SHiRA struct mask, sampled kernel",
-          "shira-floor": "SHiRA random mask, value gradient skipped (floor)"}
+          "shira-floor": "SHiRA random mask, value gradient skipped (floor)",
+          "shira-1thread": "SHiRA random mask, value gradient on the calling thread only"}
 PAIRS = [("shira-struct", "shira-struct-sampled"), ("shira-struct", "lora"), ("shira-struct", "frozen"),
          ("shira-random", "lora"), ("shira-random", "frozen"), ("lora", "frozen"),
-         ("shira-floor", "lora"), ("shira-floor", "frozen")]
+         ("shira-floor", "lora"), ("shira-floor", "frozen"), ("shira-random", "shira-floor"),
+         ("shira-1thread", "lora"), ("shira-random", "shira-1thread")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,9 +103,10 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(int(threads))
     gen = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(args.vocab, (args.batch, args.seq), generator=gen)
-    from shirakit.methods.shira import sparse
+    from shirakit.methods.shira import cpu_sddmm, sparse
 
     value_grad = sparse.value_grad
+    per_thread = cpu_sddmm._MACS_PER_EXTRA_THREAD, cpu_sddmm._MACS_PER_EXTRA_OPENMP_THREAD
 
     def zero_value_grad(grad_out, x, pattern, structure=None):  # the floor row: every cost but this one
         return grad_out.new_zeros(pattern[0].numel(), dtype=torch.float32)
@@ -119,6 +126,9 @@ def worker(args: argparse.Namespace) -> None:
         model, optimizer = models[name]
         os.environ["SHIRAKIT_STRUCT_GRAD"] = "1" if ROWS[name][2] else "0"
         sparse.value_grad = zero_value_grad if name == "shira-floor" else value_grad
+        one = name == "shira-1thread"  # every call below the threshold of a second thread
+        thresholds = (2**62, 2**62) if one else per_thread
+        cpu_sddmm._MACS_PER_EXTRA_THREAD, cpu_sddmm._MACS_PER_EXTRA_OPENMP_THREAD = thresholds
         start = time.perf_counter()
         if optimizer:
             optimizer.zero_grad(set_to_none=True)

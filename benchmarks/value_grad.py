@@ -9,7 +9,8 @@ positions (sorted row-major, as SHiRA keeps them), g (T, m) and x (T, n) fp32. C
 
 - ``sampled_addmm``: ``torch.sparse.sampled_addmm`` on the CSR pattern (int64 indices), what
   shirakit used before and still uses on CUDA, for fp64 and without numba;
-- ``shirakit``: :func:`shirakit.methods.shira.cpu_sddmm.value_grad` (numba; transposes + 8-wide dots, a thread pool),
+- ``shirakit``: :func:`shirakit.methods.shira.cpu_sddmm.value_grad` (C kernels: transposes + 8-run dots in
+  one OpenMP region on torch's workers; numba and a thread pool without a compiler),
   with x transposed afresh, and ``shirakit, x shared`` with x's transpose kept from the call before
   (what k and v get after q, and up after gate);
 - ``gather-bmm``: a torch-ops reformulation, the rows of g^T and x^T gathered for 4096 positions at a

@@ -293,3 +293,60 @@ def test_int32_pattern_gives_the_int64_results_on_every_path(monkeypatch):
     assert torch.equal(sampled_value_grad(g, x, *narrow.tensors()), sampled_value_grad(g, x, *wide.tensors()))
     with pytest.raises(TypeError, match="both int32 or both int64"):
         SparsePattern(rows, cols.int(), m, n)
+
+
+@pytest.mark.parametrize("index", [torch.int64, torch.int32])
+def test_c_kernel_threads_give_bit_identical_values(index, monkeypatch):
+    """Each value is one thread's dot in the same order: 1 or 2 OpenMP threads, or the Python pool
+    (where the kernels may not use OpenMP), give the same bits; g and x leave 16 x 16 blocks partial."""
+    if native_sddmm.kernels() is None:
+        pytest.skip("no C kernels here")
+    m, n, tokens = 203, 131, 77
+    rows, cols = _positions(m, n, 4000, seed=21)
+    rows, cols = rows.to(index), cols.to(index)
+    g, x = torch.randn(tokens, m), torch.randn(tokens, n)
+    results = []
+    for threads in (1, 2):
+        cpu_sddmm.forget_inputs()
+        results.append(cpu_sddmm.value_grad(g, x, rows, cols, threads=threads))
+        results.append(cpu_sddmm.value_grad(g, x, rows, cols, threads=threads))  # x's transpose kept
+    monkeypatch.setattr(native_sddmm, "openmp_here", lambda native: False)  # the Python pool's threads
+    cpu_sddmm.forget_inputs()
+    results.append(cpu_sddmm.value_grad(g, x, rows, cols, threads=2))
+    for got in results[1:]:
+        assert torch.equal(got, results[0])
+    torch.testing.assert_close(results[0].double(), _reference(g, x, rows.long(), cols.long()),
+                               atol=1e-4 * tokens ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_value_grad_calls_the_kernel_as_the_custom_op_does(dtype):
+    """sparse.value_grad skips the custom op's dispatch in eager CPU calls: the same values."""
+    from shirakit.methods.shira.sparse import value_grad
+
+    rows, cols = _positions(40, 24, 300, seed=8)
+    pattern = SparsePattern(rows.int(), cols.int(), 40, 24)
+    g, x = torch.randn(2, 9, 40).to(dtype), torch.randn(2, 9, 24).to(dtype)
+    cpu_sddmm.forget_inputs()
+    eager = value_grad(g, x, pattern.tensors())
+    cpu_sddmm.forget_inputs()
+    assert torch.equal(eager, sampled_value_grad(g, x, *pattern.tensors()))
+
+
+def test_one_openmp_runtime_reads_the_process_maps(monkeypatch, tmp_path):
+    """The kernels take OpenMP threads only with one OpenMP runtime mapped (torch's): a second one
+    would spin against the first one's workers."""
+    lines = ["7f00-7f01 r-xp 0 08:01 1 /site-packages/torch/lib/libgomp.so.1",
+             "7f02-7f03 r--p 0 08:01 1 /site-packages/torch/lib/libgomp.so.1",
+             "7f04-7f05 r-xp 0 08:01 2 /usr/lib/libc.so.6"]
+    maps = tmp_path / "maps"
+    real = native_sddmm.Path
+
+    def fake_path(name):
+        return maps if name == "/proc/self/maps" else real(name)
+
+    monkeypatch.setattr(native_sddmm, "Path", fake_path)
+    maps.write_text("\n".join(lines) + "\n")
+    assert native_sddmm._one_openmp_runtime()
+    maps.write_text("\n".join(lines + ["7f06-7f07 r-xp 0 08:01 3 /opt/intel/lib/libiomp5.so"]) + "\n")
+    assert not native_sddmm._one_openmp_runtime()

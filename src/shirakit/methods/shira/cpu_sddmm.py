@@ -16,38 +16,45 @@ load of g's row feeding 8 accumulators.
 Two implementations of the transposes and the dots, with the same results up to fp32 rounding:
 
 - C (:mod:`native_sddmm`, ``native_sddmm.c``), compiled with the system compiler at first use
-  and cached: the transposes go through 16 x 16 register blocks, token blocks outside (0.09 ms
-  for 1024 columns x 512 tokens, 0.19 ms for 2816; 2-6x faster than numba's), the dots are 16
-  floats wide with one shuffle-tree reduction per run. The dots then run at 18-20 GMAC/s on one
-  core of this project's machine, which is what moving a fresh 4-byte x value per multiply-add
-  from L2/L3 allows (x's rows are read at random, so nothing of them is reused from registers).
+  and cached: the transposes go through LANES x LANES register blocks (16 with AVX-512, else 8),
+  the dots are LANES floats wide, 8 sums in registers, one shuffle-tree reduction per run. On this
+  project's AVX2 machine (2.0 GHz EPYC, 2026-12-04, 1 thread, T = 512, r = 16): the dots 8.4-10
+  GMAC/s with x's rows in L2/L3 (11.6 with them in L2, 5.3 for a 2816-wide x that spills L3:
+  ~80% of the 9-loads-per-8-FMAs bound), the transposes at about memcpy speed (0.41 ms for 1024
+  columns, 1.7 ms for 2816). Until then the sums were 16 floats wide on every machine: on AVX2 the
+  8 accumulators then needed all 16 registers, GCC kept them on the stack and the dots ran at 2.3.
 - numba (the fallback without a compiler, or with ``SHIRAKIT_NATIVE=0``): the transposes go by
   16 x 16 blocks through a small tile, element by element above 2048 columns
   (``_TILED_MAX_COLUMNS``); numba vectorizes the 8-run dot loop only 4 floats wide.
 
-In a training step of the 1024 x 2816 benchmark model (2 layers x 7 projections, T = 512, r = 16,
-1 thread) the 14 value gradients took 31 ms with the C kernels against 52 ms with numba's
-(transposes 10 vs 28 ms, dots 20 ms; measured inside the step, where g and x come from memory).
+In a training step of the 576 x 1536 benchmark model (2 layers x 7 projections, T = 512, r = 16)
+the 14 value gradients take about 31 ms at 1 thread and 20 ms at 2 (C kernels; measured inside
+the step, where g and x come from memory; ``benchmarks/struct_step.py`` for the whole step).
 
 Projections that read the same input (q/k/v, gate/up) share its transpose: the last two
 transposed inputs are kept per thread, each holding a reference to its source tensor (so its
 memory cannot become another tensor's while the entry lives), keyed by address, shape, strides,
 dtype and version counter (an in-place write through any view bumps it).
 
-Threads: the columns of a transpose and the K positions are cut into a few tasks per thread that
-``torch.get_num_threads()`` workers of a plain thread pool (the kernels release the GIL) take one
-after another, so a worker slowed by another process on a shared core takes fewer tasks instead
-of holding the others at a barrier. There is no spinning OpenMP barrier, which on a shared
-machine is what makes ``torch.sparse.sampled_addmm`` slower with more threads than with one.
+Threads. The C kernels do a whole call (both transposes, then the dots) in one OpenMP parallel
+region, on torch's own OpenMP workers where torch runs GNU OpenMP (see :mod:`native_sddmm`): the
+threads that just ran torch's products, still spinning, take the pieces at once, dealt one at a
+time (dynamic schedule). Calls of at least ``_MACS_PER_EXTRA_OPENMP_THREAD`` multiply-adds take a
+second thread (in the benchmark models, every call). In the 2-thread step that took SHiRA / LoRA
+from 0.99 to 0.965 (1024 x 2816) and from 0.98 to 0.97 (576 x 1536) against the same kernels on the
+calling thread alone (interleaved in one process, 2026-12-04, benchmarks/struct_step.py).
+Without OpenMP in the library (or in a forked child, or with a second OpenMP runtime in the
+process) the Python pool runs them: the columns of a transpose and the K positions cut into a few
+tasks per thread that workers of a plain thread pool (the kernels release the GIL) take one after
+another, and there only calls above ``_MACS_PER_EXTRA_THREAD`` (64 M) spread out, as that pool
+competes with torch's spinning workers.
+Each value is one thread's dot in a fixed order, so the results do not depend on the threads.
 
-Measured against ``torch.sparse.sampled_addmm`` (``benchmarks/value_grad.py``, C kernels, 2026-11-28
-14:40, a shared 2-core machine at load 1.6; wall-time ratios): with x's transpose shared (k, v, up)
-0.25-0.41x at 1 thread and 0.30-0.72x at 2; with x transposed afresh 0.39-0.73x at 1 thread and
-0.55-1.38x at 2. Two threads barely beat one: the transposes are memory-bound, and right after
-torch's own OpenMP products its idle workers spin on the cores for a while (in the 1024 x 2816 step
-the 14 calls take 39 ms at 2 threads, 26 ms with ``OMP_WAIT_POLICY=PASSIVE``, 31 ms at 1). It
-stays the CPU path whenever numba imports, since in a training step 3 of a layer's 7 calls share x, and unlike
-sampled_addmm it handles bf16/fp16. fp64 inputs and other devices (CUDA: cuSPARSE's
+Measured against ``torch.sparse.sampled_addmm`` before the AVX2 fix (``benchmarks/value_grad.py``,
+2026-11-28, load 1.6; wall-time ratios): with x's transpose shared (k, v, up) 0.25-0.41x at 1 thread
+and 0.30-0.72x at 2; with x transposed afresh 0.39-0.73x at 1 thread and 0.55-1.38x at 2. It stays
+the CPU path whenever numba imports, since in a training step 3 of a layer's 7 calls share x, and
+unlike sampled_addmm it handles bf16/fp16. fp64 inputs and other devices (CUDA: cuSPARSE's
 sampled_addmm) keep the torch path. Half-precision g and x are upcast to fp32 (exact), and the
 accumulation is fp32.
 
@@ -91,6 +98,10 @@ _TASKS_PER_THREAD = 3  # enough for a free worker to take over a slow one's shar
 # 2026-11-28): 576 x 1536 196 -> 190 ms per step; the 14 calls of the 1024 x 2816 step took 39 ms
 # with the pool and 31 ms on the caller. Bigger calls (wide layers, long batches) still spread out.
 _MACS_PER_EXTRA_THREAD = 64 * 2**20
+# The same where the C kernels run on torch's own OpenMP workers (native_sddmm.openmp_here): those
+# are the threads that spin after torch's products, so they take the work at once; only calls too
+# small to pay for waking a second thread stay on the caller.
+_MACS_PER_EXTRA_OPENMP_THREAD = 2 * 2**20
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
@@ -254,11 +265,22 @@ def _scratch_buffer(slot: object, count: int) -> torch.Tensor:
     return buffer[:count]
 
 
-def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> np.ndarray:
+def _rows_buffer(slot: object, tokens: int, cols: int) -> torch.Tensor:
+    """This thread's scratch ``slot`` as fp32 (cols, padded T): where a (T, cols) source's columns go."""
+    return _scratch_buffer(slot, cols * _padded_width(tokens)).view(cols, _padded_width(tokens))
+
+
+def _half_as_rows(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """bf16/fp16 ``src`` (T, c) into fp32 ``dst`` (c, padded T): torch converts exactly while it transposes."""
+    tokens = src.shape[0]
+    dst[:, tokens:].zero_()
+    dst[:, :tokens].copy_(src.T)
+
+
+def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> torch.Tensor:
     """``src`` (T, c) -> fp32 (c, padded T) with zeros past T: each column becomes a contiguous row."""
     tokens, cols = src.shape
-    width = _padded_width(tokens)
-    dst = _scratch_buffer(slot, cols * width).view(cols, width)
+    dst = _rows_buffer(slot, tokens, cols)
     if src.dtype == torch.float32:
         native = native_sddmm.kernels()
         if native is not None:
@@ -267,25 +289,47 @@ def _columns_as_rows(src: torch.Tensor, threads: int, slot: object) -> np.ndarra
             tiled, wide, _ = _kernels()
             transpose = tiled if cols <= _TILED_MAX_COLUMNS else wide
         _run_tasks(transpose, (src.contiguous().numpy(), dst.numpy()), cols, threads, align=16)
-    else:  # bf16/fp16: torch converts exactly while it transposes
-        dst[:, tokens:].zero_()
-        dst[:, :tokens].copy_(src.T)
-    return dst.numpy()
+    else:
+        _half_as_rows(src, dst)
+    return dst
 
 
-def _input_rows(x2: torch.Tensor, threads: int) -> np.ndarray:
-    """x^T as rows (:func:`_columns_as_rows`), reused while the same unchanged input comes back
-    (q, k and v read one input, gate and up another): the last two are kept per thread."""
-    key = (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2.dtype, x2._version)
+def _input_key(x2: torch.Tensor) -> tuple:
+    return (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2.dtype, x2._version)
+
+
+def _kept_inputs() -> list:
     kept = getattr(_scratch, "inputs", None)
     if kept is None:
         kept = _scratch.inputs = []  # [(key, source tensor, scratch slot, rows)], most recent first
-    for entry in kept:
-        if entry[0] == key:
-            return entry[3]
-    slot = ("input", len(kept)) if len(kept) < 2 else kept.pop()[2]
-    rows = _columns_as_rows(x2, threads, slot)
-    kept.insert(0, (key, x2, slot, rows))  # x2 held: its memory cannot become another tensor's meanwhile
+    return kept
+
+
+def _kept_input(x2: torch.Tensor) -> torch.Tensor | None:
+    """x^T as rows if this thread kept it for this very input, unchanged (see :func:`_input_rows`)."""
+    key = _input_key(x2)
+    return next((entry[3] for entry in _kept_inputs() if entry[0] == key), None)
+
+
+def _free_input_slot() -> object:
+    """A scratch slot for a new kept input: a new one while fewer than two are kept, else the oldest's."""
+    kept = _kept_inputs()
+    return ("input", len(kept)) if len(kept) < 2 else kept.pop()[2]
+
+
+def _keep_input(x2: torch.Tensor, slot: object, rows: torch.Tensor) -> None:
+    # x2 held: its memory cannot become another tensor's while the entry lives
+    _kept_inputs().insert(0, (_input_key(x2), x2, slot, rows))
+
+
+def _input_rows(x2: torch.Tensor, threads: int) -> torch.Tensor:
+    """x^T as rows (:func:`_columns_as_rows`), reused while the same unchanged input comes back
+    (q, k and v read one input, gate and up another): the last two are kept per thread."""
+    rows = _kept_input(x2)
+    if rows is None:
+        slot = _free_input_slot()
+        rows = _columns_as_rows(x2, threads, slot)
+        _keep_input(x2, slot, rows)
     return rows
 
 
@@ -294,9 +338,11 @@ def forget_inputs() -> None:
     _scratch.inputs = []
 
 
-def _default_threads(macs: int) -> int:
-    """torch's thread count, capped at one thread per ``_MACS_PER_EXTRA_THREAD`` of work."""
-    return max(1, min(torch.get_num_threads(), 1 + macs // _MACS_PER_EXTRA_THREAD))
+def _default_threads(macs: int, openmp: bool = False) -> int:
+    """torch's thread count, capped at one thread per ``_MACS_PER_EXTRA_THREAD`` of work
+    (``_MACS_PER_EXTRA_OPENMP_THREAD`` where the kernels run on torch's OpenMP workers)."""
+    per_thread = _MACS_PER_EXTRA_OPENMP_THREAD if openmp else _MACS_PER_EXTRA_THREAD
+    return max(1, min(torch.get_num_threads(), 1 + macs // per_thread))
 
 
 def value_grad(
@@ -306,9 +352,11 @@ def value_grad(
 
     ``rows``/``cols``: both int64 or both int32, contiguous, on CPU, sorted row-major (so equal rows
     are adjacent; any order is correct, sorted is fast). ``threads``: default
-    ``torch.get_num_threads()``, but one per ``_MACS_PER_EXTRA_THREAD`` multiply-adds at most (the
+    ``torch.get_num_threads()``, but one per ``_MACS_PER_EXTRA_OPENMP_THREAD`` multiply-adds at most
+    where the C kernels run on torch's OpenMP workers, else per ``_MACS_PER_EXTRA_THREAD`` (the
     calling thread alone for small calls, see there); given, it is used as is. Callers check
-    :func:`usable` first.
+    :func:`usable` first. Each value is one thread's dot, whatever the threads: the results do not
+    depend on them.
     """
     if rows.dtype != cols.dtype or rows.dtype not in (torch.int64, torch.int32) or rows.shape != cols.shape:
         raise TypeError(f"value_grad takes rows and cols of one shape, both int64 or both int32; found "
@@ -321,11 +369,42 @@ def value_grad(
         return out
     if g2.shape[0] == 0:
         return out.zero_()
-    threads = threads or _default_threads(count * g2.shape[0])
-    g_rows = _columns_as_rows(g2, threads, slot="grad")
-    x_rows = _input_rows(x2, threads)
     native = native_sddmm.kernels()
+    openmp = native is not None and native_sddmm.openmp_here(native)
+    threads = threads or _default_threads(count * g2.shape[0], openmp)
+    rows, cols = rows.contiguous(), cols.contiguous()
+    if native is not None and (threads == 1 or openmp):
+        _native_value_grad(native, g2, x2, rows, cols, out, threads)
+        return out
+    positions = (rows.numpy(), cols.numpy())
+    g_rows = _columns_as_rows(g2, threads, slot="grad").numpy()
+    x_rows = _input_rows(x2, threads).numpy()
     dots = native.dots if native is not None else _kernels()[2]
-    positions = (rows.contiguous().numpy(), cols.contiguous().numpy())
     _run_tasks(dots, (g_rows, x_rows, *positions, out.numpy()), count, threads, align=8)
     return out
+
+
+def _native_value_grad(native, g2: torch.Tensor, x2: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       out: torch.Tensor, threads: int) -> None:
+    """The C kernels in one call (transposes and dots, ``threads`` OpenMP threads): fp32 sources are
+    transposed there, half-precision ones here by torch first; x's rows reused when kept. Called
+    with addresses: a call costs a few microseconds of Python, not a hundred."""
+    (tokens, m), n = g2.shape, x2.shape[1]
+    width = _padded_width(tokens)
+    g_rows = _rows_buffer("grad", tokens, m)
+    g_src = g2.contiguous() if g2.dtype == torch.float32 else None
+    if g_src is None:
+        _half_as_rows(g2, g_rows)
+    x_rows, x_src, slot = _kept_input(x2), None, None
+    if x_rows is None:
+        slot = _free_input_slot()
+        x_rows = _rows_buffer(slot, tokens, n)
+        x_src = x2.contiguous() if x2.dtype == torch.float32 else None
+        if x_src is None:
+            _half_as_rows(x2, x_rows)
+    native.value_grad[rows.dtype](
+        0 if g_src is None else g_src.data_ptr(), g_rows.data_ptr(), m, int(g_src is None),
+        0 if x_src is None else x_src.data_ptr(), x_rows.data_ptr(), n, int(x_src is None), tokens, width,
+        rows.data_ptr(), cols.data_ptr(), out.data_ptr(), out.numel(), threads)
+    if slot is not None:
+        _keep_input(x2, slot, x_rows)
