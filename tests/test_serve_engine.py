@@ -72,20 +72,31 @@ def _run(engine: Engine, jobs: list[tuple[str, list[int], int]]) -> list[Collect
     return sinks
 
 
-def _record_rows(engine: Engine) -> list[tuple[str, int, int]]:
-    """Every forward the engine runs: ("prefill", rows, tokens per row) or ("decode", rows, 1)."""
+def _record_rows(engine: Engine) -> list[tuple[str, int, int, int, int]]:
+    """Every forward the engine runs: ("prefill", rows, tokens per row, running rows, forward number)
+    and ("decode", rows, 1, running rows, forward number). A ragged forward (decoding rows and a
+    prefill chunk together) gives both entries with the same forward number."""
     seen = []
-    prefill, decode = engine._prefill, engine._decode_step
+    count = iter(range(1 << 30))
+    prefill, decode, step = engine._prefill, engine._decode_step, engine._step
 
     def recording_prefill(group, chunk, union):
-        seen.append(("prefill", len(group), chunk, len(engine._running)))
+        seen.append(("prefill", len(group), chunk, len(engine._running), next(count)))
         prefill(group, chunk, union)
 
     def recording_decode():
-        seen.append(("decode", engine._decoding, 1, len(engine._running)))
+        seen.append(("decode", engine._decoding, 1, len(engine._running), next(count)))
         decode()
 
-    engine._prefill, engine._decode_step = recording_prefill, recording_decode
+    def recording_step(group, chunk):
+        number = next(count)
+        if group:
+            seen.append(("prefill", len(group), chunk, len(engine._running), number))
+        if engine._decoding:
+            seen.append(("decode", engine._decoding, 1, len(engine._running), number))
+        step(group, chunk)
+
+    engine._prefill, engine._decode_step, engine._step = recording_prefill, recording_decode, recording_step
     return seen
 
 
@@ -105,7 +116,7 @@ def test_token_budget_queues_long_requests_and_refuses_what_never_fits(folders):
         sinks = _run(engine, jobs)
     finally:
         engine.stop()
-    assert max(rows for _, _, _, rows in seen) == 4  # the budget, not max_batch, bounded the batch
+    assert max(rows for _, _, _, rows, _ in seen) == 4  # the budget, not max_batch, bounded the batch
     for (model, prompt, max_tokens), sink in zip(jobs, sinks):
         assert sink.text == offline_text(model_dir, adapters.get(model), prompt, max_tokens)
 
@@ -126,14 +137,19 @@ def test_token_budget_refusal_over_http_is_a_400_naming_the_budget(folders):
         running.stop()
 
 
+@pytest.mark.parametrize("ragged", [True, False])
 @pytest.mark.parametrize("chunked", [True, False])
-def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, chunked):
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, chunked, ragged):
     """Four rows decode; a 70-token prompt arrives. Chunked (16 tokens an iteration): it goes in
-    over several forwards, each followed by a decode step of the running rows; unchunked: one
-    forward. Every text equals offline generate either way."""
+    over several iterations, each also giving the running rows a token (ragged: in the chunk's
+    own forward; otherwise in a decode step right after it); unchunked: one forward. Every text
+    equals offline generate either way."""
     model_dir, adapters, _ = folders
     names = list(adapters)
-    engine = _engine(folders, max_num_batched_tokens=20, chunked_prefill=chunked).start()
+    engine = _engine(folders, max_num_batched_tokens=20, chunked_prefill=chunked)
+    assert engine.ragged  # the tiny Llama runs on transformers' attention interface
+    engine.ragged = ragged
+    engine.start()
     seen = _record_rows(engine)
     try:
         short = [(names[i % 3], _prompt(10 + i, 6), 20) for i in range(4)]
@@ -154,20 +170,25 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, chun
     at = [i for i, entry in enumerate(seen) if entry[0] == "prefill" and entry[2] > 6]
     long_chunks = [seen[i] for i in at]
     if chunked:
-        assert len(long_chunks) >= 4 and all(chunk <= 20 for _, _, chunk, _ in long_chunks)
-        # between two chunks of the long prompt the running rows took a decode step
+        assert len(long_chunks) >= 4 and all(chunk <= 20 for _, _, chunk, _, _ in long_chunks)
+        # with each chunk of the long prompt the running rows got a token: in the same forward
+        # (ragged) or the next one
         assert all(seen[i + 1][0] == "decode" and seen[i + 1][1] >= 1 for i in at[:-1])
+        assert all(seen[i + 1][4] == seen[i][4] + (0 if ragged else 1) for i in at[:-1])
     else:
-        assert [chunk for _, _, chunk, _ in long_chunks] == [70]
+        assert [chunk for _, _, chunk, _, _ in long_chunks] == [70]
     for (model, prompt, max_tokens), sink in zip([*short, long_job], sinks):
         assert sink.text == offline_text(model_dir, adapters.get(model), prompt, max_tokens)
 
 
 def test_echo_logprobs_are_the_same_chunked_or_not(folders):
-    """Prompt log-probabilities gathered chunk by chunk equal those of one whole-prompt forward."""
+    """Prompt log-probabilities gathered chunk by chunk equal those of one whole-prompt forward,
+    in ragged forwards and in separate prefill forwards."""
     entries = {}
-    for chunked in (True, False):
-        engine = _engine(folders, max_num_batched_tokens=16, chunked_prefill=chunked).start()
+    for chunked, ragged in ((True, True), (False, True), (True, False), (False, False)):
+        engine = _engine(folders, max_num_batched_tokens=16, chunked_prefill=chunked)
+        engine.ragged = ragged
+        engine.start()
         got = []
         done = threading.Event()
 
@@ -187,14 +208,17 @@ def test_echo_logprobs_are_the_same_chunked_or_not(folders):
         finally:
             engine.stop()
         assert not any(isinstance(g, Exception) for g in got), got
-        entries[chunked] = got
-    assert len(entries[True]) == 45 + 2
-    for (text_a, value_a, top_a), (text_b, value_b, top_b) in zip(entries[True], entries[False]):
-        assert text_a == text_b
-        assert (value_a is None) == (value_b is None)
-        if value_a is not None:
-            assert value_a == pytest.approx(value_b, abs=1e-5)
-            assert top_a.keys() == top_b.keys()
+        entries[chunked, ragged] = got
+    reference = entries[False, False]
+    assert len(reference) == 45 + 2
+    for key, got in entries.items():
+        assert len(got) == len(reference), key
+        for (text_a, value_a, top_a), (text_b, value_b, top_b) in zip(got, reference):
+            assert text_a == text_b
+            assert (value_a is None) == (value_b is None)
+            if value_a is not None:
+                assert value_a == pytest.approx(value_b, abs=1e-5)
+                assert top_a.keys() == top_b.keys()
 
 
 def test_slots_move_one_row_on_retirement_not_the_batch():
@@ -226,6 +250,64 @@ def test_slots_move_one_row_on_retirement_not_the_batch():
     assert torch.equal(kv.keys[1][3, :, :40], keys[rows - 1] + 1)
     assert torch.equal(kv.keys[0][3, :, 40], new[rows - 1, :, 0])
     assert kv.lengths == [41] * (rows - 1)
+
+
+def test_a_ragged_forward_gives_each_row_its_own_forward_logits(folders):
+    """Two decoding rows (6 and 9 tokens cached) and two prefill chunks (a fresh prompt's first 5
+    tokens, and tokens 4..10 of a prompt whose first 4 are cached) in ONE forward, in both batch
+    layouts: every token's logits equal those of a plain forward over its own row's tokens (GQA:
+    4 query heads on 2 key/value heads, folded, not repeated)."""
+    from shirakit.serve.kv import RaggedStep, ragged_forward
+
+    model_dir, _, _ = folders
+    model, _ = load_tiny_lm(model_dir)
+    seqs = [_prompt(s, n) for s, n in ((1, 7), (2, 10), (3, 5), (4, 11))]
+    cached = [6, 9, 0, 4]  # rows 0, 1 decode their last token; rows 2, 3 prefill a chunk
+    fed = [1, 1, 5, 7]
+    with torch.inference_mode():
+        plain = [model(input_ids=torch.tensor([s])).logits[0] for s in seqs]
+        for shape in ("row", "column"):
+            kv = SlotKV(max_rows=8, max_time=96)
+            kv.add(4)
+            kv.plan(4, 32)
+            warm = RaggedStep(kv, 0, [(r, 0, cached[r]) for r in range(4) if cached[r]], "cpu")
+            ids = [t for r in range(4) for t in seqs[r][: cached[r]]]
+            with ragged_forward(model, warm):
+                model(input_ids=torch.tensor([ids]), position_ids=warm.positions[None], past_key_values=warm)
+            kv.advance(0, cached)
+            step = RaggedStep(kv, 2, [(2, 0, 5), (3, 4, 7)], "cpu")
+            ids = [t for r in range(4) for t in seqs[r][cached[r]: cached[r] + fed[r]]]
+            view = (1, -1) if shape == "row" else (-1, 1)
+            with ragged_forward(model, step):
+                out = model(input_ids=torch.tensor(ids).view(view), position_ids=step.positions.view(view),
+                            past_key_values=step).logits.reshape(len(ids), -1)
+            assert model.config._attn_implementation != "shirakit_ragged"  # restored after the forward
+            at = 0
+            for r in range(4):
+                expected = plain[r][cached[r]: cached[r] + fed[r]]
+                torch.testing.assert_close(out[at: at + fed[r]], expected, rtol=1e-5, atol=1e-5)
+                at += fed[r]
+
+
+def test_chunks_are_sized_by_measured_time_while_rows_decode(folders):
+    """With rows decoding, a chunk makes an iteration cost at most 1 + chunk_slack decode steps:
+    no chunk until a decode step is timed, then MIN_PREFILL_CHUNK until a prompt token is, then
+    slack x t_decode / t_token; and a decode-only iteration again every REFRESH_DECODE_EVERY."""
+    from shirakit.serve import engine as engine_module
+
+    engine = _engine(folders, max_num_batched_tokens=512, chunk_slack=0.5)
+    assert engine._timed_budget() == 0  # nothing measured: a decode-only iteration first
+    engine._timed(16, 0, 0.200)  # a decode step of 16 rows: 200 ms
+    assert engine._timed_budget() == engine_module.MIN_PREFILL_CHUNK
+    engine._timed(16, 16, 0.200 + 16 * 0.004)  # 16 prompt tokens beside it: 4 ms a token
+    assert engine._timed_budget() == 25  # 0.5 x 200 ms / 4 ms
+    for _ in range(engine_module.REFRESH_DECODE_EVERY - 1):
+        engine._timed(16, 25, 0.300)
+    assert engine._timed_budget() == 0
+    engine._timed(16, 0, 0.100)  # the decode step got cheaper: smaller chunks
+    assert 0 < engine._timed_budget() < 25
+    with pytest.raises(ValueError, match="chunk_slack must be a positive"):
+        _engine(folders, chunk_slack=0)
 
 
 # ---- incremental detokenization ------------------------------------------------------------------
