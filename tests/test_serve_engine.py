@@ -456,3 +456,75 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(folders):
     assert together == alone and again == alone
     assert alone[0][0] != alone[0][1]  # choice 1 draws with seed + 1
     assert len({t for texts in alone for t in texts}) == 4
+
+
+# ---- top_k ----------------------------------------------------------------------------------------
+def test_top_k_keeps_the_k_most_probable_then_top_p_renormalized_per_row():
+    """sampling_probs: a top_k row keeps its k most probable tokens renormalized; with top_p too,
+    the nucleus is taken of that renormalized distribution (vLLM's order); a row without either
+    is the plain softmax, bit for bit, whatever shares its batch."""
+    from shirakit.serve.sequence import Sequence, sampling_probs
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    params = [SamplingParams(max_tokens=1, temperature=0.7, top_k=5),
+              SamplingParams(max_tokens=1, temperature=1.0, top_k=8, top_p=0.6),
+              SamplingParams(max_tokens=1, temperature=1.2),
+              SamplingParams(max_tokens=1, temperature=1.0, top_k=500)]  # k >= vocab: off
+    seqs = [Sequence("r", 0, "base", [1], p) for p in params]
+    probs = sampling_probs(logits, seqs)
+    soft = [torch.softmax(logits[i] / p.temperature, -1) for i, p in enumerate(params)]
+    top5 = soft[0].topk(5).indices
+    assert set(probs[0].nonzero().flatten().tolist()) == set(top5.tolist())
+    torch.testing.assert_close(probs[0][top5], soft[0][top5] / soft[0][top5].sum())
+    values, order = soft[1].topk(8)
+    renormalized = values / values.sum()
+    count = int((renormalized.cumsum(0) - renormalized < 0.6).sum())  # smallest prefix reaching 0.6
+    assert set(probs[1].nonzero().flatten().tolist()) == set(order[:count].tolist())
+    assert torch.equal(probs[2], soft[2]) and torch.equal(probs[3], soft[3])
+    assert torch.equal(sampling_probs(logits[2:3], seqs[2:3])[0], probs[2])
+
+
+def test_seeded_top_k_is_the_same_alone_and_in_a_batch(folders):
+    job = (_prompt(4, 7), SamplingParams(max_tokens=12, temperature=1.0, top_k=3, seed=9), 1)
+    others = [(_prompt(20 + i, 5), SamplingParams(max_tokens=12, temperature=1.0, top_k=[0, 2, 40][i], seed=i), 1)
+              for i in range(3)]
+    engine = _engine(folders).start()
+    try:
+        alone = _texts(engine, [job])[0]
+        together = _texts(engine, [others[0], job, *others[1:]])[1]
+    finally:
+        engine.stop()
+    assert together == alone
+
+
+def test_top_k_over_http_completions_and_chat(folders):
+    """top_k 1 samples the argmax (the greedy text); -1 and 0 are off (the seed's text without
+    top_k); anything else that is not an integer >= -1 is a 400 naming top_k, on both endpoints."""
+    model_dir, _, _ = folders
+    running = start_server(_engine(folders), policy=Policy())
+    prompt = _prompt(6, 8)
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            def text(**extra):
+                body = {"model": "tiny-llama", "prompt": [prompt], "max_tokens": 10, "temperature": 1.0, "seed": 3,
+                        **extra}
+                response = http.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                return response.json()["choices"][0]["text"]
+
+            assert text(top_k=1) == offline_text(model_dir, None, prompt, 10)
+            assert text(top_k=-1) == text(top_k=0) == text()
+            for bad in (-2, 1.5, "3", True, 2**40):
+                for path, body in (("/v1/completions", {"prompt": "x"}),
+                                   ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+                    response = http.post(path, json={"model": "tiny-llama", "top_k": bad, **body})
+                    assert response.status_code == 400, (bad, path, response.text)
+                    error = response.json()["error"]
+                    assert error["param"] == "top_k" and "top_k must be an integer" in error["message"], error
+            response = http.post("/v1/chat/completions", json={
+                "model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "top_k": 2, "seed": 1,
+                "max_tokens": 4})
+            assert response.status_code == 200, response.text
+    finally:
+        running.stop()
