@@ -237,7 +237,8 @@ class RaggedStep(Cache):
         self.decode_keys = max(starts, default=-1) + 1  # keys the decoding rows attend over
         if decoding:
             before = torch.tensor(starts, device=device)
-            self.decode_mask = (torch.arange(self.decode_keys, device=device)[None, :] <= before[:, None])[:, None, None]
+            visible = torch.arange(self.decode_keys, device=device)[None, :] <= before[:, None]
+            self.decode_mask = visible[:, None, None]  # (rows, 1, 1, keys): shared by heads and groups
         self._segment_masks: dict[int, list[torch.Tensor]] = {}
 
     def segment_masks(self, groups: int) -> list[torch.Tensor]:
@@ -258,7 +259,8 @@ class RaggedStep(Cache):
         heads, dim = key_states.shape[1], key_states.shape[3]
         for buffer, new in ((kv.keys[layer_idx], key_states), (kv.values[layer_idx], value_states)):
             # (B, heads, q, dim) with B * q = T tokens in order -> (T, heads, dim)
-            buffer[self.slots, :, self.positions] = new.transpose(1, 2).reshape(self.tokens, heads, dim).to(buffer.dtype)
+            flat = new.transpose(1, 2).reshape(self.tokens, heads, dim)
+            buffer[self.slots, :, self.positions] = flat.to(buffer.dtype)
         return kv.keys[layer_idx], kv.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
