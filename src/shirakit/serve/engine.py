@@ -5,9 +5,10 @@ everything that touches the model (forward passes, adapter loads, evictions, fus
 happens on the engine thread, so adapter state can never interleave between requests.
 
 Scheduling (continuous batching, as in Orca, Yu et al. OSDI 2022): each iteration the engine
-retires finished rows, admits waiting requests while rows and the KV budget allow, runs one
-prefill forward over a chunk of the newcomers' prompts, then one decode step for every row whose
-prompt is in. Rows keep their keys/values in preallocated slots (``kv.py``).
+retires finished rows, admits waiting requests while rows and the KV budget allow, then runs ONE
+forward over a token for every row whose prompt is in and a chunk of the newcomers' prompts
+(ragged, ``kv.RaggedStep``; models off transformers' attention interface: a prefill forward, then
+a decode step). Rows keep their keys/values in preallocated slots (``kv.py``).
 
 - Admission counts tokens, not only rows: a row reserves ``prompt + max_tokens`` positions, and
   the slots the batch would take (rows x its longest reservation, rounded as ``SlotKV.fit``) must
@@ -15,7 +16,9 @@ prompt is in. Rows keep their keys/values in preallocated slots (``kv.py``).
   could never fit alone is refused at :meth:`submit` (HTTP 400); others wait their turn.
 - Chunked prefill (as in Sarathi, Agrawal et al. 2023, arXiv 2308.16369): one iteration feeds at
   most ``max_num_batched_tokens`` tokens, one per decoding row and the rest to prompts, so a long
-  prompt is prefilled over several iterations while the running rows keep decoding. With
+  prompt is prefilled over several iterations while the running rows keep decoding. While rows
+  decode, the chunk is also sized by measured time (``chunk_slack``): an iteration may cost at
+  most ``1 + chunk_slack`` decode steps (:meth:`Engine._timed_budget`). With
   ``chunked_prefill=False`` the newcomers' prompts go in whole (the decoding rows wait for it).
 
 Which adapter a forward uses:

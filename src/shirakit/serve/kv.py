@@ -5,7 +5,8 @@ allocated once and written in place. Row ``r`` of the batch lives in slot ``r`` 
 ``lengths[r]`` tokens at times ``0 .. lengths[r] - 1``; a forward over rows ``[start, stop)``
 feeds ``q`` tokens per row at each row's own positions ``lengths[r] .. lengths[r] + q - 1``,
 writes their keys/values there (one ``index_put`` per layer) and attends through a view
-``[start:stop, :, :longest]`` of the buffer, no copy. A 4-D mask lets query ``t`` of row ``r``
+``[start:stop, :, :longest]`` of the buffer, no copy (``step``; the engine's usual forward is the
+ragged one at the end of this file, which attends per row). A 4-D mask lets query ``t`` of row ``r``
 see exactly the keys ``j <= lengths[r] + t``: what the row would see alone, so greedy outputs
 equal an offline ``generate``. Keys past a row's length are stale or padding and always masked
 (they are finite: the buffer starts at zero and only ever holds projections of real embeddings).
