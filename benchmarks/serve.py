@@ -418,7 +418,10 @@ async def health_under_big_bodies(url: str, model: str, vocab: int, eos: dict, r
                         refused_in.append(time.perf_counter() - begin)
                         statuses.append(response.status_code)
 
-            await asyncio.gather(*(send() for _ in range(4)))  # four senders at once
+            if bodies:
+                await asyncio.gather(*(send() for _ in range(4)))  # four senders at once
+            else:  # the control: the same probes, no big bodies
+                await asyncio.sleep(3.0)
             done.set()
             await poller
         finally:
@@ -427,7 +430,7 @@ async def health_under_big_bodies(url: str, model: str, vocab: int, eos: dict, r
     latencies = [t for t, _ in health]
     return {"p50": _percentile(latencies, 0.5), "p95": _percentile(latencies, 0.95), "max": max(latencies),
             "probes": len(latencies), "health_not_200": sum(code != 200 for _, code in health),
-            "statuses": sorted(set(statuses)), "refused_max": max(refused_in), "sent": len(statuses)}
+            "statuses": sorted(set(statuses)), "refused_max": max(refused_in, default=0.0), "sent": len(statuses)}
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -495,6 +498,9 @@ def measure_engine(args, root: Path) -> tuple[str, dict]:
                                                                       args.health_bodies, 10.0, seed=5000,
                                                                       stream_tokens=args.stream_tokens))
                 print(label, "health", entry["health"], flush=True)
+                entry["health_control"] = asyncio.run(health_under_big_bodies(
+                    url, name, vocab, eos, args.clients, 0, 10.0, seed=6000, stream_tokens=args.stream_tokens))
+                print(label, "health without big bodies", entry["health_control"], flush=True)
             if no_chunk is False:
                 for prompt_tokens in args.prompt_lengths:
                     runs_tp = [asyncio.run(prompt_throughput(url, name, vocab, args.clients, args.clients,
@@ -539,6 +545,10 @@ def report_engine(described: str, results: dict, args, load: tuple[float, float]
                  f"{1e3 * h['p50']:.1f} ms, p95 {1e3 * h['p95']:.1f} ms, max {1e3 * h['max']:.1f} ms; "
                  f"{h['health_not_200']} not 200; the big requests got {h['statuses']}, the slowest answer in "
                  f"{1e3 * h['refused_max']:.0f} ms")
+        c = chunked.get("health_control")
+        if c:
+            text += (f". The control, the same probes for 3 s with no big bodies: {c['probes']} probes, p50 "
+                     f"{1e3 * c['p50']:.1f} ms, p95 {1e3 * c['p95']:.1f} ms, max {1e3 * c['max']:.1f} ms")
     tp_rows = [[f"{n} tokens", f"{chunked[f'throughput{n}']['throughput']:.1f}",
                 f"{chunked[f'throughput{n}']['prompt_throughput']:.0f}", f"{chunked[f'throughput{n}']['p50']:.2f}"]
                for n in args.prompt_lengths if f"throughput{n}" in chunked]
