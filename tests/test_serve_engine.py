@@ -289,6 +289,45 @@ def test_a_ragged_forward_gives_each_row_its_own_forward_logits(folders):
                 at += fed[r]
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_a_ragged_forward_on_other_architectures(arch):
+    """GPT-2 (learned positions, no GQA) and Qwen2 (GQA, q/k/v biases): the same per-row logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    from shirakit.serve.kv import RaggedStep, ragged_forward, supports_ragged
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=96))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    model.eval()
+    assert supports_ragged(model)
+    seqs = [_prompt(s, n) for s, n in ((1, 7), (2, 10), (3, 5), (4, 11))]
+    cached, fed = [6, 9, 0, 4], [1, 1, 5, 7]
+    with torch.inference_mode():
+        plain = [model(input_ids=torch.tensor([s])).logits[0] for s in seqs]
+        kv = SlotKV(max_rows=8, max_time=96)
+        kv.add(4)
+        kv.plan(4, 32)
+        warm = RaggedStep(kv, 0, [(r, 0, cached[r]) for r in range(4) if cached[r]], "cpu")
+        with ragged_forward(model, warm):
+            model(input_ids=torch.tensor([[t for r in range(4) for t in seqs[r][: cached[r]]]]),
+                  position_ids=warm.positions[None], past_key_values=warm)
+        kv.advance(0, cached)
+        step = RaggedStep(kv, 2, [(2, 0, 5), (3, 4, 7)], "cpu")
+        ids = [t for r in range(4) for t in seqs[r][cached[r]: cached[r] + fed[r]]]
+        with ragged_forward(model, step):
+            out = model(input_ids=torch.tensor([ids]), position_ids=step.positions[None],
+                        past_key_values=step).logits[0]
+        at = 0
+        for r in range(4):
+            torch.testing.assert_close(out[at: at + fed[r]], plain[r][cached[r]: cached[r] + fed[r]], rtol=1e-5,
+                                       atol=1e-5)
+            at += fed[r]
+
+
 def test_chunks_are_sized_by_measured_time_while_rows_decode(folders):
     """With rows decoding, a chunk makes an iteration cost at most 1 + chunk_slack decode steps:
     no chunk until a decode step is timed, then MIN_PREFILL_CHUNK until a prompt token is, then
