@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -383,7 +384,8 @@ async def health_under_big_bodies(url: str, model: str, vocab: int, eos: dict, r
     """``rows`` streams decode while four clients send requests of ``megabytes`` MB each, one after
     another each (at least ``bodies`` in all, for at least 3 s; each should be refused: 413 over
     the body bound); meanwhile /health is asked every 20 ms. Its latency (p50/p95/max) and the big
-    requests' status codes and times."""
+    requests' status codes and times. The probes run on their own thread with their own client, so
+    the uploads (this process's event loop) do not delay them here."""
     import httpx
 
     stop = asyncio.Event()
@@ -396,17 +398,18 @@ async def health_under_big_bodies(url: str, model: str, vocab: int, eos: dict, r
                                                          "logit_bias": eos}, times[i], stop)) for i in range(rows)]
         try:
             await _wait_for(lambda: all(len(t) >= 4 for t in times), 600, "the rows to decode", tasks)
-            done = asyncio.Event()
+            done = threading.Event()
 
-            async def poll() -> None:
-                async with httpx.AsyncClient(timeout=30) as probe:
+            def poll() -> None:  # its own thread and client: the uploads below do not delay its probes
+                with httpx.Client(timeout=30) as probe:
                     while not done.is_set():
                         begin = time.perf_counter()
-                        response = await probe.get(url + "/health")
+                        response = probe.get(url + "/health")
                         health.append((time.perf_counter() - begin, response.status_code))
-                        await asyncio.sleep(0.02)
+                        time.sleep(0.02)
 
-            poller = asyncio.create_task(poll())
+            poller = threading.Thread(target=poll)
+            poller.start()
             until = time.perf_counter() + 3.0  # at least 3 s of probes
 
             async def send() -> None:
@@ -423,7 +426,7 @@ async def health_under_big_bodies(url: str, model: str, vocab: int, eos: dict, r
             else:  # the control: the same probes, no big bodies
                 await asyncio.sleep(3.0)
             done.set()
-            await poller
+            await asyncio.to_thread(poller.join)
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
