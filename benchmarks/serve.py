@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -378,6 +379,63 @@ async def prompt_throughput(url: str, model: str, vocab: int, clients: int, requ
             "p50": _percentile(latencies, 0.5)}
 
 
+async def health_under_big_bodies(url: str, model: str, vocab: int, eos: dict, rows: int, bodies: int,
+                                  megabytes: float, seed: int, stream_tokens: int = 400) -> dict:
+    """``rows`` streams decode while four clients send requests of ``megabytes`` MB each, one after
+    another each (at least ``bodies`` in all, for at least 3 s; each should be refused: 413 over
+    the body bound); meanwhile /health is asked every 20 ms. Its latency (p50/p95/max) and the big
+    requests' status codes and times. The probes run on their own thread with their own client, so
+    the uploads (this process's event loop) do not delay them here."""
+    import httpx
+
+    stop = asyncio.Event()
+    times = [[] for _ in range(rows)]
+    huge = ('{"model": "%s", "prompt": "' % model + "y" * int(megabytes * 2**20) + '"}').encode()
+    health, statuses, refused_in = [], [], []
+    async with httpx.AsyncClient(timeout=600) as http:
+        tasks = [asyncio.create_task(_stream(http, url, {"model": model, "prompt": [token_prompt(seed + i, 32, vocab)],
+                                                         "max_tokens": stream_tokens, "temperature": 0, "stream": True,
+                                                         "logit_bias": eos}, times[i], stop)) for i in range(rows)]
+        try:
+            await _wait_for(lambda: all(len(t) >= 4 for t in times), 600, "the rows to decode", tasks)
+            done = threading.Event()
+
+            def poll() -> None:  # its own thread and client: the uploads below do not delay its probes
+                with httpx.Client(timeout=30) as probe:
+                    while not done.is_set():
+                        begin = time.perf_counter()
+                        response = probe.get(url + "/health")
+                        health.append((time.perf_counter() - begin, response.status_code))
+                        time.sleep(0.02)
+
+            poller = threading.Thread(target=poll)
+            poller.start()
+            until = time.perf_counter() + 3.0  # at least 3 s of probes
+
+            async def send() -> None:
+                async with httpx.AsyncClient(timeout=120) as big:
+                    while len(statuses) < bodies or time.perf_counter() < until:
+                        begin = time.perf_counter()
+                        response = await big.post(url + "/v1/completions", content=huge,
+                                                  headers={"content-type": "application/json"})
+                        refused_in.append(time.perf_counter() - begin)
+                        statuses.append(response.status_code)
+
+            if bodies:
+                await asyncio.gather(*(send() for _ in range(4)))  # four senders at once
+            else:  # the control: the same probes, no big bodies
+                await asyncio.sleep(3.0)
+            done.set()
+            await asyncio.to_thread(poller.join)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
+    latencies = [t for t, _ in health]
+    return {"p50": _percentile(latencies, 0.5), "p95": _percentile(latencies, 0.95), "max": max(latencies),
+            "probes": len(latencies), "health_not_200": sum(code != 200 for _, code in health),
+            "statuses": sorted(set(statuses)), "refused_max": max(refused_in, default=0.0), "sent": len(statuses)}
+
+
 def _metrics(url: str) -> dict[str, float]:
     import httpx
 
@@ -398,8 +456,10 @@ def measure_engine(args, root: Path) -> tuple[str, dict]:
     vocab = min(len(tokenizer), 30000)
     eos = {str(tokenizer.eos_token_id): -100} if tokenizer.eos_token_id is not None else {}  # streams run on
     name = model_dir.name
-    configs = [(f"chunked, --max-num-batched-tokens {args.batched_tokens}", False, REPO / "src"),
-               ("unchunked (--no-chunked-prefill)", True, REPO / "src")]
+    slack = "" if args.chunk_slack is None else f", --chunk-slack {args.chunk_slack}"
+    configs = [(f"chunked, --max-num-batched-tokens {args.batched_tokens}{slack}", False, REPO / "src")]
+    if not args.skip_unchunked:
+        configs.append(("unchunked (--no-chunked-prefill)", True, REPO / "src"))
     if args.before_src:
         configs.append(("before: dense left-padded KV (no long prompt: per-step time only)", None,
                         Path(args.before_src)))
@@ -411,6 +471,8 @@ def measure_engine(args, root: Path) -> tuple[str, dict]:
         if no_chunk is not None:  # the flags exist from this change on
             command += ["--max-num-batched-tokens", str(args.batched_tokens)]
             command += ["--no-chunked-prefill"] if no_chunk else []
+        if no_chunk is False and args.chunk_slack is not None:
+            command += ["--chunk-slack", args.chunk_slack]
         server = start(command, port, root / "engine.log", src=src)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -434,6 +496,14 @@ def measure_engine(args, root: Path) -> tuple[str, dict]:
             if copied is not None and steps:
                 entry["copied_per_step"] = (copied - before.get("shirakit_kv_bytes_copied_total",
                                                                 before.get("shirakit_kv_bytes_copied", 0))) / steps
+            if no_chunk is False and args.health_bodies:
+                entry["health"] = asyncio.run(health_under_big_bodies(url, name, vocab, eos, args.clients,
+                                                                      args.health_bodies, 10.0, seed=5000,
+                                                                      stream_tokens=args.stream_tokens))
+                print(label, "health", entry["health"], flush=True)
+                entry["health_control"] = asyncio.run(health_under_big_bodies(
+                    url, name, vocab, eos, args.clients, 0, 10.0, seed=6000, stream_tokens=args.stream_tokens))
+                print(label, "health without big bodies", entry["health_control"], flush=True)
             if no_chunk is False:
                 for prompt_tokens in args.prompt_lengths:
                     runs_tp = [asyncio.run(prompt_throughput(url, name, vocab, args.clients, args.clients,
@@ -471,6 +541,17 @@ def report_engine(described: str, results: dict, args, load: tuple[float, float]
             f"{_report.cores()}, shared with other jobs (load average {load[0]:.1f} at the start, {load[1]:.1f} at "
             f"the end); {_report.software()}; {_report.today()}\n\n" + _report.table(header, rows))
     chunked = next(iter(results.values()))
+    if "health" in chunked:
+        h = chunked["health"]
+        text += (f"\n\n/health while {args.clients} streams decode and four clients send requests of 10 MB "
+                 f"({h['sent']} in all, >= 3 s; {next(iter(results))}): {h['probes']} probes every 20 ms, latency p50 "
+                 f"{1e3 * h['p50']:.1f} ms, p95 {1e3 * h['p95']:.1f} ms, max {1e3 * h['max']:.1f} ms; "
+                 f"{h['health_not_200']} not 200; the big requests got {h['statuses']}, the slowest answer in "
+                 f"{1e3 * h['refused_max']:.0f} ms")
+        c = chunked.get("health_control")
+        if c:
+            text += (f". The control, the same probes for 3 s with no big bodies: {c['probes']} probes, p50 "
+                     f"{1e3 * c['p50']:.1f} ms, p95 {1e3 * c['p95']:.1f} ms, max {1e3 * c['max']:.1f} ms")
     tp_rows = [[f"{n} tokens", f"{chunked[f'throughput{n}']['throughput']:.1f}",
                 f"{chunked[f'throughput{n}']['prompt_throughput']:.0f}", f"{chunked[f'throughput{n}']['p50']:.2f}"]
                for n in args.prompt_lengths if f"throughput{n}" in chunked]
@@ -499,6 +580,10 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=24, help="tokens per row in the no-long-prompt window")
     parser.add_argument("--batched-tokens", type=int, default=32, help="--max-num-batched-tokens of the chunked server")
     parser.add_argument("--prompt-lengths", type=int, nargs="*", default=[32, 512])
+    parser.add_argument("--chunk-slack", default=None, help="--chunk-slack of the chunked server (default: its own)")
+    parser.add_argument("--skip-unchunked", action="store_true", help="only the chunked server")
+    parser.add_argument("--health-bodies", type=int, default=0,
+                        help="also time /health while this many 10 MB bodies are refused (chunked server)")
     parser.add_argument("--before-src", default=None,
                         help="a src/ folder of an earlier shirakit to run as the 'before' server (git archive)")
     parser.add_argument("--baseline-server", nargs=3, metavar=("MODEL", "ADAPTERS", "PORT"), default=None)

@@ -72,20 +72,31 @@ def _run(engine: Engine, jobs: list[tuple[str, list[int], int]]) -> list[Collect
     return sinks
 
 
-def _record_rows(engine: Engine) -> list[tuple[str, int, int]]:
-    """Every forward the engine runs: ("prefill", rows, tokens per row) or ("decode", rows, 1)."""
+def _record_rows(engine: Engine) -> list[tuple[str, int, int, int, int]]:
+    """Every forward the engine runs: ("prefill", rows, tokens per row, running rows, forward number)
+    and ("decode", rows, 1, running rows, forward number). A ragged forward (decoding rows and a
+    prefill chunk together) gives both entries with the same forward number."""
     seen = []
-    prefill, decode = engine._prefill, engine._decode_step
+    count = iter(range(1 << 30))
+    prefill, decode, step = engine._prefill, engine._decode_step, engine._step
 
     def recording_prefill(group, chunk, union):
-        seen.append(("prefill", len(group), chunk, len(engine._running)))
+        seen.append(("prefill", len(group), chunk, len(engine._running), next(count)))
         prefill(group, chunk, union)
 
     def recording_decode():
-        seen.append(("decode", engine._decoding, 1, len(engine._running)))
+        seen.append(("decode", engine._decoding, 1, len(engine._running), next(count)))
         decode()
 
-    engine._prefill, engine._decode_step = recording_prefill, recording_decode
+    def recording_step(group, chunk):
+        number = next(count)
+        if group:
+            seen.append(("prefill", len(group), chunk, len(engine._running), number))
+        if engine._decoding:
+            seen.append(("decode", engine._decoding, 1, len(engine._running), number))
+        step(group, chunk)
+
+    engine._prefill, engine._decode_step, engine._step = recording_prefill, recording_decode, recording_step
     return seen
 
 
@@ -105,7 +116,7 @@ def test_token_budget_queues_long_requests_and_refuses_what_never_fits(folders):
         sinks = _run(engine, jobs)
     finally:
         engine.stop()
-    assert max(rows for _, _, _, rows in seen) == 4  # the budget, not max_batch, bounded the batch
+    assert max(rows for _, _, _, rows, _ in seen) == 4  # the budget, not max_batch, bounded the batch
     for (model, prompt, max_tokens), sink in zip(jobs, sinks):
         assert sink.text == offline_text(model_dir, adapters.get(model), prompt, max_tokens)
 
@@ -126,14 +137,19 @@ def test_token_budget_refusal_over_http_is_a_400_naming_the_budget(folders):
         running.stop()
 
 
+@pytest.mark.parametrize("ragged", [True, False])
 @pytest.mark.parametrize("chunked", [True, False])
-def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, chunked):
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, chunked, ragged):
     """Four rows decode; a 70-token prompt arrives. Chunked (16 tokens an iteration): it goes in
-    over several forwards, each followed by a decode step of the running rows; unchunked: one
-    forward. Every text equals offline generate either way."""
+    over several iterations, each also giving the running rows a token (ragged: in the chunk's
+    own forward; otherwise in a decode step right after it); unchunked: one forward. Every text
+    equals offline generate either way."""
     model_dir, adapters, _ = folders
     names = list(adapters)
-    engine = _engine(folders, max_num_batched_tokens=20, chunked_prefill=chunked).start()
+    engine = _engine(folders, max_num_batched_tokens=20, chunked_prefill=chunked)
+    assert engine.ragged  # the tiny Llama runs on transformers' attention interface
+    engine.ragged = ragged
+    engine.start()
     seen = _record_rows(engine)
     try:
         short = [(names[i % 3], _prompt(10 + i, 6), 20) for i in range(4)]
@@ -154,20 +170,25 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, chun
     at = [i for i, entry in enumerate(seen) if entry[0] == "prefill" and entry[2] > 6]
     long_chunks = [seen[i] for i in at]
     if chunked:
-        assert len(long_chunks) >= 4 and all(chunk <= 20 for _, _, chunk, _ in long_chunks)
-        # between two chunks of the long prompt the running rows took a decode step
+        assert len(long_chunks) >= 4 and all(chunk <= 20 for _, _, chunk, _, _ in long_chunks)
+        # with each chunk of the long prompt the running rows got a token: in the same forward
+        # (ragged) or the next one
         assert all(seen[i + 1][0] == "decode" and seen[i + 1][1] >= 1 for i in at[:-1])
+        assert all(seen[i + 1][4] == seen[i][4] + (0 if ragged else 1) for i in at[:-1])
     else:
-        assert [chunk for _, _, chunk, _ in long_chunks] == [70]
+        assert [chunk for _, _, chunk, _, _ in long_chunks] == [70]
     for (model, prompt, max_tokens), sink in zip([*short, long_job], sinks):
         assert sink.text == offline_text(model_dir, adapters.get(model), prompt, max_tokens)
 
 
 def test_echo_logprobs_are_the_same_chunked_or_not(folders):
-    """Prompt log-probabilities gathered chunk by chunk equal those of one whole-prompt forward."""
+    """Prompt log-probabilities gathered chunk by chunk equal those of one whole-prompt forward,
+    in ragged forwards and in separate prefill forwards."""
     entries = {}
-    for chunked in (True, False):
-        engine = _engine(folders, max_num_batched_tokens=16, chunked_prefill=chunked).start()
+    for chunked, ragged in ((True, True), (False, True), (True, False), (False, False)):
+        engine = _engine(folders, max_num_batched_tokens=16, chunked_prefill=chunked)
+        engine.ragged = ragged
+        engine.start()
         got = []
         done = threading.Event()
 
@@ -187,14 +208,17 @@ def test_echo_logprobs_are_the_same_chunked_or_not(folders):
         finally:
             engine.stop()
         assert not any(isinstance(g, Exception) for g in got), got
-        entries[chunked] = got
-    assert len(entries[True]) == 45 + 2
-    for (text_a, value_a, top_a), (text_b, value_b, top_b) in zip(entries[True], entries[False]):
-        assert text_a == text_b
-        assert (value_a is None) == (value_b is None)
-        if value_a is not None:
-            assert value_a == pytest.approx(value_b, abs=1e-5)
-            assert top_a.keys() == top_b.keys()
+        entries[chunked, ragged] = got
+    reference = entries[False, False]
+    assert len(reference) == 45 + 2
+    for key, got in entries.items():
+        assert len(got) == len(reference), key
+        for (text_a, value_a, top_a), (text_b, value_b, top_b) in zip(got, reference):
+            assert text_a == text_b
+            assert (value_a is None) == (value_b is None)
+            if value_a is not None:
+                assert value_a == pytest.approx(value_b, abs=1e-5)
+                assert top_a.keys() == top_b.keys()
 
 
 def test_slots_move_one_row_on_retirement_not_the_batch():
@@ -226,6 +250,103 @@ def test_slots_move_one_row_on_retirement_not_the_batch():
     assert torch.equal(kv.keys[1][3, :, :40], keys[rows - 1] + 1)
     assert torch.equal(kv.keys[0][3, :, 40], new[rows - 1, :, 0])
     assert kv.lengths == [41] * (rows - 1)
+
+
+def test_a_ragged_forward_gives_each_row_its_own_forward_logits(folders):
+    """Two decoding rows (6 and 9 tokens cached) and two prefill chunks (a fresh prompt's first 5
+    tokens, and tokens 4..10 of a prompt whose first 4 are cached) in ONE forward, in both batch
+    layouts: every token's logits equal those of a plain forward over its own row's tokens (GQA:
+    4 query heads on 2 key/value heads, folded, not repeated)."""
+    from shirakit.serve.kv import RaggedStep, ragged_forward
+
+    model_dir, _, _ = folders
+    model, _ = load_tiny_lm(model_dir)
+    seqs = [_prompt(s, n) for s, n in ((1, 7), (2, 10), (3, 5), (4, 11))]
+    cached = [6, 9, 0, 4]  # rows 0, 1 decode their last token; rows 2, 3 prefill a chunk
+    fed = [1, 1, 5, 7]
+    with torch.inference_mode():
+        plain = [model(input_ids=torch.tensor([s])).logits[0] for s in seqs]
+        for shape in ("row", "column"):
+            kv = SlotKV(max_rows=8, max_time=96)
+            kv.add(4)
+            kv.plan(4, 32)
+            warm = RaggedStep(kv, 0, [(r, 0, cached[r]) for r in range(4) if cached[r]], "cpu")
+            ids = [t for r in range(4) for t in seqs[r][: cached[r]]]
+            with ragged_forward(model, warm):
+                model(input_ids=torch.tensor([ids]), position_ids=warm.positions[None], past_key_values=warm)
+            kv.advance(0, cached)
+            step = RaggedStep(kv, 2, [(2, 0, 5), (3, 4, 7)], "cpu")
+            ids = [t for r in range(4) for t in seqs[r][cached[r]: cached[r] + fed[r]]]
+            view = (1, -1) if shape == "row" else (-1, 1)
+            with ragged_forward(model, step):
+                out = model(input_ids=torch.tensor(ids).view(view), position_ids=step.positions.view(view),
+                            past_key_values=step).logits.reshape(len(ids), -1)
+            assert model.config._attn_implementation != "shirakit_ragged"  # restored after the forward
+            at = 0
+            for r in range(4):
+                expected = plain[r][cached[r]: cached[r] + fed[r]]
+                torch.testing.assert_close(out[at: at + fed[r]], expected, rtol=1e-5, atol=1e-5)
+                at += fed[r]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_a_ragged_forward_on_other_architectures(arch):
+    """GPT-2 (learned positions, no GQA) and Qwen2 (GQA, q/k/v biases): the same per-row logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    from shirakit.serve.kv import RaggedStep, ragged_forward, supports_ragged
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=96))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    model.eval()
+    assert supports_ragged(model)
+    seqs = [_prompt(s, n) for s, n in ((1, 7), (2, 10), (3, 5), (4, 11))]
+    cached, fed = [6, 9, 0, 4], [1, 1, 5, 7]
+    with torch.inference_mode():
+        plain = [model(input_ids=torch.tensor([s])).logits[0] for s in seqs]
+        kv = SlotKV(max_rows=8, max_time=96)
+        kv.add(4)
+        kv.plan(4, 32)
+        warm = RaggedStep(kv, 0, [(r, 0, cached[r]) for r in range(4) if cached[r]], "cpu")
+        with ragged_forward(model, warm):
+            model(input_ids=torch.tensor([[t for r in range(4) for t in seqs[r][: cached[r]]]]),
+                  position_ids=warm.positions[None], past_key_values=warm)
+        kv.advance(0, cached)
+        step = RaggedStep(kv, 2, [(2, 0, 5), (3, 4, 7)], "cpu")
+        ids = [t for r in range(4) for t in seqs[r][cached[r]: cached[r] + fed[r]]]
+        with ragged_forward(model, step):
+            out = model(input_ids=torch.tensor([ids]), position_ids=step.positions[None],
+                        past_key_values=step).logits[0]
+        at = 0
+        for r in range(4):
+            torch.testing.assert_close(out[at: at + fed[r]], plain[r][cached[r]: cached[r] + fed[r]], rtol=1e-5,
+                                       atol=1e-5)
+            at += fed[r]
+
+
+def test_chunks_are_sized_by_measured_time_while_rows_decode(folders):
+    """With rows decoding, a chunk makes an iteration cost at most 1 + chunk_slack decode steps:
+    no chunk until a decode step is timed, then MIN_PREFILL_CHUNK until a prompt token is, then
+    slack x t_decode / t_token; and a decode-only iteration again every REFRESH_DECODE_EVERY."""
+    from shirakit.serve import engine as engine_module
+
+    engine = _engine(folders, max_num_batched_tokens=512, chunk_slack=0.5)
+    assert engine._timed_budget() == 0  # nothing measured: a decode-only iteration first
+    engine._timed(16, 0, 0.200)  # a decode step of 16 rows: 200 ms
+    assert engine._timed_budget() == engine_module.MIN_PREFILL_CHUNK
+    engine._timed(16, 16, 0.200 + 16 * 0.004)  # 16 prompt tokens beside it: 4 ms a token
+    assert engine._timed_budget() == 25  # 0.5 x 200 ms / 4 ms
+    for _ in range(engine_module.REFRESH_DECODE_EVERY - 1):
+        engine._timed(16, 25, 0.300)
+    assert engine._timed_budget() == 0
+    engine._timed(16, 0, 0.100)  # the decode step got cheaper: smaller chunks
+    assert 0 < engine._timed_budget() < 25
+    with pytest.raises(ValueError, match="chunk_slack must be a positive"):
+        _engine(folders, chunk_slack=0)
 
 
 # ---- incremental detokenization ------------------------------------------------------------------
@@ -374,3 +495,75 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(folders):
     assert together == alone and again == alone
     assert alone[0][0] != alone[0][1]  # choice 1 draws with seed + 1
     assert len({t for texts in alone for t in texts}) == 4
+
+
+# ---- top_k ----------------------------------------------------------------------------------------
+def test_top_k_keeps_the_k_most_probable_then_top_p_renormalized_per_row():
+    """sampling_probs: a top_k row keeps its k most probable tokens renormalized; with top_p too,
+    the nucleus is taken of that renormalized distribution (vLLM's order); a row without either
+    is the plain softmax, bit for bit, whatever shares its batch."""
+    from shirakit.serve.sequence import Sequence, sampling_probs
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    params = [SamplingParams(max_tokens=1, temperature=0.7, top_k=5),
+              SamplingParams(max_tokens=1, temperature=1.0, top_k=8, top_p=0.6),
+              SamplingParams(max_tokens=1, temperature=1.2),
+              SamplingParams(max_tokens=1, temperature=1.0, top_k=500)]  # k >= vocab: off
+    seqs = [Sequence("r", 0, "base", [1], p) for p in params]
+    probs = sampling_probs(logits, seqs)
+    soft = [torch.softmax(logits[i] / p.temperature, -1) for i, p in enumerate(params)]
+    top5 = soft[0].topk(5).indices
+    assert set(probs[0].nonzero().flatten().tolist()) == set(top5.tolist())
+    torch.testing.assert_close(probs[0][top5], soft[0][top5] / soft[0][top5].sum())
+    values, order = soft[1].topk(8)
+    renormalized = values / values.sum()
+    count = int((renormalized.cumsum(0) - renormalized < 0.6).sum())  # smallest prefix reaching 0.6
+    assert set(probs[1].nonzero().flatten().tolist()) == set(order[:count].tolist())
+    assert torch.equal(probs[2], soft[2]) and torch.equal(probs[3], soft[3])
+    assert torch.equal(sampling_probs(logits[2:3], seqs[2:3])[0], probs[2])
+
+
+def test_seeded_top_k_is_the_same_alone_and_in_a_batch(folders):
+    job = (_prompt(4, 7), SamplingParams(max_tokens=12, temperature=1.0, top_k=3, seed=9), 1)
+    others = [(_prompt(20 + i, 5), SamplingParams(max_tokens=12, temperature=1.0, top_k=[0, 2, 40][i], seed=i), 1)
+              for i in range(3)]
+    engine = _engine(folders).start()
+    try:
+        alone = _texts(engine, [job])[0]
+        together = _texts(engine, [others[0], job, *others[1:]])[1]
+    finally:
+        engine.stop()
+    assert together == alone
+
+
+def test_top_k_over_http_completions_and_chat(folders):
+    """top_k 1 samples the argmax (the greedy text); -1 and 0 are off (the seed's text without
+    top_k); anything else that is not an integer >= -1 is a 400 naming top_k, on both endpoints."""
+    model_dir, _, _ = folders
+    running = start_server(_engine(folders), policy=Policy())
+    prompt = _prompt(6, 8)
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            def text(**extra):
+                body = {"model": "tiny-llama", "prompt": [prompt], "max_tokens": 10, "temperature": 1.0, "seed": 3,
+                        **extra}
+                response = http.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                return response.json()["choices"][0]["text"]
+
+            assert text(top_k=1) == offline_text(model_dir, None, prompt, 10)
+            assert text(top_k=-1) == text(top_k=0) == text()
+            for bad in (-2, 1.5, "3", True, 2**40):
+                for path, body in (("/v1/completions", {"prompt": "x"}),
+                                   ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+                    response = http.post(path, json={"model": "tiny-llama", "top_k": bad, **body})
+                    assert response.status_code == 400, (bad, path, response.text)
+                    error = response.json()["error"]
+                    assert error["param"] == "top_k" and "top_k must be an integer" in error["message"], error
+            response = http.post("/v1/chat/completions", json={
+                "model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "top_k": 2, "seed": 1,
+                "max_tokens": 4})
+            assert response.status_code == 200, response.text
+    finally:
+        running.stop()

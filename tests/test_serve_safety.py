@@ -34,13 +34,13 @@ def _server(folders, adapters=None, step_delay=0.0, **engine_args):
     model, tokenizer = load_tiny_lm(model_dir)
     engine = Engine(model, tokenizer, "tiny-llama", found if adapters is None else adapters, **engine_args)
     if step_delay:  # slow decode steps, so a stream is surely still running while the test acts
-        real = engine._decode_step
+        real = engine._iterate
 
         def slow():
             time.sleep(step_delay)
             real()
 
-        engine._decode_step = slow
+        engine._iterate = slow
     return start_server(engine, policy=Policy(allow_runtime_adapters=True))
 
 

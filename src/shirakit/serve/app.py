@@ -327,7 +327,10 @@ def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None,
     outside = [t for t in bias if not 0 <= t < vocab]
     if outside:
         raise ApiError(400, f"logit_bias token ids must lie in [0, {vocab}); found {outside[:5]}", "logit_bias")
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+    top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
+    if top_k and not getattr(backend, "supports_top_k", False):
+        raise ApiError(400, "top_k is not supported by this server's engine", "top_k")
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=top_k,
                           seed=body.seed, stop=tuple(body.stop or ()), logit_bias=tuple(bias.items()),
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                           logprobs=getattr(body, "logprobs", None), echo=getattr(body, "echo", False))

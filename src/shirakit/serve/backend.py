@@ -18,6 +18,8 @@ from .sequence import SamplingParams
 class LocalBackend:
     """The engine thread of this process."""
 
+    supports_top_k = True  # SamplingParams.top_k (a backend without this flag refuses it with 400)
+
     def __init__(self, engine: Engine, policy: Policy | None = None) -> None:
         self.engine, self.policy = engine, policy or Policy()
         self.tokenizer = engine.tokenizer

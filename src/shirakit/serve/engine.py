@@ -5,9 +5,10 @@ everything that touches the model (forward passes, adapter loads, evictions, fus
 happens on the engine thread, so adapter state can never interleave between requests.
 
 Scheduling (continuous batching, as in Orca, Yu et al. OSDI 2022): each iteration the engine
-retires finished rows, admits waiting requests while rows and the KV budget allow, runs one
-prefill forward over a chunk of the newcomers' prompts, then one decode step for every row whose
-prompt is in. Rows keep their keys/values in preallocated slots (``kv.py``).
+retires finished rows, admits waiting requests while rows and the KV budget allow, then runs ONE
+forward over a token for every row whose prompt is in and a chunk of the newcomers' prompts
+(ragged, ``kv.RaggedStep``; models off transformers' attention interface: a prefill forward, then
+a decode step). Rows keep their keys/values in preallocated slots (``kv.py``).
 
 - Admission counts tokens, not only rows: a row reserves ``prompt + max_tokens`` positions, and
   the slots the batch would take (rows x its longest reservation, rounded as ``SlotKV.fit``) must
@@ -15,7 +16,9 @@ prompt is in. Rows keep their keys/values in preallocated slots (``kv.py``).
   could never fit alone is refused at :meth:`submit` (HTTP 400); others wait their turn.
 - Chunked prefill (as in Sarathi, Agrawal et al. 2023, arXiv 2308.16369): one iteration feeds at
   most ``max_num_batched_tokens`` tokens, one per decoding row and the rest to prompts, so a long
-  prompt is prefilled over several iterations while the running rows keep decoding. With
+  prompt is prefilled over several iterations while the running rows keep decoding. While rows
+  decode, the chunk is also sized by measured time (``chunk_slack``): an iteration may cost at
+  most ``1 + chunk_slack`` decode steps (:meth:`Engine._timed_budget`). With
   ``chunked_prefill=False`` the newcomers' prompts go in whole (the decoding rows wait for it).
 
 Which adapter a forward uses:
@@ -44,7 +47,9 @@ import itertools
 import logging
 import os
 import queue
+import statistics
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -60,7 +65,7 @@ from shirakit.io.checkpoint import read_adapter_files
 from shirakit.model.routing import BASE
 
 from .cache import AdapterCache, AdapterLoadError
-from .kv import SlotKV
+from .kv import RaggedStep, SlotKV, ragged_forward, supports_ragged
 from .metrics import Counters
 from .prefetch import Prefetcher
 from .sequence import SamplingParams, Sequence, logprob_entries, sample, sampling_probs
@@ -72,6 +77,10 @@ log = logging.getLogger("shirakit.serve")
 DEFAULT_BATCHED_TOKENS = 256  # tokens one iteration feeds (decoding rows + prefill chunk), chunked prefill
 MIN_PREFILL_CHUNK = 16  # a prompt always advances by at least this many tokens an iteration
 KV_MEMORY_SHARE = 0.4  # the default KV budget: this share of the memory free at start
+DEFAULT_CHUNK_SLACK = 0.5  # a prefill chunk may make an iteration this much longer than a decode step alone
+TIMING_SAMPLES = 8  # the recent iterations the chunk-sizing estimates take their medians over
+REFRESH_DECODE_EVERY = 32  # one decode-only iteration after this many with a chunk (a fresh decode time)
+ROUTED = object()  # _plan_adapters: rows routed per row, nothing merged
 
 # what admitting a waiting request found (Engine._pin)
 READY, FAILED, READING, NO_SLOT = "ready", "failed", "reading", "no slot"
@@ -129,7 +138,7 @@ class Engine:
                  max_loaded: int = 8, max_loaded_mb: float | None = None, max_batch: int = 32,
                  max_queue: int = 256, fuse_min_steps: int | None = None,
                  max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS, max_kv_tokens: int | None = None,
-                 chunked_prefill: bool = True) -> None:
+                 chunked_prefill: bool = True, chunk_slack: float | None = DEFAULT_CHUNK_SLACK) -> None:
         self.model, self.tokenizer, self.base_name = model.eval(), tokenizer, base_name
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -138,6 +147,15 @@ class Engine:
             raise ValueError(
                 f"max_num_batched_tokens must be at least {MIN_PREFILL_CHUNK}; got {max_num_batched_tokens}")
         self.max_num_batched_tokens, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
+        if chunk_slack is not None and not chunk_slack > 0:
+            raise ValueError(f"chunk_slack must be a positive fraction (or None: size chunks by tokens only); "
+                             f"got {chunk_slack}")
+        self.chunk_slack = chunk_slack
+        # one forward per iteration (decoding rows and the prefill chunk together) where the model allows
+        self.ragged = supports_ragged(model)
+        self._decode_times: deque[float] = deque(maxlen=TIMING_SAMPLES)  # seconds, decode-only iterations
+        self._token_times: deque[float] = deque(maxlen=TIMING_SAMPLES)  # seconds per prompt token fed beside them
+        self._since_decode_only = 0
         max_bytes = None if max_loaded_mb is None else int(max_loaded_mb * 2**20)
         self.cache = AdapterCache(self._load_into_model, self._unload_from_model, max_loaded, max_bytes)
         for name, path in (adapters or {}).items():
@@ -400,10 +418,17 @@ class Engine:
         self._kv.plan(len(self._running), max((reserved(s) for s in self._running), default=0))
 
     def _iterate(self) -> None:
-        """One prefill chunk (if a prompt is waiting for it), then one decode step of the decoding
-        rows; both forwards decide fused or routed over the adapters of the whole iteration."""
+        """One iteration: a token for every decoding row and a chunk of the waiting prompts.
+
+        Ragged (models on transformers' attention interface): both in ONE forward (``_step``).
+        Otherwise one prefill forward, then one decode step; both decide fused or routed over the
+        adapters of the whole iteration."""
         group, chunk = self._prefill_group()
         self._union = {s.adapter for s in self._running[: self._decoding]} | {s.adapter for s in group}
+        if self.ragged:
+            if group or self._decoding:
+                self._step(group, chunk)
+            return
         if group:
             self._prefill(group, chunk, self._union)
         if self._decoding:
@@ -422,6 +447,10 @@ class Engine:
         if not self.chunked_prefill:
             return rows, max(s.prefill_left for s in rows)
         budget = max(self.max_num_batched_tokens - self._decoding, MIN_PREFILL_CHUNK)
+        if self._decoding and self.ragged and self.chunk_slack is not None:
+            budget = min(budget, self._timed_budget())
+            if not budget:
+                return [], 0  # a decode-only iteration: measure what a decode step costs now
         chunk = min(budget, rows[0].prefill_left)
         capacity = self._kv.shape[1]
         group = [rows[0]]
@@ -430,6 +459,97 @@ class Engine:
                 break
             group.append(seq)
         return group, chunk
+
+    def _timed_budget(self) -> int:
+        """Prompt tokens one iteration may feed beside the decoding rows so that it costs at most
+        ``1 + chunk_slack`` decode steps: ``chunk_slack * t_decode / t_token``, from the medians of
+        recent iterations (a decode-only one: ``t_decode``; one with a chunk of ``c`` tokens:
+        ``t_token = (t - t_decode) / c``). 0 asks for a decode-only iteration first (none measured
+        yet, or ``REFRESH_DECODE_EVERY`` iterations since the last one); ``MIN_PREFILL_CHUNK`` until
+        a token's cost is measured, and never less (a prompt always advances)."""
+        if not self._decode_times or self._since_decode_only >= REFRESH_DECODE_EVERY:
+            return 0
+        if not self._token_times:
+            return MIN_PREFILL_CHUNK
+        per_token = max(statistics.median(self._token_times), 1e-9)
+        return max(MIN_PREFILL_CHUNK, int(self.chunk_slack * statistics.median(self._decode_times) / per_token))
+
+    def _timed(self, decoding: int, fed: int, seconds: float) -> None:
+        """Record one iteration's wall time for :meth:`_timed_budget`."""
+        if not decoding:
+            return
+        if not fed:
+            self._decode_times.append(seconds)
+            self._since_decode_only = 0
+        elif self._decode_times:
+            self._token_times.append(max(seconds - statistics.median(self._decode_times), 0.0) / fed)
+            self._since_decode_only += 1
+
+    def _step(self, group: list[Sequence], chunk: int) -> None:
+        """One ragged forward (``kv.RaggedStep``): the last token of every decoding row (slots
+        ``[0, decoding)``) and ``chunk`` prompt tokens of each row of ``group`` (fewer where a
+        prompt ends; slots after the decoding rows), no padding. Decoding rows get their next
+        token; prefill rows whose prompt is then in get their first and join the decoding rows."""
+        began = time.perf_counter()
+        decoding = self._decoding
+        rows = self._running[:decoding]
+        fed = [min(chunk, s.prefill_left) for s in group]
+        segments = [(decoding + i, seq.cached, count) for i, (seq, count) in enumerate(zip(group, fed))]
+        ids = [s.tokens[-1] for s in rows]
+        names = [s.adapter for s in rows]
+        for seq, count in zip(group, fed):
+            ids += seq.prompt[seq.cached: seq.cached + count]
+            names += [seq.adapter] * count
+        finishing = [i for i, (seq, count) in enumerate(zip(group, fed)) if count == seq.prefill_left]
+        echo = [i for i, seq in enumerate(group) if seq.params.echo and seq.params.logprobs is not None]
+        # the token positions whose logits are read: every decoding row's, a finishing row's last
+        # one, every one of an echo row's chunk
+        starts = list(itertools.accumulate([decoding, *fed]))
+        wanted = list(range(decoding)) + [starts[i] + fed[i] - 1 for i in finishing]
+        for i in echo:
+            wanted += range(starts[i], starts[i] + fed[i])
+        wanted = sorted(set(wanted))
+        horizon = max(s.remaining for s in (*rows, *group))
+        target = self._plan_adapters(names, horizon, self._union)
+        step = RaggedStep(self._kv, decoding, segments, self.device)
+        shape = (1, len(ids)) if target is not ROUTED else (len(ids), 1)  # routing is per batch row
+        kwargs = {}
+        if self._keep_logits:
+            kwargs["logits_to_keep"] = torch.tensor(wanted, device=self.device) if shape[0] == 1 else 1
+        with torch.inference_mode(), self._apply_adapters(target, names), ragged_forward(self.model, step):
+            out = self.model(input_ids=torch.tensor(ids, device=self.device).view(shape),
+                             position_ids=step.positions.view(shape), past_key_values=step, use_cache=True, **kwargs)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])
+        kept = shape[0] == 1 and self._keep_logits
+        at = {token: (i if kept else token) for i, token in enumerate(wanted)}  # token -> its logits row
+        self._kv.advance(0, [1] * decoding + fed)
+        for seq, count in zip(group, fed):
+            seq.cached += count
+        for i in echo:  # the prompt's own log-probabilities: position j predicts token j + 1
+            seq = group[i]
+            try:
+                begin = seq.cached - fed[i]
+                if begin == 0:
+                    seq.logprobs.append((self.tokenizer.decode([seq.prompt[0]]), None, None))
+                targets = seq.prompt[begin + 1: seq.cached + 1]
+                if targets:
+                    where = [at[starts[i] + j] for j in range(len(targets))]
+                    logprobs = torch.log_softmax(logits[where].float(), dim=-1)
+                    seq.logprobs += logprob_entries(logprobs, targets, seq.params.logprobs, self.tokenizer)
+            except Exception as exc:
+                self._fail_request(self._requests[seq.request_id], exc)
+        if decoding:
+            self.stats.decode_steps += 1
+        if group:
+            self.stats.prefill_batches += 1
+        done = [group[i] for i in finishing]
+        for seq in done:  # to the end of the decoding rows (no copy when it is there already)
+            self._place_swap(self._running.index(seq), self._decoding)
+            self._decoding += 1
+        where = [at[t] for t in range(decoding)] + [at[starts[i] + fed[i] - 1] for i in finishing]
+        if where:
+            self._advance([*rows, *done], logits[where])
+        self._timed(decoding, sum(fed), time.perf_counter() - began)
 
     def _prefill(self, group: list[Sequence], chunk: int, union: set[str]) -> None:
         """Feed ``chunk`` prompt tokens (fewer where a prompt ends; right-padded) to the rows of
@@ -496,16 +616,26 @@ class Engine:
     def _adapters_for(self, names: list[str], horizon: int, union: set[str]):
         """Fused when every row of this iteration wants one adapter and fusing pays off; otherwise
         route per row."""
+        return self._apply_adapters(self._plan_adapters(names, horizon, union), names)
+
+    def _plan_adapters(self, names: list[str], horizon: int, union: set[str]):
+        """The adapter to fuse (None: the base), or ``ROUTED``."""
         wanted = set(names)
         if len(wanted) == 1 and union == wanted:
             target = None if names[0] == BASE else names[0]
             if target in (self._fused, None) or horizon >= self._fuse_threshold(target):
-                self._switch(target)
-                self.stats.fused_steps += 1
-                return contextlib.nullcontext()
+                return target
+        return ROUTED
+
+    def _apply_adapters(self, target, names: list[str]):
+        """Fuse ``target`` (a no-op context), or route ``names`` (one per batch row)."""
+        if target is not ROUTED:
+            self._switch(target)
+            self.stats.fused_steps += 1
+            return contextlib.nullcontext()
         self._switch(None)
         self.stats.routed_steps += 1
-        self.stats.mixed_steps += len(wanted) > 1
+        self.stats.mixed_steps += len(set(names)) > 1
         return shirakit.route(self.model, names)
 
     def _fuse_threshold(self, name: str) -> int:

@@ -5,7 +5,8 @@ allocated once and written in place. Row ``r`` of the batch lives in slot ``r`` 
 ``lengths[r]`` tokens at times ``0 .. lengths[r] - 1``; a forward over rows ``[start, stop)``
 feeds ``q`` tokens per row at each row's own positions ``lengths[r] .. lengths[r] + q - 1``,
 writes their keys/values there (one ``index_put`` per layer) and attends through a view
-``[start:stop, :, :longest]`` of the buffer, no copy. A 4-D mask lets query ``t`` of row ``r``
+``[start:stop, :, :longest]`` of the buffer, no copy (``step``; the engine's usual forward is the
+ragged one at the end of this file, which attends per row). A 4-D mask lets query ``t`` of row ``r``
 see exactly the keys ``j <= lengths[r] + t``: what the row would see alone, so greedy outputs
 equal an offline ``generate``. Keys past a row's length are stale or padding and always masked
 (they are finite: the buffer starts at zero and only ever holds projections of real embeddings).
@@ -25,7 +26,11 @@ one in docs/benchmarks.md (benchmarks/serve.py --engine-only).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+import torch.nn.functional as F
 from transformers import Cache, DynamicCache
 
 
@@ -195,3 +200,135 @@ class StepCache(Cache):
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.longest, 0
+
+
+# ---- one forward over decoding rows and prefill chunks together (ragged) ------------------------
+RAGGED_ATTENTION = "shirakit_ragged"
+_CURRENT: contextvars.ContextVar[RaggedStep | None] = contextvars.ContextVar("shirakit_ragged_step", default=None)
+
+
+class RaggedStep(Cache):
+    """One forward that feeds every decoding row its last token and prefill rows a chunk of their
+    prompts, as one flat sequence of ``T`` tokens (the batch is ``(1, T)``, or ``(T, 1)`` when rows
+    are routed to different adapters: routing is per batch row).
+
+    Token ``i`` belongs to slot ``slots[i]`` at position ``positions[i]``: tokens ``[0, decoding)``
+    are the decoding rows' (slots ``0 .. decoding - 1``, one each), then each prefill row's chunk in
+    order. :meth:`update` writes every token's key/value into its slot (one ``index_put`` per
+    layer) and hands the attention the whole buffers; :func:`ragged_attention` then attends per
+    part: the decoding rows as one batch of single queries over ``[0, longest)``, each chunk as one
+    causal block over its own row. Grouped-query heads are folded into the query axis (the ``G``
+    query heads sharing a key head are ``G`` more queries of it), so keys are never repeated.
+    Query ``t`` of a row sees exactly the keys ``j <= its position``: what it would see alone.
+    """
+
+    def __init__(self, slots: SlotKV, decoding: int, segments: list[tuple[int, int, int]], device) -> None:
+        super().__init__(layers=[])
+        self.kv, self.decoding, self.segments = slots, decoding, segments  # segments: (slot, start, count)
+        starts = slots.lengths[:decoding]
+        slot_list = list(range(decoding))
+        position_list = list(starts)
+        for slot, start, count in segments:
+            slot_list += [slot] * count
+            position_list += range(start, start + count)
+        self.tokens = len(slot_list)
+        self.slots = torch.tensor(slot_list, device=device)
+        self.positions = torch.tensor(position_list, device=device)
+        self.longest = max([p + 1 for p in position_list], default=0)
+        self.decode_keys = max(starts, default=-1) + 1  # keys the decoding rows attend over
+        if decoding:
+            before = torch.tensor(starts, device=device)
+            visible = torch.arange(self.decode_keys, device=device)[None, :] <= before[:, None]
+            self.decode_mask = visible[:, None, None]  # (rows, 1, 1, keys): shared by heads and groups
+        self._segment_masks: dict[int, list[torch.Tensor]] = {}
+
+    def segment_masks(self, groups: int) -> list[torch.Tensor]:
+        """Per chunk (1, 1, groups x count, start + count): query ``g * count + t`` sees keys ``<= start + t``."""
+        if groups not in self._segment_masks:
+            masks = []
+            for _, start, count in self.segments:
+                device = self.positions.device
+                own = torch.arange(start, start + count, device=device)
+                causal = torch.arange(start + count, device=device)[None, :] <= own[:, None]
+                masks.append(causal.repeat(groups, 1)[None, None])
+            self._segment_masks[groups] = masks
+        return self._segment_masks[groups]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        kv = self.kv
+        kv._ensure(layer_idx, key_states)
+        heads, dim = key_states.shape[1], key_states.shape[3]
+        for buffer, new in ((kv.keys[layer_idx], key_states), (kv.values[layer_idx], value_states)):
+            # (B, heads, q, dim) with B * q = T tokens in order -> (T, heads, dim)
+            flat = new.transpose(1, 2).reshape(self.tokens, heads, dim)
+            buffer[self.slots, :, self.positions] = flat.to(buffer.dtype)
+        return kv.keys[layer_idx], kv.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.longest
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.longest, 0
+
+
+def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for a :class:`RaggedStep` forward (registered with transformers as
+    ``RAGGED_ATTENTION``; the engine sets it on the model's config only for such a forward).
+    ``query``: (B, heads, q, dim), B * q = T; ``key``/``value``: the whole slot buffers.
+    softmax(q k^T * scaling + mask) v per part, as scaled_dot_product_attention computes it."""
+    step = _CURRENT.get()
+    if step is None:
+        raise RuntimeError("ragged attention outside a ragged forward (the engine sets both together)")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attention logit soft-capping is not supported by the engine's ragged forward")
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    flat = query.transpose(1, 2).reshape(step.tokens, kv_heads, groups, dim)  # head h = kv head h // groups
+    parts = []
+    d = step.decoding
+    if d:
+        keys = step.decode_keys
+        out = F.scaled_dot_product_attention(flat[:d], key[:d, :, :keys], value[:d, :, :keys],
+                                             attn_mask=step.decode_mask, scale=scaling)
+        parts.append(out.reshape(d, heads, dim))
+    offset = d
+    for (slot, start, count), mask in zip(step.segments, step.segment_masks(groups)):
+        q = flat[offset: offset + count].permute(1, 2, 0, 3).reshape(1, kv_heads, groups * count, dim)
+        end = start + count
+        out = F.scaled_dot_product_attention(q, key[slot: slot + 1, :, :end], value[slot: slot + 1, :, :end],
+                                             attn_mask=mask, scale=scaling)
+        parts.append(out.reshape(kv_heads, groups, count, dim).permute(2, 0, 1, 3).reshape(count, heads, dim))
+        offset += count
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.reshape(batch, length, heads, dim), None
+
+
+@contextlib.contextmanager
+def ragged_forward(model, step: RaggedStep):
+    """Within the block the model's attention is :func:`ragged_attention` over ``step``."""
+    config = model.config
+    before = config._attn_implementation
+    token = _CURRENT.set(step)
+    config._attn_implementation = RAGGED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        _CURRENT.reset(token)
+
+
+def supports_ragged(model) -> bool:
+    """Whether the model's attention goes through transformers' attention interface (then the engine
+    runs decoding rows and prefill chunks as one forward; otherwise as two)."""
+    return (_REGISTERED and bool(getattr(model, "_supports_attention_backend", False))
+            and hasattr(getattr(model, "config", None), "_attn_implementation"))
+
+
+try:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(RAGGED_ATTENTION, ragged_attention)
+    _REGISTERED = True
+except ImportError:  # an older transformers: two forwards per iteration
+    _REGISTERED = False

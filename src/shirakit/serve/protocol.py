@@ -2,9 +2,10 @@
 
 Parameters follow OpenAI's definitions, defaults and ranges (``max_tokens`` 16 for completions,
 ``temperature`` 1 in [0, 2], ``top_p`` 1 in (0, 1], ``n`` 1, penalties in [-2, 2], ``logit_bias``
-values in [-100, 100]). OpenAI parameters this server does not implement (``UNSUPPORTED``) are
-refused with 400 naming the field when they ask for something (a null or the default passes);
-unknown fields are ignored. Errors have OpenAI's shape:
+values in [-100, 100]); vLLM's extension ``top_k`` (-1 or 0: off, else the k most probable
+tokens). OpenAI parameters this server does not implement (``UNSUPPORTED``) are refused
+with 400 naming the field when they ask for something (a null or the default passes); unknown
+fields are ignored. Errors have OpenAI's shape:
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -59,6 +60,7 @@ class Sampling(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = None  # vLLM's extension: -1 or 0 (or null) off; k >= 1 keeps the k most probable tokens
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -76,6 +78,16 @@ class Sampling(BaseModel):
             raise ValueError("stop takes at most 4 non-empty strings of at most 1000 characters")
         return stops
 
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k(cls, value):
+        if value is None:
+            return value
+        if type(value) is not int or value < -1 or value > 2**31 - 1:
+            raise ValueError(f"top_k must be an integer: -1 or 0 (off) or k >= 1 (keep the k most probable "
+                             f"tokens); got {repr(value)[:40]}")
+        return value
+
     @field_validator("logit_bias")
     @classmethod
     def _biases(cls, value):
@@ -90,7 +102,7 @@ class Sampling(BaseModel):
             value = (self.model_extra or {}).get(name)
             if value is not None and value != harmless:
                 raise ApiError(400, f"{name} is not supported by this server (it implements temperature, top_p, "
-                                    f"n, seed, stop, max_tokens, logit_bias, presence_penalty, "
+                                    f"top_k, n, seed, stop, max_tokens, logit_bias, presence_penalty, "
                                     f"frequency_penalty, and logprobs/echo for completions)", name)
         return self
 

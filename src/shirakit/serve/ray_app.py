@@ -110,6 +110,8 @@ def engine_deployment(max_loaded: int):
 class RayBackend:
     """The HTTP app's backend under Ray: the engine replicas, through a deployment handle."""
 
+    supports_top_k = True  # the replicas run the built-in engine
+
     def bind(self, engines, settings: dict) -> None:
         from transformers import AutoConfig, AutoTokenizer
 

@@ -3,8 +3,10 @@
 Greedy (``temperature`` below ``GREEDY_BELOW``, 1e-5 as vLLM's sampling epsilon) takes the
 argmax, as ``generate(do_sample=False)`` does: dividing by a smaller temperature overflows and
 picks the argmax anyway. Sampling
-divides the logits by the temperature, keeps the smallest set of tokens whose probability reaches
-``top_p`` (nucleus sampling, Holtzman et al. 2019, arXiv 1904.09751) and draws from it with the
+divides the logits by the temperature, keeps the ``top_k`` most probable tokens (Fan et al. 2018,
+arXiv 1805.04833), then the smallest set of those whose renormalized probability reaches ``top_p``
+(nucleus sampling, Holtzman et al. 2019, arXiv 1904.09751; top-k first, as vLLM orders them) and
+draws from it with the
 sequence's own ``torch.Generator``: seeded requests give the same text whatever else is in the
 batch.
 
@@ -39,6 +41,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off; k >= 1: only the k most probable tokens
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
@@ -168,20 +171,30 @@ def sampling_probs(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Ten
     """The distributions the sampled rows draw from, for all of them in one batched pass
     (``logits``: (rows, vocab), row i for ``sequences[i]``).
 
-    p = softmax(logits / T) with each row's own temperature; then each row keeps the smallest set of
-    most probable tokens whose mass reaches its ``top_p`` (the most probable token is always kept,
-    so a tiny ``top_p`` is greedy, not empty). Rows are independent: a row's probabilities are
-    the same whatever else is in the batch."""
+    p = softmax(logits / T) with each row's own temperature; each row with a ``top_k`` keeps its k
+    most probable tokens (renormalized among them), then each row keeps the smallest set of most
+    probable tokens whose mass reaches its ``top_p`` (the most probable token is always kept, so a
+    tiny ``top_p`` or ``top_k`` 1 is greedy, not empty). Rows are independent: a row's
+    probabilities are the same whatever else is in the batch, and a row without top_k or top_p
+    is the plain softmax."""
     device = logits.device
+    vocab = logits.shape[-1]
     temperature = torch.tensor([s.params.temperature for s in sequences], dtype=torch.float32, device=device)
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
     top_p = torch.tensor([s.params.top_p for s in sequences], dtype=torch.float32, device=device)
-    if bool((top_p < 1.0).any()):
+    top_k = torch.tensor([s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in sequences], device=device)
+    cut_k = top_k < vocab
+    if bool((top_p < 1.0).any()) or bool(cut_k.any()):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
-        drop = before >= top_p[:, None]
+        drop = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]  # past each row's k
+        kept = sorted_probs.masked_fill(drop, 0)
+        # the top-k rows renormalized (rows without top_k divide by exactly 1: unchanged)
+        mass = torch.where(cut_k, kept.sum(dim=-1), torch.ones_like(top_p))
+        kept = kept / mass[:, None]
+        before = kept.cumsum(dim=-1) - kept  # mass of the tokens ranked above
+        drop |= before >= top_p[:, None]
         drop[:, 0] = False
-        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0))
+        probs = torch.zeros_like(probs).scatter_(1, order, kept.masked_fill(drop, 0))
     return probs
 
 

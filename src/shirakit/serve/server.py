@@ -45,6 +45,19 @@ def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, timeout
     return RunningServer(url, engine, server, thread)
 
 
+def _chunk_slack(text: str) -> float | str:
+    """--chunk-slack: 'off' or a positive number."""
+    if text == "off":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'off'; got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder "
                         "(default: the packaged SmolLM2-135M)")
@@ -68,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: 40%% of the memory free at start, in tokens)")
     parser.add_argument("--no-chunked-prefill", action="store_true",
                         help="prefill newcomers' whole prompts in one forward (the decoding rows wait for it)")
+    parser.add_argument("--chunk-slack", type=_chunk_slack, default=None,
+                        help="while rows decode, size a prefill chunk so an iteration costs at most 1 + this many "
+                        "decode steps, from measured times (default 0.5; 'off': by --max-num-batched-tokens only)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     parser.add_argument("--fuse-min-steps", type=int, default=None,
                         help="fuse a one-adapter batch when it may still run this many steps "
@@ -127,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, args.adapters, args.served_model_name, args.device, args.dtype,
                           args.max_loaded, args.max_loaded_mb, args.max_batch, args.max_queue,
                           args.fuse_min_steps, args.max_num_batched_tokens, args.max_kv_tokens,
-                          not args.no_chunked_prefill).start()
+                          not args.no_chunked_prefill, args.chunk_slack).start()
     print("engine: builtin (the default: every method per request, fused when a batch wants one adapter; "
           "--engine vllm runs vLLM)")
     print(f"serving {engine.base_name} and {len(engine.models()) - 1} adapter(s) on http://{args.host}:{args.port}")
