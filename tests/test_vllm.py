@@ -126,6 +126,16 @@ def test_mixed_shira_adapters_run_per_row_in_shared_batches(setup):
     assert exact and all(exact[0].values()), exact
 
 
+def test_one_adapters_traffic_goes_fused_with_the_same_text(setup):
+    # auto: after fuse_after requests in a row for one SHiRA adapter it is switched into the weights (fused)
+    backend = setup["backend"]
+    switches = backend.scheduler.switches
+    for i in range(backend.scheduler.fuse_after + 2):
+        response = complete(setup["url"], "shira-r2-6", PROMPTS[i % len(PROMPTS)])
+        assert response.json()["choices"][0]["text"] == expected(setup, "shira-r2-6", PROMPTS[i % len(PROMPTS)])
+    assert backend.scheduler.active == "shira-r2-6" and backend.scheduler.switches > switches
+
+
 def test_base_is_bit_exact_after_switching(setup):
     for model in ("shira-r2-1", "shira-r2-6", "tiny", "shira-r2-1"):
         assert complete(setup["url"], model, PROMPTS[0]).status_code == 200
