@@ -92,6 +92,25 @@ def test_not_in_the_cache_is_a_clear_error(hub):
         shirakit.read_config("org/partial")
 
 
+def test_a_revision_after_at_picks_a_branch_or_a_commit(hub, tmp_path):
+    main_folder, v2_folder = saved(tmp_path, "main", seed=1), saved(tmp_path, "v2", seed=2)
+    put_in_cache(hub, "org/name", main_folder)
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    put_in_cache(hub, "org/name", v2_folder, commit=other)
+    (hub / "models--org--name" / "refs" / "main").write_text(COMMIT)  # put_in_cache moved main: put it back
+    (hub / "models--org--name" / "refs" / "v2").write_text(other)
+    want_main, want_v2 = logits_with(main_folder), logits_with(v2_folder)
+    assert (want_main - want_v2).abs().max() > 1e-4
+    torch.testing.assert_close(logits_with("org/name"), want_main, rtol=0, atol=0)
+    torch.testing.assert_close(logits_with("org/name@v2"), want_v2, rtol=0, atol=0)
+    torch.testing.assert_close(logits_with(f"org/name@{other}"), want_v2, rtol=0, atol=0)  # a commit hash
+    torch.testing.assert_close(logits_with(f"org/name@{COMMIT}"), want_main, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError) as info:
+        shirakit.read_config("org/name@v3")
+    assert "refs/v3" in str(info.value) and "--revision v3" in str(info.value)
+    assert adapter_folders("org/name@v2") == {"name@v2": hub / "models--org--name" / "snapshots" / other}
+
+
 def test_a_local_folder_wins_over_a_repo_id(hub, tmp_path):
     cached = saved(tmp_path, "cached", seed=1)
     put_in_cache(hub, "org/name", cached)

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-INSTALL = 'pip install "shirakit[eval]"'
+from ..core.extras import require
+
+PURPOSE = "lm-evaluation-harness evaluation"
 
 
 def require_lm_eval():
-    """The ``lm_eval`` module, or ModuleNotFoundError naming the extra that installs it."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM  # noqa: F401  (its own imports must work too)
-    except ImportError as exc:
-        raise ModuleNotFoundError(f"lm-evaluation-harness is not installed ({exc}); {INSTALL}",
-                                  name="lm_eval") from None
+    """The ``lm_eval`` module (and its HF model class, whose own imports must work too), or
+    :class:`~shirakit.core.extras.MissingExtraError` naming the ``eval`` extra that installs it."""
+    lm_eval = require("lm_eval", PURPOSE)
+    require("lm_eval.models.huggingface", PURPOSE)
     return lm_eval
 
 

@@ -16,8 +16,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def adapter_folders(directory: str | Path | None) -> dict[str, Path]:
     """``--adapters``: one or more comma-separated sources, each a local folder or a Hugging Face repo id
-    (``org/name``) already in the local hub cache (a local folder of that name wins; nothing is downloaded).
-    A source holding ``adapter_config.json`` is one adapter, named by its folder (a repo by its last part);
+    (``org/name``, ``org/name@REV``) already in the local hub cache (a local folder of that name wins; nothing is
+    downloaded). A source holding ``adapter_config.json`` is one adapter, named by its folder (a repo by its last
+    part: ``name``, ``name@REV``);
     otherwise every subfolder of it is one adapter, named by the subfolder."""
     if directory is None:
         return {}
