@@ -144,6 +144,8 @@ class VllmBackend:
         try:
             async with self.scheduler.turn(group, flexible=per_row) as under:
                 self.stats.prompt_tokens += len(prompt) * n
+                if adapter is not None and adapter not in self.kinds:
+                    raise UnknownModel(adapter)  # unloaded while it waited (an unload waits for running ones)
                 rows = adapter if per_row and under is None else None  # on the base weights: its delta per row
                 streams = [self._choice(f"{request_id}-{i}", i, adapter, prompt, params, lora, rows)
                            for i in range(n)]
