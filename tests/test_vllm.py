@@ -104,16 +104,18 @@ def test_concurrent_requests_over_every_adapter(setup):
         assert response.json()["choices"][0]["text"] == oracle[job], job
     metrics = httpx.get(f"{setup['url']}/metrics").text
     switches = [line for line in metrics.splitlines() if line.startswith("shirakit_adapter_switches_total")]
-    assert switches and float(switches[0].split()[-1]) >= 2
+    assert switches  # the metric is there; under auto mixed traffic runs per row (no switch needed)
 
 
-def test_mixed_shira_adapters_run_per_row_in_shared_batches(setup):
-    # three SHiRA adapters and the base at once: the default policy (auto) runs them per row on the base
-    # weights, in vLLM's shared batches; each text is what offline generate gives with that adapter alone
+def test_mixed_adapters_run_per_row_in_shared_batches(setup):
+    # three SHiRA adapters, VeRA, two MiSS and the base at once: the default policy (auto) runs them per row
+    # on the base weights, in vLLM's shared batches; each text is what offline generate gives with that
+    # adapter alone
     backend = setup["backend"]
     assert backend.rows_reason is None, backend.rows_reason
     calls = on_server_loop(backend, backend.engine.collective_rpc("shira_rows_calls"))[0]
-    jobs = [(m, p) for m in ("shira-r2-1", "shira-r2-6", "shira-r2-11", "tiny") for p in PROMPTS] * 2
+    models = ("shira-r2-1", "shira-r2-6", "shira-r2-11", "vera-r8-2", "miss-balance-r5-3", "miss-bat-r4-4", "tiny")
+    jobs = [(m, p) for m in models for p in PROMPTS] * 2
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         responses = list(pool.map(lambda job: complete(setup["url"], *job), jobs))
     oracle = {job: expected(setup, *job) for job in set(jobs)}

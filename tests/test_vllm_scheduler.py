@@ -165,7 +165,7 @@ def test_auto_leaves_a_fused_adapter_for_the_base_when_another_waits():
     assert log == ["a", None] and ran == [(0, None), (1, None), (2, "a"), (3, None), (4, None)]
 
 
-def test_auto_still_fuses_a_dense_adapter_by_itself():
-    # v (VeRA/MiSS: fused only) waits for the per-row batch to end, runs alone, then the rest per row
+def test_auto_still_runs_a_fused_only_adapter_by_itself():
+    # v (fused only: a worker that cannot serve it per row) waits for the per-row batch, runs alone, then the rest
     ran, log = run_auto([(0.0, "a", True), (0.0, "b", True), (0.01, "v", False), (0.02, "b", True)], hold=0.05)
     assert log == ["v", None] and dict(ran)[2] == "v" and dict(ran)[3] is None

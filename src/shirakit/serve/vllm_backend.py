@@ -3,7 +3,8 @@
 SHiRA adapters are fused into vLLM's weights by the worker extension (:mod:`shirakit.vllm`, two
 scatters per weight) while one adapter's requests run, or, where the workers can (CPU, fp32; policies
 ``auto`` and ``rows``), served per row on the base weights inside vLLM's mixed batches
-(``integrations/vllm/rows.py``); the front scheduler (``GroupScheduler``) decides which, per request;
+(``integrations/vllm/rows.py``; VeRA and MiSS too, by their merged weights' product for their rows);
+the front scheduler (``GroupScheduler``) decides which, per request;
 VeRA and MiSS are fused the same way with their dense deltas (computed once here on a CPU copy of the
 model, one copy per weight per switch); LoRA adapters go through vLLM's own LoRA and run with the base
 model's requests (the base weights). docs/vllm.md says why nothing but LoRA runs per request.
@@ -135,7 +136,7 @@ class VllmBackend:
         await self._ensure_loaded(adapter)
         kind = self.kinds.get(adapter)
         group = adapter if adapter is not None and kind != NATIVE else None
-        per_row = kind == SPARSE and self.rows_reason is None  # it may run per row on the base weights
+        per_row = kind in (SPARSE, DENSE) and self.rows_reason is None  # it may run per row on the base weights
         if per_row and self.scheduler.policy == "rows":
             group = None
         lora = self.lora_requests.get(adapter) if adapter is not None else None
@@ -245,12 +246,6 @@ class VllmBackend:
             if kind == SPARSE:  # read and mapped on every worker; the weights are not touched
                 results = await self.engine.collective_rpc("shira_load", args=(name, str(folder)))
                 self.values[name] = int(results[0]["bytes"])
-                refused = next((r["rows"] for r in results if r["rows"]), None)
-                if refused and self.rows_reason is None:  # a worker cannot add deltas per row: fused from now on
-                    if self.scheduler.policy == "rows":
-                        raise ValueError(f"--policy rows: a vLLM worker cannot serve SHiRA per row: {refused}")
-                    self.rows_reason = refused
-                    print(f"shirakit: SHiRA served fused only from now on: {refused}")
             elif kind == NATIVE:
                 if not self.max_lora_rank:
                     raise ValueError(f"{folder}: a LoRA adapter, but vLLM was started without LoRA "
@@ -267,6 +262,13 @@ class VllmBackend:
                 await asyncio.to_thread(write_dense_deltas, self._hf_model(), folder, file)
                 results = await self.engine.collective_rpc("shira_load_dense", args=(name, str(file)))
                 self.values[name] = int(results[0]["bytes"])
+            if kind in (SPARSE, DENSE):
+                refused = next((r["rows"] for r in results if r["rows"]), None)
+                if refused and self.rows_reason is None:  # a worker cannot add deltas per row: fused from now on
+                    if self.scheduler.policy == "rows":
+                        raise ValueError(f"--policy rows: a vLLM worker cannot serve adapters per row: {refused}")
+                    self.rows_reason = refused
+                    print(f"shirakit: adapters served fused only from now on: {refused}")
         except Exception as exc:
             self.cache_stats.adapter_load_failures += 1
             raise ValueError(str(exc)) from exc

@@ -10,6 +10,11 @@ one call per layer for the whole batch (``methods/shira/grouped.py``: the builti
 kernel, every adapter's CSR laid end to end). So requests on different adapters (and base and vLLM-LoRA
 requests) share one step, with no scatter into the weights.
 
+VeRA (arXiv 2310.11454) and MiSS (arXiv 2409.15371) rows take the simple exact route: their rows' output
+is recomputed with the adapter's merged weight ``W0 + ΔW`` (the one fused mode writes), ``y[rows] =
+x[rows] (W0 + ΔW)^T + b``, one dense product per adapter present per touched layer. It costs a dense
+product for those rows (their low-rank forms would cost r(m+n) per row instead; not built).
+
 Where it hooks in, without changing vLLM's files (vLLM 0.32): on CPU an unquantized linear layer
 multiplies through an instance attribute, ``layer.cpu_linear(x, weight, bias)``
 (``vllm/model_executor/layers/utils.py``, ``cpu_unquantized_gemm``), bound by
@@ -35,11 +40,13 @@ ROWS_KEY = "shirakit_rows"  # sampling_params.extra_args key: the SHiRA adapter 
 
 @dataclass
 class _Layer:
-    """One vLLM module's SHiRA adapters laid out for the kernel, and adapter id -> its index there."""
+    """One vLLM module's SHiRA adapters laid out for the kernel, and adapter id -> its index there; and its
+    dense adapters (VeRA, MiSS): 1 + adapter id -> the whole merged weight ``W0 + ΔW``."""
 
-    packed: object  # grouped.PackedRows
+    packed: object  # grouped.PackedRows, or None (only dense adapters touch the module)
     dtype: torch.dtype  # what it was laid out for (the model's)
     lut: np.ndarray  # (1 + adapters ever named,) int32: lut[1 + id] = index in ``packed``, -1 if absent
+    dense: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,20 +90,25 @@ def supported(model_runner, dtype: torch.dtype) -> str | None:
 
 
 def relayout(state: RowState, per_module: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]],
-             shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> None:
-    """Lay out again every module's adapters: ``per_module[module] = [(adapter, flat positions, values)]``."""
+             shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+             dense: dict[str, list[tuple[str, torch.Tensor]]] | None = None) -> None:
+    """Lay out again every module's adapters: ``per_module[module] = [(adapter, flat positions, values)]``
+    (SHiRA) and ``dense[module] = [(adapter, merged weight)]`` (VeRA, MiSS)."""
     from ...methods.shira.grouped import pack_rows
 
-    for name, _, _ in (d for deltas in per_module.values() for d in deltas):
-        state.ids.setdefault(name, len(state.ids))
+    dense = dense or {}
+    for deltas in (*per_module.values(), *dense.values()):
+        for name, *_ in deltas:
+            state.ids.setdefault(name, len(state.ids))
     state.layers = {}
-    for module, deltas in per_module.items():
-        if not deltas:
-            continue
+    for module in {*per_module, *dense}:
+        deltas = per_module.get(module, [])
         lut = np.full(1 + len(state.ids), -1, dtype=np.int32)
         for index, (name, _, _) in enumerate(deltas):
             lut[1 + state.ids[name]] = index
-        state.layers[module] = _Layer(pack_rows(shapes[module], [(p, v) for _, p, v in deltas], dtype), dtype, lut)
+        packed = pack_rows(shapes[module], [(p, v) for _, p, v in deltas], dtype) if deltas else None
+        merged = {1 + state.ids[name]: weight for name, weight in dense.get(module, [])}
+        state.layers[module] = _Layer(packed, dtype, lut, merged)
     state.step, state.rows = None, None
 
 
@@ -133,7 +145,10 @@ def wrap(state: RowState, module: torch.nn.Module, module_name: str, model_runne
     """Bind ``module.cpu_linear`` to vLLM's kernel plus the step's per-row deltas (once per binding)."""
     from ...methods.shira.grouped import add_packed_rows
 
-    inner = module.cpu_linear
+    inner = getattr(module, "cpu_linear", None)
+    if inner is None:
+        raise ValueError(f"{module_name} ({type(module).__name__}) has no cpu_linear: vLLM's CPU linear path, "
+                         "which per-row adapters hook, does not run it")
     if getattr(inner, "_shirakit_rows", False):
         return
 
@@ -148,17 +163,24 @@ def wrap(state: RowState, module: torch.nn.Module, module_name: str, model_runne
         x2 = x.reshape(-1, x.shape[-1])
         tokens = x2.shape[0]
         ids = rows[:tokens] if rows.size >= tokens else np.concatenate([rows, np.zeros(tokens - rows.size, np.int32)])
-        which = layer.lut[ids]
-        if not (which >= 0).any():
+        which = layer.lut[ids] if layer.packed is not None else None
+        sparse = which is not None and bool((which >= 0).any())
+        dense = [(merged, np.flatnonzero(ids == key)) for key, merged in layer.dense.items()]
+        dense = [(merged, at) for merged, at in dense if at.size]
+        if not sparse and not dense:
             return y
         if x2.dtype != layer.dtype or y.dtype != x2.dtype:
-            raise TypeError(f"{module_name}: per-row SHiRA laid out for {layer.dtype}, the step "
+            raise TypeError(f"{module_name}: per-row adapters laid out for {layer.dtype}, the step "
                             f"runs {x2.dtype} -> {y.dtype}")
         y2 = y.reshape(tokens, -1)
         if not y2.is_contiguous():
             y2 = y2.contiguous()
             y = y2.view(y.shape)
-        add_packed_rows(layer.packed, which, x2.contiguous(), y2)
+        if sparse:
+            add_packed_rows(layer.packed, which, x2.contiguous(), y2)
+        for merged, at in dense:  # VeRA/MiSS rows: their fused weight's product, for those rows only
+            index = torch.from_numpy(at)
+            y2[index] = torch.nn.functional.linear(x2[index], merged, bias)
         state.calls += 1
         return y
 

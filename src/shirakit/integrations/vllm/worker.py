@@ -151,7 +151,8 @@ class ShiraWorkerExtension:
             merged = (base.float() + local.to(base.device)).to(weight.dtype)
             writes[module_name] = _Write(weight, None, base, merged)
         state.adapters[name] = writes
-        return {"modules": len(per_weight), "weights": len(writes),
+        self._shira_rows_relayout()
+        return {"modules": len(per_weight), "weights": len(writes), "rows": self.shira_rows_supported(),
                 "values": int(sum(w.merged.numel() for w in writes.values())), "bytes": _bytes(writes)}
 
     def shira_activate(self, name: str | None) -> str | None:
@@ -395,21 +396,25 @@ class ShiraWorkerExtension:
                 wrap(state.rows, module, module_name, self.model_runner)
 
     def _shira_rows_relayout(self) -> None:
-        """Lay out every loaded SHiRA adapter per module for per-row serving and wrap the touched layers'
-        CPU kernels (nothing to do where per-row SHiRA cannot run: those workers serve it fused only)."""
+        """Lay out every loaded adapter per module for per-row serving (SHiRA: its sparse values; VeRA,
+        MiSS: their merged weights) and wrap the touched layers' CPU kernels (nothing to do where per-row
+        serving cannot run: those workers serve adapters fused only)."""
         from . import rows
 
         if self.shira_rows_supported() is not None:
             return
         state = self._shira_state()
         per_module: dict[str, list] = {}
+        dense: dict[str, list] = {}
         for name, writes in state.adapters.items():
             for module_name, write in writes.items():
                 if write.delta is not None:
                     per_module.setdefault(module_name, []).append((name, write.positions, write.delta))
-        shapes = {m: tuple(state.unpacked[m].shape) for m in per_module}
-        rows.relayout(state.rows, per_module, shapes, self.vllm_config.model_config.dtype)
-        for module_name in per_module:
+                elif write.positions is None:
+                    dense.setdefault(module_name, []).append((name, write.merged))
+        shapes = {m: tuple(state.unpacked[m].shape) for m in {*per_module, *dense}}
+        rows.relayout(state.rows, per_module, shapes, self.vllm_config.model_config.dtype, dense)
+        for module_name in shapes:
             rows.wrap(state.rows, self._shira_module(module_name), module_name, self.model_runner)
 
     def _shira_base_copy(self, module_name: str) -> torch.Tensor:
