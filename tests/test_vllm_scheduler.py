@@ -1,6 +1,7 @@
 """The front scheduler of ``--engine vllm`` (``shirakit.vllm.GroupScheduler``), without vLLM: one group's
-requests run at a time, the weights switch only with nothing in flight, and the two policies order
-groups as documented (drain: a group as it stood; slice: turns by time)."""
+requests run at a time, the weights switch only with nothing in flight, the fused-only policies order
+groups as documented (drain: a group as it stood; slice: turns by time), and ``auto`` runs mixed traffic
+per row on the base weights and one adapter's traffic fused."""
 
 from __future__ import annotations
 
