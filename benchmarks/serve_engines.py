@@ -2,13 +2,14 @@
 
     # in vLLM's virtualenv (docs/vllm.md); each engine is its own run (each fits the heavy lock's 10 min)
     python benchmarks/serve_engines.py --engine builtin        --out /tmp/se
-    python benchmarks/serve_engines.py --engine shirakit-vllm  --out /tmp/se [--policy slice]
+    python benchmarks/serve_engines.py --engine shirakit-vllm  --out /tmp/se [--policy auto|rows|drain|slice]
     python benchmarks/serve_engines.py --engine vllm-lora      --out /tmp/se
     python benchmarks/serve_engines.py --table /tmp/se [--write-docs docs/benchmarks.md]
 
 Engines: ``builtin`` is ``shirakit serve`` (SHiRA adapters, per request, fused when a batch wants one);
-``shirakit-vllm`` is ``shirakit serve --engine vllm`` (SHiRA fused in vLLM's weights, the front
-scheduler's ``--policy``); ``vllm-lora`` is vLLM's own OpenAI server with LoRA adapters of equal
+``shirakit-vllm`` is ``shirakit serve --engine vllm`` (SHiRA fused in vLLM's weights or per row in
+vLLM's mixed batches, as the front scheduler's ``--policy`` says);
+``vllm-lora`` is vLLM's own OpenAI server with LoRA adapters of equal
 trainable parameters (LoRA r=8 on q_proj, v_proj = SHiRA r=8 there: K = r(in+out) per layer). Each
 server is its own process (``python -m ...``) on 127.0.0.1 and a free port; this process is the load:
 ``--clients`` concurrent clients (asyncio + httpx, closed loop, streaming) send ``--requests``
@@ -273,7 +274,8 @@ def table(folder: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=ENGINES)
-    parser.add_argument("--policy", default="drain", choices=["drain", "slice"])
+    parser.add_argument("--policy", default="auto", choices=["auto", "rows", "drain", "slice"],
+                        help="shirakit-vllm's scheduler policy (docs/vllm.md)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/serve_engines"))
     parser.add_argument("--table", type=Path, default=None, help="print the table of the runs in this folder")
     parser.add_argument("--write-docs", type=Path, default=None)

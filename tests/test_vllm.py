@@ -8,7 +8,8 @@ in vLLM's own virtualenv (docs/vllm.md):
 The oracle is the serving tests' one: greedy text equals offline ``generate`` with that adapter alone
 (``tests/serving.py``), for SHiRA (fused, PEFT and compact layouts), VeRA and MiSS (fused, dense) and
 LoRA (vLLM's own), alone and
-concurrent over every adapter, and the base weights bit for bit equal to the checkpoint after switching.
+concurrent over every adapter, several SHiRA adapters per row in shared batches (``rows.py``), and the
+base weights bit for bit equal to the checkpoint after switching.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vllm")
     model = save_lm(root / "model")
-    made = serving.save_adapters(model, root / "made", 7)  # lora-r4-0, shira-r2-1, vera-r8-2, ..., shira-r2-6 (compact)
+    # lora-r4-0, shira-r2-1, vera-r8-2, ..., shira-r2-6 (compact), ..., shira-r2-11
+    made = serving.save_adapters(model, root / "made", 12)
     adapters = root / "adapters"
     adapters.mkdir()
-    for name in ("lora-r4-0", "shira-r2-1", "vera-r8-2", "miss-balance-r5-3", "miss-bat-r4-4", "shira-r2-6"):
+    for name in ("lora-r4-0", "shira-r2-1", "vera-r8-2", "miss-balance-r5-3", "miss-bat-r4-4", "shira-r2-6",
+                 "shira-r2-11"):
         made[name].rename(adapters / name)
     backend = VllmBackend(model, adapters, "tiny", max_model_len=serving.CONTEXT,
                           access=Policy(allow_runtime_adapters=True))
@@ -101,7 +104,38 @@ def test_concurrent_requests_over_every_adapter(setup):
         assert response.json()["choices"][0]["text"] == oracle[job], job
     metrics = httpx.get(f"{setup['url']}/metrics").text
     switches = [line for line in metrics.splitlines() if line.startswith("shirakit_adapter_switches_total")]
-    assert switches and float(switches[0].split()[-1]) >= 2
+    assert switches  # the metric is there; under auto mixed traffic runs per row (no switch needed)
+
+
+def test_mixed_adapters_run_per_row_in_shared_batches(setup):
+    # three SHiRA adapters, VeRA, two MiSS and the base at once: the default policy (auto) runs them per row
+    # on the base weights, in vLLM's shared batches; each text is what offline generate gives with that
+    # adapter alone
+    backend = setup["backend"]
+    assert backend.rows_reason is None, backend.rows_reason
+    calls = on_server_loop(backend, backend.engine.collective_rpc("shira_rows_calls"))[0]
+    models = ("shira-r2-1", "shira-r2-6", "shira-r2-11", "vera-r8-2", "miss-balance-r5-3", "miss-bat-r4-4", "tiny")
+    jobs = [(m, p) for m in models for p in PROMPTS] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda job: complete(setup["url"], *job), jobs))
+    oracle = {job: expected(setup, *job) for job in set(jobs)}
+    for job, response in zip(jobs, responses):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == oracle[job], job
+    after = on_server_loop(backend, backend.engine.collective_rpc("shira_rows_calls"))[0]
+    assert after > calls  # layers added per-row deltas (not only fused turns)
+    exact = on_server_loop(backend, backend.base_is_exact())
+    assert exact and all(exact[0].values()), exact
+
+
+def test_one_adapters_traffic_goes_fused_with_the_same_text(setup):
+    # auto: after fuse_after requests in a row for one SHiRA adapter it is switched into the weights (fused)
+    backend = setup["backend"]
+    switches = backend.scheduler.switches
+    for i in range(backend.scheduler.fuse_after + 2):
+        response = complete(setup["url"], "shira-r2-6", PROMPTS[i % len(PROMPTS)])
+        assert response.json()["choices"][0]["text"] == expected(setup, "shira-r2-6", PROMPTS[i % len(PROMPTS)])
+    assert backend.scheduler.active == "shira-r2-6" and backend.scheduler.switches > switches
 
 
 def test_base_is_bit_exact_after_switching(setup):

@@ -1,6 +1,7 @@
 """The front scheduler of ``--engine vllm`` (``shirakit.vllm.GroupScheduler``), without vLLM: one group's
-requests run at a time, the weights switch only with nothing in flight, and the two policies order
-groups as documented (drain: a group as it stood; slice: turns by time)."""
+requests run at a time, the weights switch only with nothing in flight, the fused-only policies order
+groups as documented (drain: a group as it stood; slice: turns by time), and ``auto`` runs mixed traffic
+per row on the base weights and one adapter's traffic fused."""
 
 from __future__ import annotations
 
@@ -114,3 +115,58 @@ def test_a_cancelled_waiter_leaves_the_queue():
         return scheduler.active
 
     assert asyncio.run(main()) == "a"
+
+
+def run_auto(arrivals: list[tuple[float, str | None, bool]], hold: float, fuse_after: int = 8):
+    """``auto``: requests (arrival, group, flexible) -> ([(request, the group it ran under)], switch log).
+    A flexible request (a SHiRA adapter the workers can serve per row) runs fused or on the base."""
+    log, ran = [], []
+
+    async def main():
+        running: dict[str | None, int] = {}
+
+        async def switch(group):
+            assert not any(running.values()), "switched with requests in flight"
+            log.append(group)
+            await asyncio.sleep(0.001)
+
+        scheduler = GroupScheduler(switch, "auto", fuse_after=fuse_after)
+
+        async def request(i, at, group, flexible):
+            await asyncio.sleep(at)
+            async with scheduler.turn(group, flexible=flexible) as under:
+                assert under == scheduler.active and under in ({group, None} if flexible else {group})
+                assert all(n == 0 for g, n in running.items() if g != under), "two weights ran together"
+                running[under] = running.get(under, 0) + 1
+                ran.append((i, under))
+                await asyncio.sleep(hold)
+                running[under] -= 1
+
+        await asyncio.wait_for(asyncio.gather(*(request(i, *a) for i, a in enumerate(arrivals))), 20)
+
+    asyncio.run(main())
+    return ran, log
+
+
+def test_auto_runs_one_adapters_traffic_fused_after_fuse_after_requests():
+    # the first 3 run per row on the base; then the batch ends and a is switched in, fused for the rest
+    ran, log = run_auto([(0.01 * i, "a", True) for i in range(8)], hold=0.03, fuse_after=3)
+    assert log == ["a"] and [u for _, u in ran[:3]] == [None] * 3 and [u for _, u in ran[3:]] == ["a"] * 5
+
+
+def test_auto_runs_mixed_adapters_per_row_in_one_batch():
+    ran, log = run_auto([(0.0, "a", True), (0.0, "b", True), (0.0, "c", True), (0.0, None, False)], hold=0.03)
+    assert log == [] and sorted(ran) == [(0, None), (1, None), (2, None), (3, None)]
+
+
+def test_auto_leaves_a_fused_adapter_for_the_base_when_another_waits():
+    # two a's per row make a fused; b comes: a's turn ends as it stood, then b and the later a run per row
+    arrivals = [(0.0, "a", True), (0.06, "a", True), (0.12, "a", True), (0.13, "b", True), (0.14, "a", True)]
+    ran, log = run_auto(arrivals, hold=0.05, fuse_after=2)
+    assert log == ["a", None] and ran == [(0, None), (1, None), (2, "a"), (3, None), (4, None)]
+
+
+def test_auto_still_runs_a_fused_only_adapter_by_itself():
+    # v (fused only: a worker that cannot serve it per row) waits for the per-row batch, runs alone, then the rest
+    ran, log = run_auto([(0.0, "a", True), (0.0, "b", True), (0.01, "v", False), (0.02, "b", True)], hold=0.05)
+    assert log == ["v", None] and dict(ran)[2] == "v" and dict(ran)[3] is None

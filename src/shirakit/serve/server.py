@@ -102,8 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
                         help="builtin: shirakit's engine (every method, per request); vllm: vLLM's engine with SHiRA "
                         "fused in its weights and LoRA through vLLM's own (pip install shirakit[vllm]; docs/vllm.md)")
-    parser.add_argument("--policy", default="drain", choices=["drain", "slice"],
-                        help="--engine vllm: how the front scheduler moves between adapters (docs/vllm.md)")
+    parser.add_argument("--policy", default="auto", choices=["auto", "rows", "drain", "slice"],
+                        help="--engine vllm: SHiRA fused when one adapter runs, per row in mixed batches (auto), "
+                        "always per row (rows), or fused only, groups by drain or time slices (docs/vllm.md)")
     parser.add_argument("--slice-s", type=float, default=0.5, help="--engine vllm --policy slice: seconds per turn")
     parser.add_argument("--max-lora-rank", type=int, default=None,
                         help="--engine vllm: vLLM's LoRA rank bound (default: the largest r under --adapters)")

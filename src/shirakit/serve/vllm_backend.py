@@ -1,7 +1,10 @@
 """``shirakit serve --engine vllm``: the same HTTP app (``app.py``) over vLLM's async engine.
 
 SHiRA adapters are fused into vLLM's weights by the worker extension (:mod:`shirakit.vllm`, two
-scatters per weight) and a front scheduler runs one adapter's requests at a time (``GroupScheduler``);
+scatters per weight) while one adapter's requests run, or, where the workers can (CPU, fp32; policies
+``auto`` and ``rows``), served per row on the base weights inside vLLM's mixed batches
+(``integrations/vllm/rows.py``; VeRA and MiSS too, by their merged weights' product for their rows);
+the front scheduler (``GroupScheduler``) decides which, per request;
 VeRA and MiSS are fused the same way with their dense deltas (computed once here on a CPU copy of the
 model, one copy per weight per switch); LoRA adapters go through vLLM's own LoRA and run with the base
 model's requests (the base weights). docs/vllm.md says why nothing but LoRA runs per request.
@@ -48,7 +51,7 @@ class VllmBackend:
 
     def __init__(self, model_dir: str | Path, adapters: str | Path | None = None, served_model_name: str | None = None,
                  dtype: str = "auto", max_model_len: int | None = None, max_lora_rank: int | None = None,
-                 max_loras: int = 4, policy: str = "drain", slice_s: float = 0.5, memory_fraction: float = 0.25,
+                 max_loras: int = 4, policy: str = "auto", slice_s: float = 0.5, memory_fraction: float = 0.25,
                  tensor_parallel_size: int = 1, access: Policy | None = None) -> None:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -79,6 +82,15 @@ class VllmBackend:
         self.max_context = self.engine.model_config.max_model_len
         self.eos_ids = self._eos_ids()
         self.scheduler = GroupScheduler(self._switch, policy, slice_s)
+        # per-row SHiRA (rows.py) needs vLLM's CPU linear path and the grouped kernel (each worker checks
+        # again when it loads an adapter); None: SHiRA may run per row
+        from shirakit.vllm import front_supported
+
+        self.rows_reason = front_supported(self.engine.model_config) if policy in ("auto", "rows") else \
+            f"--policy {policy} serves SHiRA fused only"
+        if policy == "rows" and self.rows_reason:
+            self.engine.shutdown()
+            raise ValueError(f"--policy rows: per-row SHiRA cannot run here: {self.rows_reason}")
         self.kinds: dict[str, str] = {}  # loaded adapter -> SPARSE | NATIVE | DENSE
         self.lora_requests: dict[str, object] = {}
         self.values: dict[str, int] = {}  # fused adapter -> bytes it keeps on the first worker
@@ -122,14 +134,22 @@ class VllmBackend:
         self.loop = asyncio.get_running_loop()  # for callers on other threads (tests)
         adapter = None if model == self.base_name else model
         await self._ensure_loaded(adapter)
-        group = adapter if adapter is not None and self.kinds[adapter] != NATIVE else None
+        kind = self.kinds.get(adapter)
+        group = adapter if adapter is not None and kind != NATIVE else None
+        per_row = kind in (SPARSE, DENSE) and self.rows_reason is None  # it may run per row on the base weights
+        if per_row and self.scheduler.policy == "rows":
+            group = None
         lora = self.lora_requests.get(adapter) if adapter is not None else None
         request_id = f"shirakit-{next(self._ids)}"
         finished = False
         try:
-            async with self.scheduler.turn(group):
+            async with self.scheduler.turn(group, flexible=per_row) as under:
                 self.stats.prompt_tokens += len(prompt) * n
-                streams = [self._choice(f"{request_id}-{i}", i, adapter, prompt, params, lora) for i in range(n)]
+                if adapter is not None and adapter not in self.kinds:
+                    raise UnknownModel(adapter)  # unloaded while it waited (an unload waits for running ones)
+                rows = adapter if per_row and under is None else None  # on the base weights: its delta per row
+                streams = [self._choice(f"{request_id}-{i}", i, adapter, prompt, params, lora, rows)
+                           for i in range(n)]
                 async for event in _merge(streams):
                     if event.finish_reason is not None:
                         self.stats.generation_tokens += event.completion_tokens
@@ -145,15 +165,18 @@ class VllmBackend:
             raise
 
     async def _choice(self, request_id: str, index: int, adapter: str | None, prompt: list[int],
-                      params: SamplingParams, lora) -> AsyncIterator[Output]:
+                      params: SamplingParams, lora, rows: str | None = None) -> AsyncIterator[Output]:
         from vllm import SamplingParams as VllmParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        from shirakit.vllm import ROWS_KEY
+
         seed = None if params.seed is None else params.seed + index
         vparams = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                              seed=seed, stop_token_ids=sorted(self.eos_ids), detokenize=False,
-                             output_kind=RequestOutputKind.DELTA)
+                             output_kind=RequestOutputKind.DELTA,
+                             extra_args=None if rows is None else {ROWS_KEY: rows})
         seq = Sequence(request_id, index, adapter or "", prompt, params)
         stream = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), vparams, request_id, lora_request=lora)
         try:
@@ -239,6 +262,13 @@ class VllmBackend:
                 await asyncio.to_thread(write_dense_deltas, self._hf_model(), folder, file)
                 results = await self.engine.collective_rpc("shira_load_dense", args=(name, str(file)))
                 self.values[name] = int(results[0]["bytes"])
+            if kind in (SPARSE, DENSE):
+                refused = next((r["rows"] for r in results if r["rows"]), None)
+                if refused and self.rows_reason is None:  # a worker cannot add deltas per row: fused from now on
+                    if self.scheduler.policy == "rows":
+                        raise ValueError(f"--policy rows: a vLLM worker cannot serve adapters per row: {refused}")
+                    self.rows_reason = refused
+                    print(f"shirakit: adapters served fused only from now on: {refused}")
         except Exception as exc:
             self.cache_stats.adapter_load_failures += 1
             raise ValueError(str(exc)) from exc
@@ -337,7 +367,9 @@ def run_vllm(args) -> int:
 
     backend = build_vllm_backend(args)
     shira = sum(adapter_method(p)[0] == SPARSE for p in backend.paths.values())
-    print(f"engine: vllm (--engine vllm): SHiRA fused in vLLM's weights ({shira} folder(s)), LoRA through vLLM's "
+    how = "fused while one adapter runs, per row in mixed batches" if backend.rows_reason is None else \
+        f"fused, one adapter's requests at a time (not per row: {backend.rows_reason})"
+    print(f"engine: vllm (--engine vllm): SHiRA {how} ({shira} folder(s)), LoRA through vLLM's "
           f"own LoRA (max rank {backend.max_lora_rank or 'off'}), scheduler policy {args.policy}")
     print(f"serving {backend.base_name} and {len(backend.paths)} adapter(s) on http://{args.host}:{args.port}")
     try:

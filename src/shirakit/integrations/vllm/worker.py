@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from .files import read_shira
+from .rows import RowState
 
 
 @dataclass
@@ -52,6 +53,7 @@ class _Write:
     positions: torch.Tensor | None
     saved: torch.Tensor
     merged: torch.Tensor
+    delta: torch.Tensor | None = None  # SHiRA's values (scale folded in, fp32), for per-row serving
 
     def write(self, values: torch.Tensor) -> None:
         if self.positions is None:
@@ -70,6 +72,7 @@ class _State:
     active: str | None = None
     base_copies: dict[str, torch.Tensor] = field(default_factory=dict)  # vllm module -> W0 (dense adapters)
     checkpoint: dict[str, Path] | None = None  # tensor name -> safetensors file
+    rows: RowState = field(default_factory=RowState)  # per-row SHiRA (rows.py), CPU only
 
 
 def _bytes(writes: dict[str, _Write]) -> int:
@@ -118,9 +121,10 @@ class ShiraWorkerExtension:
             positions, values = positions[order], values[order]
             saved = self._shira_base_values(module_name, weight, positions)
             merged = (saved.float() + values.to(saved.device)).to(weight.dtype)  # as ShiraAdapter.merged_values
-            writes[module_name] = _Write(weight, positions.to(weight.device), saved, merged)
+            writes[module_name] = _Write(weight, positions.to(weight.device), saved, merged, values)
         state.adapters[name] = writes
-        return {"modules": len(deltas), "weights": len(writes),
+        self._shira_rows_relayout()
+        return {"modules": len(deltas), "weights": len(writes), "rows": self.shira_rows_supported(),
                 "values": int(sum(w.positions.numel() for w in writes.values())), "bytes": _bytes(writes)}
 
     def shira_load_dense(self, name: str, path: str) -> dict:
@@ -147,7 +151,8 @@ class ShiraWorkerExtension:
             merged = (base.float() + local.to(base.device)).to(weight.dtype)
             writes[module_name] = _Write(weight, None, base, merged)
         state.adapters[name] = writes
-        return {"modules": len(per_weight), "weights": len(writes),
+        self._shira_rows_relayout()
+        return {"modules": len(per_weight), "weights": len(writes), "rows": self.shira_rows_supported(),
                 "values": int(sum(w.merged.numel() for w in writes.values())), "bytes": _bytes(writes)}
 
     def shira_activate(self, name: str | None) -> str | None:
@@ -196,9 +201,20 @@ class ShiraWorkerExtension:
         if state.active == name:
             self.shira_activate(None)
         del state.adapters[name]
+        self._shira_rows_relayout()
         in_use = {m for writes in state.adapters.values() for m, w in writes.items() if w.positions is None}
         for module_name in [m for m in state.base_copies if m not in in_use]:
             del state.base_copies[module_name]  # no dense adapter needs this W0 copy any more
+
+    def shira_rows_supported(self) -> str | None:
+        """None if this worker can serve SHiRA per row inside mixed batches (``rows.py``), else why not."""
+        from .rows import supported
+
+        return supported(self.model_runner, self.vllm_config.model_config.dtype)
+
+    def shira_rows_calls(self) -> int:
+        """Layer calls so far that added per-row SHiRA deltas (tests: the mixed path really ran)."""
+        return self._shira_state().rows.calls
 
     def shira_active(self) -> str | None:
         return self._shira_state().active
@@ -372,7 +388,34 @@ class ShiraWorkerExtension:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         for module_name in names:
-            dispatch_cpu_unquantized_gemm(self._shira_module(module_name), remove_weight=False)
+            module = self._shira_module(module_name)
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            if module_name in state.rows.layers:  # the dispatch bound a new kernel: wrap it again
+                from .rows import wrap
+
+                wrap(state.rows, module, module_name, self.model_runner)
+
+    def _shira_rows_relayout(self) -> None:
+        """Lay out every loaded adapter per module for per-row serving (SHiRA: its sparse values; VeRA,
+        MiSS: their merged weights) and wrap the touched layers' CPU kernels (nothing to do where per-row
+        serving cannot run: those workers serve adapters fused only)."""
+        from . import rows
+
+        if self.shira_rows_supported() is not None:
+            return
+        state = self._shira_state()
+        per_module: dict[str, list] = {}
+        dense: dict[str, list] = {}
+        for name, writes in state.adapters.items():
+            for module_name, write in writes.items():
+                if write.delta is not None:
+                    per_module.setdefault(module_name, []).append((name, write.positions, write.delta))
+                elif write.positions is None:
+                    dense.setdefault(module_name, []).append((name, write.merged))
+        shapes = {m: tuple(state.unpacked[m].shape) for m in {*per_module, *dense}}
+        rows.relayout(state.rows, per_module, shapes, self.vllm_config.model_config.dtype, dense)
+        for module_name in shapes:
+            rows.wrap(state.rows, self._shira_module(module_name), module_name, self.model_runner)
 
     def _shira_base_copy(self, module_name: str) -> torch.Tensor:
         """The whole base weight W0 of ``module_name`` (kept once, shared by the dense adapters)."""

@@ -325,6 +325,52 @@ def add_grouped(layer, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[obje
     return True
 
 
+@dataclass
+class PackedRows:
+    """Several sparse deltas of one (m, n) weight laid out for the grouped kernel, for callers that keep
+    their deltas outside shirakit's layers (vLLM's workers, ``integrations/vllm/rows.py``)."""
+
+    shape: tuple[int, int]
+    crow: np.ndarray
+    col: np.ndarray
+    vals: np.ndarray
+    crow_start: np.ndarray
+    nnz_start: np.ndarray
+
+
+def pack_rows(shape: tuple[int, int], deltas: list[tuple[torch.Tensor, torch.Tensor]],
+              dtype: torch.dtype = torch.float32) -> PackedRows:
+    """Lay out deltas ``(flat positions sorted ascending, values with their scale folded in)`` of one
+    ``shape`` weight end to end in the kernel's order; delta ``a`` is index ``a`` of :func:`add_packed_rows`."""
+    if dtype not in _NUMPY:
+        raise ValueError(f"the grouped kernel takes float32 or float64, found {dtype}")
+    m, n = shape
+    crows, cols, values = [], [], []
+    for positions, vals in deltas:
+        positions = positions.cpu().long()
+        if positions.numel() > 1 and not bool((positions[1:] > positions[:-1]).all()):
+            raise ValueError("pack_rows: positions must be sorted ascending and unique")
+        rows = positions // n
+        crow = torch.zeros(m + 1, dtype=torch.int64)
+        crow[1:] = torch.bincount(rows, minlength=m).cumsum(0)
+        crows.append(crow.int().numpy())
+        cols.append((positions % n).int().numpy())
+        values.append(vals.detach().cpu().to(dtype).numpy())
+    crow_start = np.cumsum([0] + [c.size for c in crows[:-1]], dtype=np.int64)
+    nnz_start = np.cumsum([0] + [c.size for c in cols[:-1]], dtype=np.int64)
+    order = np.concatenate([_quad_order(c) + start for c, start in zip(crows, nnz_start)])
+    return PackedRows(shape, np.concatenate(crows), _narrow(np.concatenate(cols)[order]),
+                      np.concatenate(values)[order], crow_start, nnz_start)
+
+
+def add_packed_rows(packed: PackedRows, which: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``y[t] += delta_{which[t]} x[t]`` for every token row t with ``which[t] >= 0`` (int32, one per row
+    of the 2-D ``x`` (T, n) and ``y`` (T, m), both contiguous CPU tensors of the packed dtype), in place,
+    one kernel call: the same sums, in the same order, as :func:`add_grouped`."""
+    _kernel()(packed.crow, packed.col, packed.vals, packed.crow_start, packed.nnz_start, which, 1,
+              x.numpy(), y.numpy())
+
+
 # ---- CUDA: the same grouped delta by one Triton launch (methods/shira/triton_kernels.py) ----------
 
 @dataclass
