@@ -203,3 +203,12 @@ def test_streaming_gives_the_same_text(setup):
 
                 text += json.loads(line[6:])["choices"][0]["text"]
     assert text == expected(setup, "shira-r2-6", PROMPTS[2])
+
+
+def test_top_k_one_at_temperature_one_is_greedy(setup):
+    """top_k reaches vLLM's sampler: keeping only the most probable token makes a sampled request greedy."""
+    body = {"model": "shira-r2-6", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 1.0,
+            "top_k": 1, "seed": 5}
+    response = httpx.post(f"{setup['url']}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == expected(setup, "shira-r2-6", PROMPTS[1])

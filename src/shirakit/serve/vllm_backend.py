@@ -49,6 +49,8 @@ def adapter_method(folder: Path) -> tuple[str, int]:
 class VllmBackend:
     """What ``app.py`` talks to, over ``vllm.v1.engine.async_llm.AsyncLLM``."""
 
+    supports_top_k = True  # passed to vLLM's SamplingParams (its 0 is off, as ours)
+
     def __init__(self, model_dir: str | Path, adapters: str | Path | None = None, served_model_name: str | None = None,
                  dtype: str = "auto", max_model_len: int | None = None, max_lora_rank: int | None = None,
                  max_loras: int = 4, policy: str = "auto", slice_s: float = 0.5, memory_fraction: float = 0.25,
@@ -174,6 +176,7 @@ class VllmBackend:
 
         seed = None if params.seed is None else params.seed + index
         vparams = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                             top_k=params.top_k,
                              seed=seed, stop_token_ids=sorted(self.eos_ids), detokenize=False,
                              output_kind=RequestOutputKind.DELTA,
                              extra_args=None if rows is None else {ROWS_KEY: rows})
