@@ -8,6 +8,8 @@ submitted together to one ``Engine``; throughput = generated tokens / wall secon
 interleaved round by round (each round runs every mix once, so a load change hits all alike):
 
 - base, bare: an engine with no adapter registered (the model's own forward);
+- base, F.linear: the same without the engine's few-row linears (``skinny_linears=False``,
+  serve/skinny_linear.py): the gain of ``W x^T`` over ``F.linear`` in the same run;
 - base, SHiRA loaded: base requests while the SHiRA adapters sit in the model;
 - SHiRA 1 / LoRA 1: every request on adapter 0 (fused);
 - SHiRA 4 / LoRA 4: requests spread over 4 adapters (routed).
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-MIXES = ["base, bare", "base, SHiRA loaded", "SHiRA 1", "LoRA 1", "SHiRA 4", "LoRA 4"]
+MIXES = ["base, bare", "base, F.linear", "base, SHiRA loaded", "SHiRA 1", "LoRA 1", "SHiRA 4", "LoRA 4"]
 
 
 def make_adapters(model_dir: Path, out: Path) -> dict[str, Path]:
@@ -93,15 +95,18 @@ def main() -> None:
     model_dir = smollm2_dir()
     folders = make_adapters(model_dir, Path(tempfile.mkdtemp()))
 
-    def engine(adapters):
+    def engine(adapters, skinny=True):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        return Engine(model, AutoTokenizer.from_pretrained(model_dir), "base", adapters, max_loaded=8).start()
+        return Engine(model, AutoTokenizer.from_pretrained(model_dir), "base", adapters, max_loaded=8,
+                      skinny_linears=skinny).start()
 
     bare = engine({})
+    plain = engine({}, skinny=False)
     full = engine(folders)
     for name in folders:  # load every adapter once: the rounds measure steps, not loads
         run(full, [name], 1, 2)
-    setups = {"base, bare": (bare, ["base"]), "base, SHiRA loaded": (full, ["base"]),
+    setups = {"base, bare": (bare, ["base"]), "base, F.linear": (plain, ["base"]),
+              "base, SHiRA loaded": (full, ["base"]),
               "SHiRA 1": (full, ["shira-0"]), "LoRA 1": (full, ["lora-0"]),
               "SHiRA 4": (full, [f"shira-{i}" for i in range(4)]), "LoRA 4": (full, [f"lora-{i}" for i in range(4)])}
     if args.profile:
@@ -113,8 +118,8 @@ def main() -> None:
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     if args.rounds < 1:  # --profile alone
-        bare.stop()
-        full.stop()
+        for eng in (bare, plain, full):
+            eng.stop()
         return
     results = {mix: [] for mix in MIXES}
     for _ in range(args.rounds):
@@ -131,8 +136,8 @@ def main() -> None:
               f"{', '.join(f'{r:.0f}' for r in results[mix])} |")
     print("switches:", full.snapshot()["switches"], "fused steps:", full.snapshot()["fused_steps"],
           "routed steps:", full.snapshot()["routed_steps"])
-    bare.stop()
-    full.stop()
+    for eng in (bare, plain, full):
+        eng.stop()
 
 
 if __name__ == "__main__":

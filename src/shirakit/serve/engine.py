@@ -69,6 +69,7 @@ from .kv import RaggedStep, SlotKV, ragged_forward, supports_ragged
 from .metrics import Counters
 from .prefetch import Prefetcher
 from .sequence import SamplingParams, Sequence, logprob_entries, sample, sampling_probs
+from .skinny_linear import use_skinny_linears
 
 log = logging.getLogger("shirakit.serve")
 
@@ -138,10 +139,17 @@ class Engine:
                  max_loaded: int = 8, max_loaded_mb: float | None = None, max_batch: int = 32,
                  max_queue: int = 256, fuse_min_steps: int | None = None,
                  max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS, max_kv_tokens: int | None = None,
-                 chunked_prefill: bool = True, chunk_slack: float | None = DEFAULT_CHUNK_SLACK) -> None:
+                 chunked_prefill: bool = True, chunk_slack: float | None = DEFAULT_CHUNK_SLACK,
+                 skinny_linears: bool = True) -> None:
         self.model, self.tokenizer, self.base_name = model.eval(), tokenizer, base_name
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # decode steps multiply each weight by a few rows: on CPU, W x^T is often the faster form
+        # (skinny_linear.py); measured here on the model's own layers, per weight shape
+        self.skinny_shapes = use_skinny_linears(model) if skinny_linears and self.device.type == "cpu" else {}
+        if self.skinny_shapes:
+            log.info("few-row linears (W x^T up to N rows, 0: F.linear), per weight shape (out, in): %s",
+                     ", ".join(f"{shape}: {rows}" for shape, rows in self.skinny_shapes.items()))
         self.max_batch, self.max_queue, self.fuse_min_steps = max_batch, max_queue, fuse_min_steps
         if max_num_batched_tokens < MIN_PREFILL_CHUNK:
             raise ValueError(

@@ -1,0 +1,117 @@
+"""Linear layers over a few rows on CPU: ``y = (W x^T)^T`` where it beats ``y = x W^T``.
+
+A decode step multiplies every weight by a handful of rows (one per running request). On CPU,
+``F.linear`` hands ``x W^T`` to the BLAS with the weight as the transposed operand; written
+``W x^T`` instead, the weight's output rows are the long side, which the threads split between
+them. Which form is faster depends on the CPU, the BLAS, the threads and the layer's shape, so
+:func:`use_skinny_linears` measures both on the model's own layers at start and gives each weight
+shape ``W x^T`` up to the most rows at which it won at every row count tried (never, where it lost).
+
+Measured on this project's 2-core AMD EPYC (torch 2.13 CPU, fp32, weights out of cache;
+``benchmarks/skinny_linear.py``): at 2 threads and 8 rows, SmolLM2-135M's 1536 x 576 projections
+1.9x faster, its 49152 x 576 output layer 43 -> 13 ms (3.3x), its 192 x 576 ones 0.88x (so they keep
+``F.linear``); one decode step of the whole model 206 -> 114 ms at 8 rows, 243 -> 162 ms at 16;
+at 1 thread only the output layer gains (1.2-1.6x). From 64 rows on the two forms are even.
+The sums run in another order, so logits may differ from ``F.linear``'s in the last bits (5e-5 at
+most in that model's logits).
+
+The layer reads ``layer.weight`` at each call, so values written into the weight (SHiRA's fused
+switch) are seen as with ``F.linear``. Only plain ``nn.Linear`` layers with an ordinary float32 CPU
+weight take part; quantized, sharded or meta weights (a tensor subclass, another device) keep
+their own forward.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import types
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+ROW_COUNTS = (4, 8, 16, 32, 64)  # the row counts the calibration tries, in order (2-3 rows follow 4's verdict)
+MOST_LAYERS = 8  # the calibration times at most this many layers of a shape (bounded start-up)
+REPEATS = 3  # timings per form and row count; the median decides
+MARGIN = 0.95  # W x^T must take at most this share of F.linear's time to be chosen
+
+
+def skinny_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``: ``(W x^T)^T + b`` for 2..``layer.skinny_rows`` rows on CPU, else ``F.linear``."""
+    features = x.shape[-1]
+    rows = x.numel() // features if features else 0
+    if not 2 <= rows <= layer.skinny_rows or x.device.type != "cpu" or x.dtype != layer.weight.dtype:
+        return nn.functional.linear(x, layer.weight, layer.bias)
+    return _transposed(x.reshape(rows, features), layer.weight, layer.bias).view(*x.shape[:-1], -1)
+
+
+def _transposed(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # contiguous: the next ops (views into heads, norms) run on a plain row-major result
+    y = torch.mm(weight, x2.t()).t().contiguous()
+    if bias is not None:
+        y += bias
+    return y
+
+
+def skinny_candidate(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` whose weight is an ordinary float32 CPU tensor."""
+    if type(module) is not nn.Linear:
+        return False
+    weight = module.weight
+    return type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> int:
+    """The most rows (of ``ROW_COUNTS``) up to which ``W x^T`` took at most ``MARGIN`` of
+    ``F.linear``'s time at every count tried on these layers (one weight shape); 0: never."""
+    layers = layers[:MOST_LAYERS]  # cycled through, so the weights come from memory as in a step
+    features = layers[0].in_features
+    most = 0
+    with torch.inference_mode():
+        for rows in ROW_COUNTS:
+            x = torch.randn(rows, features)
+            plain = _median_seconds(lambda x=x: [nn.functional.linear(x, m.weight, m.bias) for m in layers], repeats)
+            skinny = _median_seconds(lambda x=x: [_transposed(x, m.weight, m.bias) for m in layers], repeats)
+            if skinny > MARGIN * plain:
+                break
+            most = rows
+    return most
+
+
+def use_skinny_linears(model: nn.Module, most_rows: int | None = None) -> dict[tuple[int, int], int]:
+    """Give the :func:`skinny_candidate` layers of ``model`` the few-row forward (an instance
+    attribute: the class, parameters and ``state_dict`` are untouched), up to ``most_rows`` rows,
+    or, with ``None``, up to what :func:`calibrate` finds for each weight shape at the current
+    thread count. Returns ``{(out, in): most rows}`` per shape (0: that shape keeps ``F.linear``)."""
+    drop_skinny_linears(model)
+    shapes: dict[tuple[int, int], list[nn.Linear]] = defaultdict(list)
+    for module in model.modules():
+        if skinny_candidate(module):
+            shapes[tuple(module.weight.shape)].append(module)
+    chosen = {}
+    for shape, layers in shapes.items():
+        chosen[shape] = calibrate(layers) if most_rows is None else most_rows
+        if chosen[shape]:
+            for layer in layers:
+                layer.skinny_rows = chosen[shape]
+                layer.forward = types.MethodType(skinny_forward, layer)
+    return chosen
+
+
+def drop_skinny_linears(model: nn.Module) -> None:
+    """Undo :func:`use_skinny_linears`: every layer back to its class's forward."""
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is skinny_forward:
+            del module.forward
+            del module.skinny_rows

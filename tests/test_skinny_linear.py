@@ -1,0 +1,114 @@
+"""serve/skinny_linear.py: few-row linears as (W x^T)^T, chosen per weight shape by measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import shirakit
+from shirakit.serve.skinny_linear import (
+    ROW_COUNTS,
+    calibrate,
+    drop_skinny_linears,
+    skinny_candidate,
+    skinny_forward,
+    use_skinny_linears,
+)
+from tests.models import inputs, tiny_llama
+
+
+def _layer(out_features=48, in_features=40, bias=True, rows_limit=64, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    layer.skinny_rows = rows_limit
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 40), (2, 40), (3, 5, 40), (64, 40), (65, 40), (2, 0, 40)])
+def test_equals_the_float64_product_for_every_row_count(shape, bias):
+    layer = _layer(bias=bias)
+    x = torch.randn(shape)
+    got = skinny_forward(layer, x)
+    want = nn.functional.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    assert got.shape == (*shape[:-1], 48) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (65, 40), (4, 40)])
+def test_outside_its_rows_it_is_f_linear_bit_for_bit(shape):
+    layer = _layer(rows_limit=3)  # 4 rows: over this layer's limit
+    x = torch.randn(shape)
+    assert torch.equal(skinny_forward(layer, x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_other_dtypes_and_devices_keep_f_linear():
+    layer = _layer()
+    x = torch.randn(8, 40, dtype=torch.float64)  # not the weight's dtype: F.linear's own error or promotion
+    with pytest.raises(RuntimeError):
+        skinny_forward(layer, x)
+    assert not skinny_candidate(nn.Linear(4, 4, dtype=torch.bfloat16))
+    assert not skinny_candidate(nn.Linear(4, 4, device="meta"))
+    assert not skinny_candidate(type("MyLinear", (nn.Linear,), {})(4, 4))
+    assert not skinny_candidate(nn.Conv1d(4, 4, 1))
+    assert skinny_candidate(nn.Linear(4, 4))
+
+
+def test_a_model_gives_the_same_logits_and_state_and_drop_restores_it():
+    model = tiny_llama().eval()
+    ids = inputs(batch=3, length=1)
+    with torch.inference_mode():
+        before = model(ids).logits
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    chosen = use_skinny_linears(model, most_rows=64)
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert set(chosen) == {tuple(m.weight.shape) for m in layers} and set(chosen.values()) == {64}
+    assert all("forward" in m.__dict__ for m in layers)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+    state = model.state_dict()
+    assert state.keys() == keys.keys() and all(torch.equal(state[k], keys[k]) for k in keys)
+    drop_skinny_linears(model)
+    assert not any("forward" in m.__dict__ or hasattr(m, "skinny_rows") for m in layers)
+
+
+def test_values_written_into_the_weight_are_seen_fused_shira_included():
+    """In-weight adapters write into the weight while active: the skinny forward reads it per call."""
+    plain, skinny = tiny_llama().eval(), tiny_llama().eval()
+    use_skinny_linears(skinny, most_rows=64)
+    config = shirakit.ShiraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False, random_seed=3)
+    for model in (plain, skinny):
+        shirakit.inject(model, config, "a")
+        shirakit.switch_adapter(model, "a")
+    ids = inputs(batch=4, length=1)
+    with torch.inference_mode():
+        fused = skinny(ids).logits
+        torch.testing.assert_close(fused, plain(ids).logits, rtol=1e-5, atol=1e-5)
+        shirakit.switch_adapter(skinny, None)
+        assert not torch.allclose(skinny(ids).logits, fused, rtol=1e-4, atol=1e-4)  # the base again, not a copy
+
+
+def test_calibration_answers_a_tried_row_count_for_every_shape():
+    model = tiny_llama()
+    chosen = use_skinny_linears(model)
+    candidates = [m for m in model.modules() if skinny_candidate(m)]
+    assert set(chosen) == {tuple(m.weight.shape) for m in candidates}
+    assert set(chosen.values()) <= {0, *ROW_COUNTS}
+    for layer in candidates:  # a layer has the skinny forward exactly when its shape won somewhere
+        assert ("forward" in layer.__dict__) == bool(chosen[tuple(layer.weight.shape)])
+    assert calibrate([nn.Linear(8, 8)], repeats=1) in {0, *ROW_COUNTS}
+
+
+def test_the_engine_installs_them_on_cpu_and_can_leave_them_out(served_folders):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shirakit.serve import Engine
+
+    model_dir = served_folders[0]
+    for wanted in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), "tiny", skinny_linears=wanted)
+        assert bool(engine.skinny_shapes) is wanted
+        if not wanted:
+            assert not any("forward" in m.__dict__ for m in model.modules())
