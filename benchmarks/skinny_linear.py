@@ -9,15 +9,14 @@ Two tables, both forms side by side in the same process at each thread count:
   cache by itself), median microseconds per call;
 - per decode step: SmolLM2-135M (``shirakit.data.smollm2_dir()``), one token for each of
   ``rows`` rows over a 64-token cache, ``logits_to_keep=1``, median milliseconds, with the largest
-  difference of the two forms' logits.
+  difference of the two forms' logits; ``W x^T`` there is what the serving engine would choose
+  (``use_skinny_linears`` calibrated at that thread count: some shapes keep ``F.linear``).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,21 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
 
-from shirakit.serve.skinny_linear import drop_skinny_linears, skinny_forward, use_skinny_linears  # noqa: E402
+from shirakit.serve.skinny_linear import (  # noqa: E402
+    drop_skinny_linears,
+    median_seconds,
+    skinny_forward,
+    use_skinny_linears,
+)
 
 SHAPES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (192, 576), "gate_proj, up_proj": (1536, 576),
           "down_proj": (576, 1536), "lm_head": (49152, 576)}
 BEGIN, END = "<!-- skinny_linear:begin -->", "<!-- skinny_linear:end -->"
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def per_call(forward, layers, x, repeats: int) -> float:
@@ -49,13 +43,15 @@ def per_call(forward, layers, x, repeats: int) -> float:
         for layer in layers:
             forward(layer, x)
 
-    return median_time(cycle, repeats) / len(layers) * 1e6
+    return median_seconds(cycle, repeats) / len(layers) * 1e6
 
 
 def per_layer(rows: int, repeats: int) -> list[list[str]]:
     out = []
     for name, (n, k) in SHAPES.items():
         layers = [torch.nn.Linear(k, n, bias=False) for _ in range(1 if name == "lm_head" else 60)]
+        for layer in layers:
+            layer.skinny_rows = rows  # W x^T at this row count, whatever a calibration would choose
         x = torch.randn(rows, k)
         a = per_call(lambda layer, x: torch.nn.functional.linear(x, layer.weight), layers, x, repeats)
         b = per_call(skinny_forward, layers, x, repeats)
@@ -76,7 +72,7 @@ def per_step(model, rows: int, repeats: int) -> list[str]:
                 result[form] = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
                 cache.crop(-1)  # back to the 64-token cache
 
-            result[form + " s"] = median_time(step, repeats)
+            result[form + " s"] = median_seconds(step, repeats)
     drop_skinny_linears(model)
     a, b = result["F.linear s"] * 1e3, result["skinny s"] * 1e3
     diff = (result["F.linear"] - result["skinny"]).abs().max().item()

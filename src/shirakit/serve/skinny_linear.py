@@ -62,7 +62,8 @@ def skinny_candidate(module: nn.Module) -> bool:
     return type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -81,8 +82,8 @@ def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> int:
     with torch.inference_mode():
         for rows in ROW_COUNTS:
             x = torch.randn(rows, features)
-            plain = _median_seconds(lambda x=x: [nn.functional.linear(x, m.weight, m.bias) for m in layers], repeats)
-            skinny = _median_seconds(lambda x=x: [_transposed(x, m.weight, m.bias) for m in layers], repeats)
+            plain = median_seconds(lambda x=x: [nn.functional.linear(x, m.weight, m.bias) for m in layers], repeats)
+            skinny = median_seconds(lambda x=x: [_transposed(x, m.weight, m.bias) for m in layers], repeats)
             if skinny > MARGIN * plain:
                 break
             most = rows
