@@ -15,11 +15,11 @@ and its ratio to the bare model's median:
   wrapper's bookkeeping: locks, version checks, the route lookup);
 - wrappers removed: the parents call the base layers themselves.
 
-Found when this script was written (2026-12-04, 16 rows; 2 threads unless said): loaded / bare 1.039-1.069,
-fused the same, direct call 0.977-1.006, wrappers removed 0.984-1.002; at 1 thread loaded 1.037 (F.linear or
-the engine's few-row linears alike). The bookkeeping's own Python measures ~26 us per wrapped call (60 calls:
-~1.6 ms of a ~10 ms gap) and each piece alone (the lock, the ``ds_id`` check, the route lookup,
-``is_compiling``) costs <= 1.2%: the rest is not explained yet.
+Each row's timed step follows an untimed one: the first forward after a switch (or any change of the
+model) takes every wrapped layer's slow path once (its sync, ~170 us per layer here: ~10 ms a step).
+A first version timed that step and read loaded / bare 1.04-1.07; steady state (2026-12-04, 2 threads,
+16 rows, 15 rounds): loaded, base 1.005, SHiRA fused 1.036, direct call 1.019, wrappers removed 1.014 (the
+spread of this machine is ~2%): the wrappers' fast path costs nothing measurable at the model level.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
                     for attn, name, layer in wrapped:
                         setattr(attn, name, layer.base_layer)
                 try:
+                    step(model, caches[row], token)  # after a switch every wrapped layer syncs once: not timed
                     times[row].append(step(model, caches[row], token))
                 finally:
                     AdapterLinear._eager_forward = eager
