@@ -533,19 +533,8 @@ class Engine:
         self._kv.advance(0, [1] * decoding + fed)
         for seq, count in zip(group, fed):
             seq.cached += count
-        for i in echo:  # the prompt's own log-probabilities: position j predicts token j + 1
-            seq = group[i]
-            try:
-                begin = seq.cached - fed[i]
-                if begin == 0:
-                    seq.logprobs.append((self.tokenizer.decode([seq.prompt[0]]), None, None))
-                targets = seq.prompt[begin + 1: seq.cached + 1]
-                if targets:
-                    where = [at[starts[i] + j] for j in range(len(targets))]
-                    logprobs = torch.log_softmax(logits[where].float(), dim=-1)
-                    seq.logprobs += logprob_entries(logprobs, targets, seq.params.logprobs, self.tokenizer)
-            except Exception as exc:
-                self._fail_request(self._requests[seq.request_id], exc)
+        for i in echo:
+            self._prompt_logprobs(group[i], fed[i], lambda n, i=i: logits[[at[starts[i] + j] for j in range(n)]])
         if decoding:
             self.stats.decode_steps += 1
         if group:
@@ -581,18 +570,8 @@ class Engine:
         self._kv.advance(start, fed)
         for seq, count in zip(group, fed):
             seq.cached += count
-        for row in echo:  # the prompt's own log-probabilities: position i predicts token i + 1
-            seq = group[row]
-            try:
-                begin = seq.cached - fed[row]
-                if begin == 0:
-                    seq.logprobs.append((self.tokenizer.decode([seq.prompt[0]]), None, None))
-                targets = seq.prompt[begin + 1: seq.cached + 1]
-                if targets:
-                    logprobs = torch.log_softmax(out.logits[row, : len(targets)].float(), dim=-1)
-                    seq.logprobs += logprob_entries(logprobs, targets, seq.params.logprobs, self.tokenizer)
-            except Exception as exc:
-                self._fail_request(self._requests[seq.request_id], exc)
+        for row in echo:
+            self._prompt_logprobs(group[row], fed[row], lambda n, row=row: out.logits[row, :n])
         self.stats.prefill_batches += 1
         if not finishing:
             return
@@ -602,6 +581,21 @@ class Engine:
             self._place_swap(self._running.index(seq), self._decoding)
             self._decoding += 1
         self._advance(done, logits)
+
+    def _prompt_logprobs(self, seq: Sequence, fed: int, logits_of) -> None:
+        """An echo row's prompt log-probabilities for the ``fed`` tokens it just took in (position j
+        predicts token j + 1); ``logits_of(n)``: the logits of this chunk's first n positions. A
+        failure fails this row's request only."""
+        try:
+            begin = seq.cached - fed
+            if begin == 0:
+                seq.logprobs.append((self.tokenizer.decode([seq.prompt[0]]), None, None))
+            targets = seq.prompt[begin + 1: seq.cached + 1]
+            if targets:
+                logprobs = torch.log_softmax(logits_of(len(targets)).float(), dim=-1)
+                seq.logprobs += logprob_entries(logprobs, targets, seq.params.logprobs, self.tokenizer)
+        except Exception as exc:
+            self._fail_request(self._requests[seq.request_id], exc)
 
     def _decode_step(self) -> None:
         rows = self._running[: self._decoding]
