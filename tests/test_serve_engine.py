@@ -20,7 +20,8 @@ from shirakit.serve import Engine, start_server  # noqa: E402
 from shirakit.serve.engine import RequestTooLarge  # noqa: E402
 from shirakit.serve.kv import SlotKV  # noqa: E402
 from shirakit.serve.policy import Policy  # noqa: E402
-from shirakit.serve.sequence import SamplingParams  # noqa: E402
+from shirakit.model.routing import BASE  # noqa: E402
+from shirakit.serve.sequence import SamplingParams, Sequence  # noqa: E402
 
 TIMEOUT = 60
 
@@ -88,13 +89,13 @@ def _record_rows(engine: Engine) -> list[tuple[str, int, int, int, int]]:
         seen.append(("decode", engine._decoding, 1, len(engine._running), next(count)))
         decode()
 
-    def recording_step(group, chunk):
+    def recording_step(group, fed):
         number = next(count)
         if group:
-            seen.append(("prefill", len(group), chunk, len(engine._running), number))
+            seen.append(("prefill", len(group), max(fed), len(engine._running), number))
         if engine._decoding:
             seen.append(("decode", engine._decoding, 1, len(engine._running), number))
-        step(group, chunk)
+        step(group, fed)
 
     engine._prefill, engine._decode_step, engine._step = recording_prefill, recording_decode, recording_step
     return seen
@@ -329,24 +330,59 @@ def test_a_ragged_forward_on_other_architectures(arch):
 
 
 def test_chunks_are_sized_by_measured_time_while_rows_decode(folders):
-    """With rows decoding, a chunk makes an iteration cost at most 1 + chunk_slack decode steps:
-    no chunk until a decode step is timed, then MIN_PREFILL_CHUNK until a prompt token is, then
-    slack x t_decode / t_token; and a decode-only iteration again every REFRESH_DECODE_EVERY."""
+    """With rows decoding, a long prompt's chunk makes an iteration cost at most 1 + chunk_slack
+    decode steps (partial); a prompt costing at most CHUNK_BURST steps is short (whole): no prompt
+    until a decode step is timed, then MIN_PREFILL_CHUNK until a prompt token is, then
+    slack x t_decode / t_token (and burst x ...); a decode-only iteration again every
+    REFRESH_DECODE_EVERY."""
+    from shirakit.serve import engine as engine_module
+
+    burst = engine_module.CHUNK_BURST
+    engine = _engine(folders, max_num_batched_tokens=512, chunk_slack=0.5)
+    assert engine._timed_budgets() == (0, 0)  # nothing measured: a decode-only iteration first
+    engine._timed(16, 0, 0.200)  # a decode step of 16 rows: 200 ms
+    assert engine._timed_budgets() == (engine_module.MIN_PREFILL_CHUNK,) * 2
+    engine._timed(16, 16, 0.200 + 16 * 0.004)  # 16 prompt tokens beside it: 4 ms a token
+    assert engine._timed_budgets() == (int(burst * 200 / 4), 25)  # 0.5 x 200 ms / 4 ms
+    for _ in range(engine_module.REFRESH_DECODE_EVERY - 1):
+        engine._timed(16, 25, 0.300)
+    assert engine._timed_budgets() == (0, 0)
+    engine._timed(16, 0, 0.100)  # the decode step got cheaper: smaller chunks
+    whole, partial = engine._timed_budgets()
+    assert 0 < partial < 25 and whole < burst * 200 / 4
+    with pytest.raises(ValueError, match="chunk_slack must be a positive"):
+        _engine(folders, chunk_slack=0)
+
+
+@pytest.mark.parametrize("lengths, expected", [
+    ([90, 90, 90, 300], [90, 90, 90]),  # short (<= 100 tokens each): in whole, together; the long one waits
+    ([90] * 6, [90] * 5),  # ... within the iteration's token budget (512 - 2 decoding rows)
+    ([300, 30], [25]),  # a long prompt first: a chunk of the partial budget, the rest wait
+    ([5, 300], [5, 20]),  # a short prompt whole, then a chunk of what the partial budget leaves
+    ([10, 300], [10]),  # ... unless that is under MIN_PREFILL_CHUNK (15 tokens)
+])
+def test_ragged_prefill_feeds_short_prompts_whole_and_long_ones_in_chunks(folders, lengths, expected):
+    """Ragged forwards pack the prefilling rows in order, each its own count: a prompt that costs at
+    most CHUNK_BURST decode steps goes in whole (it is not split into chunks that would each delay
+    its first token by an iteration), several within the token budget; a longer one takes a chunk
+    of the partial budget (>= MIN_PREFILL_CHUNK after others) and the rows after it wait."""
     from shirakit.serve import engine as engine_module
 
     engine = _engine(folders, max_num_batched_tokens=512, chunk_slack=0.5)
-    assert engine._timed_budget() == 0  # nothing measured: a decode-only iteration first
-    engine._timed(16, 0, 0.200)  # a decode step of 16 rows: 200 ms
-    assert engine._timed_budget() == engine_module.MIN_PREFILL_CHUNK
-    engine._timed(16, 16, 0.200 + 16 * 0.004)  # 16 prompt tokens beside it: 4 ms a token
-    assert engine._timed_budget() == 25  # 0.5 x 200 ms / 4 ms
-    for _ in range(engine_module.REFRESH_DECODE_EVERY - 1):
-        engine._timed(16, 25, 0.300)
-    assert engine._timed_budget() == 0
-    engine._timed(16, 0, 0.100)  # the decode step got cheaper: smaller chunks
-    assert 0 < engine._timed_budget() < 25
-    with pytest.raises(ValueError, match="chunk_slack must be a positive"):
-        _engine(folders, chunk_slack=0)
+    assert engine.ragged and engine_module.CHUNK_BURST == 2.0
+    params = SamplingParams(max_tokens=8, temperature=0)
+    engine._running = [Sequence(f"d{i}", 0, BASE, _prompt(i, 4), params) for i in range(2)]
+    engine._running += [Sequence(f"p{i}", 0, BASE, _prompt(9 + i, n), params) for i, n in enumerate(lengths)]
+    for seq in engine._running[:2]:
+        seq.cached = 4
+    engine._decoding = 2
+    engine._kv.add(len(engine._running))
+    engine._kv.plan(len(engine._running), 400)
+    engine._timed(2, 0, 0.200)
+    engine._timed(2, 16, 0.200 + 16 * 0.004)  # 4 ms a token: partial 25 tokens, short up to 100
+    group, fed = engine._prefill_group()
+    assert fed == expected
+    assert group == engine._running[2: 2 + len(expected)]
 
 
 # ---- incremental detokenization ------------------------------------------------------------------

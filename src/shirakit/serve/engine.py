@@ -17,8 +17,10 @@ a decode step). Rows keep their keys/values in preallocated slots (``kv.py``).
 - Chunked prefill (as in Sarathi, Agrawal et al. 2023, arXiv 2308.16369): one iteration feeds at
   most ``max_num_batched_tokens`` tokens, one per decoding row and the rest to prompts, so a long
   prompt is prefilled over several iterations while the running rows keep decoding. While rows
-  decode, the chunk is also sized by measured time (``chunk_slack``): an iteration may cost at
-  most ``1 + chunk_slack`` decode steps (:meth:`Engine._timed_budget`). With
+  decode, the chunk is also sized by measured time (``chunk_slack``): a long prompt's chunk may
+  make an iteration cost at most ``1 + chunk_slack`` decode steps, while a short prompt (one that
+  costs at most ``CHUNK_BURST`` decode steps) goes in whole, several within the token budget
+  (:meth:`Engine._timed_budgets`). With
   ``chunked_prefill=False`` the newcomers' prompts go in whole (the decoding rows wait for it).
 
 Which adapter a forward uses:
@@ -79,6 +81,7 @@ DEFAULT_BATCHED_TOKENS = 256  # tokens one iteration feeds (decoding rows + pref
 MIN_PREFILL_CHUNK = 16  # a prompt always advances by at least this many tokens an iteration
 KV_MEMORY_SHARE = 0.4  # the default KV budget: this share of the memory free at start
 DEFAULT_CHUNK_SLACK = 0.5  # a prefill chunk may make an iteration this much longer than a decode step alone
+CHUNK_BURST = 2.0  # a prompt that costs at most this many decode steps is short: it goes in whole
 TIMING_SAMPLES = 8  # the recent iterations the chunk-sizing estimates take their medians over
 REFRESH_DECODE_EVERY = 32  # one decode-only iteration after this many with a chunk (a fresh decode time)
 ROUTED = object()  # _plan_adapters: rows routed per row, nothing merged
@@ -431,59 +434,88 @@ class Engine:
         Ragged (models on transformers' attention interface): both in ONE forward (``_step``).
         Otherwise one prefill forward, then one decode step; both decide fused or routed over the
         adapters of the whole iteration."""
-        group, chunk = self._prefill_group()
+        group, fed = self._prefill_group()
         self._union = {s.adapter for s in self._running[: self._decoding]} | {s.adapter for s in group}
         if self.ragged:
             if group or self._decoding:
-                self._step(group, chunk)
+                self._step(group, fed)
             return
         if group:
-            self._prefill(group, chunk, self._union)
+            self._prefill(group, max(fed), self._union)
         if self._decoding:
             self._union |= {s.adapter for s in self._running[: self._decoding]}
             self._decode_step()
 
-    def _prefill_group(self) -> tuple[list[Sequence], int]:
-        """The prefilling rows this iteration feeds, and the chunk (tokens per row) it feeds them.
+    def _prefill_group(self) -> tuple[list[Sequence], list[int]]:
+        """The prefilling rows this iteration feeds, and how many prompt tokens each.
 
-        Chunked: at most ``max_num_batched_tokens - decoding rows`` tokens (at least
-        ``MIN_PREFILL_CHUNK``), padding counted, go to the first prefilling rows in order; the first
-        row sets the chunk. Unchunked: every prefilling row's whole prompt in one forward."""
+        Unchunked: every prefilling row's whole prompt. Chunked: at most
+        ``max_num_batched_tokens - decoding rows`` tokens (at least ``MIN_PREFILL_CHUNK``) go to the
+        first prefilling rows in order. Padded forwards (models off the ragged path) feed every row
+        of the group the first row's chunk (padding counted). Ragged forwards pack the rows, each
+        its own count; while rows decode, time bounds them too (:meth:`_timed_budgets`): short
+        prompts go in whole, a long one takes a chunk of the ``partial`` budget."""
         rows = self._running[self._decoding:]
         if not rows:
-            return [], 0
+            return [], []
         if not self.chunked_prefill:
-            return rows, max(s.prefill_left for s in rows)
+            return rows, [s.prefill_left for s in rows]
         budget = max(self.max_num_batched_tokens - self._decoding, MIN_PREFILL_CHUNK)
-        if self._decoding and self.ragged and self.chunk_slack is not None:
-            budget = min(budget, self._timed_budget())
-            if not budget:
-                return [], 0  # a decode-only iteration: measure what a decode step costs now
-        chunk = min(budget, rows[0].prefill_left)
         capacity = self._kv.shape[1]
-        group = [rows[0]]
-        for slot, seq in enumerate(rows[1:], start=self._decoding + 1):
-            if (len(group) + 1) * chunk > budget or self._kv.lengths[slot] + chunk > capacity:
-                break
+        if not self.ragged:
+            chunk = min(budget, rows[0].prefill_left)
+            group = [rows[0]]
+            for slot, seq in enumerate(rows[1:], start=self._decoding + 1):
+                if (len(group) + 1) * chunk > budget or self._kv.lengths[slot] + chunk > capacity:
+                    break
+                group.append(seq)
+            return group, [min(chunk, s.prefill_left) for s in group]
+        whole, partial = budget, budget
+        if self._decoding and self.chunk_slack is not None:
+            whole, partial = self._timed_budgets()
+            if not whole:
+                return [], []  # a decode-only iteration: measure what a decode step costs now
+            whole, partial = min(whole, budget), min(partial, budget)
+        group, fed, used = [], [], 0
+        for slot, seq in enumerate(rows, start=self._decoding):
+            room = capacity - self._kv.lengths[slot]
+            if not seq.cached and seq.prefill_left <= min(whole, budget - used, room):
+                count = seq.prefill_left  # a short prompt: in whole
+            else:  # a chunk of the partial budget, and only while a row gets MIN_PREFILL_CHUNK from it
+                count = min(seq.prefill_left, room, partial - used)
+                if group and count < MIN_PREFILL_CHUNK or count <= 0:
+                    break
             group.append(seq)
-        return group, chunk
+            fed.append(count)
+            used += count
+            if count < seq.prefill_left:
+                break  # the rows after a partial one wait: prompts go in in order
+        return group, fed
 
-    def _timed_budget(self) -> int:
-        """Prompt tokens one iteration may feed beside the decoding rows so that it costs at most
-        ``1 + chunk_slack`` decode steps: ``chunk_slack * t_decode / t_token``, from the medians of
-        recent iterations (a decode-only one: ``t_decode``; one with a chunk of ``c`` tokens:
-        ``t_token = (t - t_decode) / c``). 0 asks for a decode-only iteration first (none measured
-        yet, or ``REFRESH_DECODE_EVERY`` iterations since the last one); ``MIN_PREFILL_CHUNK`` until
-        a token's cost is measured, and never less (a prompt always advances)."""
+    def _timed_budgets(self) -> tuple[int, int]:
+        """Prompt tokens one iteration may feed beside the decoding rows: (whole, partial).
+
+        A long prompt's chunk may make an iteration cost at most ``1 + chunk_slack`` decode steps:
+        ``partial = chunk_slack * t_decode / t_token`` tokens, from the medians of recent iterations
+        (a decode-only one: ``t_decode``; one with ``c`` prompt tokens: ``t_token = (t - t_decode) / c``).
+        A prompt of at most ``whole = CHUNK_BURST * t_decode / t_token`` tokens is short and goes in
+        whole: splitting it would cost the decoding rows the same time in total and delay its
+        first token by an iteration per chunk (the batch decoding one row fewer meanwhile). The
+        guard is for long prompts, whose prefill would stall the rows for many steps.
+        (0, 0) asks for a decode-only iteration (none measured yet, or ``REFRESH_DECODE_EVERY``
+        iterations since the last one); ``MIN_PREFILL_CHUNK`` until a token's cost is measured, and
+        never less (a prompt always advances)."""
         if not self._decode_times or self._since_decode_only >= REFRESH_DECODE_EVERY:
-            return 0
+            return 0, 0
         if not self._token_times:
-            return MIN_PREFILL_CHUNK
+            return MIN_PREFILL_CHUNK, MIN_PREFILL_CHUNK
         per_token = max(statistics.median(self._token_times), 1e-9)
-        return max(MIN_PREFILL_CHUNK, int(self.chunk_slack * statistics.median(self._decode_times) / per_token))
+        t_decode = statistics.median(self._decode_times)
+        partial = max(MIN_PREFILL_CHUNK, int(self.chunk_slack * t_decode / per_token))
+        return max(partial, int(CHUNK_BURST * t_decode / per_token)), partial
 
     def _timed(self, decoding: int, fed: int, seconds: float) -> None:
-        """Record one iteration's wall time for :meth:`_timed_budget`."""
+        """Record one iteration's wall time for :meth:`_timed_budgets`."""
         if not decoding:
             return
         if not fed:
@@ -493,15 +525,14 @@ class Engine:
             self._token_times.append(max(seconds - statistics.median(self._decode_times), 0.0) / fed)
             self._since_decode_only += 1
 
-    def _step(self, group: list[Sequence], chunk: int) -> None:
+    def _step(self, group: list[Sequence], fed: list[int]) -> None:
         """One ragged forward (``kv.RaggedStep``): the last token of every decoding row (slots
-        ``[0, decoding)``) and ``chunk`` prompt tokens of each row of ``group`` (fewer where a
-        prompt ends; slots after the decoding rows), no padding. Decoding rows get their next
+        ``[0, decoding)``) and ``fed[i]`` prompt tokens of row ``group[i]`` (slots after the
+        decoding rows), no padding. Decoding rows get their next
         token; prefill rows whose prompt is then in get their first and join the decoding rows."""
         began = time.perf_counter()
         decoding = self._decoding
         rows = self._running[:decoding]
-        fed = [min(chunk, s.prefill_left) for s in group]
         segments = [(decoding + i, seq.cached, count) for i, (seq, count) in enumerate(zip(group, fed))]
         ids = [s.tokens[-1] for s in rows]
         names = [s.adapter for s in rows]
