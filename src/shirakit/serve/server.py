@@ -82,8 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-chunked-prefill", action="store_true",
                         help="prefill newcomers' whole prompts in one forward (the decoding rows wait for it)")
     parser.add_argument("--chunk-slack", type=_chunk_slack, default=None,
-                        help="while rows decode, size a prefill chunk so an iteration costs at most 1 + this many "
-                        "decode steps, from measured times (default 0.5; 'off': by --max-num-batched-tokens only)")
+                        help="while rows decode, size a long prompt's chunk so an iteration costs at most 1 + this "
+                        "many decode steps, from measured times (default 0.5; 'off': by --max-num-batched-tokens "
+                        "only); short prompts (<= 2 decode steps of prefill) go in whole")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     parser.add_argument("--fuse-min-steps", type=int, default=None,
                         help="fuse a one-adapter batch when it may still run this many steps "
