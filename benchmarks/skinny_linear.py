@@ -1,8 +1,10 @@
-"""Few-row linears on CPU: ``F.linear`` (``x W^T``) against ``serve/skinny_linear.py`` (``(W x^T)^T``).
+"""Linears on CPU by row count: ``F.linear`` (``x W^T``) against ``serve/skinny_linear.py``'s forms
+(``(W x^T)^T`` for few rows, oneDNN's product for many).
 
-    python benchmarks/skinny_linear.py [--threads 1 2] [--rows 8 16 32 64 128] [--repeats 7] [--write-docs FILE]
+    python benchmarks/skinny_linear.py [--threads 1 2] [--rows 8 16 32 64 128] [--prefill 64 128 256]
+                                       [--repeats 7] [--write-docs FILE]
 
-Two tables, both forms side by side in the same process at each thread count:
+Three tables, the forms side by side in the same process at each thread count:
 
 - per layer: SmolLM2-135M's projection shapes and its output layer, fp32, with the weights out of
   cache (each timing cycles through 60 copies of the weight; the output layer's 113 MB is out of
@@ -10,7 +12,10 @@ Two tables, both forms side by side in the same process at each thread count:
 - per decode step: SmolLM2-135M (``shirakit.data.smollm2_dir()``), one token for each of
   ``rows`` rows over a 64-token cache, ``logits_to_keep=1``, median milliseconds, with the largest
   difference of the two forms' logits; ``W x^T`` there is what the serving engine would choose
-  (``use_skinny_linears`` calibrated at that thread count: some shapes keep ``F.linear``).
+  (``use_skinny_linears`` calibrated at that thread count: some shapes keep ``F.linear``);
+- per prefill forward: SmolLM2-135M over ``--prefill`` prompt tokens (one row, no cache,
+  ``logits_to_keep=1``), ``F.linear`` everywhere against the calibrated forms (oneDNN where a
+  shape won at ``MANY_ROWS``), median milliseconds and the largest logit difference.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import _report  # noqa: E402
 
 from shirakit.serve.skinny_linear import (  # noqa: E402
     drop_skinny_linears,
+    install_linear_forms,
     median_seconds,
     skinny_forward,
     use_skinny_linears,
@@ -50,8 +56,8 @@ def per_layer(rows: int, repeats: int) -> list[list[str]]:
     out = []
     for name, (n, k) in SHAPES.items():
         layers = [torch.nn.Linear(k, n, bias=False) for _ in range(1 if name == "lm_head" else 60)]
-        for layer in layers:
-            layer.skinny_rows = rows  # W x^T at this row count, whatever a calibration would choose
+        for layer in layers:  # W x^T at this row count, whatever a calibration would choose
+            layer.skinny_rows, layer.onednn_rows = rows, 0
         x = torch.randn(rows, k)
         a = per_call(lambda layer, x: torch.nn.functional.linear(x, layer.weight), layers, x, repeats)
         b = per_call(skinny_forward, layers, x, repeats)
@@ -79,10 +85,33 @@ def per_step(model, rows: int, repeats: int) -> list[str]:
     return [str(rows), f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}", f"{diff:.1e}"]
 
 
+def per_prefill(model, tokens: int, repeats: int) -> list[str]:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
+    result = {}
+    with torch.inference_mode():
+        forms = use_skinny_linears(model)  # calibrated once, then installed for its turn
+        for form in ("F.linear", "calibrated"):
+            if form == "F.linear":
+                drop_skinny_linears(model)
+            else:
+                install_linear_forms(model, forms)
+
+            def forward(form=form):
+                result[form] = model(ids, logits_to_keep=1).logits
+
+            result[form + " s"] = median_seconds(forward, repeats)
+    drop_skinny_linears(model)
+    onednn = ", ".join(f"{n}x{k}" for (n, k), f in forms.items() if f.many and f.many <= tokens) or "none"
+    a, b = result["F.linear s"] * 1e3, result["calibrated s"] * 1e3
+    diff = (result["F.linear"] - result["calibrated"]).abs().max().item()
+    return [str(tokens), onednn, f"{a:.0f}", f"{b:.0f}", f"{a / b:.2f}", f"{diff:.1e}"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--prefill", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--write-docs", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -92,12 +121,14 @@ def main(argv=None) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
     facts = _report.machine_facts("one process")
-    layer_rows, step_rows = [], []
+    layer_rows, step_rows, prefill_rows = [], [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         for rows in args.rows:
             layer_rows += [[str(threads), *r] for r in per_layer(rows, args.repeats)]
             step_rows.append([str(threads), *per_step(model, rows, args.repeats)])
+        for tokens in args.prefill:
+            prefill_rows.append([str(threads), *per_prefill(model, tokens, args.repeats)])
     section = "\n\n".join([
         f"### Few-row linears on CPU (`{_report.command_line('benchmarks/skinny_linear.py', argv)}`)",
         "\n".join(f"- {key}: {value}" for key, value in facts.items()),
@@ -105,6 +136,9 @@ def main(argv=None) -> int:
         _report.table(["threads", "layer", "rows", "F.linear", "W x^T", "speed-up"], layer_rows),
         "SmolLM2-135M, one decode step over a 64-token cache, milliseconds (median):",
         _report.table(["threads", "rows", "F.linear", "W x^T", "speed-up", "largest logit difference"], step_rows),
+        "SmolLM2-135M, one prefill forward, milliseconds (median); oneDNN where the calibration chose it:",
+        _report.table(["threads", "tokens", "oneDNN shapes (out x in)", "F.linear", "calibrated", "speed-up",
+                       "largest logit difference"], prefill_rows),
     ])
     _report.publish(section, args.write_docs, BEGIN, END)
     return 0

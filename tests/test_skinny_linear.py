@@ -1,4 +1,5 @@
-"""serve/skinny_linear.py: few-row linears as (W x^T)^T, chosen per weight shape by measurement."""
+"""serve/skinny_linear.py: few-row linears as (W x^T)^T and many-row ones through oneDNN, chosen
+per weight shape by measurement."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ from torch import nn
 
 import shirakit
 from shirakit.serve.skinny_linear import (
+    MANY_ROWS,
     ROW_COUNTS,
+    LinearForms,
     calibrate,
+    calibrate_many,
     drop_skinny_linears,
+    install_linear_forms,
+    onednn_available,
     skinny_candidate,
     skinny_forward,
     use_skinny_linears,
@@ -18,11 +24,14 @@ from shirakit.serve.skinny_linear import (
 from tests.models import inputs, tiny_llama
 
 
-def _layer(out_features=48, in_features=40, bias=True, rows_limit=64, seed=0) -> nn.Linear:
+def _layer(out_features=48, in_features=40, bias=True, rows_limit=64, onednn_from=0, seed=0) -> nn.Linear:
     torch.manual_seed(seed)
     layer = nn.Linear(in_features, out_features, bias=bias)
-    layer.skinny_rows = rows_limit
+    layer.skinny_rows, layer.onednn_rows = rows_limit, onednn_from
     return layer
+
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -34,6 +43,29 @@ def test_equals_the_float64_product_for_every_row_count(shape, bias):
     want = nn.functional.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
     assert got.shape == (*shape[:-1], 48) and got.is_contiguous()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(100, 40), (2, 50, 40), (300, 40)])
+def test_onednn_from_its_rows_up_equals_the_float64_product(shape, bias):
+    layer = _layer(bias=bias, rows_limit=8, onednn_from=100)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        got = skinny_forward(layer, x)
+    want = nn.functional.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    assert got.shape == (*shape[:-1], 48) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_under_autograd_many_rows_keep_f_linear_and_its_gradient():
+    """oneDNN's op has no backward: a forward that records a graph takes F.linear (bit for bit)."""
+    layer = _layer(rows_limit=8, onednn_from=100)
+    x = torch.randn(120, 40, requires_grad=True)
+    got = skinny_forward(layer, x)
+    assert torch.equal(got, nn.functional.linear(x, layer.weight, layer.bias))
+    got.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
 
 
 @pytest.mark.parametrize("shape", [(1, 40), (65, 40), (4, 40)])
@@ -61,16 +93,23 @@ def test_a_model_gives_the_same_logits_and_state_and_drop_restores_it():
     with torch.inference_mode():
         before = model(ids).logits
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    chosen = use_skinny_linears(model, most_rows=64)
+    chosen = use_skinny_linears(model, most_rows=64, onednn_rows=MANY_ROWS if onednn_available() else 0)
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert set(chosen) == {tuple(m.weight.shape) for m in layers} and set(chosen.values()) == {64}
+    assert set(chosen) == {tuple(m.weight.shape) for m in layers}
+    assert set(chosen.values()) == {LinearForms(64, MANY_ROWS if onednn_available() else 0)}
     assert all("forward" in m.__dict__ for m in layers)
+    long_ids = inputs(batch=1, length=MANY_ROWS + 3)  # a prefill: oneDNN's rows
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+        long_after = model(long_ids).logits
+        drop_skinny_linears(model)
+        long_before = model(long_ids).logits
+        install_linear_forms(model, chosen)
+    torch.testing.assert_close(long_after, long_before, rtol=1e-5, atol=1e-5)
     state = model.state_dict()
     assert state.keys() == keys.keys() and all(torch.equal(state[k], keys[k]) for k in keys)
     drop_skinny_linears(model)
-    assert not any("forward" in m.__dict__ or hasattr(m, "skinny_rows") for m in layers)
+    assert not any("forward" in m.__dict__ or hasattr(m, "skinny_rows") or hasattr(m, "onednn_rows") for m in layers)
 
 
 def test_values_written_into_the_weight_are_seen_fused_shira_included():
@@ -94,10 +133,12 @@ def test_calibration_answers_a_tried_row_count_for_every_shape():
     chosen = use_skinny_linears(model)
     candidates = [m for m in model.modules() if skinny_candidate(m)]
     assert set(chosen) == {tuple(m.weight.shape) for m in candidates}
-    assert set(chosen.values()) <= {0, *ROW_COUNTS}
-    for layer in candidates:  # a layer has the skinny forward exactly when its shape won somewhere
-        assert ("forward" in layer.__dict__) == bool(chosen[tuple(layer.weight.shape)])
+    assert {f.few for f in chosen.values()} <= {0, *ROW_COUNTS}
+    assert {f.many for f in chosen.values()} <= {0, MANY_ROWS}
+    for layer in candidates:  # a layer has the row-count forward exactly when its shape won somewhere
+        assert ("forward" in layer.__dict__) == any(chosen[tuple(layer.weight.shape)])
     assert calibrate([nn.Linear(8, 8)], repeats=1) in {0, *ROW_COUNTS}
+    assert calibrate_many([nn.Linear(8, 8)], repeats=1) in {0, MANY_ROWS}
 
 
 def test_the_engine_installs_them_on_cpu_and_can_leave_them_out(served_folders):

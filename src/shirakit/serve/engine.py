@@ -147,12 +147,13 @@ class Engine:
         self.model, self.tokenizer, self.base_name = model.eval(), tokenizer, base_name
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        # decode steps multiply each weight by a few rows: on CPU, W x^T is often the faster form
-        # (skinny_linear.py); measured here on the model's own layers, per weight shape
+        # decode steps multiply each weight by a few rows, prefills by many: on CPU, W x^T and oneDNN
+        # are often the faster forms there (skinny_linear.py); measured on the model's own layers, per shape
         self.skinny_shapes = use_skinny_linears(model) if skinny_linears and self.device.type == "cpu" else {}
         if self.skinny_shapes:
-            log.info("few-row linears (W x^T up to N rows, 0: F.linear), per weight shape (out, in): %s",
-                     ", ".join(f"{shape}: {rows}" for shape, rows in self.skinny_shapes.items()))
+            log.info("CPU linears per weight shape (out, in): W x^T up to `few` rows, oneDNN from `many` rows "
+                     "(0: never; else F.linear): %s",
+                     ", ".join(f"{shape}: few {f.few}, many {f.many}" for shape, f in self.skinny_shapes.items()))
         self.max_batch, self.max_queue, self.fuse_min_steps = max_batch, max_queue, fuse_min_steps
         if max_num_batched_tokens < MIN_PREFILL_CHUNK:
             raise ValueError(

@@ -1,4 +1,5 @@
-"""Linear layers over a few rows on CPU: ``y = (W x^T)^T`` where it beats ``y = x W^T``.
+"""Linear layers on CPU by row count: few rows as ``y = (W x^T)^T``, many through oneDNN, where
+each beats ``y = F.linear(x, W)`` on this machine.
 
 A decode step multiplies every weight by a handful of rows (one per running request). On CPU,
 ``F.linear`` hands ``x W^T`` to the BLAS with the weight as the transposed operand; written
@@ -15,6 +16,14 @@ at 1 thread only the output layer gains (1.2-1.6x). From 64 rows on the two form
 The sums run in another order, so logits may differ from ``F.linear``'s in the last bits (5e-5 at
 most in that model's logits).
 
+Prefill forwards are the other end: many rows, compute bound. There ``F.linear`` (MKL's sgemm on
+this build) runs SmolLM2's 1536 x 576 projections at ~50 GFLOP/s on those 2 cores, while oneDNN's
+matmul (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU linear fusion calls; the
+weight is read as it is, not prepacked) takes 1.2-1.4x less time at 64-256 rows (the output
+layer 1.3-2.5x); the 576-wide ones are even and the 192 x 576 ones slower. So the calibration also
+times both at ``MANY_ROWS`` rows per shape, and a shape where oneDNN won takes it from that many
+rows up (only without autograd: the op has no backward; without oneDNN in the build, never).
+
 The layer reads ``layer.weight`` at each call, so values written into the weight (SHiRA's fused
 switch) are seen as with ``F.linear``. Only plain ``nn.Linear`` layers with an ordinary float32 CPU
 weight take part; quantized, sharded or meta weights (a tensor subclass, another device) keep
@@ -27,6 +36,7 @@ import statistics
 import time
 import types
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,16 +44,23 @@ from torch import nn
 ROW_COUNTS = (4, 8, 16, 32, 64)  # the row counts the calibration tries, in order (2-3 rows follow 4's verdict)
 MOST_LAYERS = 8  # the calibration times at most this many layers of a shape (bounded start-up)
 REPEATS = 3  # timings per form and row count; the median decides
-MARGIN = 0.95  # W x^T must take at most this share of F.linear's time to be chosen
+MARGIN = 0.95  # W x^T (or oneDNN) must take at most this share of F.linear's time to be chosen
+MANY_ROWS = 128  # oneDNN is timed at this many rows, and used from there up where it won
+MANY_ROWS_FLOP = 2e9  # the many-row calibration times at most this much work per call (the output layer: one)
 
 
 def skinny_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``: ``(W x^T)^T + b`` for 2..``layer.skinny_rows`` rows on CPU, else ``F.linear``."""
+    """``layer(x)`` on CPU: ``(W x^T)^T + b`` for 2..``layer.skinny_rows`` rows, oneDNN's product
+    from ``layer.onednn_rows`` rows up (0: never; not under autograd), else ``F.linear``."""
     features = x.shape[-1]
     rows = x.numel() // features if features else 0
-    if not 2 <= rows <= layer.skinny_rows or x.device.type != "cpu" or x.dtype != layer.weight.dtype:
+    if x.device.type != "cpu" or x.dtype != layer.weight.dtype:
         return nn.functional.linear(x, layer.weight, layer.bias)
-    return _transposed(x.reshape(rows, features), layer.weight, layer.bias).view(*x.shape[:-1], -1)
+    if 2 <= rows <= layer.skinny_rows:
+        return _transposed(x.reshape(rows, features), layer.weight, layer.bias).view(*x.shape[:-1], -1)
+    if 0 < layer.onednn_rows <= rows and not torch.is_grad_enabled():
+        return _onednn(x.reshape(rows, features), layer.weight, layer.bias).view(*x.shape[:-1], -1)
+    return nn.functional.linear(x, layer.weight, layer.bias)
 
 
 def _transposed(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -52,6 +69,18 @@ def _transposed(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if bias is not None:
         y += bias
     return y
+
+
+def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN and its linear op (CPU builds for x86 and Arm do)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def skinny_candidate(module: nn.Module) -> bool:
@@ -90,24 +119,62 @@ def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> int:
     return most
 
 
-def use_skinny_linears(model: nn.Module, most_rows: int | None = None) -> dict[tuple[int, int], int]:
-    """Give the :func:`skinny_candidate` layers of ``model`` the few-row forward (an instance
-    attribute: the class, parameters and ``state_dict`` are untouched), up to ``most_rows`` rows,
-    or, with ``None``, up to what :func:`calibrate` finds for each weight shape at the current
-    thread count. Returns ``{(out, in): most rows}`` per shape (0: that shape keeps ``F.linear``)."""
+def calibrate_many(layers: list[nn.Linear], repeats: int = REPEATS) -> int:
+    """``MANY_ROWS`` if oneDNN's product took at most ``MARGIN`` of ``F.linear``'s time at that many
+    rows on these layers (one weight shape), else 0 (also without oneDNN, or if its op fails)."""
+    if not onednn_available():
+        return 0
+    out_features, features = layers[0].weight.shape
+    layers = layers[: max(1, min(MOST_LAYERS, int(MANY_ROWS_FLOP // (2 * MANY_ROWS * out_features * features))))]
+    x = torch.randn(MANY_ROWS, features)
+    with torch.inference_mode():
+        try:
+            many = median_seconds(lambda: [_onednn(x, m.weight, m.bias) for m in layers], repeats)
+        except RuntimeError:  # a build whose oneDNN refuses this shape or dtype: keep F.linear
+            return 0
+        plain = median_seconds(lambda: [nn.functional.linear(x, m.weight, m.bias) for m in layers], repeats)
+    return MANY_ROWS if many <= MARGIN * plain else 0
+
+
+class LinearForms(NamedTuple):
+    """Per weight shape: ``W x^T`` for 2..``few`` rows (0: never); oneDNN from ``many`` rows up (0: never)."""
+
+    few: int
+    many: int
+
+
+def use_skinny_linears(model: nn.Module, most_rows: int | None = None,
+                       onednn_rows: int | None = None) -> dict[tuple[int, int], LinearForms]:
+    """Give the :func:`skinny_candidate` layers of ``model`` the row-count forward (an instance
+    attribute: the class, parameters and ``state_dict`` are untouched): ``W x^T`` up to
+    ``most_rows`` rows and oneDNN from ``onednn_rows`` up, or, where ``None``, what
+    :func:`calibrate` / :func:`calibrate_many` find for each weight shape at the current thread
+    count. Returns the :class:`LinearForms` per shape ((0, 0): that shape keeps ``F.linear``)."""
     drop_skinny_linears(model)
+    forms = {shape: LinearForms(calibrate(layers) if most_rows is None else most_rows,
+                                calibrate_many(layers) if onednn_rows is None else onednn_rows)
+             for shape, layers in _candidates_by_shape(model).items()}
+    install_linear_forms(model, forms)
+    return forms
+
+
+def install_linear_forms(model: nn.Module, forms: dict[tuple[int, int], LinearForms]) -> None:
+    """Give each candidate layer the forms chosen for its weight shape (as :func:`use_skinny_linears` returned)."""
+    drop_skinny_linears(model)
+    for shape, layers in _candidates_by_shape(model).items():
+        chosen = forms.get(shape, LinearForms(0, 0))
+        if chosen.few or chosen.many:
+            for layer in layers:
+                layer.skinny_rows, layer.onednn_rows = chosen
+                layer.forward = types.MethodType(skinny_forward, layer)
+
+
+def _candidates_by_shape(model: nn.Module) -> dict[tuple[int, int], list[nn.Linear]]:
     shapes: dict[tuple[int, int], list[nn.Linear]] = defaultdict(list)
     for module in model.modules():
         if skinny_candidate(module):
             shapes[tuple(module.weight.shape)].append(module)
-    chosen = {}
-    for shape, layers in shapes.items():
-        chosen[shape] = calibrate(layers) if most_rows is None else most_rows
-        if chosen[shape]:
-            for layer in layers:
-                layer.skinny_rows = chosen[shape]
-                layer.forward = types.MethodType(skinny_forward, layer)
-    return chosen
+    return shapes
 
 
 def drop_skinny_linears(model: nn.Module) -> None:
@@ -115,4 +182,4 @@ def drop_skinny_linears(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module.__dict__.get("forward"), "__func__", None) is skinny_forward:
             del module.forward
-            del module.skinny_rows
+            del module.skinny_rows, module.onednn_rows
