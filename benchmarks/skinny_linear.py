@@ -91,10 +91,7 @@ def per_prefill(model, tokens: int, repeats: int) -> list[str]:
     with torch.inference_mode():
         forms = use_skinny_linears(model)  # calibrated once, then installed for its turn
         for form in ("F.linear", "calibrated"):
-            if form == "F.linear":
-                drop_skinny_linears(model)
-            else:
-                install_linear_forms(model, forms)
+            install_linear_forms(model, forms if form == "calibrated" else {})
 
             def forward(form=form):
                 result[form] = model(ids, logits_to_keep=1).logits

@@ -81,9 +81,9 @@ def _record_rows(engine: Engine) -> list[tuple[str, int, int, int, int]]:
     count = iter(range(1 << 30))
     prefill, decode, step = engine._prefill, engine._decode_step, engine._step
 
-    def recording_prefill(group, chunk, union):
-        seen.append(("prefill", len(group), chunk, len(engine._running), next(count)))
-        prefill(group, chunk, union)
+    def recording_prefill(group, fed, union):
+        seen.append(("prefill", len(group), max(fed), len(engine._running), next(count)))
+        prefill(group, fed, union)
 
     def recording_decode():
         seen.append(("decode", engine._decoding, 1, len(engine._running), next(count)))

@@ -113,9 +113,10 @@ def test_a_model_gives_the_same_logits_and_state_and_drop_restores_it():
 
 
 def test_values_written_into_the_weight_are_seen_fused_shira_included():
-    """In-weight adapters write into the weight while active: the skinny forward reads it per call."""
+    """In-weight adapters write into the weight while active: the skinny forward reads it per call,
+    at few rows and at oneDNN's many."""
     plain, skinny = tiny_llama().eval(), tiny_llama().eval()
-    use_skinny_linears(skinny, most_rows=64)
+    use_skinny_linears(skinny, most_rows=64, onednn_rows=MANY_ROWS if onednn_available() else 0)
     config = shirakit.ShiraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False, random_seed=3)
     for model in (plain, skinny):
         shirakit.inject(model, config, "a")
@@ -124,6 +125,8 @@ def test_values_written_into_the_weight_are_seen_fused_shira_included():
     with torch.inference_mode():
         fused = skinny(ids).logits
         torch.testing.assert_close(fused, plain(ids).logits, rtol=1e-5, atol=1e-5)
+        long_ids = inputs(batch=1, length=MANY_ROWS + 3)
+        torch.testing.assert_close(skinny(long_ids).logits, plain(long_ids).logits, rtol=1e-5, atol=1e-5)
         shirakit.switch_adapter(skinny, None)
         assert not torch.allclose(skinny(ids).logits, fused, rtol=1e-4, atol=1e-4)  # the base again, not a copy
 

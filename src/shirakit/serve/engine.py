@@ -442,7 +442,7 @@ class Engine:
                 self._step(group, fed)
             return
         if group:
-            self._prefill(group, max(fed), self._union)
+            self._prefill(group, fed, self._union)
         if self._decoding:
             self._union |= {s.adapter for s in self._running[: self._decoding]}
             self._decode_step()
@@ -580,12 +580,12 @@ class Engine:
             self._advance([*rows, *done], logits[where])
         self._timed(decoding, sum(fed), time.perf_counter() - began)
 
-    def _prefill(self, group: list[Sequence], chunk: int, union: set[str]) -> None:
-        """Feed ``chunk`` prompt tokens (fewer where a prompt ends; right-padded) to the rows of
-        ``group`` (slots ``[decoding, decoding + len(group))``); rows whose prompt is then in get
-        their first token and join the decoding rows."""
+    def _prefill(self, group: list[Sequence], fed: list[int], union: set[str]) -> None:
+        """Feed ``fed[i]`` prompt tokens to row ``group[i]`` (slots ``[decoding, decoding +
+        len(group))``), right-padded to the longest; rows whose prompt is then in get their first
+        token and join the decoding rows."""
         start = self._decoding
-        fed = [min(chunk, s.prefill_left) for s in group]
+        chunk = max(fed)
         ids = torch.full((len(group), chunk), self.pad_id, dtype=torch.long)
         for row, (seq, count) in enumerate(zip(group, fed)):
             ids[row, :count] = torch.tensor(seq.prompt[seq.cached: seq.cached + count])

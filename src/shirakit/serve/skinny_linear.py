@@ -150,7 +150,6 @@ def use_skinny_linears(model: nn.Module, most_rows: int | None = None,
     ``most_rows`` rows and oneDNN from ``onednn_rows`` up, or, where ``None``, what
     :func:`calibrate` / :func:`calibrate_many` find for each weight shape at the current thread
     count. Returns the :class:`LinearForms` per shape ((0, 0): that shape keeps ``F.linear``)."""
-    drop_skinny_linears(model)
     forms = {shape: LinearForms(calibrate(layers) if most_rows is None else most_rows,
                                 calibrate_many(layers) if onednn_rows is None else onednn_rows)
              for shape, layers in _candidates_by_shape(model).items()}
@@ -159,7 +158,8 @@ def use_skinny_linears(model: nn.Module, most_rows: int | None = None,
 
 
 def install_linear_forms(model: nn.Module, forms: dict[tuple[int, int], LinearForms]) -> None:
-    """Give each candidate layer the forms chosen for its weight shape (as :func:`use_skinny_linears` returned)."""
+    """Give each candidate layer the forms chosen for its weight shape (as :func:`use_skinny_linears`
+    returned; a shape not in ``forms``, or ``{}``: ``F.linear``), replacing any it had."""
     drop_skinny_linears(model)
     for shape, layers in _candidates_by_shape(model).items():
         chosen = forms.get(shape, LinearForms(0, 0))
