@@ -16,11 +16,11 @@ import torch
 from tests.serving import load_tiny_lm, offline_text, save_adapters, save_tiny_lm
 
 pytest.importorskip("fastapi")
+from shirakit.model.routing import BASE  # noqa: E402
 from shirakit.serve import Engine, start_server  # noqa: E402
 from shirakit.serve.engine import RequestTooLarge  # noqa: E402
 from shirakit.serve.kv import SlotKV  # noqa: E402
 from shirakit.serve.policy import Policy  # noqa: E402
-from shirakit.model.routing import BASE  # noqa: E402
 from shirakit.serve.sequence import SamplingParams, Sequence  # noqa: E402
 
 TIMEOUT = 60
