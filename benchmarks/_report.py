@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -20,6 +21,17 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_HEADER = "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

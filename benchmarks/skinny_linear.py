@@ -32,7 +32,6 @@ import _report  # noqa: E402
 from shirakit.serve.skinny_linear import (  # noqa: E402
     drop_skinny_linears,
     install_linear_forms,
-    median_seconds,
     skinny_forward,
     use_skinny_linears,
 )
@@ -49,7 +48,7 @@ def per_call(forward, layers, x, repeats: int) -> float:
         for layer in layers:
             forward(layer, x)
 
-    return median_seconds(cycle, repeats) / len(layers) * 1e6
+    return _report.median_seconds(cycle, repeats) / len(layers) * 1e6
 
 
 def per_layer(rows: int, repeats: int) -> list[list[str]]:
@@ -78,7 +77,7 @@ def per_step(model, rows: int, repeats: int) -> list[str]:
                 result[form] = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
                 cache.crop(-1)  # back to the 64-token cache
 
-            result[form + " s"] = median_seconds(step, repeats)
+            result[form + " s"] = _report.median_seconds(step, repeats)
     drop_skinny_linears(model)
     a, b = result["F.linear s"] * 1e3, result["skinny s"] * 1e3
     diff = (result["F.linear"] - result["skinny"]).abs().max().item()
@@ -96,7 +95,7 @@ def per_prefill(model, tokens: int, repeats: int) -> list[str]:
             def forward(form=form):
                 result[form] = model(ids, logits_to_keep=1).logits
 
-            result[form + " s"] = median_seconds(forward, repeats)
+            result[form + " s"] = _report.median_seconds(forward, repeats)
     drop_skinny_linears(model)
     onednn = ", ".join(f"{n}x{k}" for (n, k), f in forms.items() if f.many and f.many <= tokens) or "none"
     a, b = result["F.linear s"] * 1e3, result["calibrated s"] * 1e3

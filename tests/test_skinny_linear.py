@@ -3,6 +3,8 @@ per weight shape by measurement."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from shirakit.serve.skinny_linear import (
     calibrate,
     calibrate_many,
     drop_skinny_linears,
+    fastest_ratios,
     install_linear_forms,
     onednn_available,
     skinny_candidate,
@@ -140,7 +143,7 @@ def test_calibration_answers_a_tried_row_count_for_every_shape():
     assert {f.many for f in chosen.values()} <= {0, MANY_ROWS}
     for layer in candidates:  # a layer has the row-count forward exactly when its shape won somewhere
         assert ("forward" in layer.__dict__) == any(chosen[tuple(layer.weight.shape)])
-    assert calibrate([nn.Linear(8, 8)], repeats=1) in {0, *ROW_COUNTS}
+    assert set(calibrate([nn.Linear(8, 8), nn.Linear(8, 4)], repeats=1).values()) <= {0, *ROW_COUNTS}
     assert calibrate_many([nn.Linear(8, 8)], repeats=1) in {0, MANY_ROWS}
 
 
@@ -156,3 +159,19 @@ def test_the_engine_installs_them_on_cpu_and_can_leave_them_out(served_folders):
         assert bool(engine.skinny_shapes) is wanted
         if not wanted:
             assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_calibration_times_the_two_forms_in_alternating_pairs():
+    calls = []
+
+    def form(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+            return {"shape": seconds}
+        return run
+
+    ratios = fastest_ratios(form("candidate", 0.002), form("anchor", 0.006), repeats=4)
+    assert ratios == {"shape": pytest.approx(1 / 3)}  # the seconds each call reported, per key
+    # warm-up, then pairs back to back, the order alternating so drift does not favour one form
+    assert calls == ["candidate", "anchor"] + ["candidate", "anchor", "anchor", "candidate"] * 2

@@ -5,14 +5,17 @@ A decode step multiplies every weight by a handful of rows (one per running requ
 ``F.linear`` hands ``x W^T`` to the BLAS with the weight as the transposed operand; written
 ``W x^T`` instead, the weight's output rows are the long side, which the threads split between
 them. Which form is faster depends on the CPU, the BLAS, the threads and the layer's shape, so
-:func:`use_skinny_linears` measures both on the model's own layers at start and gives each weight
-shape ``W x^T`` up to the most rows at which it won at every row count tried (never, where it lost).
+:func:`use_skinny_linears` measures both on the model's own layers at start, all of them in the
+model's order as a decode step meets them (:func:`calibrate`), and gives each weight shape
+``W x^T`` up to the most rows at which it was no slower at every row count tried (never, where it lost).
 
 Measured on this project's 2-core AMD EPYC (torch 2.13 CPU, fp32, weights out of cache;
 ``benchmarks/skinny_linear.py``): at 2 threads and 8 rows, SmolLM2-135M's 1536 x 576 projections
-1.9x faster, its 49152 x 576 output layer 43 -> 13 ms (3.3x), its 192 x 576 ones 0.88x (so they keep
-``F.linear``); one decode step of the whole model 206 -> 114 ms at 8 rows, 243 -> 162 ms at 16;
-at 1 thread only the output layer gains (1.2-1.6x). From 64 rows on the two forms are even.
+1.9x faster, its 49152 x 576 output layer 43 -> 13 ms (3.3x), its 192 x 576 ones even; one decode
+step of the whole model 206 -> 114 ms at 8 rows, 243 -> 162 ms at 16 (on a later day, alternating
+whole-model steps: F.linear everywhere 1.42-1.50x slower at 8 rows, 1.24x at 16, and F.linear on any
+one shape but 192 x 576 alone 6-19 % slower); at 1 thread only the output layer gains (1.2-1.6x).
+From 64 rows on the two forms are even.
 The sums run in another order, so logits may differ from ``F.linear``'s in the last bits (5e-5 at
 most in that model's logits).
 
@@ -32,7 +35,6 @@ their own forward.
 
 from __future__ import annotations
 
-import statistics
 import time
 import types
 from collections import defaultdict
@@ -42,9 +44,13 @@ import torch
 from torch import nn
 
 ROW_COUNTS = (4, 8, 16, 32, 64)  # the row counts the calibration tries, in order (2-3 rows follow 4's verdict)
-MOST_LAYERS = 8  # the calibration times at most this many layers of a shape (bounded start-up)
-REPEATS = 3  # timings per form and row count; the median decides
-MARGIN = 0.95  # W x^T (or oneDNN) must take at most this share of F.linear's time to be chosen
+MOST_LAYERS = 8  # the many-row calibration times at most this many layers of a shape (bounded start-up)
+REPEATS = 4  # timed calls of each form per row count (alternating); the fastest of each decide
+MARGIN = 0.95  # oneDNN must take at most this share of F.linear's time to be chosen
+# W x^T is chosen where the calibration's pass found it no slower than F.linear: the pass understates
+# its gain in a real step (SmolLM2, 8 rows: 576 x 576 read 0.85-0.98 there, while F.linear on those
+# layers made the whole decode step 6-7 % slower), so a tie goes to W x^T
+FEW_MARGIN = 1.0
 MANY_ROWS = 128  # oneDNN is timed at this many rows, and used from there up where it won
 MANY_ROWS_FLOP = 2e9  # the many-row calibration times at most this much work per call (the output layer: one)
 
@@ -91,31 +97,71 @@ def skinny_candidate(module: nn.Module) -> bool:
     return type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def fastest_ratios(candidate, anchor, repeats: int) -> dict:
+    """Per key, ``candidate()``'s fastest seconds over ``anchor()``'s (each call returns ``{key:
+    seconds}``), over ``repeats`` calls of each, alternating (after one warm-up call of each). Why
+    the fastest: noise only adds time, and here it came in spikes (one pass of the two forms' in
+    six took 1.5x its usual time), which flipped a median of three; why alternating: the memory
+    bandwidth these products live on swings by +-30 % within seconds on a shared machine, and
+    calls next to each other see the same moment. The order flips every other pair (drift)."""
+    candidate()
+    anchor()
+    fastest_c: dict = {}
+    fastest_a: dict = {}
+    for i in range(repeats):
+        if i % 2:
+            a = anchor()
+            c = candidate()
+        else:
+            c = candidate()
+            a = anchor()
+        for key in c:
+            fastest_c[key] = min(c[key], fastest_c.get(key, c[key]))
+            fastest_a[key] = min(a[key], fastest_a.get(key, a[key]))
+    return {key: fastest_c[key] / fastest_a[key] if fastest_a[key] > 0 else 1.0 for key in fastest_c}
+
+
+def _step_pass(layers: list[nn.Linear], inputs: dict[int, torch.Tensor], transposed: set) -> dict:
+    """Seconds per weight shape of one pass over ``layers`` in order, ``W x^T`` for the shapes in
+    ``transposed`` and ``F.linear`` for the others, each product followed by an RMS norm of it."""
+    spent: dict[tuple[int, int], float] = defaultdict(float)
+    for layer in layers:
+        shape = tuple(layer.weight.shape)
+        form = _transposed if shape in transposed else nn.functional.linear
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        y = form(inputs[layer.in_features], layer.weight, layer.bias)
+        y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+        spent[shape] += time.perf_counter() - start
+    return spent
 
 
-def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> int:
-    """The most rows (of ``ROW_COUNTS``) up to which ``W x^T`` took at most ``MARGIN`` of
-    ``F.linear``'s time at every count tried on these layers (one weight shape); 0: never."""
-    layers = layers[:MOST_LAYERS]  # cycled through, so the weights come from memory as in a step
-    features = layers[0].in_features
-    most = 0
+def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> dict[tuple[int, int], int]:
+    """Per weight shape of ``layers``, the most rows (of ``ROW_COUNTS``) up to which ``W x^T`` took
+    at most ``FEW_MARGIN`` of ``F.linear``'s time at every count tried; 0: never.
+
+    Timed as a decode step meets the layers: all of them, in the model's order (so each weight
+    comes from memory, unless the whole model fits in the cache), each product followed by a
+    small op on its output; each layer's call timed, summed per shape; passes with ``W x^T`` and
+    with ``F.linear`` in pairs. Why not each shape on its own, as this did before: a few layers of
+    one shape called back to back stay in the cache and keep the BLAS's threads busy, and there
+    ``F.linear`` won at 8 rows on 576 x 576 (1.1-1.5x) and the choice flipped from run to run,
+    while in SmolLM2's decode step ``F.linear`` on those layers made the whole step 6-12 % slower
+    (alternating whole-model steps, 4-16 rows, 2 threads); the pass agrees with the model."""
+    shapes = {tuple(layer.weight.shape) for layer in layers}
+    most = dict.fromkeys(shapes, 0)
+    winning = set(shapes)  # the shapes W x^T won at every count so far
     with torch.inference_mode():
         for rows in ROW_COUNTS:
-            x = torch.randn(rows, features)
-            plain = median_seconds(lambda x=x: [nn.functional.linear(x, m.weight, m.bias) for m in layers], repeats)
-            skinny = median_seconds(lambda x=x: [_transposed(x, m.weight, m.bias) for m in layers], repeats)
-            if skinny > MARGIN * plain:
+            if not winning:
                 break
-            most = rows
+            inputs = {features: torch.randn(rows, features) for features in {m.in_features for m in layers}}
+            ratios = fastest_ratios(lambda x=inputs, w=frozenset(winning): _step_pass(layers, x, w),
+                                   lambda x=inputs: _step_pass(layers, x, set()), repeats)
+            for shape in list(winning):
+                if ratios[shape] > FEW_MARGIN:
+                    winning.discard(shape)
+                else:
+                    most[shape] = rows
     return most
 
 
@@ -129,11 +175,18 @@ def calibrate_many(layers: list[nn.Linear], repeats: int = REPEATS) -> int:
     x = torch.randn(MANY_ROWS, features)
     with torch.inference_mode():
         try:
-            many = median_seconds(lambda: [_onednn(x, m.weight, m.bias) for m in layers], repeats)
+            ratio = fastest_ratios(lambda: {"": _seconds(lambda: [_onednn(x, m.weight, m.bias) for m in layers])},
+                                  lambda: {"": _seconds(lambda: [nn.functional.linear(x, m.weight, m.bias)
+                                                                  for m in layers])}, repeats)[""]
         except RuntimeError:  # a build whose oneDNN refuses this shape or dtype: keep F.linear
             return 0
-        plain = median_seconds(lambda: [nn.functional.linear(x, m.weight, m.bias) for m in layers], repeats)
-    return MANY_ROWS if many <= MARGIN * plain else 0
+    return MANY_ROWS if ratio <= MARGIN else 0
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 class LinearForms(NamedTuple):
@@ -150,9 +203,11 @@ def use_skinny_linears(model: nn.Module, most_rows: int | None = None,
     ``most_rows`` rows and oneDNN from ``onednn_rows`` up, or, where ``None``, what
     :func:`calibrate` / :func:`calibrate_many` find for each weight shape at the current thread
     count. Returns the :class:`LinearForms` per shape ((0, 0): that shape keeps ``F.linear``)."""
-    forms = {shape: LinearForms(calibrate(layers) if most_rows is None else most_rows,
+    by_shape = _candidates_by_shape(model)
+    few = calibrate([m for m in model.modules() if skinny_candidate(m)]) if most_rows is None else {}
+    forms = {shape: LinearForms(few.get(shape, most_rows),
                                 calibrate_many(layers) if onednn_rows is None else onednn_rows)
-             for shape, layers in _candidates_by_shape(model).items()}
+             for shape, layers in by_shape.items()}
     install_linear_forms(model, forms)
     return forms
 
