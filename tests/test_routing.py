@@ -7,6 +7,7 @@ import torch
 
 import shirakit
 from shirakit.core.adapter import InWeightAdapter
+from shirakit.core.layer import AdapterLinear
 from shirakit.model.routing import route
 from tests.cases import CASES
 from tests.checks import rows_alone
@@ -105,6 +106,48 @@ def test_modules_to_save_are_routed_per_row():
     expected = rows_alone(model, ids, names)
     with route(model, names):
         torch.testing.assert_close(output(model, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("scatter_path", [False, True], ids=["sparse", "scatter"])
+def test_a_per_token_route_over_one_packed_row_equals_routing_the_tokens_as_rows(case, scatter_path, monkeypatch):
+    """A serving engine's ragged step packs every request's tokens into one row (so the output layer
+    runs only where logits are wanted): each adapter layer routes token i as row i would be."""
+    monkeypatch.setattr(InWeightAdapter, "prefers_weight", lambda self, tokens: scatter_path)
+    model = _model_with(_case_makers(case)).eval()
+    names = ["a", "a", "__base__", "b", "a", "b", "b"]
+    layers = [m for m in model.modules() if isinstance(m, AdapterLinear)][:3]
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for layer in layers:
+            x = torch.randn(1, len(names), layer.base_layer.in_features)
+            with route(model, names, per_token=True):
+                packed = layer(x)
+            with route(model, names):
+                rows = layer(x.view(len(names), 1, -1))
+            assert packed.shape == (1, len(names), layer.base_layer.out_features)
+            torch.testing.assert_close(packed, rows.view(1, len(names), -1), atol=1e-6, rtol=1e-6)
+            with route(model, names, per_token=True), pytest.raises(ValueError, match="one packed row"):
+                layer(x.view(len(names), 1, -1))
+
+
+def test_modules_to_save_follow_a_per_token_route():
+    model = MODELS["bert"]()
+    for i, name in enumerate(["a", "b"]):
+        torch.manual_seed(i)
+        shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"],
+                                                   init_lora_weights=False), name)
+        with torch.no_grad():
+            model.classifier.adapters[name].weight.add_(torch.randn_like(model.classifier.adapters[name].weight))
+    model.eval()
+    names = ["b", "__base__", "a", "b"]
+    x = torch.randn(1, len(names), model.classifier.original_module.in_features)
+    with torch.inference_mode():
+        with route(model, names, per_token=True):
+            packed = model.classifier(x)
+        expected = [model.classifier.adapters[n](x[0, i]) if n != "__base__"
+                    else model.classifier.original_module(x[0, i]) for i, n in enumerate(names)]
+    torch.testing.assert_close(packed, torch.stack(expected).unsqueeze(0))
 
 
 def test_errors_are_clear_and_early():

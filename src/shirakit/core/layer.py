@@ -500,15 +500,20 @@ class AdapterLinear(nn.Module):
                 with self._guard.lock:
                     self._reconcile()
             if routing is not None:
-                return self.routed_forward(x, routing.groups(x.shape[0], x.device))
+                return self._routed(x, routing)
             return self._plain_forward(x, *args, **kwargs)
         self._enter(plain=routing is None)
         try:
             if routing is not None:
-                return self.routed_forward(x, routing.groups(x.shape[0], x.device))
+                return self._routed(x, routing)
             return self._plain_forward(x, *args, **kwargs)
         finally:
             self._leave()
+
+    def _routed(self, x: torch.Tensor, routing) -> torch.Tensor:
+        rows = routing.rows_of(x)
+        y = self.routed_forward(rows, routing.groups(rows.shape[0], x.device))
+        return y if rows is x else y.unflatten(0, x.shape[:2])
 
     def _compiled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """What torch.compile traces (see shirakit.compile.sync): bookkeeping stays out of the graph.
@@ -762,7 +767,8 @@ class ModulesToSave(nn.Module):
         routing = route_of(self._guard)
         if routing is None or self.disabled:
             return self.current()(*args, **kwargs)
-        x, rest = args[0], args[1:]
+        packed, rest = args[0], args[1:]
+        x = routing.rows_of(packed)
         y = None
         for name, rows in routing.groups(x.shape[0], x.device):
             module = self.adapters[name] if name in self.adapters else self.original_module
@@ -772,4 +778,4 @@ class ModulesToSave(nn.Module):
             if y is None:
                 y = out.new_empty((x.shape[0], *out.shape[1:]))
             y.index_copy_(0, rows, out)
-        return y
+        return y if x is packed else y.unflatten(0, packed.shape[:2])

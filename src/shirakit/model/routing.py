@@ -33,12 +33,23 @@ BASE = "__base__"
 
 
 class Routing:
-    """Row -> adapter assignment shared by every layer during one routed call."""
+    """Row -> adapter assignment shared by every layer during one routed call. ``per_token``: one
+    name per token of a batch of one packed row (a serving engine's ragged step), not per row."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], per_token: bool = False) -> None:
         self.names = list(names)
+        self.per_token = per_token
         self.in_generate = False
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the routed rows: itself, or under a per-token route its (1, N, ...) batch as N rows."""
+        if not self.per_token:
+            return x
+        if x.dim() < 2 or x.shape[0] != 1:
+            raise ValueError(f"a per-token route needs a batch of one packed row, shape (1, tokens, ...); "
+                             f"got shape {tuple(x.shape)}")
+        return x.flatten(0, 1)
 
     def groups(self, batch: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         """[(adapter name or BASE, row indices)] for a batch of ``batch`` rows (cached)."""
@@ -47,8 +58,9 @@ class Routing:
             count = len(self.names)
             if batch != count and not (self.in_generate and batch % count == 0):
                 where = " (inside generate: or a multiple of it)" if self.in_generate else ""
-                raise ValueError(f"adapter_names has {count} entries but the batch has {batch} rows; "
-                                 f"expected one name per row{where}")
+                unit = "token" if self.per_token else "row"
+                raise ValueError(f"adapter_names has {count} entries but the batch has {batch} {unit}s; "
+                                 f"expected one name per {unit}{where}")
             repeat = batch // count
             rows: dict[str, list[int]] = {}
             for row in range(batch):
@@ -74,14 +86,18 @@ def _check(model: nn.Module, names: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, adapter_names: list[str]) -> Iterator[Routing]:
-    """Within the block, row i of every batch uses adapter ``adapter_names[i]`` (see module doc).
+def route(model: nn.Module, adapter_names: list[str], per_token: bool = False) -> Iterator[Routing]:
+    """Within the block, row i of every batch uses adapter ``adapter_names[i]`` (see module doc);
+    with ``per_token``, token i of a batch of one packed row (shape (1, tokens)): several requests'
+    tokens side by side in one row, as a serving engine's ragged step feeds them, so the model's
+    ``logits_to_keep`` can still pick the positions wanted (per row, every token is a row of its own
+    and the output layer runs on all of them).
 
     The route belongs to this call only (a context variable keyed by the model's guard): other
     threads' forwards, routed or plain, are not affected, and nothing stays behind on the layers.
     """
     _check(model, adapter_names)
-    routing = Routing(adapter_names)
+    routing = Routing(adapter_names, per_token)
     guard = state_of(model).guard
     token = ROUTES.set({**ROUTES.get(), guard: routing})
     try:

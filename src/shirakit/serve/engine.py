@@ -552,16 +552,16 @@ class Engine:
         horizon = max(s.remaining for s in (*rows, *group))
         target = self._plan_adapters(names, horizon, self._union)
         step = RaggedStep(self._kv, decoding, segments, self.device)
-        shape = (1, len(ids)) if target is not ROUTED else (len(ids), 1)  # routing is per batch row
         kwargs = {}
-        if self._keep_logits:
-            kwargs["logits_to_keep"] = torch.tensor(wanted, device=self.device) if shape[0] == 1 else 1
-        with torch.inference_mode(), self._apply_adapters(target, names), ragged_forward(self.model, step):
-            out = self.model(input_ids=torch.tensor(ids, device=self.device).view(shape),
-                             position_ids=step.positions.view(shape), past_key_values=step, use_cache=True, **kwargs)
+        if self._keep_logits:  # the output layer on the wanted positions only
+            kwargs["logits_to_keep"] = torch.tensor(wanted, device=self.device)
+        # one packed row of every request's tokens; a mixed step routes adapters per token of it
+        with torch.inference_mode(), self._apply_adapters(target, names, per_token=True), \
+                ragged_forward(self.model, step):
+            out = self.model(input_ids=torch.tensor(ids, device=self.device).view(1, -1),
+                             position_ids=step.positions.view(1, -1), past_key_values=step, use_cache=True, **kwargs)
         logits = out.logits.reshape(-1, out.logits.shape[-1])
-        kept = shape[0] == 1 and self._keep_logits
-        at = {token: (i if kept else token) for i, token in enumerate(wanted)}  # token -> its logits row
+        at = {token: (i if self._keep_logits else token) for i, token in enumerate(wanted)}  # token -> its logits row
         self._kv.advance(0, [1] * decoding + fed)
         for seq, count in zip(group, fed):
             seq.cached += count
@@ -661,8 +661,9 @@ class Engine:
                 return target
         return ROUTED
 
-    def _apply_adapters(self, target, names: list[str]):
-        """Fuse ``target`` (a no-op context), or route ``names`` (one per batch row)."""
+    def _apply_adapters(self, target, names: list[str], per_token: bool = False):
+        """Fuse ``target`` (a no-op context), or route ``names`` (one per batch row; ``per_token``:
+        one per token of a packed row)."""
         if target is not ROUTED:
             self._switch(target)
             self.stats.fused_steps += 1
@@ -670,7 +671,7 @@ class Engine:
         self._switch(None)
         self.stats.routed_steps += 1
         self.stats.mixed_steps += len(set(names)) > 1
-        return shirakit.route(self.model, names)
+        return shirakit.route(self.model, names, per_token=per_token)
 
     def _fuse_threshold(self, name: str) -> int:
         if self.fuse_min_steps is not None:
