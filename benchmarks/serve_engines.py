@@ -1,10 +1,12 @@
-"""One async client against each serving engine in turn (never two servers at once).
+"""One async client against each serving engine in turn, or against two at once with runs alternating.
 
     # in vLLM's virtualenv (docs/vllm.md); each engine is its own run (each fits the heavy lock's 10 min)
     python benchmarks/serve_engines.py --engine builtin        --out /tmp/se
     python benchmarks/serve_engines.py --engine shirakit-vllm  --out /tmp/se [--policy auto|rows|drain|slice]
     python benchmarks/serve_engines.py --engine vllm-lora      --out /tmp/se
     python benchmarks/serve_engines.py --table /tmp/se [--write-docs docs/benchmarks.md]
+    # the two servers up together, runs alternating between them (ratios of runs seconds apart)
+    python benchmarks/serve_engines.py --engine builtin --alternate vllm-lora --out /tmp/se_pairs
 
 Engines: ``builtin`` is ``shirakit serve`` (SHiRA adapters, per request, fused when a batch wants one);
 ``shirakit-vllm`` is ``shirakit serve --engine vllm`` (SHiRA fused in vLLM's weights or per row in
@@ -30,6 +32,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -205,38 +208,108 @@ async def load(url: str, models: list[str], clients: int, tokens: int) -> dict:
             "itl_p50": pct(gaps, 0.5), "itl_p95": pct(gaps, 0.95), "failed": failed}
 
 
+def launch(engine: str, args, model_dir: Path, root: Path) -> tuple[subprocess.Popen, str, list[str], dict]:
+    """Start ``engine``'s server on its own adapters -> (process, url, adapter names, results so far)."""
+    method = "lora" if engine == "vllm-lora" else "shira"
+    folder = root / f"adapters-{method}"
+    names = make_adapters(model_dir, folder, method, 16)
+    port = free_port()
+    label = engine + (f" ({args.policy})" if engine == "shirakit-vllm" else "")
+    began = time.perf_counter()
+    server = start(server_command(engine, model_dir, folder, names, port, args.policy), port,
+                   root / f"server-{engine}.log", dict(kv.split("=", 1) for kv in args.builtin_env)
+                   if engine == "builtin" else VLLM_ENV)
+    return server, f"http://127.0.0.1:{port}", names, {"engine": label, "start_s": time.perf_counter() - began,
+                                                      "settings": {}}
+
+
+def summarize(runs: list[dict], server: subprocess.Popen) -> dict:
+    """The median run by tokens/s, with every run's tokens/s, the failures and the server's RSS."""
+    median = dict(sorted(runs, key=lambda r: r["tokens_s"])[len(runs) // 2])
+    median.update(runs=[round(r["tokens_s"], 1) for r in runs], failed=sum(r["failed"] for r in runs),
+                  rss_mb=tree_rss_mb(server.pid))
+    return median
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (vLLM's engine and workers)."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def run_engine(args) -> dict:
     import tempfile
 
     from shirakit.data import smollm2_dir
 
     model_dir = smollm2_dir()
-    root = Path(tempfile.mkdtemp(prefix="serve_engines-"))
-    method = "lora" if args.engine == "vllm-lora" else "shira"
-    names = make_adapters(model_dir, root / "adapters", method, 16)
-    port = free_port()
-    env = {} if args.engine == "builtin" else VLLM_ENV
-    label = args.engine + (f" ({args.policy})" if args.engine == "shirakit-vllm" else "")
-    began = time.perf_counter()
-    server = start(server_command(args.engine, model_dir, root / "adapters", names, port, args.policy), port,
-                   root / "server.log", env)
-    started = time.perf_counter() - began
-    results = {"engine": label, "start_s": started, "settings": {}}
+    server, url, names, results = launch(args.engine, args, model_dir, Path(tempfile.mkdtemp(prefix="serve_engines-")))
     try:
-        url = f"http://127.0.0.1:{port}"
         for setting in [s for s in SETTINGS if args.settings is None or s[0] in args.settings]:
             models = requests_for(setting, names, args.requests)
             asyncio.run(load(url, models[: args.clients], args.clients, 4))  # warm-up: loads the adapters
             runs = [asyncio.run(load(url, models, args.clients, args.tokens)) for _ in range(args.repeats)]
-            median = sorted(runs, key=lambda r: r["tokens_s"])[len(runs) // 2]
-            median.update(runs=[round(r["tokens_s"], 1) for r in runs], failed=sum(r["failed"] for r in runs),
-                          rss_mb=tree_rss_mb(server.pid))
-            results["settings"][setting[0]] = median
-            print(label, setting[0], json.dumps(median), flush=True)
+            results["settings"][setting[0]] = summarize(runs, server)
+            print(results["engine"], setting[0], json.dumps(results["settings"][setting[0]]), flush=True)
             save(args, results)  # a run cut short (the lock's time limit) keeps its finished settings
     finally:
         stop(server)
     return results
+
+
+def run_alternating(args) -> None:
+    """Both engines' servers up at once, idle but for the run at hand: per setting, runs alternate
+    between them (A B, B A, ...), so each ratio compares runs seconds apart. Why: on a shared
+    machine the speed swings by a third within minutes, more than the targets' margins, and one
+    engine's pass after the other's read 0.73-0.95x for the same code. The servers' CPU seconds
+    while both sit idle are printed first: an idle server that spins would slow the other."""
+    import tempfile
+
+    from shirakit.data import smollm2_dir
+
+    model_dir = smollm2_dir()
+    root = Path(tempfile.mkdtemp(prefix="serve_engines-"))
+    engines = [args.engine, args.alternate]
+    launched = {}
+    try:
+        for engine in engines:
+            launched[engine] = launch(engine, args, model_dir, root)
+        before = {e: cpu_seconds(launched[e][0].pid) for e in engines}
+        time.sleep(5)
+        idle = {e: (cpu_seconds(launched[e][0].pid) - before[e]) / 5 for e in engines}
+        print("idle CPU (cores) while both wait:", json.dumps({e: round(v, 3) for e, v in idle.items()}), flush=True)
+        for setting in [s for s in SETTINGS if args.settings is None or s[0] in args.settings]:
+            runs = {e: [] for e in engines}
+            for engine in engines:  # warm-up: loads the adapters
+                _, url, names, _ = launched[engine]
+                asyncio.run(load(url, requests_for(setting, names, args.requests)[: args.clients], args.clients, 4))
+            for repeat in range(args.repeats):
+                for engine in engines if repeat % 2 == 0 else engines[::-1]:
+                    _, url, names, _ = launched[engine]
+                    runs[engine].append(asyncio.run(load(url, requests_for(setting, names, args.requests),
+                                                         args.clients, args.tokens)))
+            pairs = [a["tokens_s"] / b["tokens_s"] for a, b in zip(runs[engines[0]], runs[engines[1]])]
+            for engine in engines:
+                server, _, _, results = launched[engine]
+                results["settings"][setting[0]] = summarize(runs[engine], server)
+                results["settings"][setting[0]]["pair_ratios"] = [round(r, 3) for r in pairs]
+                print(results["engine"], setting[0], json.dumps(results["settings"][setting[0]]), flush=True)
+            print(f"{setting[0]}: {engines[0]} / {engines[1]} per pair {[round(r, 2) for r in pairs]}, "
+                  f"median {statistics.median(pairs):.2f}", flush=True)
+            for engine in engines:
+                save(argparse.Namespace(**{**vars(args), "engine": engine}), launched[engine][3])
+    finally:
+        for server, *_ in launched.values():
+            stop(server)
 
 
 def save(args, result: dict) -> None:
@@ -283,6 +356,10 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--builtin-env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="environment variables of the builtin engine's server (e.g. OMP_PROC_BIND=true)")
+    parser.add_argument("--alternate", choices=ENGINES, default=None,
+                        help="also start this engine's server and alternate runs between the two (run_alternating)")
     parser.add_argument("--settings", nargs="+", default=None, choices=[s[0] for s in SETTINGS], metavar="SETTING",
                         help=f"run only these settings (default: all of {[s[0] for s in SETTINGS]})")
     args = parser.parse_args(argv)
@@ -300,7 +377,10 @@ def main(argv=None) -> int:
     if not args.engine:
         parser.error("--engine or --table")
     args.load_start = os.getloadavg()
-    save(args, run_engine(args))
+    if args.alternate:
+        run_alternating(args)
+    else:
+        save(args, run_engine(args))
     return 0
 
 
