@@ -56,7 +56,7 @@ def per_layer(rows: int, repeats: int) -> list[list[str]]:
     for name, (n, k) in SHAPES.items():
         layers = [torch.nn.Linear(k, n, bias=False) for _ in range(1 if name == "lm_head" else 60)]
         for layer in layers:  # W x^T at this row count, whatever a calibration would choose
-            layer.skinny_rows, layer.onednn_rows = rows, 0
+            layer.skinny_rows, layer.onednn_rows, layer.packed_rows = rows, 0, 0
         x = torch.randn(rows, k)
         a = per_call(lambda layer, x: torch.nn.functional.linear(x, layer.weight), layers, x, repeats)
         b = per_call(skinny_forward, layers, x, repeats)

@@ -75,8 +75,9 @@ def load_model(model_dir: str | Path | None, device: torch.device, dtype: str = 
 def build_engine(model_dir=None, adapters=None, served_model_name=None, device="auto", dtype="auto",
                  max_loaded=8, max_loaded_mb=None, max_batch=32, max_queue=256,
                  fuse_min_steps=None, max_num_batched_tokens=None, max_kv_tokens=None,
-                 chunked_prefill=True, chunk_slack="default") -> Engine:
-    """``chunk_slack``: "default" (the engine's), "off" (chunks by tokens only) or a positive fraction."""
+                 chunked_prefill=True, chunk_slack="default", packed_weights=True) -> Engine:
+    """``chunk_slack``: "default" (the engine's), "off" (chunks by tokens only) or a positive fraction;
+    ``packed_weights``: oneDNN on packed weight copies from 8 rows up on CPU (docs/serving.md)."""
     model, tokenizer, folder = load_model(model_dir, resolve_device(device), dtype)
     name = served_model_name or folder.name
     found = adapter_folders(adapters)
@@ -84,7 +85,7 @@ def build_engine(model_dir=None, adapters=None, served_model_name=None, device="
         raise ValueError(f"adapter folder {found[name]} has the served model's name {name!r}; rename one")
     return Engine(model, tokenizer, name, found, max_loaded=max_loaded, max_loaded_mb=max_loaded_mb,
                   max_batch=max_batch, max_queue=max_queue, fuse_min_steps=fuse_min_steps,
-                  max_kv_tokens=max_kv_tokens, chunked_prefill=chunked_prefill,
+                  max_kv_tokens=max_kv_tokens, chunked_prefill=chunked_prefill, packed_weights=packed_weights,
                   **({} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}),
                   **({} if chunk_slack in (None, "default") else {"chunk_slack": None if chunk_slack == "off"
                                                                  else chunk_slack}))

@@ -143,17 +143,20 @@ class Engine:
                  max_queue: int = 256, fuse_min_steps: int | None = None,
                  max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS, max_kv_tokens: int | None = None,
                  chunked_prefill: bool = True, chunk_slack: float | None = DEFAULT_CHUNK_SLACK,
-                 skinny_linears: bool = True) -> None:
+                 skinny_linears: bool = True, packed_weights: bool = True) -> None:
         self.model, self.tokenizer, self.base_name = model.eval(), tokenizer, base_name
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         # decode steps multiply each weight by a few rows, prefills by many: on CPU, W x^T and oneDNN
         # are often the faster forms there (skinny_linear.py); measured on the model's own layers, per shape
-        self.skinny_shapes = use_skinny_linears(model) if skinny_linears and self.device.type == "cpu" else {}
+        # packed_weights=False: no packed copies (they hold one more copy of the linear weights)
+        self.skinny_shapes = (use_skinny_linears(model, packed_rows=None if packed_weights else 0)
+                              if skinny_linears and self.device.type == "cpu" else {})
         if self.skinny_shapes:
-            log.info("CPU linears per weight shape (out, in): W x^T up to `few` rows, oneDNN from `many` rows "
-                     "(0: never; else F.linear): %s",
-                     ", ".join(f"{shape}: few {f.few}, many {f.many}" for shape, f in self.skinny_shapes.items()))
+            log.info("CPU linears per weight shape (out, in): oneDNN on a packed copy of the weight from `packed` "
+                     "rows, W x^T up to `few` rows, oneDNN from `many` rows (0: never; else F.linear): %s",
+                     ", ".join(f"{shape}: few {f.few}, many {f.many}, packed {f.packed}"
+                               for shape, f in self.skinny_shapes.items()))
         self.max_batch, self.max_queue, self.fuse_min_steps = max_batch, max_queue, fuse_min_steps
         if max_num_batched_tokens < MIN_PREFILL_CHUNK:
             raise ValueError(

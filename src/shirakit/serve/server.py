@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="while rows decode, size a long prompt's chunk so an iteration costs at most 1 + this "
                         "many decode steps, from measured times (default 0.5; 'off': by --max-num-batched-tokens "
                         "only); short prompts (<= 2 decode steps of prefill) go in whole")
+    parser.add_argument("--no-packed-weights", action="store_true",
+                        help="on CPU, no oneDNN-packed copies of the linear weights (they make decode steps of 8+ "
+                        "rows faster and hold one more copy of those weights in memory)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     parser.add_argument("--fuse-min-steps", type=int, default=None,
                         help="fuse a one-adapter batch when it may still run this many steps "
@@ -145,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, args.adapters, args.served_model_name, args.device, args.dtype,
                           args.max_loaded, args.max_loaded_mb, args.max_batch, args.max_queue,
                           args.fuse_min_steps, args.max_num_batched_tokens, args.max_kv_tokens,
-                          not args.no_chunked_prefill, args.chunk_slack).start()
+                          not args.no_chunked_prefill, args.chunk_slack, not args.no_packed_weights).start()
     print("engine: builtin (the default: every method per request, fused when a batch wants one adapter; "
           "--engine vllm runs vLLM)")
     print(f"serving {engine.base_name} and {len(engine.models()) - 1} adapter(s) on http://{args.host}:{args.port}")

@@ -27,10 +27,16 @@ layer 1.3-2.5x); the 576-wide ones are even and the 192 x 576 ones slower. So th
 times both at ``MANY_ROWS`` rows per shape, and a shape where oneDNN won takes it from that many
 rows up (only without autograd: the op has no backward; without oneDNN in the build, never).
 
-The layer reads ``layer.weight`` at each call, so values written into the weight (SHiRA's fused
-switch) are seen as with ``F.linear``. Only plain ``nn.Linear`` layers with an ordinary float32 CPU
-weight take part; quantized, sharded or meta weights (a tensor subclass, another device) keep
-their own forward.
+From ``PACKED_FROM_ROWS`` (8) rows up, where the build has oneDNN and outside autograd, a layer
+multiplies by a copy of its weight that oneDNN packed for itself (``_reorder_linear_weight``), as
+vLLM's CPU linears do: SmolLM2's whole decode step 0.63-0.77x at 8 rows, 0.85x at 16 and 64, but
+1.13x at 4 rows (so fewer rows keep the forms above). The copy is remade once the weight has stayed
+the same for two calls after a write (:func:`_packed`); it costs one more copy of the weights.
+
+The layer reads ``layer.weight`` at each call (or its packed copy of the current version), so values
+written into the weight (SHiRA's fused switch) are seen as with ``F.linear``. Only plain
+``nn.Linear`` layers with an ordinary float32 CPU weight take part; quantized, sharded or meta
+weights (a tensor subclass, another device) keep their own forward.
 """
 
 from __future__ import annotations
@@ -53,15 +59,25 @@ MARGIN = 0.95  # oneDNN must take at most this share of F.linear's time to be ch
 FEW_MARGIN = 1.0
 MANY_ROWS = 128  # oneDNN is timed at this many rows, and used from there up where it won
 MANY_ROWS_FLOP = 2e9  # the many-row calibration times at most this much work per call (the output layer: one)
+PACK_HINT_ROWS = 16  # the row count oneDNN lays a packed weight out for (it serves any count)
+# packed oneDNN from this many rows up, on every shape, where the build has oneDNN: no calibration, as
+# timing it per shape outside a forward misjudged it (docs/serving.md, "Packed weights")
+PACKED_FROM_ROWS = 8
 
 
 def skinny_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` on CPU: ``(W x^T)^T + b`` for 2..``layer.skinny_rows`` rows, oneDNN's product
-    from ``layer.onednn_rows`` rows up (0: never; not under autograd), else ``F.linear``."""
+    """``layer(x)`` on CPU: oneDNN's product on a packed copy of the weight from
+    ``layer.packed_rows`` rows up (0: never; not under autograd; while the weight keeps changing,
+    the forms below), ``(W x^T)^T + b`` for 2..``layer.skinny_rows`` rows, oneDNN's product from
+    ``layer.onednn_rows`` rows up (0: never; not under autograd), else ``F.linear``."""
     features = x.shape[-1]
     rows = x.numel() // features if features else 0
     if x.device.type != "cpu" or x.dtype != layer.weight.dtype:
         return nn.functional.linear(x, layer.weight, layer.bias)
+    if 0 < layer.packed_rows <= rows and not torch.is_grad_enabled():
+        y = _packed(layer, x.reshape(rows, features))
+        if y is not None:
+            return y.view(*x.shape[:-1], -1)
     if 2 <= rows <= layer.skinny_rows:
         return _transposed(x.reshape(rows, features), layer.weight, layer.bias).view(*x.shape[:-1], -1)
     if 0 < layer.onednn_rows <= rows and not torch.is_grad_enabled():
@@ -81,10 +97,31 @@ def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
 
 
+def _packed(layer: nn.Linear, x2: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's product on the layer's packed weight copy, repacked when ``layer.weight`` was
+    written or replaced; None (use another form) while it keeps changing from one call to the
+    next. Why wait for a settled weight: SHiRA's fused switch writes the weight once, and one
+    repack (a copy of the weight) then serves every later step; a routed step that scatters an
+    adapter into the weight and back changes it twice per call, and repacking there would cost a
+    copy per product. Holds one copy of the weight (the model's linear weights twice in memory)."""
+    weight = layer.weight
+    state = (weight, weight._version)
+    packed = layer.__dict__.get("_packed_weight")
+    if packed is None or packed[0] is not weight or packed[1] != state[1]:
+        seen = layer.__dict__.get("_seen_weight")
+        layer._seen_weight = state
+        if seen is None or seen[0] is not weight or seen[1] != state[1]:
+            return None  # changed since the last call (or the first call): not worth a copy yet
+        packed = (*state, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT_ROWS))
+        layer._packed_weight = packed
+    return torch.ops.mkldnn._linear_pointwise(x2, packed[2], layer.bias, "none", [], "")
+
+
 def onednn_available() -> bool:
-    """Whether this torch build has oneDNN and its linear op (CPU builds for x86 and Arm do)."""
+    """Whether this torch build has oneDNN and its linear ops (CPU builds for x86 and Arm do)."""
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
     except (AttributeError, RuntimeError):
         return False
 
@@ -94,7 +131,8 @@ def skinny_candidate(module: nn.Module) -> bool:
     if type(module) is not nn.Linear:
         return False
     weight = module.weight
-    return type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
+    return (type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and not weight.is_inference())  # inference tensors have no version counter (_packed reads it)
 
 
 def fastest_ratios(candidate, anchor, repeats: int) -> dict:
@@ -121,18 +159,31 @@ def fastest_ratios(candidate, anchor, repeats: int) -> dict:
     return {key: fastest_c[key] / fastest_a[key] if fastest_a[key] > 0 else 1.0 for key in fastest_c}
 
 
-def _step_pass(layers: list[nn.Linear], inputs: dict[int, torch.Tensor], transposed: set) -> dict:
-    """Seconds per weight shape of one pass over ``layers`` in order, ``W x^T`` for the shapes in
-    ``transposed`` and ``F.linear`` for the others, each product followed by an RMS norm of it."""
+def _step_pass(layers: list[nn.Linear], inputs: dict[int, torch.Tensor], form) -> dict:
+    """Seconds per weight shape of one pass over ``layers`` in order, ``form(layer, x)`` each,
+    each product followed by an RMS norm of it."""
     spent: dict[tuple[int, int], float] = defaultdict(float)
     for layer in layers:
-        shape = tuple(layer.weight.shape)
-        form = _transposed if shape in transposed else nn.functional.linear
         start = time.perf_counter()
-        y = form(inputs[layer.in_features], layer.weight, layer.bias)
+        y = form(layer, inputs[layer.in_features])
         y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
-        spent[shape] += time.perf_counter() - start
+        spent[tuple(layer.weight.shape)] += time.perf_counter() - start
     return spent
+
+
+def _plain_form(transposed: frozenset, packed: frozenset = frozenset()):
+    """The form :func:`skinny_forward` would use: packed oneDNN for the shapes in ``packed``,
+    ``W x^T`` for those in ``transposed``, else ``F.linear``."""
+    def form(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(layer.weight.shape)
+        if shape in packed:
+            y = _packed(layer, x)
+            if y is not None:
+                return y
+        if shape in transposed:
+            return _transposed(x, layer.weight, layer.bias)
+        return nn.functional.linear(x, layer.weight, layer.bias)
+    return form
 
 
 def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> dict[tuple[int, int], int]:
@@ -155,14 +206,19 @@ def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> dict[tuple[int
             if not winning:
                 break
             inputs = {features: torch.randn(rows, features) for features in {m.in_features for m in layers}}
-            ratios = fastest_ratios(lambda x=inputs, w=frozenset(winning): _step_pass(layers, x, w),
-                                   lambda x=inputs: _step_pass(layers, x, set()), repeats)
+            ratios = fastest_ratios(lambda x=inputs, w=frozenset(winning): _step_pass(layers, x, _plain_form(w)),
+                                    lambda x=inputs: _step_pass(layers, x, _plain_form(frozenset())), repeats)
             for shape in list(winning):
                 if ratios[shape] > FEW_MARGIN:
                     winning.discard(shape)
                 else:
                     most[shape] = rows
     return most
+
+
+def _drop_packed(layer: nn.Linear) -> None:
+    for name in ("_packed_weight", "_seen_weight"):
+        layer.__dict__.pop(name, None)
 
 
 def calibrate_many(layers: list[nn.Linear], repeats: int = REPEATS) -> int:
@@ -190,24 +246,28 @@ def _seconds(fn) -> float:
 
 
 class LinearForms(NamedTuple):
-    """Per weight shape: ``W x^T`` for 2..``few`` rows (0: never); oneDNN from ``many`` rows up (0: never)."""
+    """Per weight shape: ``W x^T`` for 2..``few`` rows (0: never); oneDNN from ``many`` rows up (0:
+    never); oneDNN on a packed weight from ``packed`` rows up (0: never; where it applies it goes first)."""
 
     few: int
     many: int
+    packed: int = 0
 
 
-def use_skinny_linears(model: nn.Module, most_rows: int | None = None,
-                       onednn_rows: int | None = None) -> dict[tuple[int, int], LinearForms]:
+def use_skinny_linears(model: nn.Module, most_rows: int | None = None, onednn_rows: int | None = None,
+                       packed_rows: int | None = None) -> dict[tuple[int, int], LinearForms]:
     """Give the :func:`skinny_candidate` layers of ``model`` the row-count forward (an instance
     attribute: the class, parameters and ``state_dict`` are untouched): ``W x^T`` up to
-    ``most_rows`` rows and oneDNN from ``onednn_rows`` up, or, where ``None``, what
-    :func:`calibrate` / :func:`calibrate_many` find for each weight shape at the current thread
-    count. Returns the :class:`LinearForms` per shape ((0, 0): that shape keeps ``F.linear``)."""
+    ``most_rows`` rows, oneDNN from ``onednn_rows`` up and packed oneDNN from ``packed_rows`` up,
+    or, where ``None``, what :func:`calibrate` / :func:`calibrate_many` find for each weight shape at
+    the current thread count (packed: ``PACKED_FROM_ROWS`` where oneDNN is present). Returns the
+    :class:`LinearForms` per shape ((0, 0, 0): that shape keeps ``F.linear``)."""
     by_shape = _candidates_by_shape(model)
-    few = calibrate([m for m in model.modules() if skinny_candidate(m)]) if most_rows is None else {}
-    forms = {shape: LinearForms(few.get(shape, most_rows),
-                                calibrate_many(layers) if onednn_rows is None else onednn_rows)
-             for shape, layers in by_shape.items()}
+    layers = [m for m in model.modules() if skinny_candidate(m)]
+    few = calibrate(layers) if most_rows is None else dict.fromkeys(by_shape, most_rows)
+    packed = (PACKED_FROM_ROWS if packed_rows is None else packed_rows) if onednn_available() else 0
+    forms = {shape: LinearForms(few[shape], calibrate_many(group) if onednn_rows is None else onednn_rows, packed)
+             for shape, group in by_shape.items()}
     install_linear_forms(model, forms)
     return forms
 
@@ -218,9 +278,9 @@ def install_linear_forms(model: nn.Module, forms: dict[tuple[int, int], LinearFo
     drop_skinny_linears(model)
     for shape, layers in _candidates_by_shape(model).items():
         chosen = forms.get(shape, LinearForms(0, 0))
-        if chosen.few or chosen.many:
+        if any(chosen):
             for layer in layers:
-                layer.skinny_rows, layer.onednn_rows = chosen
+                layer.skinny_rows, layer.onednn_rows, layer.packed_rows = chosen
                 layer.forward = types.MethodType(skinny_forward, layer)
 
 
@@ -237,4 +297,6 @@ def drop_skinny_linears(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module.__dict__.get("forward"), "__func__", None) is skinny_forward:
             del module.forward
-            del module.skinny_rows, module.onednn_rows
+            del module.skinny_rows, module.onednn_rows, module.packed_rows
+        if isinstance(module, nn.Linear):
+            _drop_packed(module)
