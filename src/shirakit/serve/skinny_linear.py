@@ -159,31 +159,18 @@ def fastest_ratios(candidate, anchor, repeats: int) -> dict:
     return {key: fastest_c[key] / fastest_a[key] if fastest_a[key] > 0 else 1.0 for key in fastest_c}
 
 
-def _step_pass(layers: list[nn.Linear], inputs: dict[int, torch.Tensor], form) -> dict:
-    """Seconds per weight shape of one pass over ``layers`` in order, ``form(layer, x)`` each,
-    each product followed by an RMS norm of it."""
+def _step_pass(layers: list[nn.Linear], inputs: dict[int, torch.Tensor], transposed: frozenset) -> dict:
+    """Seconds per weight shape of one pass over ``layers`` in order, ``W x^T`` for the shapes in
+    ``transposed`` and ``F.linear`` for the others, each product followed by an RMS norm of it."""
     spent: dict[tuple[int, int], float] = defaultdict(float)
     for layer in layers:
-        start = time.perf_counter()
-        y = form(layer, inputs[layer.in_features])
-        y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
-        spent[tuple(layer.weight.shape)] += time.perf_counter() - start
-    return spent
-
-
-def _plain_form(transposed: frozenset, packed: frozenset = frozenset()):
-    """The form :func:`skinny_forward` would use: packed oneDNN for the shapes in ``packed``,
-    ``W x^T`` for those in ``transposed``, else ``F.linear``."""
-    def form(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(layer.weight.shape)
-        if shape in packed:
-            y = _packed(layer, x)
-            if y is not None:
-                return y
-        if shape in transposed:
-            return _transposed(x, layer.weight, layer.bias)
-        return nn.functional.linear(x, layer.weight, layer.bias)
-    return form
+        form = _transposed if shape in transposed else nn.functional.linear
+        start = time.perf_counter()
+        y = form(inputs[layer.in_features], layer.weight, layer.bias)
+        y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+        spent[shape] += time.perf_counter() - start
+    return spent
 
 
 def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> dict[tuple[int, int], int]:
@@ -206,8 +193,8 @@ def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> dict[tuple[int
             if not winning:
                 break
             inputs = {features: torch.randn(rows, features) for features in {m.in_features for m in layers}}
-            ratios = fastest_ratios(lambda x=inputs, w=frozenset(winning): _step_pass(layers, x, _plain_form(w)),
-                                    lambda x=inputs: _step_pass(layers, x, _plain_form(frozenset())), repeats)
+            ratios = fastest_ratios(lambda x=inputs, w=frozenset(winning): _step_pass(layers, x, w),
+                                    lambda x=inputs: _step_pass(layers, x, frozenset()), repeats)
             for shape in list(winning):
                 if ratios[shape] > FEW_MARGIN:
                     winning.discard(shape)
