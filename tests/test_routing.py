@@ -93,7 +93,8 @@ def test_greedy_generate_rows_equal_alone():
     assert torch.equal(model.generate(ids, adapter_names=names, **kwargs), expected)
 
 
-def test_modules_to_save_are_routed_per_row():
+def _bert_with_two_saved_classifiers():
+    """A BERT with adapters "a" and "b", each with its own (changed) copy of the classifier."""
     model = MODELS["bert"]()
     for i, name in enumerate(["a", "b"]):
         torch.manual_seed(i)
@@ -101,6 +102,11 @@ def test_modules_to_save_are_routed_per_row():
                                                    init_lora_weights=False), name)
         with torch.no_grad():
             model.classifier.adapters[name].weight.add_(torch.randn_like(model.classifier.adapters[name].weight))
+    return model
+
+
+def test_modules_to_save_are_routed_per_row():
+    model = _bert_with_two_saved_classifiers()
     names = ["a", "__base__", "b"]
     ids = inputs(batch=3)
     expected = rows_alone(model, ids, names)
@@ -132,13 +138,7 @@ def test_a_per_token_route_over_one_packed_row_equals_routing_the_tokens_as_rows
 
 
 def test_modules_to_save_follow_a_per_token_route():
-    model = MODELS["bert"]()
-    for i, name in enumerate(["a", "b"]):
-        torch.manual_seed(i)
-        shirakit.inject(model, shirakit.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"],
-                                                   init_lora_weights=False), name)
-        with torch.no_grad():
-            model.classifier.adapters[name].weight.add_(torch.randn_like(model.classifier.adapters[name].weight))
+    model = _bert_with_two_saved_classifiers()
     model.eval()
     names = ["b", "__base__", "a", "b"]
     x = torch.randn(1, len(names), model.classifier.original_module.in_features)
