@@ -92,6 +92,11 @@ def test_packed_weight_equals_the_product_and_follows_writes_into_the_weight():
     check()
     check()
     assert layer._packed_weight[0] is layer.weight
+    packed = layer._packed_weight
+    layer.load_state_dict({"weight": torch.randn(48, 40), "bias": torch.randn(48)})  # copied in place
+    check()
+    check()
+    assert layer._packed_weight is not packed and layer._packed_weight[0] is layer.weight
     with torch.no_grad():  # a routed step scatters an adapter in and back on every call: never packed
         for _ in range(3):
             packed = layer._packed_weight

@@ -117,6 +117,11 @@ def _packed(layer: nn.Linear, x2: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._linear_pointwise(x2, packed[2], layer.bias, "none", [], "")
 
 
+def _drop_packed(layer: nn.Linear) -> None:
+    for name in ("_packed_weight", "_seen_weight"):
+        layer.__dict__.pop(name, None)
+
+
 def onednn_available() -> bool:
     """Whether this torch build has oneDNN and its linear ops (CPU builds for x86 and Arm do)."""
     try:
@@ -201,11 +206,6 @@ def calibrate(layers: list[nn.Linear], repeats: int = REPEATS) -> dict[tuple[int
                 else:
                     most[shape] = rows
     return most
-
-
-def _drop_packed(layer: nn.Linear) -> None:
-    for name in ("_packed_weight", "_seen_weight"):
-        layer.__dict__.pop(name, None)
 
 
 def calibrate_many(layers: list[nn.Linear], repeats: int = REPEATS) -> int:
