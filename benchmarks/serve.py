@@ -524,6 +524,8 @@ def report_engine(described: str, results: dict, args, load: tuple[float, float]
               "long prompt TTFT s", "KV bytes copied / decode step"]
     rows = []
     for label, r in results.items():
+        if "without" not in r:  # --repeats 0: only the /health and throughput lines below
+            continue
         copied = r.get("copied_per_step")
         if "with" in r:
             arriving = [f"{1e3 * r['with']['p50']:.0f}", f"{1e3 * r['with']['p95']:.0f}",
@@ -539,7 +541,9 @@ def report_engine(described: str, results: dict, args, load: tuple[float, float]
             f"arrival to its first token; "
             f"median of {args.repeats} runs per column; --threads {args.threads}; {_report.cpu_model()}, "
             f"{_report.cores()}, shared with other jobs (load average {load[0]:.1f} at the start, {load[1]:.1f} at "
-            f"the end); {_report.software()}; {_report.today()}\n\n" + _report.table(header, rows))
+            f"the end); {_report.software()}; {_report.today()}")
+    if rows:
+        text += "\n\n" + _report.table(header, rows)
     chunked = next(iter(results.values()))
     if "health" in chunked:
         h = chunked["health"]

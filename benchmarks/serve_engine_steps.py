@@ -1,6 +1,7 @@
 """Where a serving step's time goes: the engine alone (no HTTP), one base model, one batch mix at a time.
 
-    python benchmarks/serve_engine_steps.py [--rounds 3] [--rows 16] [--tokens 64] [--threads 1] [--profile "SHiRA 1"]
+    python benchmarks/serve_engine_steps.py [--rounds 3] [--rows 16] [--tokens 64] [--threads 1] \
+        [--mixes "SHiRA 1"] [--profile "SHiRA 1"]
 
 SmolLM2-135M (fp32, ``--threads`` torch threads, default 1), adapters on q_proj and v_proj with equal trainable values
 (SHiRA r=8 and LoRA r=8: 460,800 each). Rows: ``--rows`` greedy requests of ``--tokens`` tokens,
@@ -14,8 +15,10 @@ interleaved round by round (each round runs every mix once, so a load change hit
 - SHiRA 1 / LoRA 1: every request on adapter 0 (fused);
 - SHiRA 4 / LoRA 4: requests spread over 4 adapters (routed).
 
-The table gives the median round per mix and its ratio to "base, bare" of the same round
-(median of the per-round ratios). ``--profile MIX`` prints cProfile's top functions of one run.
+The table gives the median round per mix and its ratios to "base, bare" and to "base, SHiRA loaded"
+(the server's own base: the same engine, adapters held) of the same round (medians of the per-round ratios).
+``--mixes`` runs only some mixes (and the two anchors), so more rounds fit in the same time; the order flips
+every round. ``--profile MIX`` prints cProfile's top functions of one run on the engine's thread.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--profile", default=None, choices=[None, *MIXES])
+    parser.add_argument("--mixes", nargs="+", default=MIXES, choices=MIXES,
+                        help="run only these (the two anchors always run): more rounds in the same time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,27 +118,30 @@ def main() -> None:
         eng, names = setups[args.profile]
         run(eng, names, args.rows, args.tokens)
         profile = cProfile.Profile()
-        profile.enable()
+        eng.call(profile.enable).result()  # on the engine's thread: cProfile sees only the thread that enabled it
         run(eng, names, args.rows, args.tokens)
-        profile.disable()
+        eng.call(profile.disable).result()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     if args.rounds < 1:  # --profile alone
         for eng in (bare, plain, full):
             eng.stop()
         return
-    results = {mix: [] for mix in MIXES}
-    for _ in range(args.rounds):
-        for mix in MIXES:
+    mixes = [mix for mix in MIXES if mix in {"base, bare", "base, SHiRA loaded", *args.mixes}]
+    results = {mix: [] for mix in mixes}
+    for i in range(args.rounds):
+        for mix in mixes if i % 2 == 0 else mixes[::-1]:  # the order flips each round (drift)
             eng, names = setups[mix]
             results[mix].append(run(eng, names, args.rows, args.tokens))
     print(f"\nload average {os.getloadavg()}, {args.rounds} rounds, {args.rows} rows x {args.tokens} greedy tokens, "
           f"{args.threads} thread(s), SmolLM2-135M fp32")
-    print("| mix | tok/s (median) | / base, bare (median of rounds) | runs |")
-    print("|---|---|---|---|")
-    for mix in MIXES:
+    print("| mix | tok/s (median) | / base, bare | / base, same engine | runs |")
+    print("|---|---|---|---|---|")
+    for mix in mixes:
         ratios = [r / b for r, b in zip(results[mix], results["base, bare"])]
+        # the server's own base: base requests to the engine that holds the adapters (issue 24's anchor)
+        own = [r / b for r, b in zip(results[mix], results["base, SHiRA loaded"])]
         print(f"| {mix} | {statistics.median(results[mix]):.1f} | {statistics.median(ratios):.3f} | "
-              f"{', '.join(f'{r:.0f}' for r in results[mix])} |")
+              f"{statistics.median(own):.3f} | {', '.join(f'{r:.0f}' for r in results[mix])} |")
     print("switches:", full.snapshot()["switches"], "fused steps:", full.snapshot()["fused_steps"],
           "routed steps:", full.snapshot()["routed_steps"])
     for eng in (bare, plain, full):
