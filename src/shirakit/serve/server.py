@@ -52,8 +52,8 @@ def freeze_startup_heap() -> int:
     has started its engine.
 
     Why: a full collection walks all of them, 0.39-0.42 s on this project's 2-core machine, holding
-    the GIL, so every stream and ``/health`` would stall that long. Start-up ran nine such collections
-    (0.02-0.47 s, growing with the heap); serving 256 requests over 3 minutes ran none (they come
+    the GIL, so every stream and ``/health`` would stall that long. Start-up ran eight or nine full
+    collections (0.02-0.47 s, growing with the heap); serving 256 requests over 3 minutes ran none (they come
     when enough objects have outlived the young generations: adapter loads, a long-running server),
     so this is insurance for the tail rather than a throughput gain. Objects made later are
     collected as before; frozen ones are still freed by reference counting, only a cycle among them
