@@ -357,7 +357,7 @@ def test_freezing_the_start_up_heap_takes_it_out_of_full_collections():
     """What `shirakit serve` does once its engine runs: a full collection then walks only newer objects."""
     import gc
 
-    from shirakit.serve.server import freeze_startup_heap
+    from shirakit.serve.heap import freeze_startup_heap
 
     before = len(gc.get_objects())
     try:

@@ -61,7 +61,7 @@ def engine_deployment(max_loaded: int):
         def __init__(self, options: dict) -> None:
             from .backend import LocalBackend
             from .build import build_engine
-            from .server import freeze_startup_heap
+            from .heap import freeze_startup_heap
 
             # the engine's own LRU has one slot of slack over Ray's, which evicts first
             self.engine = build_engine(**options, adapters=None, max_loaded=max_loaded + 1).start()

@@ -7,7 +7,6 @@ uvicorn on a thread bound to 127.0.0.1 and a free port, and :meth:`RunningServer
 from __future__ import annotations
 
 import argparse
-import gc
 import threading
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 
 from .build import DTYPES, build_engine
 from .engine import Engine
+from .heap import freeze_startup_heap
 from .policy import API_KEY_ENV, Policy
 from .threaded import serve_on_thread
 
@@ -44,23 +44,6 @@ def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, timeout
     url, server, thread = serve_on_thread(create_app(LocalBackend(engine, policy)), host, port, timeout,
                                           engine.stop)
     return RunningServer(url, engine, server, thread)
-
-
-def freeze_startup_heap() -> int:
-    """Put every object alive now (model, tokenizer, libraries: ~490,000 with SmolLM2) out of the
-    cyclic garbage collector's reach (``gc.freeze``); returns how many. Call once a server process
-    has started its engine.
-
-    Why: a full collection walks all of them, 0.39-0.42 s on this project's 2-core machine, holding
-    the GIL, so every stream and ``/health`` would stall that long. Start-up ran eight or nine full
-    collections (0.02-0.47 s, growing with the heap); serving 256 requests over 3 minutes ran none (they come
-    when enough objects have outlived the young generations: adapter loads, a long-running server),
-    so this is insurance for the tail rather than a throughput gain. Objects made later are
-    collected as before; frozen ones are still freed by reference counting, only a cycle among them
-    would stay, and a server keeps those for its life anyway. vLLM freezes its heap the same way."""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
 
 
 def _chunk_slack(text: str) -> float | str:
