@@ -23,9 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS_HEADER = "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-    fn()  # warm-up
+def median_seconds(fn, repeats: int, warmups: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after ``warmups`` untimed calls."""
+    for _ in range(warmups):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
