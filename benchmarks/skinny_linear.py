@@ -1,5 +1,5 @@
 """Linears on CPU by row count: ``F.linear`` (``x W^T``) against ``serve/skinny_linear.py``'s forms
-(``(W x^T)^T`` for few rows, oneDNN's product for many).
+(``(W x^T)^T`` for few rows, oneDNN's product on a packed weight copy from 8 rows, unpacked for many).
 
     python benchmarks/skinny_linear.py [--threads 1 2] [--rows 8 16 32 64 128] [--prefill 64 128 256]
                                        [--repeats 7] [--write-docs FILE]
@@ -11,11 +11,13 @@ Three tables, the forms side by side in the same process at each thread count:
   cache by itself), median microseconds per call;
 - per decode step: SmolLM2-135M (``shirakit.data.smollm2_dir()``), one token for each of
   ``rows`` rows over a 64-token cache, ``logits_to_keep=1``, median milliseconds, with the largest
-  difference of the two forms' logits; ``W x^T`` there is what the serving engine would choose
-  (``use_skinny_linears`` calibrated at that thread count: some shapes keep ``F.linear``);
+  difference of the two forms' logits; "engine's forms" there are what the serving engine would choose
+  (``use_skinny_linears`` at that thread count: packed oneDNN from ``PACKED_FROM_ROWS`` rows where the
+  build has oneDNN, below that ``W x^T`` where calibrated, else ``F.linear``);
 - per prefill forward: SmolLM2-135M over ``--prefill`` prompt tokens (one row, no cache,
-  ``logits_to_keep=1``), ``F.linear`` everywhere against the calibrated forms (oneDNN where a
-  shape won at ``MANY_ROWS``), median milliseconds and the largest logit difference.
+  ``logits_to_keep=1``), ``F.linear`` everywhere against the engine's forms (packed oneDNN on every
+  shape; the shapes whose unpacked oneDNN won at ``MANY_ROWS`` are listed, they take it only without
+  packed weights), median milliseconds and the largest logit difference.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
 
 from shirakit.serve.skinny_linear import (  # noqa: E402
+    PACKED_FROM_ROWS,
     drop_skinny_linears,
     install_linear_forms,
     skinny_forward,
@@ -134,10 +137,12 @@ def main(argv=None) -> int:
         "Per layer, weights out of cache, microseconds per call (median):",
         _report.table(["threads", "layer", "rows", "F.linear", "W x^T", "speed-up"], layer_rows),
         "SmolLM2-135M, one decode step over a 64-token cache, milliseconds (median):",
-        _report.table(["threads", "rows", "F.linear", "W x^T", "speed-up", "largest logit difference"], step_rows),
-        "SmolLM2-135M, one prefill forward, milliseconds (median); oneDNN where the calibration chose it:",
-        _report.table(["threads", "tokens", "oneDNN shapes (out x in)", "F.linear", "calibrated", "speed-up",
-                       "largest logit difference"], prefill_rows),
+        _report.table(["threads", "rows", "F.linear", "engine's forms", "speed-up", "largest logit difference"],
+                      step_rows),
+        "SmolLM2-135M, one prefill forward, milliseconds (median); the engine's forms (packed oneDNN from "
+        f"{PACKED_FROM_ROWS} rows; unpacked oneDNN on the listed shapes without packed weights):",
+        _report.table(["threads", "tokens", "unpacked oneDNN shapes (out x in)", "F.linear", "engine's forms",
+                       "speed-up", "largest logit difference"], prefill_rows),
     ])
     _report.publish(section, args.write_docs, BEGIN, END)
     return 0
