@@ -427,6 +427,34 @@ def test_logprobs_and_echo_as_lm_eval_asks_for_them(folders):
         running.stop()
 
 
+def test_ignore_eos_generates_max_tokens_past_end_of_sequence(folders):
+    """vLLM's ``ignore_eos``: an end-of-sequence token no longer ends the choice (benchmark clients send
+    it so that every engine generates the same count); without it the same request stops at once."""
+    model_dir, adapters, _ = folders
+    name = list(adapters)[0]
+    _, tokenizer = load_tiny_lm(model_dir)
+    eos = tokenizer.eos_token_id
+    running = _policy_server(folders, Policy())
+    try:
+        with httpx.Client(base_url=running.url, timeout=TIMEOUT) as http:
+            def choice(**kw):
+                body = {"model": name, "prompt": "abab", "max_tokens": 6, "temperature": 0,
+                        "logit_bias": {str(eos): 100}, **kw}
+                response = http.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                return response.json()["choices"][0], response.json()["usage"]["completion_tokens"]
+
+            stopped, count = choice()
+            assert stopped["finish_reason"] == "stop" and count == 1
+            kept, count = choice(ignore_eos=True)
+            assert kept["finish_reason"] == "length" and count == 6
+            assert choice(ignore_eos=False)[1] == 1
+            assert http.post("/v1/completions", json={"model": name, "prompt": "x", "ignore_eos": "sometimes"}
+                             ).json()["error"]["param"] == "ignore_eos"
+    finally:
+        running.stop()
+
+
 def test_logit_bias_and_penalties_follow_openai(folders):
     model_dir, adapters, _ = folders
     name = list(adapters)[0]

@@ -333,7 +333,8 @@ def _params(backend, body: Sampling, prompt: list[int], max_tokens: int | None,
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=top_k,
                           seed=body.seed, stop=tuple(body.stop or ()), logit_bias=tuple(bias.items()),
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                          logprobs=getattr(body, "logprobs", None), echo=getattr(body, "echo", False))
+                          logprobs=getattr(body, "logprobs", None), echo=getattr(body, "echo", False),
+                          ignore_eos=body.ignore_eos)
 
 
 async def _respond(backend, request: Request, body: Sampling, prompts: list[tuple[list[int], str | None]],

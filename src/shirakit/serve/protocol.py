@@ -3,7 +3,8 @@
 Parameters follow OpenAI's definitions, defaults and ranges (``max_tokens`` 16 for completions,
 ``temperature`` 1 in [0, 2], ``top_p`` 1 in (0, 1], ``n`` 1, penalties in [-2, 2], ``logit_bias``
 values in [-100, 100]); vLLM's extension ``top_k`` (-1 or 0: off, else the k most probable
-tokens). OpenAI parameters this server does not implement (``UNSUPPORTED``) are refused
+tokens) and ``ignore_eos`` (an end-of-sequence token does not end the completion: benchmark clients
+send it so that every request generates ``max_tokens``). OpenAI parameters this server does not implement (``UNSUPPORTED``) are refused
 with 400 naming the field when they ask for something (a null or the default passes); unknown
 fields are ignored. Errors have OpenAI's shape:
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -61,6 +62,7 @@ class Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = None  # vLLM's extension: -1 or 0 (or null) off; k >= 1 keeps the k most probable tokens
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens, past end-of-sequence (benchmarks)
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)

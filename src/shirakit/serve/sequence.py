@@ -49,6 +49,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
     echo: bool = False  # with logprobs: the prompt's tokens' log-probabilities too
+    ignore_eos: bool = False  # vLLM's extension: an end-of-sequence token does not end the choice
 
     @property
     def adjusts(self) -> bool:
@@ -96,7 +97,7 @@ class Sequence:
         """Record a new token; set ``finish_reason`` when the sequence is done."""
         self.tokens.append(token)
         self.counts[token] = self.counts.get(token, 0) + 1
-        if token in eos_ids:
+        if token in eos_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"
             self.detokenize(tokenizer, len(self.tokens) - 1, final=True)
             return

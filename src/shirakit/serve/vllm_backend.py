@@ -177,7 +177,8 @@ class VllmBackend:
         seed = None if params.seed is None else params.seed + index
         vparams = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                              top_k=params.top_k,
-                             seed=seed, stop_token_ids=sorted(self.eos_ids), detokenize=False,
+                             seed=seed, stop_token_ids=[] if params.ignore_eos else sorted(self.eos_ids),
+                             ignore_eos=params.ignore_eos, detokenize=False,
                              output_kind=RequestOutputKind.DELTA,
                              extra_args=None if rows is None else {ROWS_KEY: rows})
         seq = Sequence(request_id, index, adapter or "", prompt, params)
