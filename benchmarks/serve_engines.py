@@ -15,7 +15,8 @@ vLLM's mixed batches, as the front scheduler's ``--policy`` says);
 trainable parameters (LoRA r=8 on q_proj, v_proj = SHiRA r=8 there: K = r(in+out) per layer). Each
 server is its own process (``python -m ...``) on 127.0.0.1 and a free port; this process is the load:
 ``--clients`` concurrent clients (asyncio + httpx, closed loop, streaming) send ``--requests``
-completions per setting (greedy, ``--tokens`` new tokens, ~30-token prompts), each naming the base or an
+completions per setting (greedy, ``--tokens`` new tokens with ``ignore_eos``, so every engine generates the
+same count: the table's "tokens / request" shows it; ~30-token prompts), each naming the base or an
 adapter drawn from the setting's mix: base; 1 adapter; 4 or 16 adapters uniform; 4 or 16 zipf
 (adapter k with probability ~ 1/(k+1)^1.1). Output per setting: generated tokens per wall second (the
 median of ``--repeats`` runs, after a 4-token warm-up run that loads the adapters), time to first
@@ -162,10 +163,10 @@ async def load(url: str, models: list[str], clients: int, tokens: int) -> dict:
     queue: asyncio.Queue = asyncio.Queue()
     for i, model in enumerate(models):
         queue.put_nowait((i, model))
-    ttfts, gaps, generated, failed = [], [], 0, 0
+    ttfts, gaps, generated, failed, answered = [], [], 0, 0, 0
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal generated, failed
+        nonlocal generated, failed, answered
         while not queue.empty():
             i, model = queue.get_nowait()
             body = {"model": model, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
@@ -194,6 +195,7 @@ async def load(url: str, models: list[str], clients: int, tokens: int) -> dict:
                 failed += 1
                 continue
             generated += usage
+            answered += 1
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as http:
@@ -205,7 +207,8 @@ async def load(url: str, models: list[str], clients: int, tokens: int) -> dict:
         return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
     return {"tokens_s": generated / wall, "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95),
-            "itl_p50": pct(gaps, 0.5), "itl_p95": pct(gaps, 0.95), "failed": failed}
+            "itl_p50": pct(gaps, 0.5), "itl_p95": pct(gaps, 0.95), "failed": failed,
+            "tokens_per_request": generated / max(answered, 1)}
 
 
 def launch(engine: str, args, model_dir: Path, root: Path) -> tuple[subprocess.Popen, str, list[str], dict]:
@@ -327,12 +330,13 @@ def table(folder: Path) -> str:
     for run in runs:
         base = run["settings"].get("base", {}).get("tokens_s")
         for name, r in run["settings"].items():
+            per_request = f"{r['tokens_per_request']:.1f}" if "tokens_per_request" in r else "-"  # older runs: -
             rows.append([run["engine"], name, f"{r['tokens_s']:.1f} ({', '.join(map(str, r['runs']))})",
                          f"{r['tokens_s'] / base:.2f}" if base else "-",
                          f"{r['ttft_p50']:.0f} / {r['ttft_p95']:.0f}", f"{r['itl_p50']:.0f} / {r['itl_p95']:.0f}",
-                         f"{r['rss_mb']:.0f}", str(r["failed"])])
+                         per_request, f"{r['rss_mb']:.0f}", str(r["failed"])])
     header = ["engine", "setting", "tokens/s (runs)", "x its base", "TTFT p50/p95 ms", "inter-token p50/p95 ms",
-              "RSS MiB", "failed"]
+              "tokens / request", "RSS MiB", "failed"]
     notes = [f"- {run['engine']}: {run['machine']['date']}, started in {run['start_s']:.0f} s, load average "
              + (f"{', '.join(f'{x:.1f}' for x in run['load_start'])} at the start, " if run.get("load_start") else "")
              + f"{', '.join(f'{x:.1f}' for x in run['load'])} at the end; {run['clients']} clients, "
