@@ -290,6 +290,28 @@ def test_a_ragged_forward_gives_each_row_its_own_forward_logits(folders):
                 at += fed[r]
 
 
+def test_decode_attention_equals_scaled_dot_product_attention():
+    """The decoding rows' attention (two batched products over the slot buffers' views, CPU float32)
+    gives what scaled_dot_product_attention gives with the boolean mask: rows of different lengths
+    (keys past a row's length hidden), grouped query heads folded into the query axis."""
+    from shirakit.serve.kv import decode_attention
+
+    torch.manual_seed(0)
+    rows, kv_heads, groups, dim, capacity = 5, 2, 3, 16, 24
+    keys_buffer, values_buffer = torch.randn(2, 8, kv_heads, capacity, dim).unbind(0)
+    query = torch.randn(rows, kv_heads, groups, dim)
+    lengths = torch.tensor([1, 7, 12, 3, 12])
+    longest = int(lengths.max())
+    mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None]
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    key, value = keys_buffer[:rows, :, :longest], values_buffer[:rows, :, :longest]  # views, as the engine's
+    got = decode_attention(query, key, value, bias, dim ** -0.5)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # a hidden key changes nothing: row 0 sees only its first key, so its output is that key's value
+    torch.testing.assert_close(got[0], value[0, :, :1].expand(kv_heads, groups, dim), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 def test_a_ragged_forward_on_other_architectures(arch):
     """GPT-2 (learned positions, no GQA) and Qwen2 (GQA, q/k/v biases): the same per-row logits."""

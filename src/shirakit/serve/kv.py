@@ -240,7 +240,15 @@ class RaggedStep(Cache):
             before = torch.tensor(starts, device=device)
             visible = torch.arange(self.decode_keys, device=device)[None, :] <= before[:, None]
             self.decode_mask = visible[:, None, None]  # (rows, 1, 1, keys): shared by heads and groups
+            self._decode_bias: torch.Tensor | None = None
         self._segment_masks: dict[int, list[torch.Tensor]] = {}
+
+    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """:attr:`decode_mask` as an additive bias (0 where seen, -inf where not), made once per forward."""
+        if self._decode_bias is None:
+            bias = torch.zeros(self.decode_mask.shape, dtype=dtype, device=self.decode_mask.device)
+            self._decode_bias = bias.masked_fill_(~self.decode_mask, float("-inf"))
+        return self._decode_bias
 
     def segment_masks(self, groups: int) -> list[torch.Tensor]:
         """Per chunk (1, 1, groups x count, start + count): query ``g * count + t`` sees keys ``<= start + t``."""
@@ -289,8 +297,12 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     d = step.decoding
     if d:
         keys = step.decode_keys
-        out = F.scaled_dot_product_attention(flat[:d], key[:d, :, :keys], value[:d, :, :keys],
-                                             attn_mask=step.decode_mask, scale=scaling)
+        if query.device.type == "cpu" and query.dtype == torch.float32:
+            out = decode_attention(flat[:d], key[:d, :, :keys], value[:d, :, :keys], step.decode_bias(query.dtype),
+                                   dim ** -0.5 if scaling is None else scaling)
+        else:  # a GPU's fused kernel; half precision keeps its float32 accumulation
+            out = F.scaled_dot_product_attention(flat[:d], key[:d, :, :keys], value[:d, :, :keys],
+                                                 attn_mask=step.decode_mask, scale=scaling)
         parts.append(out.reshape(d, heads, dim))
     offset = d
     for (slot, start, count), mask in zip(step.segments, step.segment_masks(groups)):
@@ -302,6 +314,16 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
         offset += count
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.reshape(batch, length, heads, dim), None
+
+
+def decode_attention(query, key, value, bias, scaling: float) -> torch.Tensor:
+    """softmax(q k^T * scaling + bias) v for the decoding rows, as two batched products: ``query``
+    (rows, kv_heads, groups, dim), ``key``/``value`` (rows, kv_heads, keys, dim), ``bias`` (rows, 1, 1,
+    keys). On CPU at decode sizes (a few queries per key head, ~100 keys) scaled_dot_product_attention's
+    flash kernel costs more than these five ops: SmolLM2's decode step at 8 and 16 rows took 0.96x the
+    time with them (docs/benchmarks.md)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling).add_(bias)
+    return torch.matmul(scores.softmax(-1), value)
 
 
 @contextlib.contextmanager
