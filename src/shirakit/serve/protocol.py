@@ -3,10 +3,10 @@
 Parameters follow OpenAI's definitions, defaults and ranges (``max_tokens`` 16 for completions,
 ``temperature`` 1 in [0, 2], ``top_p`` 1 in (0, 1], ``n`` 1, penalties in [-2, 2], ``logit_bias``
 values in [-100, 100]); vLLM's extension ``top_k`` (-1 or 0: off, else the k most probable
-tokens) and ``ignore_eos`` (an end-of-sequence token does not end the completion: benchmark clients
-send it so that every request generates ``max_tokens``). OpenAI parameters this server does not implement (``UNSUPPORTED``) are refused
-with 400 naming the field when they ask for something (a null or the default passes); unknown
-fields are ignored. Errors have OpenAI's shape:
+tokens) and ``ignore_eos`` (an end-of-sequence token does not end the completion: benchmark
+clients send it so that every request generates ``max_tokens``). OpenAI parameters this server
+does not implement (``UNSUPPORTED``) are refused with 400 naming the field when they ask for
+something (a null or the default passes); unknown fields are ignored. Errors have OpenAI's shape:
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
