@@ -4,6 +4,7 @@
     python benchmarks/serve_engines.py --engine builtin        --out /tmp/se
     python benchmarks/serve_engines.py --engine shirakit-vllm  --out /tmp/se [--policy auto|rows|drain|slice]
     python benchmarks/serve_engines.py --engine vllm-lora      --out /tmp/se
+    python benchmarks/serve_engines.py --engine vllm --settings base --out /tmp/se  # no LoRA: the base only
     python benchmarks/serve_engines.py --table /tmp/se [--write-docs docs/benchmarks.md]
     # the two servers up together, runs alternating between them (ratios of runs seconds apart)
     python benchmarks/serve_engines.py --engine builtin --alternate vllm-lora --out /tmp/se_pairs
@@ -12,7 +13,9 @@ Engines: ``builtin`` is ``shirakit serve`` (SHiRA adapters, per request, fused w
 ``shirakit-vllm`` is ``shirakit serve --engine vllm`` (SHiRA fused in vLLM's weights or per row in
 vLLM's mixed batches, as the front scheduler's ``--policy`` says);
 ``vllm-lora`` is vLLM's own OpenAI server with LoRA adapters of equal
-trainable parameters (LoRA r=8 on q_proj, v_proj = SHiRA r=8 there: K = r(in+out) per layer). Each
+trainable parameters (LoRA r=8 on q_proj, v_proj = SHiRA r=8 there: K = r(in+out) per layer);
+``vllm`` is the same server without ``--enable-lora`` (base setting only): on CPU vLLM compiles its
+model only then (vllm/platforms/cpu.py sets ``CompilationMode.NONE`` when LoRA is enabled). Each
 server is its own process (``python -m ...``) on 127.0.0.1 and a free port; this process is the load:
 ``--clients`` concurrent clients (asyncio + httpx, closed loop, streaming) send ``--requests``
 completions per setting (greedy, ``--tokens`` new tokens with ``ignore_eos``, so every engine generates the
@@ -44,7 +47,7 @@ import _report  # noqa: E402
 from serve import free_port  # noqa: E402  (benchmarks/serve.py)
 
 REPO = Path(__file__).resolve().parent.parent
-ENGINES = ("builtin", "shirakit-vllm", "vllm-lora")
+ENGINES = ("builtin", "shirakit-vllm", "vllm-lora", "vllm")
 SETTINGS = [("base", 0, "one"), ("1 adapter", 1, "one"), ("4 uniform", 4, "uniform"), ("4 zipf", 4, "zipf"),
             ("16 uniform", 16, "uniform"), ("16 zipf", 16, "zipf")]
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
@@ -95,11 +98,13 @@ def server_command(engine: str, model_dir: Path, adapters: Path, names: list[str
     if engine == "shirakit-vllm":
         return [sys.executable, "-m", "shirakit.cli", "serve", "--engine", "vllm", "--model", str(model_dir),
                 "--adapters", str(adapters), "--served-model-name", "base", "--port", str(port), "--policy", policy]
+    plain = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+             "--served-model-name", "base", "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
+             "--gpu-memory-utilization", "0.25"]
+    if engine == "vllm":
+        return plain
     modules = [f"{n}={adapters / n}" for n in names]
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--served-model-name", "base", "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
-            "--gpu-memory-utilization", "0.25", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "16",
-            "--lora-modules", *modules]
+    return [*plain, "--enable-lora", "--max-lora-rank", "8", "--max-loras", "16", "--lora-modules", *modules]
 
 
 def start(command: list[str], port: int, log: Path, env: dict, timeout: float = 420) -> subprocess.Popen:
@@ -215,7 +220,7 @@ def launch(engine: str, args, model_dir: Path, root: Path) -> tuple[subprocess.P
     """Start ``engine``'s server on its own adapters -> (process, url, adapter names, results so far)."""
     method = "lora" if engine == "vllm-lora" else "shira"
     folder = root / f"adapters-{method}"
-    names = make_adapters(model_dir, folder, method, 16)
+    names = [] if engine == "vllm" else make_adapters(model_dir, folder, method, 16)
     port = free_port()
     label = engine + (f" ({args.policy})" if engine == "shirakit-vllm" else "")
     began = time.perf_counter()
@@ -380,6 +385,8 @@ def main(argv=None) -> int:
         return 0
     if not args.engine:
         parser.error("--engine or --table")
+    if "vllm" in (args.engine, args.alternate) and args.settings != ["base"]:
+        parser.error("the vllm engine serves no adapters: run it with --settings base")
     args.load_start = os.getloadavg()
     if args.alternate:
         run_alternating(args)
