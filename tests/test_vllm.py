@@ -212,3 +212,15 @@ def test_top_k_one_at_temperature_one_is_greedy(setup):
     response = httpx.post(f"{setup['url']}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == expected(setup, "shira-r2-6", PROMPTS[1])
+
+
+def test_ignore_eos_reaches_vllm(setup):
+    """vLLM's ``ignore_eos`` through shirakit's front: every choice runs to ``max_tokens`` (the backend no
+    longer hands vLLM the EOS ids as stop tokens for it), and without it a choice that meets EOS stops."""
+    for prompt in PROMPTS:
+        body = {"model": "shira-r2-6", "prompt": prompt, "max_tokens": 40, "temperature": 0}
+        kept = httpx.post(f"{setup['url']}/v1/completions", json={**body, "ignore_eos": True}, timeout=120).json()
+        assert kept["usage"]["completion_tokens"] == 40 and kept["choices"][0]["finish_reason"] == "length"
+        plain = httpx.post(f"{setup['url']}/v1/completions", json=body, timeout=120).json()
+        count, reason = plain["usage"]["completion_tokens"], plain["choices"][0]["finish_reason"]
+        assert (reason, count == 40) in (("length", True), ("stop", False))
