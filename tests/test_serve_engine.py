@@ -290,6 +290,36 @@ def test_a_ragged_forward_gives_each_row_its_own_forward_logits(folders):
                 at += fed[r]
 
 
+def test_fused_rms_norms_give_the_same_logits_and_only_replace_llamas_norm(folders):
+    """The engine's CPU norms (``F.rms_norm`` in one call) leave a forward's logits bit-identical; a norm
+    whose formula differs (another forward) keeps its own; half precision falls back to the class's
+    forward; dropping them restores the class's forward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from shirakit.serve.fused_norms import drop_fused_rms_norms, is_llama_rms_norm, use_fused_rms_norms
+
+    model_dir, _, _ = folders
+    model, _ = load_tiny_lm(model_dir)
+    ids = torch.tensor([_prompt(1, 9)])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        norms = [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]
+        assert use_fused_rms_norms(model) == len(norms) > 2 and all("forward" in vars(m) for m in norms)
+        assert torch.equal(model(input_ids=ids).logits, before)
+        half = norms[0].to(torch.bfloat16)
+        x = torch.randn(3, half.weight.shape[0], dtype=torch.bfloat16)
+        assert torch.equal(half(x), LlamaRMSNorm.forward(half, x))
+        drop_fused_rms_norms(model)
+        assert not any("forward" in vars(m) for m in norms)
+
+    class OnePlusWeight(LlamaRMSNorm):  # Gemma's formula: weight counts from 1
+        def forward(self, hidden_states):
+            return (1 + self.weight) * super().forward(hidden_states) / self.weight
+
+    assert not is_llama_rms_norm(OnePlusWeight(8)) and is_llama_rms_norm(LlamaRMSNorm(8))
+    assert not is_llama_rms_norm(torch.nn.LayerNorm(8))
+
+
 def test_decode_attention_equals_scaled_dot_product_attention():
     """The decoding rows' attention (two batched products over the slot buffers' views, CPU float32)
     gives what scaled_dot_product_attention gives with the boolean mask: rows of different lengths

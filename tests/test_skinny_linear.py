@@ -225,7 +225,7 @@ def test_the_engine_installs_them_on_cpu_and_can_leave_them_out(served_folders):
     for wanted in (True, False):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), "tiny", skinny_linears=wanted)
-        assert bool(engine.skinny_shapes) is wanted
+        assert bool(engine.skinny_shapes) is wanted and bool(engine.fused_norms) is wanted
         if not wanted:
             assert not any("forward" in m.__dict__ for m in model.modules())
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -67,6 +67,7 @@ from shirakit.io.checkpoint import read_adapter_files
 from shirakit.model.routing import BASE
 
 from .cache import AdapterCache, AdapterLoadError
+from .fused_norms import use_fused_rms_norms
 from .kv import RaggedStep, SlotKV, ragged_forward, supports_ragged
 from .metrics import Counters
 from .prefetch import Prefetcher
@@ -157,6 +158,9 @@ class Engine:
                      "rows, W x^T up to `few` rows, oneDNN from `many` rows (0: never; else F.linear): %s",
                      ", ".join(f"{shape}: few {f.few}, many {f.many}, packed {f.packed}"
                                for shape, f in self.skinny_shapes.items()))
+        # Llama-family RMS norms in one call each (fused_norms.py; same results, fewer ops per step); like the
+        # linears' forms, an instance attribute that skinny_linears=False leaves out
+        self.fused_norms = use_fused_rms_norms(model) if skinny_linears and self.device.type == "cpu" else 0
         self.max_batch, self.max_queue, self.fuse_min_steps = max_batch, max_queue, fuse_min_steps
         if max_num_batched_tokens < MIN_PREFILL_CHUNK:
             raise ValueError(
