@@ -14,12 +14,14 @@ parameters and ``state_dict`` are untouched.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 from torch import nn
 
 
+@functools.cache  # asked once per module of a model
 def _llama_norm_code():
     try:
         from transformers.models.llama.modeling_llama import LlamaRMSNorm

@@ -240,15 +240,15 @@ class RaggedStep(Cache):
             before = torch.tensor(starts, device=device)
             visible = torch.arange(self.decode_keys, device=device)[None, :] <= before[:, None]
             self.decode_mask = visible[:, None, None]  # (rows, 1, 1, keys): shared by heads and groups
-            self._decode_bias: torch.Tensor | None = None
+        self._decode_bias: dict[torch.dtype, torch.Tensor] = {}
         self._segment_masks: dict[int, list[torch.Tensor]] = {}
 
     def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """:attr:`decode_mask` as an additive bias (0 where seen, -inf where not), made once per forward."""
-        if self._decode_bias is None:
+        if dtype not in self._decode_bias:
             bias = torch.zeros(self.decode_mask.shape, dtype=dtype, device=self.decode_mask.device)
-            self._decode_bias = bias.masked_fill_(~self.decode_mask, float("-inf"))
-        return self._decode_bias
+            self._decode_bias[dtype] = bias.masked_fill_(~self.decode_mask, float("-inf"))
+        return self._decode_bias[dtype]
 
     def segment_masks(self, groups: int) -> list[torch.Tensor]:
         """Per chunk (1, 1, groups x count, start + count): query ``g * count + t`` sees keys ``<= start + t``."""
@@ -296,13 +296,12 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     parts = []
     d = step.decoding
     if d:
-        keys = step.decode_keys
+        keys, values = key[:d, :, :step.decode_keys], value[:d, :, :step.decode_keys]  # views of the slots
         if query.device.type == "cpu" and query.dtype == torch.float32:
-            out = decode_attention(flat[:d], key[:d, :, :keys], value[:d, :, :keys], step.decode_bias(query.dtype),
+            out = decode_attention(flat[:d], keys, values, step.decode_bias(query.dtype),
                                    dim ** -0.5 if scaling is None else scaling)
         else:  # a GPU's fused kernel; half precision keeps its float32 accumulation
-            out = F.scaled_dot_product_attention(flat[:d], key[:d, :, :keys], value[:d, :, :keys],
-                                                 attn_mask=step.decode_mask, scale=scaling)
+            out = F.scaled_dot_product_attention(flat[:d], keys, values, attn_mask=step.decode_mask, scale=scaling)
         parts.append(out.reshape(d, heads, dim))
     offset = d
     for (slot, start, count), mask in zip(step.segments, step.segment_masks(groups)):
